@@ -1,0 +1,33 @@
+"""influence: data debugging by hypergradients through recorded training runs.
+
+Public API (DESIGN §3): ``one_step``, ``check_gradient``, ``check_input_gradient``,
+``as_float64``, and the building blocks in :mod:`influence.autodiff`.
+"""
+
+from . import autodiff, losses
+from .autodiff import hessian, hvp, mixed_product, newton_step, per_sample_dots, vjp_chain
+from .checks import GradientCheck, as_float64, check_gradient, check_input_gradient
+from .model_function import ModelFunction, coupling_layers
+from .one_step import one_step
+from .per_sample import per_sample_gradient_dots
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradientCheck",
+    "ModelFunction",
+    "as_float64",
+    "autodiff",
+    "check_gradient",
+    "check_input_gradient",
+    "coupling_layers",
+    "hessian",
+    "hvp",
+    "losses",
+    "mixed_product",
+    "newton_step",
+    "one_step",
+    "per_sample_dots",
+    "per_sample_gradient_dots",
+    "vjp_chain",
+]

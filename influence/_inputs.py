@@ -1,0 +1,80 @@
+"""Shared validation of (model, loss, data) arguments for the public functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+
+from ._validation import as_array, check_feature_shape, check_same_length, param_error
+from .losses import Loss, get_loss
+from .model_function import ModelFunction
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Validated arrays: train and validation inputs/labels as numpy arrays."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+def model_input_shape(model: keras.Model) -> tuple[int | None, ...] | None:
+    """Per-sample input shape the model declares, or None when unknown."""
+    try:
+        shape = model.input_shape
+    except (AttributeError, ValueError):
+        return None
+    if isinstance(shape, list):  # multi-input models: not validated here
+        return None
+    return tuple(shape[1:])
+
+
+def validate_data(
+    func: str, model: keras.Model, loss: Loss, x_train: Any, y_train: Any, x_val: Any, y_val: Any
+) -> Dataset:
+    """Check types, finiteness, lengths, feature shapes and label ranges."""
+    xt = as_array(x_train, param="x_train", func=func)
+    yt = as_array(y_train, param="y_train", func=func)
+    xv = as_array(x_val, param="x_val", func=func)
+    yv = as_array(y_val, param="y_val", func=func)
+    check_same_length(func, x_train=xt, y_train=yt)
+    check_same_length(func, x_val=xv, y_val=yv)
+    expected = model_input_shape(model)
+    if expected is not None:
+        check_feature_shape(func, "x_train", xt, expected, "the model's input shape")
+    check_feature_shape(func, "x_val", xv, tuple(xt.shape[1:]), "the shape of x_train's samples")
+    check_feature_shape(func, "y_val", yv, tuple(yt.shape[1:]), "the shape of y_train's samples")
+    if loss.integer_labels:
+        for name, labels in (("y_train", yt), ("y_val", yv)):
+            _check_class_labels(func, name, labels, model)
+    return Dataset(xt, yt, xv, yv)
+
+
+def _check_class_labels(func: str, name: str, labels: np.ndarray, model: keras.Model) -> None:
+    if not (np.issubdtype(labels.dtype, np.integer) or np.all(labels == np.round(labels))):
+        raise TypeError(param_error(name, func, "integer class labels for this loss", "non-integer values"))
+    try:
+        classes = int(model.output_shape[-1])
+    except (AttributeError, TypeError, ValueError):
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        raise ValueError(
+            param_error(
+                name,
+                func,
+                f"class labels in [0, {classes - 1}] (the model has {classes} outputs)",
+                f"labels in [{low}, {high}]",
+            )
+        )
+
+
+def prepare(func: str, model: Any, loss: Any, from_logits: bool = False) -> tuple[ModelFunction, Loss]:
+    """Wrap the model and resolve the loss, with the public function's name in errors."""
+    fn = ModelFunction(model, func=func)
+    return fn, get_loss(loss, func=func, from_logits=from_logits)

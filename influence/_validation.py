@@ -1,0 +1,100 @@
+"""Argument checks with one message shape for every rejected input.
+
+Every message reads like scikit-learn's:
+"The 'batch_size' parameter of fit must be a positive int. Got -3 instead."
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def param_error(param: str, func: str, expected: str, got: Any) -> str:
+    """The one message shape used for every rejected argument."""
+    return f"The '{param}' parameter of {func} must be {expected}. Got {got} instead."
+
+
+def describe(value: Any) -> str:
+    """Short description of a value for error messages (shape and dtype for arrays)."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, str):
+        return repr(value)
+    text = repr(value)
+    return text if len(text) < 60 else f"a {type(value).__name__}"
+
+
+def as_array(
+    value: Any,
+    *,
+    param: str,
+    func: str,
+    numeric: bool = True,
+    allow_int: bool = True,
+    min_ndim: int = 1,
+) -> np.ndarray:
+    """Convert to a numpy array, rejecting empty, non-numeric and non-finite data."""
+    if value is None:
+        raise TypeError(param_error(param, func, "an array", "None"))
+    try:
+        array = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+    except Exception as exc:  # pragma: no cover - defensive: exotic array likes
+        raise TypeError(param_error(param, func, "an array", describe(value))) from exc
+    if numeric and not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise TypeError(param_error(param, func, "a numeric array", describe(array)))
+    if not allow_int and not np.issubdtype(array.dtype, np.floating):
+        raise TypeError(param_error(param, func, "a floating-point array", describe(array)))
+    if array.ndim < min_ndim:
+        raise ValueError(param_error(param, func, f"an array with at least {min_ndim} dimension(s)", describe(array)))
+    if array.size == 0:
+        raise ValueError(param_error(param, func, "a non-empty array", describe(array)))
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise ValueError(param_error(param, func, "finite (no NaN or Inf)", f"{bad} non-finite value(s)"))
+    return array
+
+
+def check_same_length(func: str, **arrays: np.ndarray) -> None:
+    """All arrays must have the same number of samples (first axis)."""
+    lengths = {name: len(a) for name, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        names = list(lengths)
+        raise ValueError(
+            param_error(
+                names[1],
+                func,
+                f"as long as '{names[0]}' ({lengths[names[0]]} samples)",
+                f"{lengths[names[1]]} samples" if len(names) == 2 else lengths,
+            )
+        )
+
+
+def check_feature_shape(func: str, param: str, array: np.ndarray, expected: Sequence[int | None], what: str) -> None:
+    """Per-sample shape must match ``expected`` (None = any size on that axis)."""
+    got = tuple(array.shape[1:])
+    ok = len(got) == len(expected) and all(e is None or e == g for e, g in zip(expected, got))
+    if not ok:
+        shown = tuple("any" if e is None else e for e in expected)
+        raise ValueError(param_error(param, func, f"samples of shape {shown} ({what})", f"samples of shape {got}"))
+
+
+def check_positive(value: Any, *, param: str, func: str, kind: type = float) -> None:
+    """A positive int or float."""
+    valid_type = (
+        isinstance(value, (int, np.integer))
+        if kind is int
+        else isinstance(value, (int, float, np.integer, np.floating))
+    )
+    if isinstance(value, bool) or not valid_type or not value > 0 or not np.isfinite(value):
+        name = "int" if kind is int else "number"
+        raise ValueError(param_error(param, func, f"a positive {name}", describe(value)))
+
+
+def check_choice(value: Any, choices: Sequence[str], *, param: str, func: str) -> None:
+    """One of a fixed set of strings."""
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(param_error(param, func, f"one of {options}", describe(value)))

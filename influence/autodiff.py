@@ -1,0 +1,251 @@
+"""Second-order building blocks: Hessian-vector products, mixed products,
+per-sample gradient·vector, small dense Hessians, Newton steps, VJP chains.
+
+Conventions:
+    ``weights`` is a list of tensors (``model.trainable_variables`` order).
+    ``loss_fn(weights) -> scalar`` or ``loss_fn(weights, inputs) -> scalar``.
+    Vectors over weights are lists shaped like ``weights``.
+Nothing here builds a Jacobian of the weight gradient with respect to the
+inputs (|w|×|X| numbers); that route lives only in the ``jacobian`` reference
+of :func:`influence.one_step` and in the explicit ``jacobian_*`` helpers below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from . import _tree
+from ._validation import describe, param_error
+
+ScalarFn = Callable[[list[tf.Tensor]], tf.Tensor]
+MixedFn = Callable[[list[tf.Tensor], tf.Tensor], tf.Tensor]
+
+
+def gradient(loss_fn: ScalarFn, weights: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    """∇_w loss, shaped like ``weights``."""
+    weights = list(weights)
+    with tf.GradientTape() as tape:
+        tape.watch(weights)
+        value = loss_fn(weights)
+    return _zeros_for_none(tape.gradient(value, weights), weights)
+
+
+def hvp(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], vector: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    """Hessian-vector product H·v by forward-over-reverse (one JVP of the gradient).
+
+    Memory O(|w|); the Hessian is never formed.
+    """
+    weights = list(weights)
+    with tf.autodiff.ForwardAccumulator(weights, list(vector)) as acc:
+        grads = gradient(loss_fn, weights)
+    return _zeros_for_none(acc.jvp(grads), weights)
+
+
+def hvp_reverse(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], vector: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    """H·v by reverse-over-reverse (nested tapes); a cross-check for :func:`hvp`."""
+    weights = list(weights)
+    with tf.GradientTape() as outer:
+        outer.watch(weights)
+        inner_dot = _tree.dot(gradient(loss_fn, weights), vector)
+    return _zeros_for_none(outer.gradient(inner_dot, weights), weights)
+
+
+def mixed_product(
+    loss_fn: MixedFn,
+    weights: Sequence[tf.Tensor],
+    inputs: tf.Tensor,
+    vector: Sequence[tf.Tensor],
+) -> tf.Tensor:
+    """∇_x [∇_w L(w, x) · v], shaped like ``inputs``.
+
+    One nested tape: the inner tape gives ∇_w L, the dot with ``v`` is taken
+    inside the outer tape, which differentiates it w.r.t. ``x``. Memory
+    O(|w| + |x|), unlike contracting the |w|×|x| Jacobian ∂(∇_w L)/∂x.
+    """
+    weights = list(weights)
+    with tf.GradientTape() as outer:
+        outer.watch(inputs)
+        with tf.GradientTape() as inner:
+            inner.watch(weights)
+            value = loss_fn(weights, inputs)
+        grads = _zeros_for_none(inner.gradient(value, weights), weights)
+        inner_dot = _tree.dot(grads, vector)
+    result = outer.gradient(inner_dot, inputs)
+    return tf.zeros_like(inputs) if result is None else result
+
+
+def per_sample_dots(
+    per_sample_loss_fn: ScalarFn, weights: Sequence[tf.Tensor], vector: Sequence[tf.Tensor]
+) -> tf.Tensor:
+    """∇_w ℓ_j · v for every sample j of a batch, shape (B,), in ONE forward-mode pass.
+
+    ``per_sample_loss_fn(weights) -> (B,)``. The directional derivative of each
+    per-sample loss along ``v`` is exactly ∇ℓ_j·v, so no per-sample gradients
+    are materialised. Valid only when samples do not interact (see
+    :func:`influence.model_function.require_independent_samples`).
+    """
+    weights = list(weights)
+    with tf.autodiff.ForwardAccumulator(weights, list(vector)) as acc:
+        losses = per_sample_loss_fn(weights)
+    dots = acc.jvp(losses)
+    return tf.zeros_like(losses) if dots is None else dots
+
+
+def hessian(loss_fn: ScalarFn, weights: Sequence[tf.Tensor]) -> tf.Tensor:
+    """Dense Hessian over the flattened weights, shape (P, P). Small models only."""
+    weights = list(weights)
+    count = _tree.size(weights)
+    if count > 20_000:
+        raise ValueError(param_error("weights", "hessian", "at most 20000 parameters for a dense Hessian", f"{count}"))
+    flat = _tree.flatten(weights)
+    with tf.GradientTape() as outer:
+        outer.watch(flat)
+        with tf.GradientTape() as inner:
+            inner.watch(flat)
+            value = loss_fn(_tree.unflatten(flat, weights))
+        grad = inner.gradient(value, flat, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return outer.jacobian(grad, flat, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+def newton_step(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], *, damping: float = 0.0) -> list[tf.Tensor]:
+    """One Newton step ``w − (H + damping·I)⁻¹ ∇L``, for small models.
+
+    Raises ValueError when the (damped) Hessian is singular.
+    """
+    weights = list(weights)
+    h = hessian(loss_fn, weights)
+    g = _tree.flatten(gradient(loss_fn, weights))
+    h = h + tf.cast(damping, h.dtype) * tf.eye(tf.shape(h)[0], dtype=h.dtype)
+    try:
+        step = tf.linalg.solve(h, g[:, None])[:, 0]
+    except tf.errors.InvalidArgumentError as exc:
+        raise ValueError(
+            param_error("damping", "newton_step", "large enough to make the Hessian invertible", damping)
+        ) from exc
+    return _tree.axpy(-1.0, _tree.unflatten(step, weights), weights)
+
+
+# --------------------------------------------------------------------------- chains (S3)
+
+
+@dataclass(frozen=True)
+class ChainGradients:
+    """Result of :func:`vjp_chain`.
+
+    Attributes:
+        input_grad: ∂loss/∂x, shaped like the chain's input.
+        stage_grads: for each stage, the gradients of its trainable weights
+            (empty list for plain callables).
+        output: the chain's output (forward pass result).
+    """
+
+    input_grad: tf.Tensor
+    stage_grads: list[list[tf.Tensor]]
+    output: tf.Tensor
+
+
+def vjp_chain(
+    stages: Sequence[Callable[[tf.Tensor], tf.Tensor]],
+    x: tf.Tensor,
+    upstream: tf.Tensor | Callable[[tf.Tensor], tf.Tensor],
+) -> ChainGradients:
+    """Backpropagate through models split in stages, one tape per stage (S3).
+
+    ``stages[0]`` maps x → h1, ``stages[1]`` maps h1 → h2, … Each stage is a
+    Keras model/layer (its ``trainable_variables`` get gradients) or any
+    differentiable callable. ``upstream`` is ∂loss/∂output (same shape as the
+    last output) or a function ``output -> scalar loss``.
+
+    Each stage's backward step is a VJP, ``tape.gradient(h, [h_in, θ],
+    output_gradients=∂loss/∂h)``: no Jacobian, no hand-written transposes.
+    The result equals the gradient of the joined model.
+    """
+    if not stages:
+        raise ValueError(param_error("stages", "vjp_chain", "a non-empty list of models or callables", "[]"))
+    tapes, stage_inputs, stage_outputs = [], [], []
+    h = tf.convert_to_tensor(x)
+    for stage in stages:
+        if not callable(stage):
+            raise TypeError(param_error("stages", "vjp_chain", "models or callables", describe(stage)))
+        tape = tf.GradientTape()
+        with tape:
+            tape.watch(h)
+            out = stage(h)
+        tapes.append(tape)
+        stage_inputs.append(h)
+        stage_outputs.append(out)
+        h = out
+    if callable(upstream):
+        with tf.GradientTape() as loss_tape:
+            loss_tape.watch(h)
+            loss = upstream(h)
+        cotangent = loss_tape.gradient(loss, h)
+    else:
+        cotangent = tf.convert_to_tensor(upstream, dtype=h.dtype)
+        if cotangent.shape != h.shape:
+            raise ValueError(
+                param_error("upstream", "vjp_chain", f"a gradient of shape {tuple(h.shape)}", describe(cotangent))
+            )
+    stage_grads: list[list[tf.Tensor]] = [[] for _ in stages]
+    for i in reversed(range(len(stages))):
+        params = list(getattr(stages[i], "trainable_variables", []))
+        grads = tapes[i].gradient(stage_outputs[i], [stage_inputs[i], *params], output_gradients=cotangent)
+        stage_grads[i] = _zeros_for_none(grads[1:], params)
+        cotangent = grads[0] if grads[0] is not None else tf.zeros_like(stage_inputs[i])
+    return ChainGradients(input_grad=cotangent, stage_grads=stage_grads, output=h)
+
+
+# ----------------------------------------------------------- Jacobian contractions (reference)
+
+
+def jacobian_vjp(jacobian: tf.Tensor, cotangent: tf.Tensor, *, out_ndim: int) -> tf.Tensor:
+    """uᵀJ for a full Jacobian laid out as ``tape.jacobian`` returns it.
+
+    ``jacobian`` has shape ``out_shape + in_shape`` (output axes first), where
+    ``out_shape`` has ``out_ndim`` axes. ``cotangent`` has shape ``out_shape``.
+    Returns shape ``in_shape``: Σ_o u[o] J[o, i].
+    """
+    _check_leading(jacobian, cotangent, out_ndim, "cotangent", "jacobian_vjp")
+    return tf.tensordot(cotangent, jacobian, axes=out_ndim)
+
+
+def jacobian_jvp(jacobian: tf.Tensor, tangent: tf.Tensor, *, in_ndim: int) -> tf.Tensor:
+    """J·v for ``jacobian`` of shape ``out_shape + in_shape``; ``tangent`` has shape ``in_shape``.
+
+    Returns shape ``out_shape``: Σ_i J[o, i] v[i].
+    """
+    trailing = tuple(jacobian.shape[len(jacobian.shape) - in_ndim :])
+    if tuple(tangent.shape) != trailing:
+        raise ValueError(
+            param_error("tangent", "jacobian_jvp", f"shape {trailing} (the Jacobian's input axes)", describe(tangent))
+        )
+    return tf.tensordot(jacobian, tangent, axes=in_ndim)
+
+
+def batch_jacobian_vjp(jacobian: tf.Tensor, cotangent: tf.Tensor, *, out_ndim: int) -> tf.Tensor:
+    """Per-sample uᵀJ for ``tape.batch_jacobian`` output of shape (B, *out, *in).
+
+    ``cotangent`` has shape (B, *out). Returns (B, *in). Only meaningful when
+    samples do not interact (otherwise the batch Jacobian drops cross terms).
+    """
+    _check_leading(jacobian, cotangent, out_ndim + 1, "cotangent", "batch_jacobian_vjp")
+    b = tf.shape(jacobian)[0]
+    in_shape = jacobian.shape[1 + out_ndim :]
+    j = tf.reshape(jacobian, [b, -1, int(np.prod(in_shape))])
+    u = tf.reshape(cotangent, [b, 1, -1])
+    return tf.reshape(tf.matmul(u, j)[:, 0, :], [b, *in_shape])
+
+
+def _check_leading(jacobian: tf.Tensor, vector: tf.Tensor, ndim: int, name: str, func: str) -> None:
+    leading = tuple(jacobian.shape[:ndim])
+    if tuple(vector.shape) != leading:
+        raise ValueError(param_error(name, func, f"shape {leading} (the Jacobian's output axes)", describe(vector)))
+
+
+def _zeros_for_none(grads: Sequence[tf.Tensor | None], like: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    # Weights that do not affect the loss get None from tapes; zeros keep lists aligned.
+    return [tf.zeros_like(w) if g is None else g for g, w in zip(grads, like)]

@@ -1,0 +1,301 @@
+"""Float64 finite-difference checks of gradients (DESIGN §2, scenario S1).
+
+float32 central differences cannot check these gradients: with h = 1e-3 the
+difference quotient is quantized, with h = 1e-4 it is noise. Every check here
+runs in float64, uses central differences with Richardson extrapolation
+(step h and h/2) along random unit directions (optionally every coordinate
+of a small tile), and explains a failure instead of just printing a number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ._validation import as_array, check_positive, describe, param_error
+from .losses import get_loss
+from .model_function import ModelFunction
+
+DEFAULT_RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class GradientCheck:
+    """Outcome of :func:`check_gradient`.
+
+    Attributes:
+        ok: True when every direction agrees within ``rtol``.
+        max_rel_error: the largest relative error over the directions.
+        rel_errors: relative error per direction, shape (D,).
+        finite_difference: Richardson-extrapolated directional derivatives, (D,).
+        analytic: ⟨grad, d⟩ per direction, (D,).
+        rtol: the tolerance used.
+        explanation: why the check failed (or a note), empty when clean.
+    """
+
+    ok: bool
+    max_rel_error: float
+    rel_errors: np.ndarray
+    finite_difference: np.ndarray
+    analytic: np.ndarray
+    rtol: float
+    explanation: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        verdict = "passed" if self.ok else "FAILED"
+        text = (
+            f"gradient check {verdict}: max relative error {self.max_rel_error:.3e} "
+            f"over {len(self.rel_errors)} direction(s) (tolerance {self.rtol:.0e})"
+        )
+        return text + (f"\n{self.explanation}" if self.explanation else "")
+
+
+def _directions(x: np.ndarray, count: int, tile: Any, rng: np.random.Generator) -> np.ndarray:
+    """Unit directions, shape (D, *x.shape): random ones, then one per tile coordinate."""
+    directions = []
+    for _ in range(count):
+        d = rng.standard_normal(x.shape)
+        directions.append(d / np.linalg.norm(d))
+    if tile is not None:
+        mask = np.zeros(x.shape, dtype=bool)
+        try:
+            mask[tile] = True
+        except (IndexError, TypeError) as exc:
+            raise ValueError(
+                param_error(
+                    "tile", "check_gradient", f"an index expression valid for x of shape {x.shape}", describe(tile)
+                )
+            ) from exc
+        for flat_index in np.flatnonzero(mask):
+            d = np.zeros(x.size)
+            d[flat_index] = 1.0
+            directions.append(d.reshape(x.shape))
+    return np.stack(directions)
+
+
+def _scalar(f: Callable[[np.ndarray], Any], x: np.ndarray) -> tuple[float, bool]:
+    """Evaluate f, returning (value as float64, whether f computed in float32 or lower)."""
+    value = f(x)
+    dtype = getattr(value, "dtype", None)
+    low_precision = dtype is not None and np.dtype(getattr(dtype, "as_numpy_dtype", dtype)).itemsize < 8
+    array = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+    if array.size != 1:
+        raise ValueError(param_error("f", "check_gradient", "a function returning one number", describe(array)))
+    return float(array.reshape(())), low_precision
+
+
+def check_gradient(
+    f: Callable[[np.ndarray], Any],
+    x: Any,
+    grad: Any,
+    *,
+    directions: int = 4,
+    tile: Any = None,
+    h: float = 1e-3,
+    rtol: float = DEFAULT_RTOL,
+    seed: int = 0,
+) -> GradientCheck:
+    """Check ``grad`` = ∇f(x) with float64 central differences and Richardson extrapolation.
+
+    Args:
+        f: ``np.ndarray (float64, shape of x) -> number``. Must be deterministic
+            and should compute in float64 (rebuild Keras models with
+            :func:`as_float64`).
+        x: the point, any shape; converted to float64.
+        grad: the gradient to check, same shape as ``x``.
+        directions: number of random unit directions.
+        tile: optional index expression (``np.s_[0, 10:14, 10:14, 0]``): every
+            coordinate inside it is also checked as its own direction.
+        h: finite-difference step along a unit direction.
+        rtol: relative error tolerance per direction (1e-6 suits float64).
+        seed: seed of the random directions.
+
+    The directional derivative along unit d is estimated by
+    D(s) = (f(x+sd) − f(x−sd)) / 2s at s = h and h/2, combined as
+    (4·D(h/2) − D(h)) / 3 (error O(h⁴)), and compared with ⟨grad, d⟩. The
+    relative error divides by max(|fd|, |analytic|, 1e-8·‖grad‖) so directions
+    along which the derivative nearly vanishes do not blow up.
+    """
+    func = "check_gradient"
+    if not callable(f):
+        raise TypeError(param_error("f", func, "a callable", describe(f)))
+    x64 = as_array(x, param="x", func=func, min_ndim=0).astype(np.float64)
+    g64 = as_array(grad, param="grad", func=func, min_ndim=0).astype(np.float64)
+    if g64.shape != x64.shape:
+        raise ValueError(param_error("grad", func, f"the shape of x {x64.shape}", f"shape {g64.shape}"))
+    if isinstance(directions, bool) or not isinstance(directions, (int, np.integer)) or directions < 0:
+        raise ValueError(param_error("directions", func, "a non-negative int", describe(directions)))
+    if directions == 0 and tile is None:
+        raise ValueError(param_error("directions", func, "positive when no tile is given", directions))
+    check_positive(h, param="h", func=func)
+    check_positive(rtol, param="rtol", func=func)
+
+    rng = np.random.default_rng(seed)
+    dirs = _directions(x64, int(directions), tile, rng)
+    base, low_precision = _scalar(f, x64)
+    again, _ = _scalar(f, x64.copy())
+    fd, fd_coarse = np.empty(len(dirs)), np.empty(len(dirs))
+    for i, d in enumerate(dirs):
+        quotients = []
+        for step in (h, h / 2):
+            plus, _ = _scalar(f, x64 + step * d)
+            minus, _ = _scalar(f, x64 - step * d)
+            quotients.append((plus - minus) / (2 * step))
+        fd_coarse[i] = quotients[0]
+        fd[i] = (4 * quotients[1] - quotients[0]) / 3
+    analytic = np.tensordot(dirs, g64, axes=g64.ndim) if g64.ndim else dirs * g64
+    analytic = np.asarray(analytic, dtype=np.float64).reshape(-1)
+    floor = max(1e-8 * float(np.linalg.norm(g64)), 1e-300)
+    rel = np.abs(fd - analytic) / np.maximum(np.maximum(np.abs(fd), np.abs(analytic)), floor)
+    max_rel = float(np.max(rel))
+    ok = bool(max_rel <= rtol)
+
+    notes = []
+    if again != base:
+        notes.append(
+            f"f is not deterministic: two calls at the same x gave {base!r} and {again!r} "
+            "(dropout in training mode? fix the seed or use training=False)."
+        )
+    if low_precision:
+        notes.append(
+            "f returned a float32 (or lower) value: float32 round-off (~1e-7 relative) divided by a "
+            f"step of {h:g} swamps the difference quotient; rebuild the model with as_float64() "
+            "and keep the loss in float64."
+        )
+    # Richardson only helps when the two quotients differ by truncation, not noise:
+    # a large gap between them with a failed check points at round-off or non-smoothness.
+    spread = np.abs(fd - fd_coarse) / np.maximum(np.abs(fd), floor)
+    if not ok and not notes and float(np.max(spread)) > 10 * rtol:
+        notes.append(
+            "finite differences at h and h/2 disagree (relative spread "
+            f"{float(np.max(spread)):.1e}): f may be noisy or not smooth near x (ReLU kinks, max-pooling ties); "
+            "try another h."
+        )
+    if not ok and not notes:
+        worst = int(np.argmax(rel))
+        notes.append(
+            f"finite differences are consistent but disagree with grad: direction {worst} gives "
+            f"{fd[worst]:.6e} by finite differences and {analytic[worst]:.6e} from grad; "
+            "the gradient itself is likely wrong (transposed axes, missing term, wrong sign or scale)."
+        )
+    return GradientCheck(
+        ok=ok,
+        max_rel_error=max_rel,
+        rel_errors=rel,
+        finite_difference=fd,
+        analytic=analytic,
+        rtol=float(rtol),
+        explanation=" ".join(notes),
+        notes=notes,
+    )
+
+
+def _float64_config(config: Any) -> Any:
+    """Rewrite every floating dtype in a serialized Keras config to float64."""
+    if isinstance(config, dict):
+        rewritten = {}
+        for key, value in config.items():
+            if key == "dtype" and value is not None and _is_float_dtype_config(value):
+                rewritten[key] = "float64"
+            else:
+                rewritten[key] = _float64_config(value)
+        return rewritten
+    if isinstance(config, list):
+        return [_float64_config(c) for c in config]
+    return config
+
+
+def _is_float_dtype_config(value: Any) -> bool:
+    if isinstance(value, str):
+        return "float" in value or value in ("mixed_float16", "mixed_bfloat16")
+    if isinstance(value, dict):
+        name = str(value.get("config", {}).get("name", value.get("name", "")))
+        return "float" in name
+    return False
+
+
+def as_float64(model: keras.Model) -> keras.Model:
+    """A copy of ``model`` with float64 weights and computation, same weight values.
+
+    Works for Sequential and functional models, nested ones included, by
+    rewriting every floating dtype in the serialized config. Subclassed
+    models without a usable config raise a ValueError.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(param_error("model", "as_float64", "a keras.Model", describe(model)))
+    try:
+        config = keras.saving.serialize_keras_object(model)
+        clone = keras.saving.deserialize_keras_object(_float64_config(config))
+    except Exception as exc:
+        raise ValueError(
+            param_error(
+                "model",
+                "as_float64",
+                "a model that Keras can serialize and rebuild (Sequential/functional, or subclassed with get_config)",
+                f"{type(model).__name__} ({exc})",
+            )
+        ) from exc
+    if not clone.built and model.built:
+        clone.build(model.input_shape)
+    clone.set_weights(
+        [
+            np.asarray(w, dtype=np.float64) if np.issubdtype(np.asarray(w).dtype, np.floating) else w
+            for w in model.get_weights()
+        ]
+    )
+    bad = [v.path for v in clone.trainable_variables if tf.as_dtype(v.dtype) != tf.float64]
+    if bad:
+        raise ValueError(
+            param_error("model", "as_float64", "a model whose weights can all become float64", f"float32 weights {bad}")
+        )
+    return clone
+
+
+def check_input_gradient(
+    model: keras.Model,
+    loss: Any,
+    x: Any,
+    y: Any,
+    *,
+    grad: Any = None,
+    training: bool = False,
+    seed: int = 0,
+    directions: int = 4,
+    tile: Any = None,
+    h: float = 1e-3,
+    rtol: float = DEFAULT_RTOL,
+) -> GradientCheck:
+    """Check ∂(mean loss)/∂x of a Keras model in float64 (scenario S1).
+
+    The model is rebuilt in float64 (:func:`as_float64`); dropout is off
+    (``training=False``) or, with ``training=True``, its masks are fixed by
+    ``seed`` so the function is deterministic. When ``grad`` is None the
+    gradient is taken with a float64 tape, so the check verifies the model's
+    autodiff; pass your own ``grad`` (e.g. from a float32 tape) to check it.
+    """
+    func = "check_input_gradient"
+    model64 = as_float64(model)
+    fn = ModelFunction(model64, func=func)
+    per_sample = get_loss(loss, func=func)
+    x64 = as_array(x, param="x", func=func).astype(np.float64)
+    y_arr = as_array(y, param="y", func=func)
+    weights = fn.weights
+
+    def mean_loss(inputs: tf.Tensor) -> tf.Tensor:
+        return per_sample.mean(tf.constant(y_arr), fn(weights, inputs, training=training, seed=seed))
+
+    if grad is None:
+        xt = tf.constant(x64)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            value = mean_loss(xt)
+        grad = tape.gradient(value, xt).numpy()
+    return check_gradient(
+        lambda z: mean_loss(tf.constant(z)), x64, grad, directions=directions, tile=tile, h=h, rtol=rtol, seed=seed
+    )

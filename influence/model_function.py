@@ -1,0 +1,142 @@
+"""A Keras 3 model seen as a pure function ``f(weights, x)``.
+
+Keras 3 variables are not ``tf.Variable``s, so ``tf.autodiff.ForwardAccumulator``
+rejects them (DESIGN §4). We differentiate functionally instead: weights are
+plain tensors passed to ``model.stateless_call``; the model's own variables are
+never touched. This module also knows which models mix samples within a batch
+(BatchNorm in training mode), where per-sample tricks are wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ._validation import describe, param_error
+
+# Layers whose training-mode output for one sample depends on the other samples.
+COUPLING_LAYER_CLASSES = ("BatchNormalization", "SyncBatchNormalization")
+
+_SEED_STATE_SUFFIX = "seed_generator_state"
+# Spread seeds of different dropout layers apart so their masks differ.
+_SEED_STRIDE = 1_000_003
+
+
+class ModelFunction:
+    """Wrap a built Keras 3 model as ``outputs = f(weights, x)``.
+
+    Args:
+        model: a built ``keras.Model`` (Sequential, functional or subclassed).
+        func: name of the public function using it, for error messages.
+
+    Attributes:
+        model: the Keras model (its variables are only read, never written).
+        dtype: dtype of the trainable weights (``tf.float32`` or ``tf.float64``).
+        weights: current trainable weights as tensors, ``model.trainable_variables`` order.
+    """
+
+    def __init__(self, model: keras.Model, *, func: str = "ModelFunction") -> None:
+        if not isinstance(model, keras.Model):
+            raise TypeError(param_error("model", func, "a keras.Model", describe(model)))
+        if not model.built or not model.trainable_variables:
+            raise ValueError(
+                param_error(
+                    "model", func, "a built Keras model with trainable weights", "an unbuilt or weightless model"
+                )
+            )
+        self.model = model
+        self.dtype = tf.as_dtype(model.trainable_variables[0].dtype)
+        mixed = {tf.as_dtype(v.dtype) for v in model.trainable_variables}
+        if len(mixed) > 1:
+            raise ValueError(
+                param_error(
+                    "model", func, "a model whose trainable weights share one dtype", sorted(d.name for d in mixed)
+                )
+            )
+        if not self.dtype.is_floating:
+            raise TypeError(param_error("model", func, "floating-point weights", self.dtype.name))
+        self.non_trainable = [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables]
+        self._seed_slots = [
+            i for i, v in enumerate(model.non_trainable_variables) if v.path.endswith(_SEED_STATE_SUFFIX)
+        ]
+
+    @property
+    def weights(self) -> list[tf.Tensor]:
+        return [tf.convert_to_tensor(v.value) for v in self.model.trainable_variables]
+
+    @property
+    def has_randomness(self) -> bool:
+        """True when some layer draws random numbers in training mode (dropout, noise)."""
+        return bool(self._seed_slots)
+
+    def state_for_seed(self, seed: int | tf.Tensor | None) -> list[tf.Tensor]:
+        """Non-trainable state with every random layer's seed set from ``seed``.
+
+        The same seed gives the same dropout masks: that is how a recorded step
+        is replayed exactly in the reverse pass and in finite-difference checks.
+        """
+        if seed is None or not self._seed_slots:
+            return self.non_trainable
+        state = list(self.non_trainable)
+        for k, i in enumerate(self._seed_slots):
+            dtype = state[i].dtype
+            base = tf.cast(seed, dtype) + tf.cast(k * _SEED_STRIDE, dtype)
+            state[i] = tf.stack([base, tf.zeros([], dtype)])
+        return state
+
+    def __call__(
+        self,
+        weights: Sequence[tf.Tensor],
+        x: tf.Tensor,
+        *,
+        training: bool = False,
+        seed: int | tf.Tensor | None = None,
+    ) -> tf.Tensor:
+        """Model outputs for inputs ``x`` (B, ...) under ``weights``."""
+        outputs, _ = self.model.stateless_call(list(weights), self.state_for_seed(seed), x, training=training)
+        return outputs
+
+
+def coupling_layers(model: keras.Model) -> list[str]:
+    """Names of layers that mix samples within a batch in training mode."""
+    return [
+        layer.name
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if type(layer).__name__ in COUPLING_LAYER_CLASSES
+    ]
+
+
+def couples_samples(fn: ModelFunction, x: tf.Tensor, *, training: bool) -> bool:
+    """Numerical probe: does changing sample 0 change the outputs of the others?
+
+    Catches coupling from layers we do not know by name. Both calls share one
+    seed so dropout masks are identical.
+    """
+    if int(x.shape[0]) < 2:
+        return False
+    bumped = tf.concat([x[:1] + tf.ones_like(x[:1]), x[1:]], axis=0)
+    out_a = fn(fn.weights, x, training=training, seed=0)
+    out_b = fn(fn.weights, bumped, training=training, seed=0)
+    return not np.allclose(np.asarray(out_a[1:]), np.asarray(out_b[1:]), rtol=0, atol=0)
+
+
+def require_independent_samples(fn: ModelFunction, x: tf.Tensor | None, *, training: bool, func: str, why: str) -> None:
+    """Refuse models whose samples interact when a per-sample trick is about to be used."""
+    if not training:
+        return
+    names = coupling_layers(fn.model)
+    if not names and x is not None and couples_samples(fn, x, training=training):
+        names = ["(found numerically: one sample's input changes other samples' outputs)"]
+    if names:
+        raise ValueError(
+            param_error(
+                "model",
+                func,
+                f"a model whose samples do not interact in training mode ({why} would be wrong)",
+                f"a model with sample-mixing layer(s) {', '.join(names)}; use training=False "
+                "(moving statistics) or replace BatchNormalization by LayerNormalization",
+            )
+        )

@@ -1,0 +1,129 @@
+"""The one-step hypergradient (scenario S2, DESIGN §1).
+
+After one SGD step w' = w − η ∇_w L(X, w) with L = (1/B) Σ_j c_j ℓ(f(x_j; w), y_j),
+the validation loss E(w') changes with the training inputs as
+
+    dE/dX = −η ∇_X [ ∇_w L(X, w) · ∇E(w') ]
+
+a mixed second derivative contracted with a vector: one nested tape,
+O(|w| + |X|) memory (``method="hvp"``). ``method="jacobian"`` builds the
+|w|×|X| Jacobian ∂(∇_w L)/∂X and contracts it — the route that exhausts
+memory at 784 input features; it is kept as the reference for tests and
+benchmarks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from . import _tree
+from ._inputs import prepare, validate_data
+from ._validation import as_array, check_choice, check_positive, check_same_length, param_error
+from .autodiff import gradient, mixed_product
+
+METHODS = ("hvp", "jacobian")
+TARGETS = ("inputs", "sample_weights", "labels")
+
+
+def one_step(
+    model: keras.Model,
+    loss: Any,
+    x_train: Any,
+    y_train: Any,
+    x_val: Any,
+    y_val: Any,
+    *,
+    learning_rate: float = 0.1,
+    method: str = "hvp",
+    wrt: str = "inputs",
+    sample_weight: Any = None,
+    training: bool = False,
+    seed: int = 0,
+    from_logits: bool = False,
+) -> np.ndarray:
+    """Gradient of the validation loss after one SGD step on (x_train, y_train).
+
+    Args:
+        model: built Keras 3 model; its current weights are w. Computation runs
+            in the model's dtype (use :func:`influence.as_float64` for float64).
+        loss: loss name, Keras loss object or :class:`influence.losses.Loss`.
+        x_train: (B, ...) the batch of the step.
+        y_train: (B,) integer labels or (B, ...) targets.
+        x_val, y_val: validation data (N, ...); E = mean validation loss at w'.
+        learning_rate: η of the step.
+        method: ``"hvp"`` (nested tape, O(|w|+|X|) memory) or ``"jacobian"``
+            (dense reference, O(|w|·|X|) memory).
+        wrt: ``"inputs"`` → dE/dX (B, ...); ``"sample_weights"`` → dE/dc (B,);
+            ``"labels"`` → dE/dy, shaped like y_train (continuous labels only).
+        sample_weight: c, shape (B,); ones by default.
+        training: forward pass in training mode (dropout on with masks fixed by
+            ``seed``; BatchNorm on batch statistics — exact here, since the batch
+            loss is differentiated as a whole).
+        seed: dropout seed for ``training=True``.
+        from_logits: for loss names, whether the model outputs logits.
+
+    Returns:
+        numpy array in the model's dtype, shaped as described under ``wrt``.
+    """
+    func = "one_step"
+    fn, per_sample = prepare(func, model, loss, from_logits)
+    data = validate_data(func, model, per_sample, x_train, y_train, x_val, y_val)
+    check_positive(learning_rate, param="learning_rate", func=func)
+    check_choice(method, METHODS, param="method", func=func)
+    check_choice(wrt, TARGETS, param="wrt", func=func)
+    if wrt == "labels" and not per_sample.continuous_labels:
+        raise ValueError(param_error("wrt", func, "'inputs' or 'sample_weights' for integer class labels", "'labels'"))
+    if wrt == "inputs" and not np.issubdtype(data.x_train.dtype, np.floating):
+        raise TypeError(param_error("x_train", func, "floating-point inputs to differentiate", str(data.x_train.dtype)))
+    weights_c = (
+        np.ones(len(data.x_train))
+        if sample_weight is None
+        else as_array(sample_weight, param="sample_weight", func=func)
+    )
+    check_same_length(func, x_train=data.x_train, sample_weight=weights_c)
+
+    dtype = fn.dtype
+    x = tf.constant(data.x_train, dtype=dtype)
+    c = tf.constant(weights_c, dtype=dtype)
+    y = tf.constant(data.y_train, dtype=dtype if per_sample.continuous_labels else None)
+    xv = tf.constant(data.x_val, dtype=dtype)
+    yv = tf.constant(data.y_val)
+    eta = tf.constant(learning_rate, dtype=dtype)
+    w = fn.weights
+    targets = {"inputs": x, "sample_weights": c, "labels": y}
+
+    def train_loss(weights: list[tf.Tensor], x_: tf.Tensor, c_: tf.Tensor, y_: tf.Tensor) -> tf.Tensor:
+        return tf.reduce_mean(c_ * per_sample(y_, fn(weights, x_, training=training, seed=seed)))
+
+    step = gradient(lambda w_: train_loss(w_, x, c, y), w)
+    w_next = _tree.axpy(-eta, step, w)
+    v = gradient(lambda w_: per_sample.mean(yv, fn(w_, xv)), w_next)
+
+    def as_function_of_target(weights: list[tf.Tensor], target: tf.Tensor) -> tf.Tensor:
+        args = {**targets, wrt: target}
+        return train_loss(weights, args["inputs"], args["sample_weights"], args["labels"])
+
+    target = targets[wrt]
+    if method == "hvp":
+        result = mixed_product(as_function_of_target, w, target, v)
+    else:
+        result = _jacobian_reference(as_function_of_target, w, target, v)
+    return (-eta * result).numpy()
+
+
+def _jacobian_reference(loss_fn: Any, weights: list[tf.Tensor], target: tf.Tensor, v: list[tf.Tensor]) -> tf.Tensor:
+    """Reference: J = ∂(∇_w L)/∂target as a dense (P, *target.shape) tensor, then vᵀJ."""
+    with tf.GradientTape() as outer:
+        outer.watch(target)
+        with tf.GradientTape() as inner:
+            inner.watch(weights)
+            value = loss_fn(weights, target)
+        flat_grad = _tree.flatten(inner.gradient(value, weights))
+    jacobian = outer.jacobian(flat_grad, target)  # (P, *target.shape)
+    if jacobian is None:
+        return tf.zeros_like(target)
+    return tf.tensordot(_tree.flatten(v), jacobian, axes=1)

@@ -1,0 +1,237 @@
+"""Second-order building blocks agree with dense references and float64 finite differences."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import mlp
+
+import influence as inf
+from influence import _tree, autodiff
+from influence.losses import get_loss
+
+
+def _loss_fns(model, x, y, loss_name):
+    fn = inf.ModelFunction(model)
+    loss = get_loss(loss_name)
+    x, y = tf.constant(x), tf.constant(y)
+
+    def mean_loss(w):
+        return loss.mean(y, fn(w, x))
+
+    def per_sample(w):
+        return loss(y, fn(w, x))
+
+    def mixed(w, inputs):
+        return loss.mean(y, fn(w, inputs))
+
+    return fn, mean_loss, per_sample, mixed
+
+
+def _random_like(weights, seed=3):
+    rng = np.random.default_rng(seed)
+    return [tf.constant(rng.normal(size=w.shape)) for w in weights]
+
+
+@pytest.mark.parametrize("case", ["regression", "classification"])
+def test_hvp_matches_dense_hessian_reverse_and_finite_differences(case, classifier, regressor, class_data, reg_data):
+    model, (x, y, _, _), name = (
+        (regressor, reg_data, "mse")
+        if case == "regression"
+        else (classifier, class_data, "sparse_categorical_crossentropy")
+    )
+    fn, mean_loss, _, _ = _loss_fns(model, x, y, name)
+    w = fn.weights
+    v = _random_like(w)
+    forward = _tree.flatten(autodiff.hvp(mean_loss, w, v)).numpy()
+    reverse = _tree.flatten(autodiff.hvp_reverse(mean_loss, w, v)).numpy()
+    dense = (autodiff.hessian(mean_loss, w) @ _tree.flatten(v)[:, None])[:, 0].numpy()
+    assert np.allclose(forward, reverse, rtol=1e-10, atol=1e-13)
+    assert np.allclose(forward, dense, rtol=1e-10, atol=1e-13)
+    # H v = ∇_w (∇L(w)·v): check it against float64 finite differences of that scalar.
+    flat_v = _tree.flatten(v)
+
+    def grad_dot_v(flat_w):
+        weights = _tree.unflatten(tf.constant(flat_w), w)
+        return float(_tree.dot(autodiff.gradient(mean_loss, weights), v))
+
+    chk = inf.check_gradient(grad_dot_v, _tree.flatten(w).numpy(), forward, directions=3)
+    assert chk.ok, chk
+    assert chk.max_rel_error <= 1e-6
+    assert flat_v.dtype == tf.float64
+
+
+def test_mixed_product_matches_jacobian_contraction_and_finite_differences(classifier, class_data):
+    x, y, _, _ = class_data
+    fn, _, _, mixed = _loss_fns(classifier, x, y, "sparse_categorical_crossentropy")
+    w = fn.weights
+    v = _random_like(w)
+    xt = tf.constant(x)
+    fast = autodiff.mixed_product(mixed, w, xt, v).numpy()
+    with tf.GradientTape() as outer:
+        outer.watch(xt)
+        with tf.GradientTape() as inner:
+            inner.watch(w)
+            value = mixed(w, xt)
+        flat = _tree.flatten(inner.gradient(value, w))
+    jac = outer.jacobian(flat, xt)  # (P, B, d)
+    reference = autodiff.jacobian_vjp(jac, _tree.flatten(v), out_ndim=1).numpy()
+    assert np.allclose(fast, reference, rtol=1e-10, atol=1e-14)
+
+    def grad_dot_v(inputs):
+        return float(_tree.dot(autodiff.gradient(lambda ww: mixed(ww, tf.constant(inputs)), w), v))
+
+    chk = inf.check_gradient(grad_dot_v, x, fast)
+    assert chk.ok, chk
+
+
+def test_per_sample_dots_equal_a_loop_over_samples(classifier, class_data):
+    x, y, _, _ = class_data
+    fn, _, per_sample, _ = _loss_fns(classifier, x, y, "sparse_categorical_crossentropy")
+    loss = get_loss("sparse_categorical_crossentropy")
+    w = fn.weights
+    v = _random_like(w)
+    vectorized = autodiff.per_sample_dots(per_sample, w, v).numpy()
+    looped = []
+    for j in range(len(x)):
+        g = autodiff.gradient(
+            lambda ww, j=j: loss.mean(tf.constant(y[j : j + 1]), fn(ww, tf.constant(x[j : j + 1]))), w
+        )
+        looped.append(float(_tree.dot(g, v)))
+    assert vectorized.shape == (len(x),)
+    assert np.allclose(vectorized, looped, rtol=1e-10, atol=1e-14)
+
+
+def test_newton_step_solves_a_quadratic_exactly():
+    # Linear regression with MSE is quadratic in w: one Newton step reaches least squares.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 3))
+    y = x @ np.array([[1.0], [-2.0], [0.5]]) + 0.3 + 0.01 * rng.normal(size=(20, 1))
+    model = inf.as_float64(keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)]))
+    fn, mean_loss, _, _ = _loss_fns(model, x, y, "mse")
+    w_new = autodiff.newton_step(mean_loss, fn.weights)
+    design = np.hstack([x, np.ones((20, 1))])
+    solution = np.linalg.lstsq(design, y, rcond=None)[0]
+    assert np.allclose(w_new[0].numpy(), solution[:3], atol=1e-10)
+    assert np.allclose(w_new[1].numpy(), solution[3], atol=1e-10)
+    grad_after = _tree.flatten(autodiff.gradient(mean_loss, w_new)).numpy()
+    assert np.max(np.abs(grad_after)) < 1e-10
+
+
+def test_hessian_is_symmetric_and_refuses_large_models(classifier, class_data):
+    x, y, _, _ = class_data
+    fn, mean_loss, _, _ = _loss_fns(classifier, x, y, "sparse_categorical_crossentropy")
+    h = autodiff.hessian(mean_loss, fn.weights).numpy()
+    assert h.shape == (_tree.size(fn.weights),) * 2
+    assert np.allclose(h, h.T, atol=1e-12)
+    big = [tf.zeros([200, 200])]
+    with pytest.raises(ValueError, match="'weights' parameter of hessian must be at most 20000 parameters"):
+        autodiff.hessian(lambda w: tf.reduce_sum(w[0]), big)
+
+
+def test_newton_step_reports_a_singular_hessian():
+    w = [tf.constant([1.0, 2.0], dtype=tf.float64)]
+    with pytest.raises(ValueError, match="'damping' parameter of newton_step must be large enough"):
+        autodiff.newton_step(lambda ww: tf.reduce_sum(ww[0]), w)
+
+
+# ------------------------------------------------------------------ split models (S3)
+
+
+def _split_models():
+    keras.utils.set_random_seed(4)
+    model_0 = inf.as_float64(keras.Sequential([keras.Input((5,)), keras.layers.Dense(6, activation="tanh")]))
+    model_1 = inf.as_float64(keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")]))
+    return model_0, model_1
+
+
+def test_vjp_chain_equals_the_joined_models_gradient():
+    model_0, model_1 = _split_models()
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(4, 5)))
+    y = tf.constant([0, 2, 1, 1])
+    loss = get_loss("sparse_categorical_crossentropy")
+    chain = autodiff.vjp_chain([model_0, model_1], x, lambda out: loss.mean(y, out))
+    params = model_0.trainable_variables + model_1.trainable_variables
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = loss.mean(y, model_1(model_0(x)))
+    joined = tape.gradient(value, [x, *params])
+    assert np.allclose(chain.input_grad.numpy(), joined[0].numpy(), rtol=1e-12, atol=1e-15)
+    got = chain.stage_grads[0] + chain.stage_grads[1]
+    for a, b in zip(got, joined[1:]):
+        assert np.allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_vjp_chain_accepts_an_upstream_gradient_and_custom_gradient_callables():
+    model_0, model_1 = _split_models()
+
+    @tf.custom_gradient
+    def clipped_square(h):
+        def grad(upstream):
+            return upstream * 2 * h
+
+        return h * h, grad
+
+    x = tf.constant(np.random.default_rng(1).normal(size=(3, 5)))
+    upstream = tf.constant(np.random.default_rng(2).normal(size=(3, 3)))
+    chain = autodiff.vjp_chain([model_0, clipped_square, model_1], x, upstream)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = model_1(model_0(x) ** 2)
+    expected = tape.gradient(out, x, output_gradients=upstream)
+    assert np.allclose(chain.input_grad.numpy(), expected.numpy(), rtol=1e-12)
+    assert chain.stage_grads[1] == []
+    with pytest.raises(ValueError, match=r"'upstream' parameter of vjp_chain must be a gradient of shape \(3, 3\)"):
+        autodiff.vjp_chain([model_0, model_1], x, tf.zeros([3, 2], tf.float64))
+    with pytest.raises(ValueError, match="'stages' parameter of vjp_chain must be a non-empty list"):
+        autodiff.vjp_chain([], x, upstream)
+
+
+def test_stop_gradient_stage_blocks_the_input_gradient():
+    model_0, model_1 = _split_models()
+    x = tf.constant(np.ones((2, 5)))
+    chain = autodiff.vjp_chain(
+        [model_0, tf.stop_gradient, model_1], x, tf.constant([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]], tf.float64)
+    )
+    assert np.all(chain.input_grad.numpy() == 0)
+    assert all(np.all(g.numpy() == 0) for g in chain.stage_grads[0])
+    assert any(np.any(g.numpy() != 0) for g in chain.stage_grads[2])
+
+
+def test_jacobian_contraction_helpers_have_the_documented_axes():
+    rng = np.random.default_rng(0)
+    a = tf.constant(rng.normal(size=(3, 4, 2)))
+    x = tf.constant(rng.normal(size=(4, 2)))
+
+    def f(inputs):  # out shape (3, 5) from in shape (4, 2)
+        return tf.tanh(tf.einsum("oij,ij->oi", a, inputs))[:, :, None] * tf.ones([1, 1, 5], tf.float64)
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        out = f(x)
+    jac = tape.jacobian(out, x)  # (3, 4, 5, 4, 2)? no: out is (3, 4, 5)
+    u = tf.constant(rng.normal(size=out.shape))
+    assert np.allclose(
+        autodiff.jacobian_vjp(jac, u, out_ndim=3).numpy(), tape.gradient(out, x, output_gradients=u).numpy()
+    )
+    t = tf.constant(rng.normal(size=x.shape))
+    with tf.autodiff.ForwardAccumulator(x, t) as acc:
+        out2 = f(x)
+    assert np.allclose(autodiff.jacobian_jvp(jac, t, in_ndim=2).numpy(), acc.jvp(out2).numpy())
+    with pytest.raises(ValueError, match="'cotangent' parameter of jacobian_vjp must be shape"):
+        autodiff.jacobian_vjp(jac, t, out_ndim=3)
+    with pytest.raises(ValueError, match="'tangent' parameter of jacobian_jvp must be shape"):
+        autodiff.jacobian_jvp(jac, u, in_ndim=2)
+
+
+def test_batch_jacobian_vjp_matches_per_sample_gradients():
+    model = mlp(3, 2, hidden=(4,))
+    x = tf.constant(np.random.default_rng(0).normal(size=(5, 3)))
+    u = tf.constant(np.random.default_rng(1).normal(size=(5, 2)))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        out = model(x)
+    bj = tape.batch_jacobian(out, x)  # (5, 2, 3)
+    expected = tape.gradient(out, x, output_gradients=u)
+    assert np.allclose(autodiff.batch_jacobian_vjp(bj, u, out_ndim=1).numpy(), expected.numpy())

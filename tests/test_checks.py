@@ -1,0 +1,156 @@
+"""check_gradient: passes on right gradients, fails and explains on wrong ones (S1)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import s1_cnn
+
+import influence as inf
+from influence import _tree
+from influence.autodiff import gradient
+from influence.losses import get_loss
+
+
+def test_passes_on_an_exact_gradient_and_checks_tile_coordinates():
+    a = np.random.default_rng(0).normal(size=(3, 4))
+    x = np.random.default_rng(1).normal(size=(3, 4))
+    chk = inf.check_gradient(lambda z: np.sum(np.sin(a * z)), x, a * np.cos(a * x), tile=np.s_[0:2, 1:3])
+    assert chk.ok and chk.max_rel_error < 1e-9
+    assert len(chk.rel_errors) == 4 + 4  # 4 random directions + 2x2 tile coordinates
+    assert "passed" in str(chk)
+
+
+def test_fails_on_a_wrong_gradient_and_says_the_gradient_is_wrong():
+    x = np.random.default_rng(1).normal(size=(5,))
+    chk = inf.check_gradient(lambda z: np.sum(z**3), x, 3 * x**2 * 1.01)
+    assert not chk.ok
+    assert chk.max_rel_error > 1e-3
+    assert "gradient itself is likely wrong" in chk.explanation
+
+
+def test_explains_a_float32_function():
+    x = np.random.default_rng(0).normal(size=(20,))
+    chk = inf.check_gradient(
+        lambda z: np.float32(np.sum(np.tanh(z.astype(np.float32)))), x, 1 - np.tanh(x) ** 2, h=1e-4
+    )
+    assert not chk.ok
+    assert "float32" in chk.explanation
+
+
+def test_explains_a_random_function():
+    rng = np.random.default_rng(0)
+    x = np.ones(3)
+    chk = inf.check_gradient(lambda z: float(np.sum(z**2) + 1e-3 * rng.normal()), x, 2 * x)
+    assert not chk.ok
+    assert "not deterministic" in chk.explanation
+
+
+def test_s1_cnn_input_gradient_passes_in_float64_with_dropout_off_and_with_fixed_masks():
+    model = s1_cnn()
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 28, 28, 1)).astype("float32")
+    y = np.array([3, 7])
+    off = inf.check_input_gradient(model, "sparse_categorical_crossentropy", x, y, tile=np.s_[0, 10:12, 10:12, 0])
+    assert off.ok, off
+    fixed = inf.check_input_gradient(model, "sparse_categorical_crossentropy", x, y, training=True, seed=3)
+    assert fixed.ok, fixed
+
+
+def test_s1_cnn_float32_tape_gradient_is_explained_not_just_failed():
+    # The user's float32 gradient, checked against the float64 model: it is right to ~1e-6
+    # relative, so the float64 check reports a small error instead of an error of order 1.
+    model = s1_cnn()
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 28, 28, 1)).astype("float32")
+    y = np.array([3, 7])
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        value = keras.losses.SparseCategoricalCrossentropy()(y, model(xt, training=False))
+    g32 = tape.gradient(value, xt).numpy()
+    chk = inf.check_input_gradient(model, "sparse_categorical_crossentropy", x, y, grad=g32, rtol=1e-3)
+    assert chk.ok, chk
+    assert chk.max_rel_error < 1e-3
+
+
+def test_detects_a_one_step_jacobian_contracted_with_transposed_axes(classifier, class_data):
+    x, y, xv, yv = class_data
+    loss = get_loss("sparse_categorical_crossentropy")
+    fn = inf.ModelFunction(classifier)
+    lr = 0.3
+    w = fn.weights
+
+    def val_after(z):
+        g = gradient(lambda ww: loss.mean(tf.constant(y), fn(ww, tf.constant(z))), w)
+        return float(loss.mean(tf.constant(yv), fn(_tree.axpy(-lr, g, w), tf.constant(xv))))
+
+    xt = tf.constant(x)
+    with tf.GradientTape() as outer:
+        outer.watch(xt)
+        with tf.GradientTape() as inner:
+            inner.watch(w)
+            value = loss.mean(tf.constant(y), fn(w, xt))
+        flat = _tree.flatten(inner.gradient(value, w))
+    jac = outer.jacobian(flat, xt).numpy()  # (P, B, d)
+    v = _tree.flatten(
+        gradient(
+            lambda ww: loss.mean(tf.constant(yv), fn(ww, tf.constant(xv))),
+            _tree.axpy(-lr, gradient(lambda ww: loss.mean(tf.constant(y), fn(ww, xt)), w), w),
+        )
+    )
+    right = -lr * np.tensordot(v.numpy(), jac, axes=1)
+    # The classic mistake: the per-sample Jacobian block laid out (d, B) and reshaped back.
+    wrong = -lr * np.tensordot(v.numpy(), np.swapaxes(jac, 1, 2), axes=1).reshape(-1)[: x.size].reshape(x.shape)
+    assert inf.check_gradient(val_after, x, right).ok
+    bad = inf.check_gradient(val_after, x, wrong)
+    assert not bad.ok
+    assert bad.max_rel_error > 1e-2
+
+
+def test_as_float64_keeps_values_and_float64_precision_for_nested_models():
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, activation="tanh")])
+    inp = keras.Input((5,))
+    model = keras.Model(inp, keras.layers.Dense(2)(inner(inp)))
+    model64 = inf.as_float64(model)
+    assert all(v.dtype == "float64" for v in model64.weights)
+    x = np.random.default_rng(0).normal(size=(4, 5))
+    assert np.allclose(model64(x).numpy(), model(x.astype("float32")).numpy(), atol=1e-6)
+    # A 1e-10 change of the input must be visible: no float32 cast anywhere inside.
+    delta = model64(x + 1e-10).numpy() - model64(x).numpy()
+    assert np.all(np.abs(delta) > 0) and np.all(np.abs(delta) < 1e-8)
+
+
+def test_keras_loss_objects_are_translated_to_float64_losses():
+    y = tf.constant([0, 1])
+    p = tf.constant([[0.7, 0.3], [0.2, 0.8]], tf.float64)
+    loss = get_loss(keras.losses.SparseCategoricalCrossentropy())
+    value = loss.mean(y, p)
+    assert value.dtype == tf.float64
+    assert abs(float(value) - float(-(np.log(0.7) + np.log(0.8)) / 2)) < 1e-15
+    # The pitfall itself: the Keras object quantizes float64 inputs to float32.
+    assert keras.losses.SparseCategoricalCrossentropy()(y, p).dtype == tf.float32
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"grad": np.zeros(4)}, r"'grad' parameter of check_gradient must be the shape of x \(3,\)"),
+        ({"grad": np.zeros(3), "h": -1.0}, "'h' parameter of check_gradient must be a positive number"),
+        (
+            {"grad": np.zeros(3), "directions": -1},
+            "'directions' parameter of check_gradient must be a non-negative int",
+        ),
+        ({"grad": np.zeros(3), "tile": np.s_[7]}, "'tile' parameter of check_gradient must be an index expression"),
+        ({"grad": np.array([np.nan, 0, 0])}, "'grad' parameter of check_gradient must be finite"),
+    ],
+)
+def test_check_gradient_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        inf.check_gradient(lambda z: float(np.sum(z)), np.zeros(3), **kwargs)
+
+
+def test_check_gradient_rejects_a_non_scalar_function():
+    with pytest.raises(ValueError, match="'f' parameter of check_gradient must be a function returning one number"):
+        inf.check_gradient(lambda z: z, np.zeros(3), np.zeros(3))

@@ -1,0 +1,167 @@
+"""Every rejected argument gets one clear message naming the parameter (DESIGN §3)."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import mlp
+
+import influence as inf
+
+
+@pytest.fixture
+def setup():
+    model = mlp(5, 3, out_activation="softmax")
+    rng = np.random.default_rng(0)
+    return model, rng.normal(size=(6, 5)), rng.integers(0, 3, 6), rng.normal(size=(4, 5)), rng.integers(0, 3, 4)
+
+
+LOSS = "sparse_categorical_crossentropy"
+
+
+def call(setup, **overrides):
+    model, x, y, xv, yv = setup
+    args = {"model": model, "loss": LOSS, "x_train": x, "y_train": y, "x_val": xv, "y_val": yv, **overrides}
+    return inf.one_step(**args)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (
+            {"x_train": np.zeros((6, 7))},
+            ValueError,
+            r"'x_train' parameter of one_step must be samples of shape \(5,\) \(the model's input shape\). Got samples of shape \(7,\)",
+        ),
+        ({"x_val": np.zeros((4, 6))}, ValueError, r"'x_val' parameter of one_step must be samples of shape \(5,\)"),
+        (
+            {"y_train": np.zeros(5, dtype=int)},
+            ValueError,
+            r"'y_train' parameter of one_step must be as long as 'x_train' \(6 samples\). Got 5 samples",
+        ),
+        (
+            {"x_train": np.full((6, 5), np.nan)},
+            ValueError,
+            "'x_train' parameter of one_step must be finite .* Got 30 non-finite",
+        ),
+        ({"x_val": np.array([[np.inf] * 5] * 4)}, ValueError, "'x_val' parameter of one_step must be finite"),
+        ({"x_train": np.zeros((0, 5))}, ValueError, "'x_train' parameter of one_step must be a non-empty array"),
+        ({"x_train": np.array([["a"] * 5] * 6)}, TypeError, "'x_train' parameter of one_step must be a numeric array"),
+        (
+            {"y_train": np.array([0, 1, 2, 3, 0, 1])},
+            ValueError,
+            r"'y_train' parameter of one_step must be class labels in \[0, 2\] \(the model has 3 outputs\). Got labels in \[0, 3\]",
+        ),
+        ({"y_val": np.array([0.5, 1, 2, 0])}, TypeError, "'y_val' parameter of one_step must be integer class labels"),
+        (
+            {"method": "exact"},
+            ValueError,
+            "'method' parameter of one_step must be one of 'hvp', 'jacobian'. Got 'exact'",
+        ),
+        (
+            {"wrt": "weights"},
+            ValueError,
+            "'wrt' parameter of one_step must be one of 'inputs', 'sample_weights', 'labels'",
+        ),
+        (
+            {"wrt": "labels"},
+            ValueError,
+            "'wrt' parameter of one_step must be 'inputs' or 'sample_weights' for integer class",
+        ),
+        ({"learning_rate": 0}, ValueError, "'learning_rate' parameter of one_step must be a positive number. Got 0"),
+        ({"learning_rate": "fast"}, ValueError, "'learning_rate' parameter of one_step must be a positive number"),
+        ({"loss": "hinge"}, ValueError, "'loss' parameter of one_step must be one of 'mse'"),
+        ({"loss": keras.losses.Hinge()}, ValueError, "'loss' parameter of one_step must be a Keras loss among"),
+        ({"loss": 3}, TypeError, "'loss' parameter of one_step must be a loss name, Keras loss or callable"),
+        ({"model": "model.keras"}, TypeError, "'model' parameter of one_step must be a keras.Model. Got 'model.keras'"),
+        (
+            {"sample_weight": np.ones(3)},
+            ValueError,
+            "'sample_weight' parameter of one_step must be as long as 'x_train'",
+        ),
+        ({"x_train": None}, TypeError, "'x_train' parameter of one_step must be an array. Got None"),
+    ],
+)
+def test_one_step_rejects_bad_input(setup, overrides, error, match):
+    with pytest.raises(error, match=match):
+        call(setup, **overrides)
+
+
+def test_one_step_rejects_integer_inputs_to_differentiate():
+    model = mlp(3, 1)
+    x = np.ones((4, 3), dtype=int)
+    with pytest.raises(TypeError, match="'x_train' parameter of one_step must be floating-point inputs"):
+        inf.one_step(model, "mse", x, np.ones((4, 1)), x.astype(float), np.ones((4, 1)))
+
+
+def test_unbuilt_model_is_rejected():
+    with pytest.raises(ValueError, match="'model' parameter of one_step must be a built Keras model"):
+        inf.one_step(
+            keras.Sequential([keras.layers.Dense(2)]),
+            "mse",
+            np.ones((2, 3)),
+            np.ones((2, 2)),
+            np.ones((2, 3)),
+            np.ones((2, 2)),
+        )
+
+
+def _batchnorm_model():
+    keras.utils.set_random_seed(0)
+    return inf.as_float64(
+        keras.Sequential(
+            [
+                keras.Input((3,)),
+                keras.layers.Dense(4),
+                keras.layers.BatchNormalization(name="bn"),
+                keras.layers.Dense(2, activation="softmax"),
+            ]
+        )
+    )
+
+
+def test_per_sample_trick_refuses_batchnorm_in_training_mode():
+    model = _batchnorm_model()
+    x, y = np.random.default_rng(0).normal(size=(4, 3)), np.array([0, 1, 1, 0])
+    v = [np.ones(w.shape) for w in model.trainable_variables]
+    assert inf.coupling_layers(model) == ["bn"]
+    with pytest.raises(
+        ValueError,
+        match=r"'model' parameter of per_sample_gradient_dots must be a model whose samples "
+        r"do not interact in training mode \(per-sample gradients would be wrong\). Got a model with "
+        r"sample-mixing layer\(s\) bn",
+    ):
+        inf.per_sample_gradient_dots(model, LOSS, x, y, v, training=True)
+    # Inference mode uses moving statistics: samples are independent, the trick is valid.
+    dots = inf.per_sample_gradient_dots(model, LOSS, x, y, v, training=False)
+    assert dots.shape == (4,)
+
+
+def test_per_sample_trick_finds_unknown_coupling_numerically():
+    class BatchCentering(keras.layers.Layer):
+        def call(self, inputs, training=False):
+            return inputs - keras.ops.mean(inputs, axis=0, keepdims=True) if training else inputs
+
+    keras.utils.set_random_seed(0)
+    model = inf.as_float64(keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)]))
+    coupled = keras.Sequential([keras.Input((3,)), model.layers[0], BatchCentering(dtype="float64"), model.layers[1]])
+    x, y = np.random.default_rng(0).normal(size=(4, 3)), np.zeros((4, 2))
+    v = [np.ones(w.shape) for w in coupled.trainable_variables]
+    with pytest.raises(ValueError, match="found numerically: one sample's input changes other samples' outputs"):
+        inf.per_sample_gradient_dots(coupled, "mse", x, y, v, training=True)
+
+
+def test_per_sample_gradient_dots_rejects_a_misshaped_vector(setup):
+    model, x, y, _, _ = setup
+    with pytest.raises(ValueError, match="'vector' parameter of per_sample_gradient_dots must be a list of 4 tensors"):
+        inf.per_sample_gradient_dots(model, LOSS, x, y, [np.ones(3)])
+    bad = [np.ones(w.shape) for w in model.trainable_variables]
+    bad[1] = np.ones(7)
+    with pytest.raises(
+        ValueError, match=r"'vector' parameter of per_sample_gradient_dots must be entry 1 of shape \(8,\)"
+    ):
+        inf.per_sample_gradient_dots(model, LOSS, x, y, bad)
+
+
+def test_as_float64_rejects_non_models():
+    with pytest.raises(TypeError, match="'model' parameter of as_float64 must be a keras.Model"):
+        inf.as_float64(object())
