@@ -31,3 +31,20 @@ __all__ = [
     "per_sample_gradient_dots",
     "vjp_chain",
 ]
+
+from . import optimizers  # noqa: E402
+from .trajectory import Trajectory, fit, retrain  # noqa: E402
+from .unroll import Checkpointed, MemoryStrategy, Replay, StoreAll, UnrolledResult, unrolled  # noqa: E402
+
+__all__ += [
+    "Checkpointed",
+    "MemoryStrategy",
+    "Replay",
+    "StoreAll",
+    "Trajectory",
+    "UnrolledResult",
+    "fit",
+    "optimizers",
+    "retrain",
+    "unrolled",
+]

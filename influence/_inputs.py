@@ -44,15 +44,25 @@ def validate_data(
     yv = as_array(y_val, param="y_val", func=func)
     check_same_length(func, x_train=xt, y_train=yt)
     check_same_length(func, x_val=xv, y_val=yv)
-    expected = model_input_shape(model)
-    if expected is not None:
-        check_feature_shape(func, "x_train", xt, expected, "the model's input shape")
+    check_model_input(func, model, xt)
     check_feature_shape(func, "x_val", xv, tuple(xt.shape[1:]), "the shape of x_train's samples")
     check_feature_shape(func, "y_val", yv, tuple(yt.shape[1:]), "the shape of y_train's samples")
-    if loss.integer_labels:
-        for name, labels in (("y_train", yt), ("y_val", yv)):
-            _check_class_labels(func, name, labels, model)
+    for name, labels in (("y_train", yt), ("y_val", yv)):
+        check_labels_for_loss(func, name, labels, loss, model)
     return Dataset(xt, yt, xv, yv)
+
+
+def check_model_input(func: str, model: keras.Model, x: np.ndarray, param: str = "x_train") -> None:
+    """Samples of x must have the model's declared input shape."""
+    expected = model_input_shape(model)
+    if expected is not None:
+        check_feature_shape(func, param, x, expected, "the model's input shape")
+
+
+def check_labels_for_loss(func: str, name: str, labels: np.ndarray, loss: Loss, model: keras.Model) -> None:
+    """Integer losses need class labels within the model's outputs."""
+    if loss.integer_labels:
+        _check_class_labels(func, name, labels, model)
 
 
 def _check_class_labels(func: str, name: str, labels: np.ndarray, model: keras.Model) -> None:

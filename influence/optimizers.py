@@ -1,0 +1,194 @@
+"""Optimizers as pure update functions (optax style), so the reverse pass can
+differentiate the update instead of re-deriving each adjoint by hand.
+
+    state = opt.init(weights)                         # flat list of tensors
+    weights, state = opt.update(weights, grads, state, learning_rate, step)
+
+``step`` is the 0-based step index (Adam's bias correction uses step + 1).
+Formulas follow Keras 3's optimizers; weight decay is decoupled
+(w ← w − η·λ·w before the update), as in Keras.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from ._validation import describe, param_error
+
+State = list[tf.Tensor]
+Schedule = Callable[[int], float]
+
+
+def safe_sqrt(v: tf.Tensor) -> tf.Tensor:
+    """sqrt with a zero (not infinite) derivative at 0.
+
+    A second moment that is exactly 0 means every gradient of that weight was
+    0 so far, so its first-order sensitivity is 0 too; tf.sqrt would give
+    0·inf = NaN in the reverse pass instead (DESIGN §1).
+    """
+    positive = v > 0
+    return tf.where(positive, tf.sqrt(tf.where(positive, v, tf.ones_like(v))), tf.zeros_like(v))
+
+
+@dataclass(frozen=True)
+class Optimizer(ABC):
+    """A pure first-order optimizer.
+
+    Attributes:
+        learning_rate: a positive float, or a schedule ``step -> float``
+            (Keras ``LearningRateSchedule`` objects work too); evaluated once
+            per step by :func:`influence.fit` and recorded in the trajectory.
+        weight_decay: decoupled weight decay λ (0 = off).
+    """
+
+    learning_rate: float | Schedule = 0.01
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if not callable(self.learning_rate):
+            _positive(self.learning_rate, "learning_rate", name)
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise ValueError(param_error("weight_decay", name, "a non-negative number", describe(self.weight_decay)))
+
+    def learning_rates(self, steps: int) -> np.ndarray:
+        """η_t for t = 0 … steps−1, shape (steps,)."""
+        if not callable(self.learning_rate):
+            return np.full(steps, float(self.learning_rate))
+        rates = np.array([float(np.asarray(self.learning_rate(t))) for t in range(steps)])
+        if not np.all(np.isfinite(rates)) or np.any(rates <= 0):
+            raise ValueError(
+                param_error("learning_rate", type(self).__name__, "a schedule of positive finite rates", rates[:5])
+            )
+        return rates
+
+    @abstractmethod
+    def init(self, weights: list[tf.Tensor]) -> State:
+        """Initial optimizer state: a flat list of tensors (possibly empty)."""
+
+    @abstractmethod
+    def _step(self, weights: list[tf.Tensor], grads: list[tf.Tensor], state: State, lr: tf.Tensor, step: tf.Tensor):
+        """The update without weight decay."""
+
+    def update(
+        self, weights: list[tf.Tensor], grads: list[tf.Tensor], state: State, lr: tf.Tensor, step: tf.Tensor
+    ) -> tuple[list[tf.Tensor], State]:
+        """One step: returns (new weights, new state)."""
+        if self.weight_decay:
+            weights = [w - lr * self.weight_decay * w for w in weights]
+        return self._step(weights, grads, state, lr, step)
+
+
+def _positive(value: Any, param: str, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not np.isfinite(value):
+        raise ValueError(param_error(param, name, "a positive number", describe(value)))
+
+
+def _in_unit_interval(value: Any, param: str, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(param_error(param, name, "a number in [0, 1)", describe(value)))
+
+
+@dataclass(frozen=True)
+class SGD(Optimizer):
+    """SGD, optionally with momentum (Keras form: m ← μm − ηg; w ← w + m) and Nesterov."""
+
+    momentum: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _in_unit_interval(self.momentum, "momentum", "SGD")
+
+    def init(self, weights: list[tf.Tensor]) -> State:
+        return [tf.zeros_like(w) for w in weights] if self.momentum else []
+
+    def _step(self, weights, grads, state, lr, step):
+        if not self.momentum:
+            return [w - lr * g for w, g in zip(weights, grads)], []
+        velocity = [self.momentum * m - lr * g for m, g in zip(state, grads)]
+        if self.nesterov:
+            new = [w + self.momentum * m - lr * g for w, m, g in zip(weights, velocity, grads)]
+        else:
+            new = [w + m for w, m in zip(weights, velocity)]
+        return new, velocity
+
+
+@dataclass(frozen=True)
+class RMSprop(Optimizer):
+    """RMSprop (Keras form): v ← ρv + (1−ρ)g²; w ← w − η g / (√v + ε); optional momentum."""
+
+    rho: float = 0.9
+    momentum: float = 0.0
+    epsilon: float = 1e-7
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _in_unit_interval(self.rho, "rho", "RMSprop")
+        _in_unit_interval(self.momentum, "momentum", "RMSprop")
+        _positive(self.epsilon, "epsilon", "RMSprop")
+
+    def init(self, weights: list[tf.Tensor]) -> State:
+        second = [tf.zeros_like(w) for w in weights]
+        return second + ([tf.zeros_like(w) for w in weights] if self.momentum else [])
+
+    def _step(self, weights, grads, state, lr, step):
+        k = len(weights)
+        second = [self.rho * v + (1 - self.rho) * g * g for v, g in zip(state[:k], grads)]
+        increments = [lr * g / (safe_sqrt(v) + self.epsilon) for g, v in zip(grads, second)]
+        if not self.momentum:
+            return [w - inc for w, inc in zip(weights, increments)], second
+        velocity = [self.momentum * m + inc for m, inc in zip(state[k:], increments)]
+        return [w - m for w, m in zip(weights, velocity)], second + velocity
+
+
+@dataclass(frozen=True)
+class Adam(Optimizer):
+    """Adam (Keras form, bias correction folded into the step size)."""
+
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _in_unit_interval(self.beta_1, "beta_1", "Adam")
+        _in_unit_interval(self.beta_2, "beta_2", "Adam")
+        _positive(self.epsilon, "epsilon", "Adam")
+
+    def init(self, weights: list[tf.Tensor]) -> State:
+        return [tf.zeros_like(w) for w in weights] + [tf.zeros_like(w) for w in weights]
+
+    def _step(self, weights, grads, state, lr, step):
+        k = len(weights)
+        t = tf.cast(step, weights[0].dtype) + 1
+        first = [self.beta_1 * m + (1 - self.beta_1) * g for m, g in zip(state[:k], grads)]
+        second = [self.beta_2 * v + (1 - self.beta_2) * g * g for v, g in zip(state[k:], grads)]
+        alpha = lr * tf.sqrt(1 - self.beta_2**t) / (1 - self.beta_1**t)
+        new = [w - alpha * m / (safe_sqrt(v) + self.epsilon) for w, m, v in zip(weights, first, second)]
+        return new, first + second
+
+
+def get_optimizer(optimizer: Any, *, func: str) -> Optimizer:
+    """Accept an :class:`Optimizer`, or a name ('sgd', 'momentum', 'rmsprop', 'adam') with defaults."""
+    if isinstance(optimizer, Optimizer):
+        return optimizer
+    names = {"sgd": SGD(0.1), "momentum": SGD(0.1, momentum=0.9), "rmsprop": RMSprop(0.001), "adam": Adam(0.001)}
+    if isinstance(optimizer, str) and optimizer in names:
+        return names[optimizer]
+    raise ValueError(
+        param_error(
+            "optimizer",
+            func,
+            "an influence.optimizers optimizer (SGD, RMSprop, Adam) or one of 'sgd', 'momentum', 'rmsprop', 'adam'",
+            describe(optimizer)
+            if not hasattr(optimizer, "get_config")
+            else f"{type(optimizer).__name__} (a Keras optimizer)",
+        )
+    )

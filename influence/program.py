@@ -1,0 +1,197 @@
+"""A recorded training run as graph functions: forward steps and their adjoints.
+
+Step t (DESIGN §1): L_t(w) = (1/|B_t|) Σ_{j∈B_t} c_j ℓ(f(x_j; w), y_j),
+(w, s) ← U(w, ∇L_t(w), s, η_t, t).
+
+The reverse step receives the adjoints (λ_w, λ_s) of the state after step t
+and returns those before it, plus dE/dc_j, dE/dx_j, dE/dy_j for j ∈ B_t:
+
+  1. VJP of the update U (first order, autodiff of the pure optimizer):
+     gives λ_w^direct, λ_s and ḡ, the adjoint of the gradient g = ∇L_t.
+  2. ONE reverse-over-reverse call on s = ∇_w L_t(w; x, y, c) · ḡ gives
+     H_t ḡ (w.r.t. w), the mixed input term (w.r.t. x), the label term
+     (w.r.t. y) and the per-sample dots ∇ℓ_j·ḡ/|B_t| (w.r.t. c).
+  3. λ_w ← λ_w^direct + H_t ḡ.
+
+For plain SGD this is exactly v_t = v_{t+1} − η H v_{t+1},
+dE/dc_j += −(η/|B|) ∇ℓ_j·v_{t+1}. Steps run inside ``tf.while_loop``s over
+pre-gathered, padded batch indices; per-sample results are accumulated per
+segment with ``unsorted_segment_sum``, never with a Python loop over samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from . import _tree
+from .losses import Loss
+from .model_function import ModelFunction
+from .optimizers import Optimizer
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-step recorded data as tensors: padded batch indices, masks, sizes, lrs, seeds."""
+
+    batches: tf.Tensor  # (T, Bmax) int32, padded with 0
+    masks: tf.Tensor  # (T, Bmax) 1 for real entries, 0 for padding (model dtype)
+    counts: tf.Tensor  # (T,) |B_t| (model dtype)
+    learning_rates: tf.Tensor  # (T,)
+    seeds: tf.Tensor  # (T,) int64
+
+    @staticmethod
+    def build(batches: list[np.ndarray], learning_rates: np.ndarray, seeds: np.ndarray, dtype: tf.DType) -> Schedule:
+        width = max(len(b) for b in batches)
+        padded = np.zeros((len(batches), width), dtype=np.int32)
+        masks = np.zeros((len(batches), width))
+        for t, b in enumerate(batches):
+            padded[t, : len(b)] = b
+            masks[t, : len(b)] = 1.0
+        return Schedule(
+            batches=tf.constant(padded),
+            masks=tf.constant(masks, dtype=dtype),
+            counts=tf.constant([float(len(b)) for b in batches], dtype=dtype),
+            learning_rates=tf.constant(learning_rates, dtype=dtype),
+            seeds=tf.constant(seeds, dtype=tf.int64),
+        )
+
+
+class Program:
+    """Forward and reverse steps of one recorded run, compiled once per run.
+
+    Args:
+        fn: the model as a pure function.
+        loss: per-sample loss.
+        optimizer: pure optimizer.
+        schedule: recorded batches, learning rates and dropout seeds.
+        training: forward pass in training mode (dropout masks from the seeds).
+        n_train: number of training samples (size of per-sample outputs).
+        label_grad: whether to compute dE/dy (continuous labels only).
+    """
+
+    def __init__(
+        self,
+        fn: ModelFunction,
+        loss: Loss,
+        optimizer: Optimizer,
+        schedule: Schedule,
+        *,
+        training: bool,
+        n_train: int,
+        label_grad: bool,
+    ) -> None:
+        self.fn, self.loss, self.optimizer, self.schedule = fn, loss, optimizer, schedule
+        self.training, self.n_train, self.label_grad = training, n_train, label_grad
+        self.steps = int(schedule.batches.shape[0])
+        self._run_recording = tf.function(lambda *a: self._run(*a, record=True), reduce_retracing=True)
+        self._run_plain = tf.function(lambda *a: self._run(*a, record=False), reduce_retracing=True)
+        self.reverse = tf.function(self._reverse, reduce_retracing=True)
+
+    # ------------------------------------------------------------------ forward
+
+    def _batch(self, t: tf.Tensor, x: tf.Tensor, y: tf.Tensor, c: tf.Tensor):
+        idx = self.schedule.batches[t]
+        mask = self.schedule.masks[t]
+        return tf.gather(x, idx), tf.gather(y, idx), tf.gather(c, idx) * mask, mask
+
+    def batch_loss(self, w, t, xb, yb, cb) -> tf.Tensor:
+        """L_t: weighted mean over the real entries of batch t (padding has c = 0)."""
+        out = self.fn(w, xb, training=self.training, seed=self.schedule.seeds[t])
+        return tf.reduce_sum(cb * self.loss(yb, out)) / self.schedule.counts[t]
+
+    def step(self, w, s, t, x, y, c):
+        """One recorded training step: (w_t, s_t) -> (w_{t+1}, s_{t+1})."""
+        xb, yb, cb, _ = self._batch(t, x, y, c)
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            value = self.batch_loss(w, t, xb, yb, cb)
+        g = tape.gradient(value, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return self.optimizer.update(w, g, s, self.schedule.learning_rates[t], t)
+
+    def _run(self, w, s, start, stop, x, y, c, *, record: bool):
+        length = stop - start
+        w_hist = [tf.TensorArray(wi.dtype, size=length if record else 0, dynamic_size=not record) for wi in w]
+        s_hist = [tf.TensorArray(si.dtype, size=length if record else 0, dynamic_size=not record) for si in s]
+        for t in tf.range(start, stop):
+            if record:
+                w_hist = [h.write(t - start, wi) for h, wi in zip(w_hist, w)]
+                s_hist = [h.write(t - start, si) for h, si in zip(s_hist, s)]
+            w, s = self.step(w, s, t, x, y, c)
+        if not record:
+            return w, s
+        return w, s, [h.stack() for h in w_hist], [h.stack() for h in s_hist]
+
+    def run(self, w, s, start: int, stop: int, x, y, c, *, record: bool = False):
+        """Steps start … stop−1 from state (w, s) = (w_start, s_start).
+
+        Returns (w_stop, s_stop), plus when ``record`` the stacked states
+        before each step: lists of (stop−start, *shape) tensors.
+        """
+        args = (list(w), list(s), tf.constant(start), tf.constant(stop), x, y, c)
+        return self._run_recording(*args) if record else self._run_plain(*args)
+
+    # ------------------------------------------------------------------ reverse
+
+    def _reverse(self, w_hist, s_hist, start, lam_w, lam_s, x, y, c):
+        length = tf.shape(w_hist[0])[0]
+        dc_hist = tf.TensorArray(x.dtype, size=length)
+        dx_hist = tf.TensorArray(x.dtype, size=length)
+        dy_hist = tf.TensorArray(x.dtype if self.label_grad else tf.float32, size=length)
+        for i in tf.range(length - 1, -1, -1):
+            t = start + i
+            w = [h[i] for h in w_hist]
+            s = [h[i] for h in s_hist]
+            lam_w, lam_s, dc, dx, dy = self._reverse_step(w, s, t, lam_w, lam_s, x, y, c)
+            dc_hist = dc_hist.write(i, dc)
+            dx_hist = dx_hist.write(i, dx)
+            if self.label_grad:
+                dy_hist = dy_hist.write(i, dy)
+        idx = tf.reshape(self.schedule.batches[start : start + length], [-1])
+        n = self.n_train
+        dc_total = tf.math.unsorted_segment_sum(tf.reshape(dc_hist.stack(), [-1]), idx, n)
+        dx_flat = tf.reshape(dx_hist.stack(), tf.concat([[-1], tf.shape(x)[1:]], 0))
+        dx_total = tf.math.unsorted_segment_sum(dx_flat, idx, n)
+        if self.label_grad:
+            dy_flat = tf.reshape(dy_hist.stack(), tf.concat([[-1], tf.shape(y)[1:]], 0))
+            dy_total = tf.math.unsorted_segment_sum(dy_flat, idx, n)
+        else:
+            dy_total = tf.zeros([0])
+        return lam_w, lam_s, dc_total, dx_total, dy_total
+
+    def _reverse_step(self, w, s, t, lam_w, lam_s, x, y, c):
+        xb, yb, cb, mask = self._batch(t, x, y, c)
+        targets = [xb, cb] + ([yb] if self.label_grad else [])
+        with tf.GradientTape() as outer:
+            outer.watch(w)
+            outer.watch(targets)
+            with tf.GradientTape() as inner:
+                inner.watch(w)
+                value = self.batch_loss(w, t, xb, yb, cb)
+            g = inner.gradient(value, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            with outer.stop_recording():
+                lam_w_direct, g_bar, lam_s_prev = self._update_vjp(w, g, s, t, lam_w, lam_s)
+            # Every reduction the outer tape differentiates happens inside it (DESIGN §4).
+            contracted = _tree.dot(g, g_bar)
+        grads = outer.gradient(contracted, [w, targets], unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        hess_g_bar, target_grads = grads
+        lam_w_prev = [a + b for a, b in zip(lam_w_direct, hess_g_bar)]
+        dx, dcb = target_grads[0], target_grads[1]
+        dy = target_grads[2] if self.label_grad else tf.zeros([0])
+        # cb = c[idx] * mask: padded entries get no credit.
+        return lam_w_prev, lam_s_prev, dcb * mask, dx, dy
+
+    def _update_vjp(self, w, g, s, t, lam_w, lam_s):
+        """Adjoints of (w, g, s) from those of U's outputs (first-order VJP)."""
+        with tf.GradientTape() as tape:
+            tape.watch([w, g, s])
+            w_next, s_next = self.optimizer.update(w, g, s, self.schedule.learning_rates[t], t)
+        grads = tape.gradient(
+            w_next + s_next,
+            [w, g, s],
+            output_gradients=list(lam_w) + list(lam_s),
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        return grads[0], grads[1], grads[2]

@@ -1,0 +1,244 @@
+"""``fit``: training with explicit, recorded steps, and exact retraining from the record."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ._inputs import check_labels_for_loss, check_model_input, prepare
+from ._validation import as_array, check_positive, check_same_length, describe, param_error
+from .losses import Loss
+from .model_function import ModelFunction, require_independent_samples
+from .optimizers import Optimizer, get_optimizer
+from .program import Program, Schedule
+
+# Keep every step's weights when they fit in this many bytes (DESIGN §1 "keep all").
+DEFAULT_RECORD_BUDGET = 256 * 2**20
+
+
+@dataclass
+class Trajectory:
+    """A recorded training run (DESIGN §3).
+
+    Attributes:
+        model: the Keras model; after :func:`fit` its weights equal ``final_weights``.
+        loss: the per-sample loss used for training.
+        optimizer: the pure optimizer (:mod:`influence.optimizers`).
+        initial_weights: trainable weights before step 0, ``model.trainable_variables``
+            order (= ``model.get_weights()`` order for models without non-trainable weights).
+        final_weights: trainable weights after the last step.
+        batches: one index array into x_train per step.
+        learning_rates: η_t per step, shape (T,).
+        seeds: dropout seed per step, shape (T,).
+        training: whether steps ran the model in training mode (dropout on).
+        sample_weight: c_j used in training, shape (n,).
+        weights_history / state_history: stacked weights and optimizer state before
+            each step, lists of (T, *shape) arrays, when they fit the record budget
+            (else None and the reverse pass recomputes them).
+        seconds: wall time of the recorded training.
+    """
+
+    model: keras.Model
+    loss: Loss
+    optimizer: Optimizer
+    initial_weights: list[np.ndarray]
+    final_weights: list[np.ndarray]
+    batches: list[np.ndarray]
+    learning_rates: np.ndarray
+    seeds: np.ndarray
+    training: bool
+    sample_weight: np.ndarray
+    n_train: int
+    input_shape: tuple[int, ...]
+    weights_history: list[np.ndarray] | None = None
+    state_history: list[np.ndarray] | None = None
+    seconds: float = 0.0
+    _program_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def steps(self) -> int:
+        """Number of recorded steps T."""
+        return len(self.batches)
+
+    def program(self, *, label_grad: bool = False) -> Program:
+        """The compiled forward/reverse program of this run (cached: tracing is the main cost)."""
+        key = bool(label_grad)
+        if key not in self._program_cache:
+            fn = ModelFunction(self.model, func="Trajectory")
+            schedule = Schedule.build(self.batches, self.learning_rates, self.seeds, fn.dtype)
+            self._program_cache[key] = Program(
+                fn, self.loss, self.optimizer, schedule, training=self.training, n_train=self.n_train, label_grad=key
+            )
+        return self._program_cache[key]
+
+    def initial_state(self) -> list[tf.Tensor]:
+        """Optimizer state before step 0."""
+        dtype = tf.as_dtype(self.model.trainable_variables[0].dtype)
+        return self.optimizer.init([tf.constant(w, dtype=dtype) for w in self.initial_weights])
+
+
+def _data_tensors(program: Program, x: np.ndarray, y: np.ndarray, c: np.ndarray):
+    dtype = program.fn.dtype
+    x_t = tf.constant(x, dtype=dtype if np.issubdtype(x.dtype, np.floating) else None)
+    y_t = tf.constant(y, dtype=dtype if program.loss.continuous_labels else tf.int32)
+    return x_t, y_t, tf.constant(c, dtype=dtype)
+
+
+def make_batches(n: int, batch_size: int, epochs: int, rng: np.random.Generator, shuffle: bool) -> list[np.ndarray]:
+    """Index arrays, one per step: each epoch a permutation split into batches (last may be short)."""
+    batches = []
+    for _ in range(epochs):
+        order = rng.permutation(n) if shuffle else np.arange(n)
+        batches += [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    return batches
+
+
+def fit(
+    model: keras.Model,
+    x_train: Any,
+    y_train: Any,
+    *,
+    loss: Any = "sparse_categorical_crossentropy",
+    optimizer: Any = "sgd",
+    batch_size: int = 32,
+    epochs: int = 1,
+    seed: int = 0,
+    shuffle: bool = True,
+    sample_weight: Any = None,
+    training: bool | None = None,
+    from_logits: bool = False,
+    record_budget_bytes: int = DEFAULT_RECORD_BUDGET,
+) -> Trajectory:
+    """Train ``model`` with explicit recorded steps and return the :class:`Trajectory`.
+
+    Args:
+        model: built Keras 3 model; trained in its own dtype (use
+            :func:`influence.as_float64` for float64 checks).
+        x_train: (n, ...) inputs. y_train: (n,) class labels or (n, ...) targets.
+        loss: loss name, Keras loss object or :class:`influence.losses.Loss`.
+        optimizer: :class:`influence.optimizers.SGD` / ``RMSprop`` / ``Adam``
+            (learning-rate schedules allowed) or a name.
+        batch_size, epochs: each epoch visits a permutation of the data in
+            batches of ``batch_size`` (the last one may be shorter).
+        seed: seeds the batch order and the per-step dropout seeds.
+        sample_weight: c_j per training sample, shape (n,); ones by default.
+        training: run the model in training mode (dropout on, masks replayable
+            from recorded seeds). Default: True. Models that mix samples in
+            training mode (BatchNorm) are refused; pass ``training=False`` to
+            use their moving statistics instead.
+        record_budget_bytes: keep every step's weights in the trajectory when
+            they fit (so the reverse pass need not recompute them).
+    """
+    func = "fit"
+    fn, per_sample = prepare(func, model, loss, from_logits)
+    opt = get_optimizer(optimizer, func=func)
+    x = as_array(x_train, param="x_train", func=func)
+    y = as_array(y_train, param="y_train", func=func)
+    check_same_length(func, x_train=x, y_train=y)
+    check_positive(batch_size, param="batch_size", func=func, kind=int)
+    check_positive(epochs, param="epochs", func=func, kind=int)
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise ValueError(param_error("seed", func, "an int", describe(seed)))
+    check_model_input(func, model, x)
+    check_labels_for_loss(func, "y_train", y, per_sample, model)
+    c = np.ones(len(x)) if sample_weight is None else as_array(sample_weight, param="sample_weight", func=func)
+    check_same_length(func, x_train=x, sample_weight=c)
+    training = True if training is None else bool(training)
+    require_independent_samples(
+        fn,
+        tf.constant(x[: min(len(x), 4)], dtype=fn.dtype if np.issubdtype(x.dtype, np.floating) else None),
+        training=training,
+        func=func,
+        why="per-sample hypergradients",
+    )
+
+    rng = np.random.default_rng(seed)
+    batches = make_batches(len(x), int(batch_size), int(epochs), rng, shuffle)
+    steps = len(batches)
+    learning_rates = opt.learning_rates(steps)
+    seeds = rng.integers(0, 2**31 - 1, size=steps)
+    trajectory = Trajectory(
+        model=model,
+        loss=per_sample,
+        optimizer=opt,
+        initial_weights=[np.asarray(w) for w in fn.weights],
+        final_weights=[],
+        batches=batches,
+        learning_rates=learning_rates,
+        seeds=seeds,
+        training=training,
+        sample_weight=c,
+        n_train=len(x),
+        input_shape=tuple(x.shape[1:]),
+    )
+    start = time.perf_counter()
+    program = trajectory.program()
+    w0 = fn.weights
+    s0 = trajectory.initial_state()
+    per_step_bytes = sum(int(np.prod(t.shape)) * t.dtype.size for t in w0 + s0)
+    record = steps * per_step_bytes <= record_budget_bytes
+    x_t, y_t, c_t = _data_tensors(program, x, y, c)
+    outputs = program.run(w0, s0, 0, steps, x_t, y_t, c_t, record=record)
+    final = [np.asarray(w) for w in outputs[0]]
+    _check_finite_weights(final, func)
+    if record:
+        trajectory.weights_history = [np.asarray(h) for h in outputs[2]]
+        trajectory.state_history = [np.asarray(h) for h in outputs[3]]
+    trajectory.final_weights = final
+    trajectory.seconds = time.perf_counter() - start
+    for variable, value in zip(model.trainable_variables, final):
+        variable.assign(value)
+    return trajectory
+
+
+def _check_finite_weights(weights: list[np.ndarray], func: str) -> None:
+    if not all(np.all(np.isfinite(w)) for w in weights):
+        raise FloatingPointError(
+            f"{func}: training diverged (NaN/Inf weights); lower the learning rate or check the data."
+        )
+
+
+def retrain(trajectory: Trajectory, x_train: Any, y_train: Any, *, sample_weight: Any = None) -> list[np.ndarray]:
+    """Replay the recorded run (same batches, learning rates, dropout seeds) with other data or sample weights.
+
+    Removing sample i exactly means ``sample_weight[i] = 0``: batch order and
+    |B_t| are unchanged (DESIGN §1). Returns the final trainable weights; with
+    the original data and weights this reproduces ``trajectory.final_weights``.
+    """
+    func = "retrain"
+    x, y = check_trajectory_data(trajectory, x_train, y_train, func)
+    c = trajectory.sample_weight if sample_weight is None else as_array(sample_weight, param="sample_weight", func=func)
+    check_same_length(func, x_train=x, sample_weight=c)
+    program = trajectory.program()
+    dtype = program.fn.dtype
+    w0 = [tf.constant(w, dtype=dtype) for w in trajectory.initial_weights]
+    x_t, y_t, c_t = _data_tensors(program, x, y, c)
+    w, _ = program.run(w0, trajectory.initial_state(), 0, trajectory.steps, x_t, y_t, c_t)
+    return [np.asarray(wi) for wi in w]
+
+
+def check_trajectory_data(trajectory: Any, x_train: Any, y_train: Any, func: str) -> tuple[np.ndarray, np.ndarray]:
+    """The training data must match what the trajectory was recorded on."""
+    if not isinstance(trajectory, Trajectory):
+        raise TypeError(
+            param_error("trajectory", func, "an influence.Trajectory (from influence.fit)", describe(trajectory))
+        )
+    x = as_array(x_train, param="x_train", func=func)
+    y = as_array(y_train, param="y_train", func=func)
+    check_same_length(func, x_train=x, y_train=y)
+    if len(x) != trajectory.n_train or tuple(x.shape[1:]) != trajectory.input_shape:
+        raise ValueError(
+            param_error(
+                "x_train",
+                func,
+                "the data the trajectory was recorded on "
+                f"({trajectory.n_train} samples of shape {trajectory.input_shape})",
+                f"{len(x)} samples of shape {tuple(x.shape[1:])}",
+            )
+        )
+    return x, y

@@ -1,0 +1,279 @@
+"""Unrolled hypergradients through a whole recorded training run (DESIGN §1).
+
+The reverse pass needs the weights and optimizer state before every step, in
+reverse order. Where they come from is a memory strategy (equinox-style
+strategy objects; add a class to add a strategy):
+
+- :class:`StoreAll`: every step's state held at once, T·|w| memory.
+- :class:`Checkpointed` (every=k): state kept at every k-th step, each segment
+  recomputed forward inside the reverse pass, ≈(T/k + k)·|w| memory, one
+  extra forward pass. k ≈ √T by default.
+- :class:`Replay`: only w_0 kept; each step's state recomputed from w_0,
+  O(|w|) memory and O(T²) steps: for tiny budgets.
+
+``strategy="auto"`` picks the cheapest one that fits ``memory_budget_bytes``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from ._inputs import check_labels_for_loss, check_model_input
+from ._validation import as_array, check_feature_shape, check_same_length, describe, param_error
+from .autodiff import gradient
+from .trajectory import Trajectory, _data_tensors, check_trajectory_data
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # 1 GiB for stored weights/state
+
+
+class MemoryStrategy(ABC):
+    """Where the reverse pass gets the state before each step."""
+
+    name: str = "strategy"
+
+    @abstractmethod
+    def segments(self, steps: int) -> list[tuple[int, int]]:
+        """Reverse-pass segments [a, b) in forward order; each is recomputed as a block."""
+
+    @abstractmethod
+    def states_held(self, steps: int) -> int:
+        """How many (weights + optimizer state) copies are held at once."""
+
+    def stores_segment_starts(self) -> bool:
+        """Whether segment start states are kept from one forward pass (else recomputed from w_0)."""
+        return True
+
+    def describe(self, steps: int) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class StoreAll(MemoryStrategy):
+    """Hold every step's weights: T·|w| memory, no recomputation."""
+
+    name = "store_all"
+
+    def segments(self, steps: int) -> list[tuple[int, int]]:
+        return [(0, steps)]
+
+    def states_held(self, steps: int) -> int:
+        return steps
+
+
+@dataclass(frozen=True)
+class Checkpointed(MemoryStrategy):
+    """Keep every k-th step's state; recompute each segment forward. k = ⌈√T⌉ when None."""
+
+    every: int | None = None
+    name = "checkpointed"
+
+    def __post_init__(self) -> None:
+        if self.every is not None and (
+            not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1
+        ):
+            raise ValueError(param_error("every", "Checkpointed", "a positive int or None", describe(self.every)))
+
+    def interval(self, steps: int) -> int:
+        return self.every or max(1, math.ceil(math.sqrt(steps)))
+
+    def segments(self, steps: int) -> list[tuple[int, int]]:
+        k = self.interval(steps)
+        return [(a, min(a + k, steps)) for a in range(0, steps, k)]
+
+    def states_held(self, steps: int) -> int:
+        k = self.interval(steps)
+        return math.ceil(steps / k) + k
+
+    def describe(self, steps: int) -> str:
+        return f"checkpointed(every={self.interval(steps)})"
+
+
+@dataclass(frozen=True)
+class Replay(MemoryStrategy):
+    """Keep only w_0; recompute each step's state from it (O(T²) steps, O(|w|) memory)."""
+
+    name = "replay"
+
+    def segments(self, steps: int) -> list[tuple[int, int]]:
+        return [(t, t + 1) for t in range(steps)]
+
+    def states_held(self, steps: int) -> int:
+        return 1
+
+    def stores_segment_starts(self) -> bool:
+        return False
+
+
+def choose_strategy(steps: int, bytes_per_state: int, budget: int) -> MemoryStrategy:
+    """The cheapest strategy whose held states fit ``budget`` bytes."""
+    for candidate in (StoreAll(), Checkpointed(), Replay()):
+        if candidate.states_held(steps) * bytes_per_state <= budget:
+            return candidate
+    return Replay()
+
+
+@dataclass(frozen=True)
+class UnrolledResult:
+    """Hypergradients of the validation loss through the recorded run.
+
+    Attributes:
+        removal_effect: (n,) predicted change of validation loss if sample i
+            were removed (first order, −dE/dc_i). Negative = harmful.
+        sample_weight_grad: (n,) dE/dc_i.
+        input_grad: (n, ...) dE/dx_i through the whole run.
+        label_grad: dE/dy_i (shaped like y_train) for continuous labels, else None.
+        val_loss: E at the end of the recorded run.
+        strategy: the memory strategy used (e.g. ``"checkpointed(every=13)"``).
+        seconds: wall time of the reverse pass (including recomputation).
+    """
+
+    removal_effect: np.ndarray
+    sample_weight_grad: np.ndarray
+    input_grad: np.ndarray
+    label_grad: np.ndarray | None
+    val_loss: float
+    strategy: str
+    seconds: float
+
+
+def unrolled(
+    trajectory: Trajectory,
+    x_train: Any,
+    y_train: Any,
+    x_val: Any,
+    y_val: Any,
+    *,
+    strategy: MemoryStrategy | str = "auto",
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool | None = None,
+) -> UnrolledResult:
+    """Differentiate the validation loss through every recorded step (DESIGN §1).
+
+    Args:
+        trajectory: from :func:`influence.fit`.
+        x_train, y_train: the training data the trajectory was recorded on.
+        x_val, y_val: validation data; E = mean loss of the final model on it.
+        strategy: ``"auto"``, ``"store_all"``, ``"checkpointed"``, ``"replay"``
+            or a :class:`MemoryStrategy` instance.
+        memory_budget_bytes: budget for held weights/state under ``"auto"``.
+        progress: show a progress bar over segments (default: when > 1 segment).
+    """
+    func = "unrolled"
+    x, y = check_trajectory_data(trajectory, x_train, y_train, func)
+    xv = as_array(x_val, param="x_val", func=func)
+    yv = as_array(y_val, param="y_val", func=func)
+    check_same_length(func, x_val=xv, y_val=yv)
+    check_feature_shape(func, "x_val", xv, tuple(x.shape[1:]), "the shape of x_train's samples")
+    check_feature_shape(func, "y_val", yv, tuple(y.shape[1:]), "the shape of y_train's samples")
+    check_model_input(func, trajectory.model, x)
+    check_labels_for_loss(func, "y_val", yv, trajectory.loss, trajectory.model)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(param_error("x_train", func, "floating-point inputs to differentiate", str(x.dtype)))
+
+    start_time = time.perf_counter()
+    label_grad = trajectory.loss.continuous_labels and np.issubdtype(y.dtype, np.floating)
+    program = trajectory.program(label_grad=label_grad)
+    dtype = program.fn.dtype
+    steps = trajectory.steps
+    w0 = [tf.constant(w, dtype=dtype) for w in trajectory.initial_weights]
+    s0 = trajectory.initial_state()
+    plan = _resolve_strategy(strategy, steps, w0 + s0, memory_budget_bytes, func)
+    x_t, y_t, c_t = _data_tensors(program, x, y, trajectory.sample_weight)
+
+    # Adjoint at the end of the run: λ_w = ∇E(w_T), λ_s = 0.
+    w_final = [tf.constant(w, dtype=dtype) for w in trajectory.final_weights]
+    xv_t = tf.constant(xv, dtype=dtype)
+    yv_t = tf.constant(yv, dtype=dtype if trajectory.loss.continuous_labels else tf.int32)
+
+    def val_loss(w: list[tf.Tensor]) -> tf.Tensor:
+        return trajectory.loss.mean(yv_t, program.fn(w, xv_t, training=False))
+
+    lam_w = gradient(val_loss, w_final)
+    lam_s = [tf.zeros_like(s) for s in s0]
+    val = float(val_loss(w_final))
+
+    segments = plan.segments(steps)
+    starts = _segment_starts(program, plan, segments, trajectory, w0, s0, x_t, y_t, c_t)
+    dc = tf.zeros([trajectory.n_train], dtype)
+    dx = tf.zeros_like(x_t)
+    dy = tf.zeros_like(y_t) if label_grad else None
+    show = len(segments) > 1 if progress is None else progress
+    for index in tqdm(range(len(segments) - 1, -1, -1), desc="reverse pass", unit="segment", disable=not show):
+        a, b = segments[index]
+        w_hist, s_hist = _segment_states(program, plan, trajectory, starts, index, a, b, w0, s0, x_t, y_t, c_t)
+        lam_w, lam_s, seg_dc, seg_dx, seg_dy = program.reverse(
+            w_hist, s_hist, tf.constant(a), lam_w, lam_s, x_t, y_t, c_t
+        )
+        _check_adjoint(lam_w, a, b)
+        dc, dx = dc + seg_dc, dx + seg_dx
+        if label_grad:
+            dy = dy + seg_dy
+    sample_weight_grad = np.asarray(dc)
+    return UnrolledResult(
+        removal_effect=-sample_weight_grad,
+        sample_weight_grad=sample_weight_grad,
+        input_grad=np.asarray(dx),
+        label_grad=np.asarray(dy) if label_grad else None,
+        val_loss=val,
+        strategy=plan.describe(steps),
+        seconds=time.perf_counter() - start_time,
+    )
+
+
+def _resolve_strategy(strategy: Any, steps: int, state: list[tf.Tensor], budget: int, func: str) -> MemoryStrategy:
+    if isinstance(strategy, MemoryStrategy):
+        return strategy
+    named = {"store_all": StoreAll(), "checkpointed": Checkpointed(), "replay": Replay()}
+    if strategy == "auto":
+        bytes_per_state = sum(int(np.prod(t.shape)) * t.dtype.size for t in state)
+        return choose_strategy(steps, bytes_per_state, budget)
+    if isinstance(strategy, str) and strategy in named:
+        return named[strategy]
+    raise ValueError(
+        param_error(
+            "strategy", func, "'auto', 'store_all', 'checkpointed', 'replay' or a MemoryStrategy", describe(strategy)
+        )
+    )
+
+
+def _segment_starts(program, plan, segments, trajectory, w0, s0, x_t, y_t, c_t):
+    """State at the start of each segment: from the stored history, or one forward pass."""
+    if not plan.stores_segment_starts() or trajectory.weights_history is not None:
+        return None
+    starts = []
+    w, s = w0, s0
+    for a, b in segments:
+        starts.append((w, s))
+        w, s = program.run(w, s, a, b, x_t, y_t, c_t)
+    return starts
+
+
+def _segment_states(program, plan, trajectory, starts, index, a, b, w0, s0, x_t, y_t, c_t):
+    """Stacked states before steps a … b−1: sliced from the stored history or recomputed."""
+    if trajectory.weights_history is not None and plan.stores_segment_starts():
+        dtype = program.fn.dtype
+        w_hist = [tf.constant(h[a:b], dtype=dtype) for h in trajectory.weights_history]
+        s_hist = [tf.constant(h[a:b], dtype=dtype) for h in trajectory.state_history or []]
+        return w_hist, s_hist
+    if starts is not None:
+        w, s = starts[index]
+    else:  # Replay: from w_0 every time.
+        w, s = program.run(w0, s0, 0, a, x_t, y_t, c_t) if a > 0 else (w0, s0)
+    _, _, w_hist, s_hist = program.run(w, s, a, b, x_t, y_t, c_t, record=True)
+    return w_hist, s_hist
+
+
+def _check_adjoint(lam_w: list[tf.Tensor], a: int, b: int) -> None:
+    if not all(bool(tf.reduce_all(tf.math.is_finite(t))) for t in lam_w):
+        raise FloatingPointError(
+            f"unrolled: the adjoint became NaN/Inf between steps {a} and {b - 1} of the reverse pass; "
+            "the recorded run may be unstable (learning rate too high) or a layer is not twice differentiable."
+        )
