@@ -48,3 +48,7 @@ __all__ += [
     "retrain",
     "unrolled",
 ]
+
+from .verify import actual_removal_effect, as_float64_trajectory, check_unrolled, validation_loss  # noqa: E402
+
+__all__ += ["actual_removal_effect", "as_float64_trajectory", "check_unrolled", "validation_loss"]

@@ -34,6 +34,7 @@ class GradientCheck:
         rel_errors: relative error per direction, shape (D,).
         finite_difference: Richardson-extrapolated directional derivatives, (D,).
         analytic: ⟨grad, d⟩ per direction, (D,).
+        steps: the finite-difference step used per direction, (D,).
         rtol: the tolerance used.
         explanation: why the check failed (or a note), empty when clean.
     """
@@ -43,6 +44,7 @@ class GradientCheck:
     rel_errors: np.ndarray
     finite_difference: np.ndarray
     analytic: np.ndarray
+    steps: np.ndarray
     rtol: float
     explanation: str = ""
     notes: list[str] = field(default_factory=list)
@@ -100,6 +102,7 @@ def check_gradient(
     h: float = 1e-3,
     rtol: float = DEFAULT_RTOL,
     seed: int = 0,
+    refinements: int = 2,
 ) -> GradientCheck:
     """Check ``grad`` = ∇f(x) with float64 central differences and Richardson extrapolation.
 
@@ -115,6 +118,8 @@ def check_gradient(
         h: finite-difference step along a unit direction.
         rtol: relative error tolerance per direction (1e-6 suits float64).
         seed: seed of the random directions.
+        refinements: when a direction fails, retry it with steps h/10, h/100, …
+            (this many times) and keep the step whose two quotients agree best.
 
     The directional derivative along unit d is estimated by
     D(s) = (f(x+sd) − f(x−sd)) / 2s at s = h and h/2, combined as
@@ -135,24 +140,40 @@ def check_gradient(
         raise ValueError(param_error("directions", func, "positive when no tile is given", directions))
     check_positive(h, param="h", func=func)
     check_positive(rtol, param="rtol", func=func)
+    if isinstance(refinements, bool) or not isinstance(refinements, (int, np.integer)) or refinements < 0:
+        raise ValueError(param_error("refinements", func, "a non-negative int", describe(refinements)))
 
     rng = np.random.default_rng(seed)
     dirs = _directions(x64, int(directions), tile, rng)
     base, low_precision = _scalar(f, x64)
     again, _ = _scalar(f, x64.copy())
-    fd, fd_coarse = np.empty(len(dirs)), np.empty(len(dirs))
-    for i, d in enumerate(dirs):
-        quotients = []
-        for step in (h, h / 2):
-            plus, _ = _scalar(f, x64 + step * d)
-            minus, _ = _scalar(f, x64 - step * d)
-            quotients.append((plus - minus) / (2 * step))
-        fd_coarse[i] = quotients[0]
-        fd[i] = (4 * quotients[1] - quotients[0]) / 3
     analytic = np.tensordot(dirs, g64, axes=g64.ndim) if g64.ndim else dirs * g64
     analytic = np.asarray(analytic, dtype=np.float64).reshape(-1)
     floor = max(1e-8 * float(np.linalg.norm(g64)), 1e-300)
-    rel = np.abs(fd - analytic) / np.maximum(np.maximum(np.abs(fd), np.abs(analytic)), floor)
+
+    def relative(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
+        return np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), floor)
+
+    fd, spread, steps_used = np.empty(len(dirs)), np.empty(len(dirs)), np.empty(len(dirs))
+    for i, d in enumerate(dirs):
+        # Adaptive step: when a direction fails, shrink the step while the truncation
+        # estimate |D(s) - D(s/2)| says curvature, not round-off, dominates.
+        candidates = []
+        for level in range(refinements + 1):
+            step = h / 10**level
+            quotients = []
+            for s_ in (step, step / 2):
+                plus, _ = _scalar(f, x64 + s_ * d)
+                minus, _ = _scalar(f, x64 - s_ * d)
+                quotients.append((plus - minus) / (2 * s_))
+            estimate = (4 * quotients[1] - quotients[0]) / 3
+            gap = float(relative(quotients[0], quotients[1]))
+            candidates.append((gap, estimate, step))
+            if float(relative(estimate, analytic[i])) <= rtol or gap <= rtol:
+                break
+        gap, estimate, step = candidates[-1] if len(candidates) == 1 else min(candidates)
+        fd[i], spread[i], steps_used[i] = estimate, gap, step
+    rel = relative(fd, analytic)
     max_rel = float(np.max(rel))
     ok = bool(max_rel <= rtol)
 
@@ -168,14 +189,13 @@ def check_gradient(
             f"step of {h:g} swamps the difference quotient; rebuild the model with as_float64() "
             "and keep the loss in float64."
         )
-    # Richardson only helps when the two quotients differ by truncation, not noise:
-    # a large gap between them with a failed check points at round-off or non-smoothness.
-    spread = np.abs(fd - fd_coarse) / np.maximum(np.abs(fd), floor)
+    # A large gap between the quotients at s and s/2 after refinement points at
+    # round-off or non-smoothness rather than at the gradient.
     if not ok and not notes and float(np.max(spread)) > 10 * rtol:
         notes.append(
-            "finite differences at h and h/2 disagree (relative spread "
+            "finite differences at step s and s/2 disagree even after refining s (relative spread "
             f"{float(np.max(spread)):.1e}): f may be noisy or not smooth near x (ReLU kinks, max-pooling ties); "
-            "try another h."
+            "try another h or check for randomness."
         )
     if not ok and not notes:
         worst = int(np.argmax(rel))
@@ -190,6 +210,7 @@ def check_gradient(
         rel_errors=rel,
         finite_difference=fd,
         analytic=analytic,
+        steps=steps_used,
         rtol=float(rtol),
         explanation=" ".join(notes),
         notes=notes,

@@ -142,6 +142,12 @@ def fit(
     check_same_length(func, x_train=x, y_train=y)
     check_positive(batch_size, param="batch_size", func=func, kind=int)
     check_positive(epochs, param="epochs", func=func, kind=int)
+    if (
+        isinstance(record_budget_bytes, bool)
+        or not isinstance(record_budget_bytes, (int, np.integer))
+        or (record_budget_bytes < 0)
+    ):
+        raise ValueError(param_error("record_budget_bytes", func, "a non-negative int", describe(record_budget_bytes)))
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise ValueError(param_error("seed", func, "an int", describe(seed)))
     check_model_input(func, model, x)

@@ -1,0 +1,242 @@
+"""Unrolled hypergradients == end-to-end float64 finite differences through retraining."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import mlp
+
+import influence as inf
+from influence.optimizers import SGD, Adam, RMSprop
+
+LOSS = "sparse_categorical_crossentropy"
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    # 13 samples with batch 5: the last batch of each epoch is short (padding is exercised).
+    return rng.normal(size=(13, 5)), rng.integers(0, 3, 13), rng.normal(size=(7, 5)), rng.integers(0, 3, 7)
+
+
+OPTIMIZERS = {
+    "sgd": SGD(0.3),
+    "momentum": SGD(0.1, momentum=0.9),
+    "nesterov_weight_decay": SGD(0.1, momentum=0.8, nesterov=True, weight_decay=0.01),
+    "rmsprop": RMSprop(0.01, momentum=0.5),
+    "adam": Adam(0.02, weight_decay=0.004),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_input_and_sample_weight_grads_match_retraining_finite_differences(name, data):
+    x, y, xv, yv = data
+    model = mlp(5, 3, out_activation="softmax")
+    traj = inf.fit(model, x, y, loss=LOSS, optimizer=OPTIMIZERS[name], batch_size=5, epochs=2, seed=1)
+    assert traj.steps == 6
+    for index in (0, 12):
+        chk_x = inf.check_unrolled(traj, x, y, xv, yv, index, wrt="inputs")
+        assert chk_x.ok and chk_x.max_rel_error <= 1e-5, chk_x
+        chk_c = inf.check_unrolled(traj, x, y, xv, yv, index, wrt="sample_weights")
+        assert chk_c.ok and chk_c.max_rel_error <= 1e-5, chk_c
+
+
+def test_label_grad_matches_finite_differences_for_regression():
+    rng = np.random.default_rng(1)
+    x, y, xv, yv = rng.normal(size=(10, 4)), rng.normal(size=(10, 2)), rng.normal(size=(5, 4)), rng.normal(size=(5, 2))
+    traj = inf.fit(mlp(4, 2), x, y, loss="mse", optimizer=Adam(0.05), batch_size=4, epochs=2)
+    res = inf.unrolled(traj, x, y, xv, yv)
+    assert res.label_grad is not None and res.label_grad.shape == y.shape
+    chk = inf.check_unrolled(traj, x, y, xv, yv, 3, wrt="labels")
+    assert chk.ok and chk.max_rel_error <= 1e-5, chk
+
+
+def test_retrain_reproduces_the_recorded_final_weights(data):
+    x, y, _, _ = data
+    model = mlp(5, 3, out_activation="softmax")
+    traj = inf.fit(model, x, y, loss=LOSS, optimizer=Adam(0.01), batch_size=4, epochs=3)
+    replay = inf.retrain(traj, x, y)
+    assert all(np.array_equal(a, b) for a, b in zip(replay, traj.final_weights))
+    assert all(np.array_equal(v.numpy(), w) for v, w in zip(model.trainable_variables, traj.final_weights))
+    assert len(traj.batches) == 12 and traj.learning_rates.shape == (12,)
+    assert sorted(np.concatenate(traj.batches[:4]).tolist()) == list(range(13))
+
+
+def test_one_step_run_equals_one_step(data):
+    x, y, xv, yv = data
+    model = mlp(5, 3, out_activation="softmax")
+    initial = [w.numpy() for w in model.trainable_variables]
+    lr = 0.4
+    traj = inf.fit(model, x, y, loss=LOSS, optimizer=SGD(lr), batch_size=len(x), epochs=1, shuffle=False)
+    res = inf.unrolled(traj, x, y, xv, yv)
+    for v, w in zip(model.trainable_variables, initial):
+        v.assign(w)
+    dc = inf.one_step(model, LOSS, x, y, xv, yv, learning_rate=lr, wrt="sample_weights")
+    dx = inf.one_step(model, LOSS, x, y, xv, yv, learning_rate=lr, wrt="inputs")
+    assert np.allclose(res.removal_effect, -dc, rtol=1e-10, atol=1e-15)
+    assert np.allclose(res.input_grad, dx, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("record", [True, False])
+def test_every_memory_strategy_gives_the_same_numbers(record, data):
+    x, y, xv, yv = data
+    traj = inf.fit(
+        mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=SGD(0.1, momentum=0.9),
+        batch_size=3, epochs=3, record_budget_bytes=2**20 if record else 0,
+    )
+    assert (traj.weights_history is not None) == record
+    results = {
+        s: inf.unrolled(traj, x, y, xv, yv, strategy=s)
+        for s in ["store_all", "checkpointed", "replay", inf.Checkpointed(every=4)]
+    }
+    reference = results["store_all"]
+    assert reference.strategy == "store_all"
+    assert results["checkpointed"].strategy == "checkpointed(every=4)"  # ceil(sqrt(15))
+    for res in results.values():
+        assert np.allclose(res.removal_effect, reference.removal_effect, rtol=1e-12, atol=1e-16)
+        assert np.allclose(res.input_grad, reference.input_grad, rtol=1e-12, atol=1e-16)
+
+
+def test_auto_strategy_follows_the_memory_budget(data):
+    x, y, xv, yv = data
+    traj = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, batch_size=1, epochs=4, record_budget_bytes=0)
+    per_state = sum(w.size * 8 for w in traj.initial_weights)
+    steps = traj.steps  # 52
+    assert inf.unrolled(traj, x, y, xv, yv, memory_budget_bytes=steps * per_state).strategy == "store_all"
+    assert inf.unrolled(traj, x, y, xv, yv, memory_budget_bytes=20 * per_state).strategy == "checkpointed(every=8)"
+    assert inf.unrolled(traj, x, y, xv, yv, memory_budget_bytes=per_state).strategy == "replay"
+    assert inf.Checkpointed().states_held(2500) == 100
+    assert inf.StoreAll().states_held(2500) == 2500
+
+
+def test_dropout_masks_are_replayed_exactly(data):
+    x, y, xv, yv = data
+    keras.utils.set_random_seed(2)
+    model = inf.as_float64(
+        keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dropout(0.4),
+                          keras.layers.Dense(3, activation="softmax")])
+    )
+    traj = inf.fit(model, x, y, loss=LOSS, optimizer=SGD(0.3), batch_size=5, epochs=2)
+    assert traj.training and len(set(traj.seeds.tolist())) == traj.steps
+    assert all(np.array_equal(a, b) for a, b in zip(inf.retrain(traj, x, y), traj.final_weights))
+    chk = inf.check_unrolled(traj, x, y, xv, yv, 4, wrt="inputs")
+    assert chk.ok, chk
+    # The masks matter: a run without dropout ends elsewhere.
+    no_dropout = inf.fit(model, x, y, loss=LOSS, optimizer=SGD(0.3), batch_size=5, epochs=2, training=False)
+    assert not np.allclose(no_dropout.final_weights[0], traj.final_weights[0])
+
+
+def test_float32_trajectory_is_checked_on_a_float64_replay(data):
+    x, y, xv, yv = data
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(6, activation="tanh"), keras.layers.Dense(3, activation="softmax")])
+    traj = inf.fit(model, x.astype("float32"), y, loss=LOSS, optimizer=SGD(0.3), batch_size=5, epochs=2)
+    assert traj.final_weights[0].dtype == np.float32
+    chk = inf.check_unrolled(traj, x.astype("float32"), y, xv, yv, 2)
+    assert chk.ok, chk
+
+
+def test_learning_rate_schedule_is_recorded(data):
+    x, y, xv, yv = data
+    traj = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=SGD(lambda t: 0.5 / (1 + t)),
+                   batch_size=5, epochs=2)
+    assert np.allclose(traj.learning_rates, [0.5 / (1 + t) for t in range(6)])
+    chk = inf.check_unrolled(traj, x, y, xv, yv, 1, wrt="sample_weights")
+    assert chk.ok, chk
+
+
+def test_actual_removal_effect_is_predicted_to_first_order(data):
+    x, y, xv, yv = data
+    traj = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=SGD(0.05), batch_size=5, epochs=2)
+    res = inf.unrolled(traj, x, y, xv, yv)
+    actual = inf.actual_removal_effect(traj, x, y, xv, yv, [0, 5, 9], progress=False)
+    predicted = res.removal_effect[[0, 5, 9]]
+    # Removal is a finite change (c: 1 -> 0): agreement to first order, within 10% of the largest effect.
+    assert np.max(np.abs(actual - predicted)) < 0.1 * np.max(np.abs(predicted))
+    group = inf.actual_removal_effect(traj, x, y, xv, yv, [[0, 5]], progress=False)
+    assert group.shape == (1,)
+    assert abs(group[0] - predicted[:2].sum()) < 0.2 * abs(predicted[:2].sum()) + 1e-6
+
+
+def test_batchnorm_in_training_mode_is_refused_with_a_hint(data):
+    x, y, _, _ = data
+    model = inf.as_float64(
+        keras.Sequential([keras.Input((5,)), keras.layers.Dense(4), keras.layers.BatchNormalization(name="bn"),
+                          keras.layers.Dense(3, activation="softmax")])
+    )
+    with pytest.raises(ValueError, match=r"'model' parameter of fit must be a model whose samples do not interact .* bn; "
+                       r"use training=False"):
+        inf.fit(model, x, y, loss=LOSS)
+    traj = inf.fit(model, x, y, loss=LOSS, training=False, batch_size=5)
+    assert traj.steps == 3
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda t, d: inf.unrolled(t, d[0][:5], d[1][:5], d[2], d[3]), ValueError,
+         r"'x_train' parameter of unrolled must be the data the trajectory was recorded on \(13 samples of shape \(5,\)\)"),
+        (lambda t, d: inf.unrolled("traj", *d), TypeError, "'trajectory' parameter of unrolled must be an influence.Trajectory"),
+        (lambda t, d: inf.unrolled(t, *d, strategy="fast"), ValueError, "'strategy' parameter of unrolled must be 'auto'"),
+        (lambda t, d: inf.unrolled(t, d[0], d[1], d[2][:, :3], d[3]), ValueError, "'x_val' parameter of unrolled must be samples of shape"),
+        (lambda t, d: inf.unrolled(t, d[0], d[1], d[2], d[3] + 5), ValueError, r"'y_val' parameter of unrolled must be class labels in \[0, 2\]"),
+        (lambda t, d: inf.retrain(t, d[0], d[1], sample_weight=np.ones(3)), ValueError, "'sample_weight' parameter of retrain must be as long"),
+        (lambda t, d: inf.check_unrolled(t, *d, 99), ValueError, r"'index' parameter of check_unrolled must be a sample index in \[0, 12\]"),
+        (lambda t, d: inf.check_unrolled(t, *d, 0, wrt="labels"), ValueError, "'wrt' parameter of check_unrolled must be 'inputs' or 'sample_weights'"),
+        (lambda t, d: inf.actual_removal_effect(t, *d, [20]), ValueError, r"'indices' parameter of actual_removal_effect must be sample indices"),
+    ],
+)
+def test_unrolled_rejects_bad_input(call, error, match, data):
+    traj = inf.fit(mlp(5, 3, out_activation="softmax"), data[0], data[1], loss=LOSS, batch_size=5)
+    with pytest.raises(error, match=match):
+        call(traj, data)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"batch_size": 0}, ValueError, "'batch_size' parameter of fit must be a positive int. Got 0 instead"),
+        ({"epochs": 1.5}, ValueError, "'epochs' parameter of fit must be a positive int"),
+        ({"optimizer": keras.optimizers.SGD()}, ValueError, r"'optimizer' parameter of fit must be an influence.optimizers optimizer .* Got SGD \(a Keras optimizer\)"),
+        ({"optimizer": "lbfgs"}, ValueError, "'optimizer' parameter of fit must be an influence.optimizers optimizer"),
+        ({"seed": "zero"}, ValueError, "'seed' parameter of fit must be an int"),
+        ({"record_budget_bytes": None}, ValueError, "'record_budget_bytes' parameter of fit must be a non-negative int"),
+        ({"sample_weight": np.ones(2)}, ValueError, "'sample_weight' parameter of fit must be as long as 'x_train'"),
+    ],
+)
+def test_fit_rejects_bad_input(kwargs, error, match, data):
+    with pytest.raises(error, match=match):
+        inf.fit(mlp(5, 3, out_activation="softmax"), data[0], data[1], loss=LOSS, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: SGD(-1.0), "'learning_rate' parameter of SGD must be a positive number"),
+        (lambda: SGD(0.1, momentum=1.5), r"'momentum' parameter of SGD must be a number in \[0, 1\)"),
+        (lambda: Adam(0.1, beta_2=1.0), r"'beta_2' parameter of Adam must be a number in \[0, 1\)"),
+        (lambda: RMSprop(0.1, epsilon=0), "'epsilon' parameter of RMSprop must be a positive number"),
+        (lambda: SGD(0.1, weight_decay=-1), "'weight_decay' parameter of SGD must be a non-negative number"),
+        (lambda: inf.Checkpointed(every=0), "'every' parameter of Checkpointed must be a positive int or None"),
+    ],
+)
+def test_optimizers_and_strategies_reject_bad_settings(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_safe_sqrt_has_zero_derivative_at_zero_and_adam_stays_finite_on_dead_inputs():
+    import tensorflow as tf
+
+    v = tf.constant([0.0, 4.0], tf.float64)
+    with tf.GradientTape() as tape:
+        tape.watch(v)
+        s = inf.optimizers.safe_sqrt(v)
+    assert np.allclose(s.numpy(), [0, 2]) and np.allclose(tape.gradient(s, v).numpy(), [0, 0.25])
+    # A pixel that is 0 in every sample gives its first-layer weights zero gradients forever.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 5))
+    x[:, 2] = 0.0
+    y = rng.integers(0, 3, 8)
+    traj = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=Adam(0.01), batch_size=4, epochs=2)
+    res = inf.unrolled(traj, x, y, x[:3], y[:3])
+    assert np.all(np.isfinite(res.input_grad)) and np.all(np.isfinite(res.removal_effect))
