@@ -52,3 +52,8 @@ __all__ += [
 from .verify import actual_removal_effect, as_float64_trajectory, check_unrolled, validation_loss  # noqa: E402
 
 __all__ += ["actual_removal_effect", "as_float64_trajectory", "check_unrolled", "validation_loss"]
+
+from . import rankers  # noqa: E402
+from .rank import predicted_group_effect, rank  # noqa: E402
+
+__all__ += ["predicted_group_effect", "rank", "rankers"]

@@ -1,0 +1,160 @@
+"""``rank``: training samples ordered from most harmful to most helpful (scenario S6)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ._inputs import check_labels_for_loss
+from ._validation import as_array, check_choice, check_feature_shape, check_same_length, describe, param_error
+from .rankers import methods
+from .rankers._samples import SampleOps
+from .rankers.inverse_hvp import InverseHVP, get_solver
+from .trajectory import Trajectory, check_trajectory_data
+
+METHODS = ("unrolled", "influence_function", "tracin", "self_influence", "loss")
+NEEDS_VALIDATION = {"unrolled", "influence_function", "tracin"}
+
+
+def rank(
+    trajectory: Trajectory,
+    x_train: Any,
+    y_train: Any,
+    x_val: Any = None,
+    y_val: Any = None,
+    *,
+    method: str = "unrolled",
+    solver: str | InverseHVP = "auto",
+    damping: float | str = "auto",
+    checkpoint_every: int | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Rank training samples, most harmful first.
+
+    Args:
+        trajectory: from :func:`influence.fit`.
+        x_train, y_train: the data the trajectory was recorded on.
+        x_val, y_val: validation data (required except for ``self_influence`` and ``loss``).
+        method: ``"unrolled"`` (exact removal effect through the recorded run),
+            ``"influence_function"``, ``"tracin"``, ``"self_influence"`` or ``"loss"``.
+        solver: inverse-Hessian solver for ``influence_function``: ``"exact"``,
+            ``"cg"``, ``"lissa"``, an :class:`~influence.rankers.inverse_hvp.InverseHVP`,
+            or ``"auto"`` (exact up to 1000 parameters, else CG).
+        damping: λ added to the Hessian for ``influence_function``; ``"auto"``
+            shifts by the estimated most negative eigenvalue (non-convex nets)
+            and keeps the condition number ≤ 100 (recorded in ``attrs["damping"]``).
+        checkpoint_every: steps between TracIn / self-influence checkpoints
+            (default: one per epoch).
+        progress: show progress bars on long stages.
+
+    Returns:
+        DataFrame, one row per training sample, most harmful first, with columns
+        ``index`` (row in x_train), ``rank`` (0 = most harmful), ``score``
+        (higher = more harmful), ``removal_effect`` (predicted change of
+        validation loss if the sample is removed; negative = harmful; NaN for
+        methods without one), ``label``, ``predicted_label`` (NaN for
+        regression) and ``train_loss`` (at the final weights). ``attrs`` holds
+        ``method``, ``seconds`` and ``val_loss``.
+    """
+    func = "rank"
+    check_choice(method, METHODS, param="method", func=func)
+    x, y = check_trajectory_data(trajectory, x_train, y_train, func)
+    xv = yv = None
+    if method in NEEDS_VALIDATION or x_val is not None:
+        if x_val is None or y_val is None:
+            raise ValueError(param_error("x_val", func, f"validation data for method '{method}'", "None"))
+        xv = as_array(x_val, param="x_val", func=func)
+        yv = as_array(y_val, param="y_val", func=func)
+        check_same_length(func, x_val=xv, y_val=yv)
+        check_feature_shape(func, "x_val", xv, tuple(x.shape[1:]), "the shape of x_train's samples")
+        check_labels_for_loss(func, "y_val", yv, trajectory.loss, trajectory.model)
+    if damping != "auto" and not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping >= 0):
+        raise ValueError(param_error("damping", func, "'auto' or a non-negative number", describe(damping)))
+    if checkpoint_every is not None and (
+        isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1
+    ):
+        raise ValueError(param_error("checkpoint_every", func, "a positive int or None", describe(checkpoint_every)))
+
+    start = time.perf_counter()
+    ops = SampleOps(trajectory, x, y, progress=progress)
+    if solver == "auto":
+        solver = "exact" if sum(w.size for w in trajectory.final_weights) <= 1000 else "cg"
+    compute: Any = {
+        "unrolled": methods.by_unrolled,
+        "influence_function": methods.by_influence_function,
+        "tracin": methods.by_tracin,
+        "self_influence": methods.by_self_influence,
+        "loss": methods.by_loss,
+    }[method]
+    kwargs: dict[str, Any] = {"ops": ops, "checkpoint_every": checkpoint_every, "progress": progress}
+    if method == "influence_function":
+        kwargs.update(solver=get_solver(solver), damping=damping)
+    args = (trajectory, x, y, xv, yv) if method in NEEDS_VALIDATION else (trajectory, x, y)
+    score, effect, extra = compute(*args, **kwargs)
+    if not np.all(np.isfinite(score)):
+        raise FloatingPointError(f"rank: method '{method}' produced non-finite scores; check damping and the run.")
+    seconds = time.perf_counter() - start
+
+    losses, outputs = ops.losses_and_outputs(ops.weights(trajectory.final_weights))
+    table = pd.DataFrame(
+        {
+            "index": np.arange(len(x)),
+            "score": score,
+            "removal_effect": effect if effect is not None else np.full(len(x), np.nan),
+            "label": list(y) if y.ndim > 1 else y,
+            "predicted_label": _predicted_labels(trajectory, outputs),
+            "train_loss": losses,
+        }
+    )
+    table = table.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    table.insert(1, "rank", np.arange(len(table)))
+    val_loss = float("nan")
+    if xv is not None:
+        from .verify import validation_loss
+
+        val_loss = validation_loss(trajectory, trajectory.final_weights, xv, yv)
+    table.attrs.update(method=method, seconds=seconds, val_loss=val_loss, **extra)
+    return table
+
+
+def _predicted_labels(trajectory: Trajectory, outputs: np.ndarray) -> np.ndarray:
+    if trajectory.loss.integer_labels or trajectory.loss.name == "categorical_crossentropy":
+        return np.argmax(outputs, axis=-1)
+    if trajectory.loss.name == "binary_crossentropy" and outputs.ndim == 2 and outputs.shape[1] == 1:
+        return (outputs[:, 0] > 0.5).astype(int)
+    return np.full(len(outputs), np.nan)
+
+
+def predicted_group_effect(table_or_effect: pd.DataFrame | np.ndarray, groups: Sequence[Sequence[int]]) -> np.ndarray:
+    """First-order effect of removing each group: the sum of its members' removal effects.
+
+    ``table_or_effect`` is a :func:`rank` table (with ``removal_effect``) or the
+    (n,) removal-effect array. Verify with :func:`influence.actual_removal_effect`
+    on the same groups.
+    """
+    if isinstance(table_or_effect, pd.DataFrame):
+        effect = table_or_effect.sort_values("index")["removal_effect"].to_numpy()
+    else:
+        effect = as_array(table_or_effect, param="table_or_effect", func="predicted_group_effect")
+    if np.any(np.isnan(effect)):
+        raise ValueError(
+            param_error(
+                "table_or_effect",
+                "predicted_group_effect",
+                "a table with removal effects",
+                "a table without them (self_influence or loss)",
+            )
+        )
+    out = []
+    for g in groups:
+        idx = np.atleast_1d(np.asarray(g, dtype=np.int64))
+        if idx.size == 0 or idx.min() < 0 or idx.max() >= len(effect):
+            raise ValueError(
+                param_error("groups", "predicted_group_effect", f"indices in [0, {len(effect) - 1}]", describe(idx))
+            )
+        out.append(float(effect[idx].sum()))
+    return np.asarray(out)

@@ -1,0 +1,143 @@
+"""Per-sample quantities over a whole training set, vectorized and compiled.
+
+All functions evaluate the trajectory's model in inference mode (dropout off,
+moving statistics) at given weights, in chunks of ``chunk`` samples, each
+chunk one compiled call: per-sample losses, predictions, ∇ℓ_i·v for a fixed v
+(one forward-mode pass per chunk), squared per-sample gradient norms, and
+the Hessian-vector product of the mean training loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from .. import _tree
+from ..autodiff import hessian
+from ..trajectory import Trajectory
+
+DEFAULT_CHUNK = 512
+
+
+class SampleOps:
+    """Compiled per-sample computations for one trajectory and data set.
+
+    Args:
+        trajectory: the recorded run (its model and loss are used).
+        x, y: training data (n, ...), already validated.
+        chunk: samples per compiled call.
+        progress: whether long loops over it (solvers) show progress bars.
+    """
+
+    def __init__(
+        self, trajectory: Trajectory, x: np.ndarray, y: np.ndarray, chunk: int = DEFAULT_CHUNK, progress: bool = False
+    ) -> None:
+        self.progress = progress
+        program = trajectory.program()
+        self.fn, self.loss = program.fn, program.loss
+        self.dtype = self.fn.dtype
+        self.x = tf.constant(x, dtype=self.dtype if np.issubdtype(x.dtype, np.floating) else None)
+        self.y = tf.constant(y, dtype=self.dtype if self.loss.continuous_labels else tf.int32)
+        self.c = tf.constant(trajectory.sample_weight, dtype=self.dtype)
+        self.n = len(x)
+        self.chunk = chunk
+        self._losses = tf.function(self._losses_impl, reduce_retracing=True)
+        self._dots = tf.function(self._dots_impl, reduce_retracing=True)
+        self._sq_norms = tf.function(self._sq_norms_impl, reduce_retracing=True)
+        self._hvp = tf.function(self._hvp_impl, reduce_retracing=True)
+        self._grad = tf.function(self._grad_impl, reduce_retracing=True)
+
+    def chunks(self) -> Iterator[slice]:
+        for start in range(0, self.n, self.chunk):
+            yield slice(start, min(start + self.chunk, self.n))
+
+    def weights(self, values: list[np.ndarray]) -> list[tf.Tensor]:
+        return [tf.constant(v, dtype=self.dtype) for v in values]
+
+    # ---------------------------------------------------------------- compiled bodies
+
+    def _losses_impl(self, w, xb, yb):
+        out = self.fn(w, xb, training=False)
+        return self.loss(yb, out), out
+
+    def _dots_impl(self, w, v, xb, yb):
+        with tf.autodiff.ForwardAccumulator(w, v) as acc:
+            losses = self.loss(yb, self.fn(w, xb, training=False))
+        return acc.jvp(losses, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def _sq_norms_impl(self, w, xb, yb):
+        # Per-sample gradients of one chunk at once (pfor); memory chunk × |w|.
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            losses = self.loss(yb, self.fn(w, xb, training=False))
+        jac = tape.jacobian(losses, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return tf.add_n([tf.reduce_sum(tf.reshape(j * j, [tf.shape(j)[0], -1]), axis=1) for j in jac])
+
+    def _grad_impl(self, w, xb, yb, cb):
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            total = tf.reduce_sum(cb * self.loss(yb, self.fn(w, xb, training=False)))
+        return tape.gradient(total, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def _hvp_impl(self, w, v, xb, yb, cb):
+        with tf.autodiff.ForwardAccumulator(w, v) as acc:
+            g = self._grad_impl(w, xb, yb, cb)
+        return acc.jvp(g, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    # ---------------------------------------------------------------- public helpers
+
+    def losses_and_outputs(self, w: list[tf.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-sample training losses (n,) and model outputs (n, ...)."""
+        losses, outputs = [], []
+        for s in self.chunks():
+            value, out = self._losses(w, self.x[s], self.y[s])
+            losses.append(value.numpy())
+            outputs.append(out.numpy())
+        return np.concatenate(losses), np.concatenate(outputs)
+
+    def gradient_dots(self, w: list[tf.Tensor], v: list[tf.Tensor]) -> np.ndarray:
+        """∇ℓ_i(w)·v for every training sample, shape (n,)."""
+        return np.concatenate([self._dots(w, v, self.x[s], self.y[s]).numpy() for s in self.chunks()])
+
+    def squared_gradient_norms(self, w: list[tf.Tensor]) -> np.ndarray:
+        """‖∇ℓ_i(w)‖² for every training sample, shape (n,)."""
+        return np.concatenate([self._sq_norms(w, self.x[s], self.y[s]).numpy() for s in self.chunks()])
+
+    def mean_gradient(self, w: list[tf.Tensor], indices: np.ndarray | None = None) -> list[tf.Tensor]:
+        """∇ of the weighted mean training loss (over ``indices`` or all samples)."""
+        return self._accumulate(lambda xb, yb, cb: self._grad(w, xb, yb, cb), indices)
+
+    def hvp(self, w: list[tf.Tensor], v: list[tf.Tensor], indices: np.ndarray | None = None) -> list[tf.Tensor]:
+        """H·v for the weighted mean training loss (over ``indices`` or all samples)."""
+        return self._accumulate(lambda xb, yb, cb: self._hvp(w, v, xb, yb, cb), indices)
+
+    def dense_hessian(self, w: list[tf.Tensor]) -> np.ndarray:
+        """Dense Hessian (P, P) of the weighted mean training loss; small models only."""
+        total = None
+        for s in self.chunks():
+            xb, yb, cb = self.x[s], self.y[s], self.c[s]
+
+            def chunk_loss(weights: list[tf.Tensor], xb=xb, yb=yb, cb=cb) -> tf.Tensor:
+                return tf.reduce_sum(cb * self.loss(yb, self.fn(weights, xb, training=False))) / self.n
+
+            part = hessian(chunk_loss, w).numpy()
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+    def _accumulate(self, body, indices: np.ndarray | None) -> list[tf.Tensor]:
+        if indices is None:
+            parts = [body(self.x[s], self.y[s], self.c[s]) for s in self.chunks()]
+            count = self.n
+        else:
+            idx = tf.constant(indices)
+            parts = [body(tf.gather(self.x, idx), tf.gather(self.y, idx), tf.gather(self.c, idx))]
+            count = len(indices)
+        total = parts[0] if len(parts) == 1 else [tf.add_n(list(p)) for p in zip(*parts)]
+        return [t / count for t in total]
+
+
+def flat_size(w: list[tf.Tensor]) -> int:
+    return _tree.size(w)

@@ -1,0 +1,197 @@
+"""Solvers for (H + λI) s = b with H the Hessian of the mean training loss.
+
+Strategy objects (add a class to add a solver):
+- :class:`Exact`: dense Hessian and an eigendecomposition, small models only.
+- :class:`ConjugateGradient`: Hessian-vector products only; needs H + λI
+  positive definite (raise λ for non-convex models).
+- :class:`LiSSA` (Agarwal et al. 2017, as used by Koh & Liang 2017): the
+  stochastic Neumann series h ← b + (I − (H + λI)/scale) h on mini-batches,
+  result h / scale. ``scale=None`` picks it automatically from the largest
+  eigenvalue of H + λI (power iteration), so that the series converges.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from .. import _tree
+from .._validation import describe, param_error
+from ._samples import SampleOps
+
+
+def auto_damping(lowest: float, highest: float) -> float:
+    """Damping that makes H + λI positive definite with a condition number ≤ 100:
+    λ = max(0.01·λ_max, 1.1·max(0, −λ_min))  (non-convex nets have λ_min < 0)."""
+    return max(0.01 * abs(highest), 1.1 * max(0.0, -lowest), 1e-12)
+
+
+def extreme_eigenvalues(ops: SampleOps, w: list[tf.Tensor], steps: int = 40, seed: int = 0) -> tuple[float, float]:
+    """(λ_min, λ_max) of H from a Lanczos run with full reorthogonalisation.
+
+    Lanczos' Ritz values converge fastest at both ends of the spectrum, which is
+    what damping needs; power iteration on H − μI converges far too slowly there.
+    Memory: ``steps`` vectors of |w| numbers.
+    """
+    size = _tree.size(w)
+    steps = min(steps, size)
+    rng = np.random.default_rng(seed)
+    basis = np.zeros((steps, size))
+    q = rng.standard_normal(size)
+    q /= np.linalg.norm(q)
+    alphas, betas = [], []
+    for k in range(steps):
+        basis[k] = q
+        hq = _tree.flatten(ops.hvp(w, _tree.unflatten(tf.constant(q, ops.dtype), w))).numpy().astype(np.float64)
+        alphas.append(float(q @ hq))
+        hq -= basis[: k + 1].T @ (basis[: k + 1] @ hq)  # full reorthogonalisation
+        beta = float(np.linalg.norm(hq))
+        if beta < 1e-10 or k == steps - 1:
+            break
+        betas.append(beta)
+        q = hq / beta
+    ritz = np.linalg.eigvalsh(
+        np.diag(alphas) + np.diag(betas[: len(alphas) - 1], 1) + np.diag(betas[: len(alphas) - 1], -1)
+    )
+    return float(ritz[0]), float(ritz[-1])
+
+
+class InverseHVP(ABC):
+    """Solve (H + damping·I) s = b at weights w."""
+
+    name: str = "solver"
+
+    @abstractmethod
+    def solve(self, ops: SampleOps, w: list[tf.Tensor], b: list[tf.Tensor], damping: float) -> list[tf.Tensor]:
+        """Return s, shaped like w."""
+
+    def auto_damping(self, ops: SampleOps, w: list[tf.Tensor]) -> float:
+        """Damping from the estimated spectrum of H (see :func:`auto_damping`)."""
+        return auto_damping(*extreme_eigenvalues(ops, w))
+
+
+@dataclass(frozen=True)
+class Exact(InverseHVP):
+    """Dense Hessian (P ≤ max_parameters), eigendecomposition, then solve."""
+
+    max_parameters: int = 20_000
+    name = "exact"
+
+    def _eigen(self, ops: SampleOps, w: list[tf.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        count = _tree.size(w)
+        if count > self.max_parameters:
+            raise ValueError(
+                param_error(
+                    "solver",
+                    "rank",
+                    f"'cg' or 'lissa' for models over {self.max_parameters} parameters",
+                    f"'exact' with {count} parameters",
+                )
+            )
+        key = (id(ops), tuple(float(tf.reduce_sum(t)) for t in w))
+        if getattr(self, "_cache_key", None) != key:
+            hessian = ops.dense_hessian(w)
+            # A frozen dataclass: cache the decomposition outside its fields.
+            object.__setattr__(self, "_cache", np.linalg.eigh((hessian + hessian.T) / 2))
+            object.__setattr__(self, "_cache_key", key)
+        return self._cache  # type: ignore[attr-defined,no-any-return]
+
+    def auto_damping(self, ops, w):
+        values, _ = self._eigen(ops, w)
+        return auto_damping(float(values[0]), float(values[-1]))
+
+    def solve(self, ops, w, b, damping):
+        values, vectors = self._eigen(ops, w)
+        shifted = values + damping
+        if np.any(shifted <= 0):
+            raise ValueError(
+                param_error("damping", "rank", f"above {-values.min():.3g} (H has negative eigenvalues)", damping)
+            )
+        rhs = _tree.flatten(b).numpy()
+        solution = vectors @ ((vectors.T @ rhs) / shifted)
+        return _tree.unflatten(tf.constant(solution, ops.dtype), w)
+
+
+@dataclass(frozen=True)
+class ConjugateGradient(InverseHVP):
+    """Conjugate gradient with Hessian-vector products on the full training set."""
+
+    max_iterations: int = 200
+    tolerance: float = 1e-6
+    name = "cg"
+
+    def solve(self, ops, w, b, damping):
+        def apply(v):
+            return [h + damping * vi for h, vi in zip(ops.hvp(w, v), v)]
+
+        s = [tf.zeros_like(t) for t in b]
+        r = list(b)
+        p = list(r)
+        rr = float(_tree.dot(r, r))
+        target = self.tolerance**2 * rr
+        for _ in tqdm(
+            range(self.max_iterations), desc="conjugate gradient", unit="it", leave=False, disable=not ops.progress
+        ):
+            if rr <= target:
+                break
+            ap = apply(p)
+            curvature = float(_tree.dot(p, ap))
+            if curvature <= 0:
+                raise ValueError(
+                    param_error(
+                        "damping",
+                        "rank",
+                        "large enough to make H + damping·I positive definite for CG",
+                        f"{damping} (negative curvature found)",
+                    )
+                )
+            alpha = rr / curvature
+            s = _tree.axpy(alpha, p, s)
+            r = _tree.axpy(-alpha, ap, r)
+            rr_new = float(_tree.dot(r, r))
+            p = _tree.axpy(rr_new / rr, p, r)
+            rr = rr_new
+        return s
+
+
+@dataclass(frozen=True)
+class LiSSA(InverseHVP):
+    """Stochastic Neumann series on mini-batches; ``scale=None`` chooses it by power iteration."""
+
+    depth: int = 1000
+    batch_size: int = 100
+    scale: float | None = None
+    repeats: int = 1
+    seed: int = 0
+    name = "lissa"
+
+    def solve(self, ops, w, b, damping):
+        # The series converges when the spectrum of (H + λI)/scale lies in (0, 2).
+        scale = self.scale if self.scale is not None else 1.1 * (extreme_eigenvalues(ops, w)[1] + damping)
+        rng = np.random.default_rng(self.seed)
+        estimates = []
+        for _ in range(self.repeats):
+            h = list(b)
+            for _ in tqdm(range(self.depth), desc="LiSSA", unit="it", leave=False, disable=not ops.progress):
+                batch = rng.choice(ops.n, size=min(self.batch_size, ops.n), replace=False)
+                hv = ops.hvp(w, h, indices=batch)
+                h = [bi + hi - (hvi + damping * hi) / scale for bi, hi, hvi in zip(b, h, hv)]
+            estimates.append([t / scale for t in h])
+        return [tf.add_n(list(parts)) / len(estimates) for parts in zip(*estimates)]
+
+
+SOLVERS = {"exact": Exact, "cg": ConjugateGradient, "lissa": LiSSA}
+
+
+def get_solver(solver: object) -> InverseHVP:
+    if isinstance(solver, InverseHVP):
+        return solver
+    if isinstance(solver, str) and solver in SOLVERS:
+        return SOLVERS[solver]()
+    raise ValueError(
+        param_error("solver", "rank", "'exact', 'cg', 'lissa' or an InverseHVP instance", describe(solver))
+    )

@@ -1,0 +1,113 @@
+"""The ranking methods. Each returns (score, removal_effect or None), score higher = more harmful.
+
+- unrolled: exact first-order removal effect through the recorded run (DESIGN §1).
+- influence_function (Koh & Liang 2017): removal_effect_i = (c_i/n) ∇ℓ_i·(H+λI)⁻¹∇E at
+  the final weights, H the Hessian of the mean training loss.
+- tracin (Pruthi et al. 2020, TracInCP): checkpoints taken from the recorded run; each
+  sample's visits between checkpoints are weighted by η_t c_i/|B_t| exactly as the run
+  applied them, so removal_effect_i ≈ Σ_k ∇E(w_k)·∇ℓ_i(w_k) Σ_{visits} η_t c_i/|B_t|.
+- self_influence: Σ_k η̄_k ‖∇ℓ_i(w_k)‖² (TracIn self-influence), for mislabel detection
+  without validation data.
+- loss: per-sample training loss at the final weights (baseline).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from ..autodiff import gradient
+from ..trajectory import Trajectory, _data_tensors
+from ..unroll import unrolled
+from ._samples import SampleOps
+from .inverse_hvp import InverseHVP
+
+# (score: higher = more harmful, removal_effect or None, extra facts for the table's attrs)
+Scores = tuple[np.ndarray, np.ndarray | None, dict]
+
+
+def val_gradient(ops: SampleOps, trajectory: Trajectory, w: list[tf.Tensor], x_val: np.ndarray, y_val: np.ndarray):
+    """∇E(w) for the mean validation loss."""
+    xv = tf.constant(x_val, dtype=ops.dtype)
+    yv = tf.constant(y_val, dtype=ops.dtype if trajectory.loss.continuous_labels else tf.int32)
+    return gradient(lambda ww: trajectory.loss.mean(yv, ops.fn(ww, xv, training=False)), w)
+
+
+def by_unrolled(trajectory, x, y, x_val, y_val, *, progress: bool, **_) -> Scores:
+    result = unrolled(trajectory, x, y, x_val, y_val, progress=progress)
+    return -result.removal_effect, result.removal_effect, {"strategy": result.strategy}
+
+
+def by_influence_function(
+    trajectory, x, y, x_val, y_val, *, ops: SampleOps, solver: InverseHVP, damping: float | str, **_
+) -> Scores:
+    w = ops.weights(trajectory.final_weights)
+    lam = solver.auto_damping(ops, w) if damping == "auto" else float(damping)
+    s = solver.solve(ops, w, val_gradient(ops, trajectory, w, x_val, y_val), lam)
+    effect = trajectory.sample_weight * ops.gradient_dots(w, s) / ops.n
+    return -effect, effect, {"damping": lam, "solver": solver.name}
+
+
+def checkpoint_steps(trajectory: Trajectory, every: int | None) -> list[int]:
+    """Steps at which TracIn takes checkpoints; default one per epoch (epoch starts)."""
+    if every is None:
+        batch = max(len(b) for b in trajectory.batches)
+        every = max(1, int(np.ceil(trajectory.n_train / batch)))
+    return list(range(0, trajectory.steps, every))
+
+
+def weights_at(trajectory: Trajectory, x: np.ndarray, y: np.ndarray, steps: list[int]) -> list[list[tf.Tensor]]:
+    """Trainable weights before each of ``steps`` (from the stored history or one forward replay)."""
+    program = trajectory.program()
+    dtype = program.fn.dtype
+    if trajectory.weights_history is not None:
+        return [[tf.constant(h[t], dtype=dtype) for h in trajectory.weights_history] for t in steps]
+    x_t, y_t, c_t = _data_tensors(program, x, y, trajectory.sample_weight)
+    w = [tf.constant(v, dtype=dtype) for v in trajectory.initial_weights]
+    s = trajectory.initial_state()
+    out, position = [], 0
+    for t in steps:
+        if t > position:
+            w, s = program.run(w, s, position, t, x_t, y_t, c_t)
+            position = t
+        out.append(list(w))
+    return out
+
+
+def visit_weights(trajectory: Trajectory, steps: list[int]) -> np.ndarray:
+    """(K, n): Σ η_t/|B_t| over the visits of each sample between consecutive checkpoints."""
+    bounds = [*steps, trajectory.steps]
+    weights = np.zeros((len(steps), trajectory.n_train))
+    for k in range(len(steps)):
+        for t in range(bounds[k], bounds[k + 1]):
+            batch = trajectory.batches[t]
+            np.add.at(weights[k], batch, trajectory.learning_rates[t] / len(batch))
+    return weights
+
+
+def by_tracin(
+    trajectory, x, y, x_val, y_val, *, ops: SampleOps, checkpoint_every: int | None, progress: bool, **_
+) -> Scores:
+    steps = checkpoint_steps(trajectory, checkpoint_every)
+    visits = visit_weights(trajectory, steps)
+    effect = np.zeros(ops.n)
+    for k, w in enumerate(tqdm(weights_at(trajectory, x, y, steps), desc="TracIn checkpoints", disable=not progress)):
+        effect += visits[k] * ops.gradient_dots(w, val_gradient(ops, trajectory, w, x_val, y_val))
+    weighted = effect * trajectory.sample_weight
+    return -weighted, weighted, {"checkpoints": len(steps)}
+
+
+def by_self_influence(trajectory, x, y, *, ops: SampleOps, checkpoint_every: int | None, progress: bool, **_) -> Scores:
+    steps = checkpoint_steps(trajectory, checkpoint_every)
+    bounds = [*steps, trajectory.steps]
+    score = np.zeros(ops.n)
+    for k, w in enumerate(tqdm(weights_at(trajectory, x, y, steps), desc="self-influence", disable=not progress)):
+        rate = float(np.mean(trajectory.learning_rates[bounds[k] : bounds[k + 1]]))
+        score += rate * ops.squared_gradient_norms(w)
+    return score, None, {"checkpoints": len(steps)}
+
+
+def by_loss(trajectory, x, y, *, ops: SampleOps, **_) -> Scores:
+    losses, _outputs = ops.losses_and_outputs(ops.weights(trajectory.final_weights))
+    return losses, None, {}
