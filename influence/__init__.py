@@ -57,3 +57,7 @@ from . import rankers  # noqa: E402
 from .rank import predicted_group_effect, rank  # noqa: E402
 
 __all__ += ["predicted_group_effect", "rank", "rankers"]
+
+from .input_optimization import InputOptimization, adversarial_examples, optimize_training_inputs  # noqa: E402
+
+__all__ += ["InputOptimization", "adversarial_examples", "optimize_training_inputs"]

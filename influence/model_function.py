@@ -58,6 +58,7 @@ class ModelFunction:
             )
         if not self.dtype.is_floating:
             raise TypeError(param_error("model", func, "floating-point weights", self.dtype.name))
+        _check_input_precision(model, self.dtype, func)
         self.non_trainable = [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables]
         self._seed_slots = [
             i for i, v in enumerate(model.non_trainable_variables) if v.path.endswith(_SEED_STATE_SUFFIX)
@@ -98,6 +99,26 @@ class ModelFunction:
         """Model outputs for inputs ``x`` (B, ...) under ``weights``."""
         outputs, _ = self.model.stateless_call(list(weights), self.state_for_seed(seed), x, training=training)
         return outputs
+
+
+def _check_input_precision(model: keras.Model, dtype: tf.DType, func: str) -> None:
+    """A float64 model whose Input is float32 silently rounds its inputs (DESIGN §4): refuse it."""
+    try:
+        inputs = list(model.inputs)
+    except (AttributeError, ValueError):  # subclassed models declare no inputs
+        return
+    for tensor in inputs:
+        input_dtype = tf.as_dtype(tensor.dtype)
+        if input_dtype.is_floating and input_dtype.size < dtype.size:
+            raise ValueError(
+                param_error(
+                    "model",
+                    func,
+                    f"a model whose inputs are as precise as its {dtype.name} weights",
+                    f"a {input_dtype.name} Input that rounds inputs before the first layer; build it with "
+                    f"keras.Input(..., dtype='{dtype.name}') or use influence.as_float64(model)",
+                )
+            )
 
 
 def coupling_layers(model: keras.Model) -> list[str]:

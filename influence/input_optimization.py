@@ -1,0 +1,286 @@
+"""Optimising training data through training (scenario S5).
+
+:func:`optimize_training_inputs` changes chosen training inputs and/or soft
+labels so that the model *trained on them* does worse (``goal="poison"``) or
+better (``goal="repair"``) on validation data. Every outer step retrains with
+the recorded schedule (same batches, learning rates, dropout seeds) and takes
+dE/dx_i, dE/dy_i from the unrolled reverse pass. The outer optimizer is one of
+:mod:`influence.optimizers` (SGD, momentum, RMSprop, Adam), applied to the
+data instead of the weights.
+
+:func:`adversarial_examples` is the test-time counterpart: the model is frozen
+and its loss on given inputs is raised directly, for comparison.
+
+Soft labels are kept on the probability simplex by Euclidean projection after
+each step (a softmax parameterisation would start saturated at one-hot labels,
+where its gradient vanishes); inputs are projected onto a box (pixel range)
+and, optionally, an L∞ ball of radius ``budget`` around the original inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from ._inputs import prepare
+from ._validation import as_array, check_choice, check_positive, describe, param_error
+from .optimizers import Optimizer, get_optimizer
+from .trajectory import Trajectory, check_trajectory_data, retrain
+from .unroll import unrolled
+
+GOALS = ("poison", "repair")
+TARGETS = ("inputs", "labels", "both")
+
+
+@dataclass(frozen=True)
+class InputOptimization:
+    """Result of :func:`optimize_training_inputs` / :func:`adversarial_examples`.
+
+    Attributes:
+        x: (n, ...) the inputs after optimisation (only ``indices`` rows changed).
+        y: labels after optimisation (soft labels when they were optimised).
+        val_loss: (steps+1,) validation loss of the retrained model before each
+            outer step and after the last (for adversarial examples: the loss on
+            the attacked inputs).
+        val_error: (steps+1,) matching classification error (NaN for regression).
+        seconds: (steps+1,) wall time elapsed at each entry of ``val_loss``.
+        predicted_change: (steps,) first-order prediction of each step's change
+            of validation loss, ⟨∇, Δ⟩, to compare with ``np.diff(val_loss)``.
+        optimizer: the outer optimizer's name.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    val_loss: np.ndarray
+    val_error: np.ndarray
+    seconds: np.ndarray
+    predicted_change: np.ndarray
+    optimizer: str
+
+
+def _project(x: tf.Tensor, original: tf.Tensor, bounds: tuple[float, float] | None, budget: float | None) -> tf.Tensor:
+    if budget is not None:
+        x = tf.clip_by_value(x, original - budget, original + budget)
+    if bounds is not None:
+        x = tf.clip_by_value(x, bounds[0], bounds[1])
+    return x
+
+
+def project_to_simplex(y: np.ndarray) -> np.ndarray:
+    """Euclidean projection of each row onto the probability simplex (Duchi et al. 2008)."""
+    flat = y.reshape(-1, y.shape[-1])
+    ordered = -np.sort(-flat, axis=1)
+    cumulative = np.cumsum(ordered, axis=1) - 1
+    ks = np.arange(1, flat.shape[1] + 1)
+    rho = np.max(np.where(ordered - cumulative / ks > 0, ks, 0), axis=1)
+    theta = cumulative[np.arange(len(flat)), rho - 1] / rho
+    return np.maximum(flat - theta[:, None], 0).reshape(y.shape)
+
+
+def _evaluate(trajectory: Trajectory, weights: list[np.ndarray], x_val: np.ndarray, y_val: np.ndarray):
+    from .model_function import ModelFunction
+
+    fn = ModelFunction(trajectory.model, func="optimize_training_inputs")
+    w = [tf.constant(v, dtype=fn.dtype) for v in weights]
+    out = fn(w, tf.constant(x_val, dtype=fn.dtype))
+    yv = tf.constant(y_val, dtype=fn.dtype if trajectory.loss.continuous_labels else tf.int32)
+    loss = float(trajectory.loss.mean(yv, out))
+    if trajectory.loss.integer_labels:
+        error = float(np.mean(np.argmax(out.numpy(), -1) != y_val))
+    elif trajectory.loss.name == "categorical_crossentropy":
+        error = float(np.mean(np.argmax(out.numpy(), -1) != np.argmax(y_val, -1)))
+    else:
+        error = float("nan")
+    return loss, error
+
+
+def _check_common(func: str, outer_optimizer: Any, steps: Any, bounds: Any, budget: Any) -> Optimizer:
+    opt = get_optimizer(outer_optimizer, func=func)
+    check_positive(steps, param="steps", func=func, kind=int)
+    if bounds is not None and (not isinstance(bounds, (tuple, list)) or len(bounds) != 2 or not bounds[0] < bounds[1]):
+        raise ValueError(param_error("bounds", func, "None or a (low, high) pair with low < high", describe(bounds)))
+    if budget is not None:
+        check_positive(budget, param="budget", func=func)
+    return opt
+
+
+def optimize_training_inputs(
+    trajectory: Trajectory,
+    x_train: Any,
+    y_train: Any,
+    x_val: Any,
+    y_val: Any,
+    indices: Any,
+    *,
+    goal: str = "poison",
+    target: str = "inputs",
+    outer_optimizer: Any = "adam",
+    steps: int = 10,
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    budget: float | None = None,
+    progress: bool = False,
+) -> InputOptimization:
+    """Optimise training inputs (and/or soft labels) through the recorded training run.
+
+    Args:
+        trajectory: from :func:`influence.fit`; its schedule is replayed at every outer step.
+        x_train, y_train: the training data it was recorded on. For ``target``
+            ``"labels"``/``"both"`` the run must use continuous labels (e.g.
+            ``categorical_crossentropy`` with one-hot ``y_train``).
+        x_val, y_val: validation data defining E.
+        indices: training samples to change (int array).
+        goal: ``"poison"`` raises E, ``"repair"`` lowers it.
+        target: ``"inputs"``, ``"labels"`` or ``"both"``.
+        outer_optimizer: :mod:`influence.optimizers` instance or name; its
+            learning rate is the outer step size.
+        steps: outer steps (each: one retraining + one unrolled pass).
+        bounds: box for inputs, e.g. the pixel range; None for no box.
+        budget: optional L∞ radius around the original inputs.
+    """
+    func = "optimize_training_inputs"
+    x, y = check_trajectory_data(trajectory, x_train, y_train, func)
+    xv = as_array(x_val, param="x_val", func=func)
+    yv = as_array(y_val, param="y_val", func=func)
+    check_choice(goal, GOALS, param="goal", func=func)
+    check_choice(target, TARGETS, param="target", func=func)
+    opt = _check_common(func, outer_optimizer, steps, bounds, budget)
+    idx = as_array(indices, param="indices", func=func)
+    if not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0 or idx.max() >= len(x):
+        raise ValueError(param_error("indices", func, f"integer sample indices in [0, {len(x) - 1}]", describe(idx)))
+    wants_labels = target in ("labels", "both")
+    if wants_labels and not (trajectory.loss.continuous_labels and np.issubdtype(y.dtype, np.floating)):
+        raise ValueError(
+            param_error(
+                "target",
+                func,
+                "'inputs' for a run on class-index labels (train on one-hot labels with "
+                "categorical_crossentropy to optimise soft labels)",
+                repr(target),
+            )
+        )
+    wants_inputs = target in ("inputs", "both")
+    sign = 1.0 if goal == "repair" else -1.0  # the outer optimizer minimises sign·E
+
+    dtype = tf.as_dtype(trajectory.model.trainable_variables[0].dtype)
+    x_cur, y_cur = x.astype(dtype.as_numpy_dtype), y.astype(dtype.as_numpy_dtype) if wants_labels else y
+    original = tf.constant(x_cur[idx])
+    params: list[tf.Tensor] = []
+    if wants_inputs:
+        params.append(original)
+    if wants_labels:
+        params.append(tf.constant(y_cur[idx]))
+    state = opt.init(params)
+    rates = opt.learning_rates(int(steps))
+
+    losses, errors, times, predicted = [], [], [], []
+    start = time.perf_counter()
+    for step in tqdm(range(int(steps) + 1), desc=f"{goal} ({type(opt).__name__})", disable=not progress):
+        run = replace(
+            trajectory, final_weights=retrain(trajectory, x_cur, y_cur), weights_history=None, state_history=None
+        )
+        loss, error = _evaluate(run, run.final_weights, xv, yv)
+        losses.append(loss)
+        errors.append(error)
+        times.append(time.perf_counter() - start)
+        if step == int(steps):
+            break
+        res = unrolled(run, x_cur, y_cur, xv, yv, progress=False)
+        grads = []
+        if wants_inputs:
+            grads.append(tf.constant(sign * res.input_grad[idx]))
+        if wants_labels:
+            grads.append(tf.constant(sign * res.label_grad[idx]))  # type: ignore[index]
+        new_params, state = opt.update(params, grads, state, tf.constant(rates[step], dtype), tf.constant(step))
+        if wants_inputs:
+            new_params[0] = _project(new_params[0], original, bounds, budget)
+        if wants_labels:
+            new_params[-1] = tf.constant(project_to_simplex(new_params[-1].numpy()))
+        change = 0.0
+        k = 0
+        if wants_inputs:
+            x_new = x_cur.copy()
+            x_new[idx] = new_params[0].numpy()
+            change += float(np.sum(res.input_grad[idx] * (x_new[idx] - x_cur[idx])))
+            x_cur = x_new
+            k = 1
+        if wants_labels:
+            y_new = y_cur.copy()
+            y_new[idx] = new_params[k].numpy()
+            change += float(np.sum(res.label_grad[idx] * (y_new[idx] - y_cur[idx])))  # type: ignore[index]
+            y_cur = y_new
+        params = new_params
+        predicted.append(change)
+    return InputOptimization(
+        x=x_cur,
+        y=y_cur,
+        val_loss=np.asarray(losses),
+        val_error=np.asarray(errors),
+        seconds=np.asarray(times),
+        predicted_change=np.asarray(predicted),
+        optimizer=type(opt).__name__ + (" (momentum)" if getattr(opt, "momentum", 0) else ""),
+    )
+
+
+def adversarial_examples(
+    model: keras.Model,
+    loss: Any,
+    x: Any,
+    y: Any,
+    *,
+    outer_optimizer: Any = "adam",
+    steps: int = 10,
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    budget: float | None = None,
+    from_logits: bool = False,
+    progress: bool = False,
+) -> InputOptimization:
+    """Raise a frozen model's loss on inputs ``x`` by optimising the inputs (test-time attack).
+
+    Same outer optimizers, box and L∞ budget as :func:`optimize_training_inputs`;
+    ``val_loss`` holds the loss on the attacked inputs per step.
+    """
+    func = "adversarial_examples"
+    fn, per_sample = prepare(func, model, loss, from_logits)
+    opt = _check_common(func, outer_optimizer, steps, bounds, budget)
+    x0 = as_array(x, param="x", func=func).astype(fn.dtype.as_numpy_dtype)
+    labels = as_array(y, param="y", func=func)
+    yt = tf.constant(labels, dtype=fn.dtype if per_sample.continuous_labels else tf.int32)
+    w = fn.weights
+    original = tf.constant(x0)
+    params = [original]
+    state = opt.init(params)
+    rates = opt.learning_rates(int(steps))
+    losses, errors, times, predicted = [], [], [], []
+    start = time.perf_counter()
+    for step in tqdm(range(int(steps) + 1), desc=f"attack ({type(opt).__name__})", disable=not progress):
+        with tf.GradientTape() as tape:
+            tape.watch(params[0])
+            out = fn(w, params[0])
+            value = per_sample.mean(yt, out)
+        losses.append(float(value))
+        errors.append(
+            float(np.mean(np.argmax(out.numpy(), -1) != labels)) if per_sample.integer_labels else float("nan")
+        )
+        times.append(time.perf_counter() - start)
+        if step == int(steps):
+            break
+        grad = tape.gradient(value, params[0])
+        new, state = opt.update(params, [-grad], state, tf.constant(rates[step], fn.dtype), tf.constant(step))
+        new[0] = _project(new[0], original, bounds, budget)
+        predicted.append(float(tf.reduce_sum(grad * (new[0] - params[0]))))
+        params = new
+    return InputOptimization(
+        x=params[0].numpy(),
+        y=labels,
+        val_loss=np.asarray(losses),
+        val_error=np.asarray(errors),
+        seconds=np.asarray(times),
+        predicted_change=np.asarray(predicted),
+        optimizer=type(opt).__name__,
+    )

@@ -1,0 +1,112 @@
+"""custom_gradient and stop_gradient inside models work end to end through the unrolled pass (S4)."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import influence as inf
+from influence.optimizers import SGD
+
+
+@tf.custom_gradient
+def smooth_abs(x):
+    """sqrt(x² + 1) with a hand-written (and correct, twice-differentiable) gradient."""
+    value = tf.sqrt(x * x + 1)
+
+    def grad(upstream):
+        return upstream * x / tf.sqrt(x * x + 1)
+
+    return value, grad
+
+
+class SmoothAbs(keras.layers.Layer):
+    def call(self, inputs):
+        return smooth_abs(inputs)
+
+
+class DetachedScale(keras.layers.Layer):
+    """x * stop_gradient(mean |x|): the scale is data-dependent but not differentiated."""
+
+    def call(self, inputs):
+        return inputs * tf.stop_gradient(tf.reduce_mean(tf.abs(inputs), axis=-1, keepdims=True))
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((4,), dtype="float64"),
+            keras.layers.Dense(6, dtype="float64"),
+            SmoothAbs(dtype="float64"),
+            DetachedScale(dtype="float64"),
+            keras.layers.Dense(3, activation="softmax", dtype="float64"),
+        ]
+    )
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(12, 4)), rng.integers(0, 3, 12), rng.normal(size=(6, 4)), rng.integers(0, 3, 6)
+
+
+def test_custom_gradient_layer_unrolled_matches_retraining_finite_differences():
+    x, y, xv, yv = _data()
+    # Without the stop_gradient layer, every derivative is real: FD through retraining must agree.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4,), dtype="float64"),
+            keras.layers.Dense(6, dtype="float64"),
+            SmoothAbs(dtype="float64"),
+            keras.layers.Dense(3, activation="softmax", dtype="float64"),
+        ]
+    )
+    traj = inf.fit(model, x, y, loss="sparse_categorical_crossentropy", optimizer=SGD(0.3), batch_size=4, epochs=2)
+    chk = inf.check_unrolled(traj, x, y, xv, yv, 5, wrt="inputs")
+    assert chk.ok, chk
+
+
+def test_stop_gradient_is_honoured_and_finite_differences_expose_it():
+    # stop_gradient makes the autodiff gradient differ from the true derivative of the
+    # retrained loss: the float64 check must say so instead of passing silently.
+    x, y, xv, yv = _data()
+    traj = inf.fit(_model(), x, y, loss="sparse_categorical_crossentropy", optimizer=SGD(0.3), batch_size=4, epochs=2)
+    res = inf.unrolled(traj, x, y, xv, yv)
+    assert np.all(np.isfinite(res.input_grad))
+    chk = inf.check_unrolled(traj, x, y, xv, yv, 5, wrt="inputs")
+    assert not chk.ok
+    assert "likely wrong" in chk.explanation
+    # The detached scale still depends on w, so H·v misses its term and dE/dc is off too:
+    # the check must fail loudly for it as well.
+    chk_c = inf.check_unrolled(traj, x, y, xv, yv, 5, wrt="sample_weights")
+    assert not chk_c.ok and "likely wrong" in chk_c.explanation
+
+
+def test_newton_step_on_a_small_model_lowers_the_loss():
+    x, y, _, _ = _data()
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [keras.Input((4,), dtype="float64"), keras.layers.Dense(3, activation="softmax", dtype="float64")]
+    )
+    fn = inf.ModelFunction(model)
+    loss = inf.losses.get_loss("sparse_categorical_crossentropy")
+
+    def mean_loss(w):
+        return loss.mean(tf.constant(y), fn(w, tf.constant(x)))
+
+    before = float(mean_loss(fn.weights))
+    after = float(mean_loss(inf.newton_step(mean_loss, fn.weights, damping=0.1)))
+    assert after < before
+    h = inf.hessian(mean_loss, fn.weights).numpy()
+    assert h.shape == (15, 15) and np.all(np.linalg.eigvalsh(h) > -1e-10)  # softmax regression is convex
+
+
+def test_float64_weights_behind_a_float32_input_are_refused():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, dtype="float64")])
+    x, y, _, _ = _data()
+    with __import__("pytest").raises(
+        ValueError,
+        match="'model' parameter of fit must be a model whose inputs are as "
+        "precise as its float64 weights. Got a float32 Input",
+    ):
+        inf.fit(model, x, y, loss="sparse_categorical_crossentropy")
