@@ -140,11 +140,14 @@ class Program:
         dc_hist = tf.TensorArray(x.dtype, size=length)
         dx_hist = tf.TensorArray(x.dtype, size=length)
         dy_hist = tf.TensorArray(x.dtype if self.label_grad else tf.float32, size=length)
+        finite_hist = tf.TensorArray(tf.bool, size=length)
         for i in tf.range(length - 1, -1, -1):
             t = start + i
             w = [h[i] for h in w_hist]
             s = [h[i] for h in s_hist]
             lam_w, lam_s, dc, dx, dy = self._reverse_step(w, s, t, lam_w, lam_s, x, y, c)
+            # One flag per step so a blow-up is reported with its step number.
+            finite_hist = finite_hist.write(i, tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in lam_w]))
             dc_hist = dc_hist.write(i, dc)
             dx_hist = dx_hist.write(i, dx)
             if self.label_grad:
@@ -159,7 +162,7 @@ class Program:
             dy_total = tf.math.unsorted_segment_sum(dy_flat, idx, n)
         else:
             dy_total = tf.zeros([0])
-        return lam_w, lam_s, dc_total, dx_total, dy_total
+        return lam_w, lam_s, dc_total, dx_total, dy_total, finite_hist.stack()
 
     def _reverse_step(self, w, s, t, lam_w, lam_s, x, y, c):
         xb, yb, cb, mask = self._batch(t, x, y, c)

@@ -209,10 +209,10 @@ def unrolled(
     for index in tqdm(range(len(segments) - 1, -1, -1), desc="reverse pass", unit="segment", disable=not show):
         a, b = segments[index]
         w_hist, s_hist = _segment_states(program, plan, trajectory, starts, index, a, b, w0, s0, x_t, y_t, c_t)
-        lam_w, lam_s, seg_dc, seg_dx, seg_dy = program.reverse(
+        lam_w, lam_s, seg_dc, seg_dx, seg_dy, finite = program.reverse(
             w_hist, s_hist, tf.constant(a), lam_w, lam_s, x_t, y_t, c_t
         )
-        _check_adjoint(lam_w, a, b)
+        _check_adjoint(np.asarray(finite), a, trajectory.learning_rates)
         dc, dx = dc + seg_dc, dx + seg_dx
         if label_grad:
             dy = dy + seg_dy
@@ -271,9 +271,14 @@ def _segment_states(program, plan, trajectory, starts, index, a, b, w0, s0, x_t,
     return w_hist, s_hist
 
 
-def _check_adjoint(lam_w: list[tf.Tensor], a: int, b: int) -> None:
-    if not all(bool(tf.reduce_all(tf.math.is_finite(t))) for t in lam_w):
-        raise FloatingPointError(
-            f"unrolled: the adjoint became NaN/Inf between steps {a} and {b - 1} of the reverse pass; "
-            "the recorded run may be unstable (learning rate too high) or a layer is not twice differentiable."
-        )
+def _check_adjoint(finite: np.ndarray, start: int, learning_rates: np.ndarray) -> None:
+    """Stop at the first step (in reverse order) whose adjoint is NaN/Inf, naming it."""
+    if finite.all():
+        return
+    step = start + int(np.flatnonzero(~finite).max())
+    raise FloatingPointError(
+        f"unrolled: the adjoint became NaN/Inf at step {step} of the reverse pass "
+        f"(learning rate {learning_rates[step]:g}). Hint: the recorded run may be unstable (lower the learning "
+        "rate), the loss may have hit log(0) (check for saturated probabilities), or a layer is not twice "
+        "differentiable at this point."
+    )

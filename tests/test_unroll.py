@@ -240,3 +240,23 @@ def test_safe_sqrt_has_zero_derivative_at_zero_and_adam_stays_finite_on_dead_inp
     traj = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=Adam(0.01), batch_size=4, epochs=2)
     res = inf.unrolled(traj, x, y, x[:3], y[:3])
     assert np.all(np.isfinite(res.input_grad)) and np.all(np.isfinite(res.removal_effect))
+
+
+def test_a_non_finite_adjoint_is_reported_with_its_step(data):
+    import tensorflow as tf
+
+    from influence.unroll import _check_adjoint
+
+    x, y, _, _ = data
+    traj = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=SGD(0.3), batch_size=5, epochs=2)
+    program = traj.program()
+    w_hist = [tf.constant(h) for h in traj.weights_history]
+    lam_w = [tf.fill(w.shape[1:], tf.constant(np.inf, tf.float64)) for w in w_hist]
+    x_t, y_t, c_t = tf.constant(x), tf.constant(y, tf.int32), tf.constant(np.ones(len(x)))
+    *_, finite = program.reverse(w_hist, [], tf.constant(0), lam_w, [], x_t, y_t, c_t)
+    assert not np.asarray(finite).any()
+    with pytest.raises(FloatingPointError, match="adjoint became NaN/Inf at step 5 of the reverse pass"):
+        _check_adjoint(np.asarray(finite), 0, traj.learning_rates)
+    flags = np.array([True, True, False, True])
+    with pytest.raises(FloatingPointError, match=r"at step 12 of the reverse pass \(learning rate 0.3\)"):
+        _check_adjoint(flags, 10, np.full(20, 0.3))
