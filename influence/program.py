@@ -43,8 +43,11 @@ class Schedule:
     seeds: tf.Tensor  # (T,) int64
 
     @staticmethod
-    def build(batches: list[np.ndarray], learning_rates: np.ndarray, seeds: np.ndarray, dtype: tf.DType) -> Schedule:
-        width = max(len(b) for b in batches)
+    def build(
+        batches: list[np.ndarray], learning_rates: np.ndarray, seeds: np.ndarray, dtype: tf.DType, replicas: int = 1
+    ) -> Schedule:
+        # Padding (mask 0) makes every batch the same width, divisible by the replica count.
+        width = -(-max(len(b) for b in batches) // replicas) * replicas
         padded = np.zeros((len(batches), width), dtype=np.int32)
         masks = np.zeros((len(batches), width))
         for t, b in enumerate(batches):
@@ -70,6 +73,11 @@ class Program:
         training: forward pass in training mode (dropout masks from the seeds).
         n_train: number of training samples (size of per-sample outputs).
         label_grad: whether to compute dE/dy (continuous labels only).
+        distribute: optional ``tf.distribute`` strategy. Each batch is split into
+            contiguous shards, one per replica; gradients and H·ḡ are all-reduced
+            and per-sample terms gathered in order, so the numbers equal one
+            device's up to summation order. (With dropout, masks depend on the
+            shard layout, so a distributed run differs from a single-device one.)
     """
 
     def __init__(
@@ -82,9 +90,12 @@ class Program:
         training: bool,
         n_train: int,
         label_grad: bool,
+        distribute: tf.distribute.Strategy | None = None,
     ) -> None:
         self.fn, self.loss, self.optimizer, self.schedule = fn, loss, optimizer, schedule
         self.training, self.n_train, self.label_grad = training, n_train, label_grad
+        self.distribute = distribute
+        self.replicas = 1 if distribute is None else int(distribute.num_replicas_in_sync)
         self.steps = int(schedule.batches.shape[0])
         self._run_recording = tf.function(lambda *a: self._run(*a, record=True), reduce_retracing=True)
         self._run_plain = tf.function(lambda *a: self._run(*a, record=False), reduce_retracing=True)
@@ -102,13 +113,34 @@ class Program:
         out = self.fn(w, xb, training=self.training, seed=self.schedule.seeds[t])
         return tf.reduce_sum(cb * self.loss(yb, out)) / self.schedule.counts[t]
 
+    def gradient(self, w, t, xb, yb, cb) -> list[tf.Tensor]:
+        """∇L_t; under a strategy, the sum of the replicas' shard gradients (L_t is a sum over samples)."""
+
+        def shard_gradient(w, xb, yb, cb):
+            with tf.GradientTape() as tape:
+                tape.watch(w)
+                value = self.batch_loss(w, t, xb, yb, cb)
+            return tape.gradient(value, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+        if self.distribute is None:
+            return shard_gradient(w, xb, yb, cb)
+
+        def replica(w, xb, yb, cb):
+            g = shard_gradient(w, *self._shard(xb, yb, cb))
+            return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, g)
+
+        return self.distribute.experimental_local_results(self.distribute.run(replica, args=(w, xb, yb, cb)))[0]
+
+    def _shard(self, *tensors: tf.Tensor) -> list[tf.Tensor]:
+        """This replica's contiguous slice of each batch tensor."""
+        r = tf.distribute.get_replica_context().replica_id_in_sync_group
+        size = tf.shape(tensors[0])[0] // self.replicas
+        return [t[r * size : (r + 1) * size] for t in tensors]
+
     def step(self, w, s, t, x, y, c):
         """One recorded training step: (w_t, s_t) -> (w_{t+1}, s_{t+1})."""
         xb, yb, cb, _ = self._batch(t, x, y, c)
-        with tf.GradientTape() as tape:
-            tape.watch(w)
-            value = self.batch_loss(w, t, xb, yb, cb)
-        g = tape.gradient(value, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        g = self.gradient(w, t, xb, yb, cb)
         return self.optimizer.update(w, g, s, self.schedule.learning_rates[t], t)
 
     def _run(self, w, s, start, stop, x, y, c, *, record: bool):
@@ -165,6 +197,8 @@ class Program:
         return lam_w, lam_s, dc_total, dx_total, dy_total, finite_hist.stack()
 
     def _reverse_step(self, w, s, t, lam_w, lam_s, x, y, c):
+        if self.distribute is not None:
+            return self._reverse_step_distributed(w, s, t, lam_w, lam_s, x, y, c)
         xb, yb, cb, mask = self._batch(t, x, y, c)
         targets = [xb, cb] + ([yb] if self.label_grad else [])
         with tf.GradientTape() as outer:
@@ -185,6 +219,40 @@ class Program:
         dy = target_grads[2] if self.label_grad else tf.zeros([0])
         # cb = c[idx] * mask: padded entries get no credit.
         return lam_w_prev, lam_s_prev, dcb * mask, dx, dy
+
+    def _second_order(self, w, t, xb, yb, cb, g_bar):
+        """H_t ḡ and the per-sample terms (x, c, y) for one shard, from ∇(∇L·ḡ) with ḡ fixed."""
+        targets = [xb, cb] + ([yb] if self.label_grad else [])
+        with tf.GradientTape() as outer:
+            outer.watch(w)
+            outer.watch(targets)
+            with tf.GradientTape() as inner:
+                inner.watch(w)
+                value = self.batch_loss(w, t, xb, yb, cb)
+            g = inner.gradient(value, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            contracted = _tree.dot(g, g_bar)
+        return outer.gradient(contracted, [w, targets], unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def _reverse_step_distributed(self, w, s, t, lam_w, lam_s, x, y, c):
+        # ḡ needs the full-batch gradient first (Adam/RMSprop adjoints depend on it), so the
+        # distributed step takes one all-reduced gradient, then one second-order call per shard.
+        xb, yb, cb, mask = self._batch(t, x, y, c)
+        g = self.gradient(w, t, xb, yb, cb)
+        lam_w_direct, g_bar, lam_s_prev = self._update_vjp(w, g, s, t, lam_w, lam_s)
+
+        def replica(w, g_bar, xb, yb, cb):
+            hess_g_bar, target_grads = self._second_order(w, t, *self._shard(xb, yb, cb), g_bar)
+            hess_g_bar = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, hess_g_bar)
+            return hess_g_bar, target_grads
+
+        results = self.distribute.experimental_local_results(  # type: ignore[union-attr]
+            self.distribute.run(replica, args=(w, g_bar, xb, yb, cb))  # type: ignore[union-attr]
+        )
+        hess_g_bar = results[0][0]
+        per_sample = [tf.concat([r[1][k] for r in results], axis=0) for k in range(len(results[0][1]))]
+        lam_w_prev = [a + b for a, b in zip(lam_w_direct, hess_g_bar)]
+        dy = per_sample[2] if self.label_grad else tf.zeros([0])
+        return lam_w_prev, lam_s_prev, per_sample[1] * mask, per_sample[0], dy
 
     def _update_vjp(self, w, g, s, t, lam_w, lam_s):
         """Adjoints of (w, g, s) from those of U's outputs (first-order VJP)."""

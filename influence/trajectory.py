@@ -41,6 +41,8 @@ class Trajectory:
             each step, lists of (T, *shape) arrays, when they fit the record budget
             (else None and the reverse pass recomputes them).
         seconds: wall time of the recorded training.
+        distribute: the ``tf.distribute`` strategy its steps run under (None: one device).
+            Set it to another strategy (or None) to replay or unroll the same run elsewhere.
     """
 
     model: keras.Model
@@ -58,6 +60,7 @@ class Trajectory:
     weights_history: list[np.ndarray] | None = None
     state_history: list[np.ndarray] | None = None
     seconds: float = 0.0
+    distribute: tf.distribute.Strategy | None = None
     _program_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -67,12 +70,20 @@ class Trajectory:
 
     def program(self, *, label_grad: bool = False) -> Program:
         """The compiled forward/reverse program of this run (cached: tracing is the main cost)."""
-        key = bool(label_grad)
+        key = (bool(label_grad), id(self.distribute))
         if key not in self._program_cache:
             fn = ModelFunction(self.model, func="Trajectory")
-            schedule = Schedule.build(self.batches, self.learning_rates, self.seeds, fn.dtype)
+            replicas = 1 if self.distribute is None else int(self.distribute.num_replicas_in_sync)
+            schedule = Schedule.build(self.batches, self.learning_rates, self.seeds, fn.dtype, replicas)
             self._program_cache[key] = Program(
-                fn, self.loss, self.optimizer, schedule, training=self.training, n_train=self.n_train, label_grad=key
+                fn,
+                self.loss,
+                self.optimizer,
+                schedule,
+                training=self.training,
+                n_train=self.n_train,
+                label_grad=bool(label_grad),
+                distribute=self.distribute,
             )
         return self._program_cache[key]
 
@@ -113,6 +124,7 @@ def fit(
     training: bool | None = None,
     from_logits: bool = False,
     record_budget_bytes: int = DEFAULT_RECORD_BUDGET,
+    distribute: tf.distribute.Strategy | None = None,
 ) -> Trajectory:
     """Train ``model`` with explicit recorded steps and return the :class:`Trajectory`.
 
@@ -133,6 +145,8 @@ def fit(
             use their moving statistics instead.
         record_budget_bytes: keep every step's weights in the trajectory when
             they fit (so the reverse pass need not recompute them).
+        distribute: optional ``tf.distribute`` strategy (e.g. ``MirroredStrategy``):
+            every step's batch is split across its replicas (DESIGN §1 math unchanged).
     """
     func = "fit"
     fn, per_sample = prepare(func, model, loss, from_logits)
@@ -155,6 +169,8 @@ def fit(
     c = np.ones(len(x)) if sample_weight is None else as_array(sample_weight, param="sample_weight", func=func)
     check_same_length(func, x_train=x, sample_weight=c)
     training = True if training is None else bool(training)
+    if distribute is not None and not isinstance(distribute, tf.distribute.Strategy):
+        raise TypeError(param_error("distribute", func, "a tf.distribute.Strategy or None", describe(distribute)))
     require_independent_samples(
         fn,
         tf.constant(x[: min(len(x), 4)], dtype=fn.dtype if np.issubdtype(x.dtype, np.floating) else None),
@@ -181,6 +197,7 @@ def fit(
         sample_weight=c,
         n_train=len(x),
         input_shape=tuple(x.shape[1:]),
+        distribute=distribute,
     )
     start = time.perf_counter()
     program = trajectory.program()

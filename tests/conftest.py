@@ -7,6 +7,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Two logical CPU devices, so distributed tests can compare 1 vs 2 replicas (must precede TF's start-up).
+_cpu = tf.config.list_physical_devices("CPU")[0]
+try:
+    tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+except RuntimeError:  # devices already initialised by another import: distributed tests will skip
+    pass
 
 import influence as inf  # noqa: E402
 
