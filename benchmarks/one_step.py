@@ -39,7 +39,7 @@ Targets (from the issue)
 
 Usage (from the repository root)::
 
-    python benchmarks/one_step.py            # full run, about 5-10 minutes on 2 cores
+    python benchmarks/one_step.py            # full run, about 4-6 minutes on 2 idle cores
     python benchmarks/one_step.py --quick    # smoke test
 """
 
@@ -164,6 +164,13 @@ class PeakRSS:
         self._stop.set()
 
 
+def error_summary(exc: Exception) -> str:
+    """The informative line of an exception message (TensorFlow's end with a node trace)."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    useful = [line for line in lines if line and not line.startswith(("File ", "[[", "Detected at node"))]
+    return (useful[-1] if useful else "")[:300]
+
+
 def run_worker(method: str, d: int, repeats: int, seed: int, save: str | None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
@@ -179,8 +186,10 @@ def run_worker(method: str, d: int, repeats: int, seed: int, save: str | None) -
             "intra_op_parallelism_threads": tf.config.threading.get_intra_op_parallelism_threads(),
             "inter_op_parallelism_threads": tf.config.threading.get_inter_op_parallelism_threads(),
             "note": "0 means TensorFlow's default (one thread pool sized to the visible cores)",
-            **{var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
-                                                    "TF_NUM_INTEROP_THREADS")},
+            **{
+                var: os.environ.get(var)
+                for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+            },
         },
         devices=[dev.name for dev in tf.config.list_logical_devices()],
     )
@@ -200,9 +209,7 @@ def run_worker(method: str, d: int, repeats: int, seed: int, save: str | None) -
     y_val = rng.integers(0, CLASSES, N_VAL)
 
     def call() -> np.ndarray:
-        return inf.one_step(
-            model, LOSS, x_train, y_train, x_val, y_val, learning_rate=LEARNING_RATE, method=method
-        )
+        return inf.one_step(model, LOSS, x_train, y_train, x_val, y_val, learning_rate=LEARNING_RATE, method=method)
 
     gc.collect()
     baseline = (proc_status_kb("self", "VmRSS") or 0) * 1024
@@ -223,11 +230,11 @@ def run_worker(method: str, d: int, repeats: int, seed: int, save: str | None) -
     if save:
         np.save(save, result)
 
+    del result
     warm = []
     for _ in range(repeats):
-        del result
         start = time.perf_counter()
-        result = call()
+        call()
         warm.append(time.perf_counter() - start)
     peak.stop()
     emit(
@@ -243,8 +250,8 @@ def run_worker(method: str, d: int, repeats: int, seed: int, save: str | None) -
 
 def launch(method: str, d: int, args: argparse.Namespace, save: Path) -> dict[str, Any]:
     """Run one worker under the memory guard and the timeout; return its merged record."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--method", method, "--features", str(d),
-           "--repeats", str(args.repeats), "--seed", str(args.seed), "--save", str(save)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--method", method, "--features", str(d)]
+    cmd += ["--repeats", str(args.repeats), "--seed", str(args.seed), "--save", str(save)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     limit_kb = int(args.mem_limit_gib * 2**20)
     record: dict[str, Any] = {"method": method, "features": d}
@@ -282,6 +289,8 @@ def launch(method: str, d: int, args: argparse.Namespace, save: Path) -> dict[st
     elif code is not None and code < 0:
         name = signal.Signals(-code).name
         status = f"crashed (signal {-code}, {name}{', probably the kernel OOM killer' if -code == 9 else ''})"
+    elif "error" in record:
+        status = f"crashed ({record['error']})"
     else:
         status = f"crashed (exit code {code})"
     if status != "ok":
@@ -297,12 +306,16 @@ def launch(method: str, d: int, args: argparse.Namespace, save: Path) -> dict[st
 
 def machine_info(records: list[dict[str, Any]]) -> dict[str, Any]:
     cpu_model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
         platform.processor(),
     )
-    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal"))
+    mem_kb = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
+    )
     reported = next((r for r in records if "versions" in r), {})
     return {
         "cpu_count": os.cpu_count(),
@@ -332,7 +345,7 @@ def summarise(records: list[dict[str, Any]], features: tuple[int, ...]) -> tuple
             "dense_jacobian": human_bytes(jacobian_bytes(d)),
             "speedup_warm": ratio(jac.get("warm_s"), hvp.get("warm_s")),
             "speedup_cold": ratio(jac.get("cold_s"), hvp.get("cold_s")),
-            "max_abs_difference": hvp.get("max_abs_difference"),
+            "relative_difference": hvp.get("relative_difference"),
         }
 
     def target(description: str, measured: Any, met: bool | None) -> dict[str, Any]:
@@ -345,8 +358,11 @@ def summarise(records: list[dict[str, Any]], features: tuple[int, ...]) -> tuple
     targets = {
         "speedup_at_256": target(
             f"hvp >= {SPEEDUP_TARGET:g}x faster than jacobian at d={SPEEDUP_AT} (warm)",
-            {"warm": speedup.get("speedup_warm"), "cold": speedup.get("speedup_cold"),
-             "jacobian_status": by_key.get(("jacobian", SPEEDUP_AT), {}).get("status")},
+            {
+                "warm": speedup.get("speedup_warm"),
+                "cold": speedup.get("speedup_cold"),
+                "jacobian_status": by_key.get(("jacobian", SPEEDUP_AT), {}).get("status"),
+            },
             None if speedup.get("speedup_warm") is None else speedup["speedup_warm"] >= SPEEDUP_TARGET,
         ),
         "hvp_time_at_784": target(
@@ -363,8 +379,8 @@ def summarise(records: list[dict[str, Any]], features: tuple[int, ...]) -> tuple
     return comparisons, targets
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "—" if value is None else format(value, spec) + suffix
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -377,6 +393,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"seed {s['seed']}. Cold = first call; warm = median of {s['repeats']} further calls. "
         "Peak = peak RSS over all calls minus the RSS after building model and data (MB = MiB). "
         "Each row ran in its own process.",
+        "",
+        f"Load average (1 min) {report['load_average_1_5_15_min']['before'][0]:.2f} before the run, "
+        f"{report['load_average_1_5_15_min']['after'][0]:.2f} after (other work on the machine inflates times).",
         "",
         f"Machine: {m['cpu_count']} CPUs ({m['cpu_model']}), {m['memory_total_gib']} GiB RAM, "
         f"Python {m['python']}, TensorFlow {m.get('tensorflow')}, Keras {m.get('keras')}; TF threads "
@@ -393,21 +412,21 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| d | weights P | dense Jacobian P·B·d·4 | speedup warm | speedup cold | max abs difference |",
+        "| d | weights P | dense Jacobian P·B·d·4 | speedup warm | speedup cold | max rel. difference |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for d, c in report["comparisons"].items():
         lines.append(
-            f"| {d} | {c['params']} | {c['dense_jacobian']} | {fmt(c['speedup_warm'], '.0f')}× | "
-            f"{fmt(c['speedup_cold'], '.0f')}× | {fmt(c['max_abs_difference'], '.2e')} |"
+            f"| {d} | {c['params']} | {c['dense_jacobian']} | {fmt(c['speedup_warm'], '.0f', '×')} | "
+            f"{fmt(c['speedup_cold'], '.0f', '×')} | {fmt(c['relative_difference'], '.1e')} |"
         )
     lines += ["", "## Targets", ""]
     t = report["targets"]
     verdict = {True: "**met**", False: "**missed**", None: "**not measured**"}
     sp = t["speedup_at_256"]
     lines.append(
-        f"- {sp['target']}: {verdict[sp['met']]} — {fmt(sp['measured']['warm'], '.0f')}× warm, "
-        f"{fmt(sp['measured']['cold'], '.0f')}× cold."
+        f"- {sp['target']}: {verdict[sp['met']]} — {fmt(sp['measured']['warm'], '.0f', '×')} warm, "
+        f"{fmt(sp['measured']['cold'], '.0f', '×')} cold."
     )
     ht = t["hvp_time_at_784"]
     lines.append(
@@ -424,6 +443,7 @@ def run_parent(args: argparse.Namespace) -> None:
     import numpy as np
 
     features = (64,) if args.quick else FEATURES
+    load_before = os.getloadavg()
     out_dir = Path(args.out_dir) if args.out_dir else (QUICK_OUT_DIR if args.quick else DEFAULT_OUT_DIR)
     records = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -433,13 +453,17 @@ def run_parent(args: argparse.Namespace) -> None:
                 save = Path(scratch) / f"{method}_{d}.npy"
                 print(f"d={d:<4} {method:<9}", end=" ", flush=True)
                 record = launch(method, d, args, save)
-                print(f"cold {fmt(record.get('cold_s'), '.3f')} s, warm {fmt(record.get('warm_s'), '.3f')} s, "
-                      f"peak +{fmt(record.get('peak_over_baseline_mb'), '.1f')} MB: {record['status']}", flush=True)
+                print(
+                    f"cold {fmt(record.get('cold_s'), '.3f')} s, warm {fmt(record.get('warm_s'), '.3f')} s, "
+                    f"peak +{fmt(record.get('peak_over_baseline_mb'), '.1f')} MB: {record['status']}",
+                    flush=True,
+                )
                 records.append(record)
                 results[method] = np.load(save) if save.exists() else None
             if results["hvp"] is not None and results["jacobian"] is not None:
-                diff = float(np.max(np.abs(results["hvp"] - results["jacobian"])))
-                records[-2]["max_abs_difference"] = records[-1]["max_abs_difference"] = diff
+                hvp, jac = results["hvp"], results["jacobian"]
+                diff = float(np.max(np.abs(hvp - jac)) / max(float(np.max(np.abs(jac))), 1e-30))
+                records[-2]["relative_difference"] = records[-1]["relative_difference"] = diff
 
     comparisons, targets = summarise(records, features)
     report = {
@@ -447,12 +471,19 @@ def run_parent(args: argparse.Namespace) -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(records),
+        "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
         "setup": {
             "model": f"d-{'-'.join(map(str, HIDDEN))}-{CLASSES} MLP, tanh/tanh/softmax, float32",
-            "loss": LOSS, "learning_rate": LEARNING_RATE, "batch": BATCH, "n_val": N_VAL,
-            "features": list(features), "seed": args.seed, "repeats": args.repeats,
+            "loss": LOSS,
+            "learning_rate": LEARNING_RATE,
+            "batch": BATCH,
+            "n_val": N_VAL,
+            "features": list(features),
+            "seed": args.seed,
+            "repeats": args.repeats,
             "memory_units": "MB = MiB = 2**20 bytes",
-            "timeout_s": args.timeout, "mem_limit_gib": args.mem_limit_gib,
+            "timeout_s": args.timeout,
+            "mem_limit_gib": args.mem_limit_gib,
         },
         "results": records,
         "comparisons": comparisons,
@@ -481,7 +512,7 @@ def main() -> None:
         try:
             run_worker(args.method, args.features, args.repeats, args.seed, args.save)
         except Exception as exc:
-            emit(error=f"{type(exc).__name__}: {str(exc)[:500]}")
+            emit(error=f"{type(exc).__name__}: {error_summary(exc)}")
             raise
     else:
         run_parent(args)

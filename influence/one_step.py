@@ -7,9 +7,11 @@ the validation loss E(w') changes with the training inputs as
 
 a mixed second derivative contracted with a vector: one nested tape,
 O(|w| + |X|) memory (``method="hvp"``). ``method="jacobian"`` builds the
-|w|×|X| Jacobian ∂(∇_w L)/∂X and contracts it — the route that exhausts
-memory at 784 input features; it is kept as the reference for tests and
-benchmarks.
+|w|×|X| Jacobian ∂(∇_w L)/∂X and contracts it: for an MLP 784-64-64-10 and a
+batch of 64 that is a 10 GiB tensor, and TensorFlow's vectorised Jacobian
+already fails there (its segment count P² overflows int32; see
+reports/benchmarks/one_step.md). It is kept as the reference for tests and
+benchmarks at small sizes.
 """
 
 from __future__ import annotations
