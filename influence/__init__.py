@@ -61,3 +61,7 @@ __all__ += ["predicted_group_effect", "rank", "rankers"]
 from .input_optimization import InputOptimization, adversarial_examples, optimize_training_inputs  # noqa: E402
 
 __all__ += ["InputOptimization", "adversarial_examples", "optimize_training_inputs"]
+
+from .persist import load_trajectory, save_trajectory  # noqa: E402
+
+__all__ += ["load_trajectory", "save_trajectory"]

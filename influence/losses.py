@@ -79,12 +79,14 @@ class Loss:
         continuous_labels: True when ``y`` is real-valued (MSE targets, soft
             labels), so dE/dy exists (``label_grad``); False for integer labels.
         integer_labels: True when ``y`` holds class indices.
+        from_logits: whether the model's outputs are logits (built-in losses).
     """
 
     name: str
     per_sample: PerSampleLoss
     continuous_labels: bool
     integer_labels: bool = False
+    from_logits: bool = False
 
     def __call__(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         return self.per_sample(y_true, y_pred)
@@ -94,7 +96,7 @@ class Loss:
         return tf.reduce_mean(self.per_sample(y_true, y_pred))
 
 
-_NAMES = (
+BUILT_IN = (
     "mse",
     "mean_squared_error",
     "sparse_categorical_crossentropy",
@@ -107,11 +109,13 @@ def _by_name(name: str, from_logits: bool) -> Loss:
     if name in ("mse", "mean_squared_error"):
         return Loss("mse", _mse, continuous_labels=True)
     if name == "sparse_categorical_crossentropy":
-        return Loss(name, _sparse_ce(from_logits), continuous_labels=False, integer_labels=True)
+        return Loss(
+            name, _sparse_ce(from_logits), continuous_labels=False, integer_labels=True, from_logits=from_logits
+        )
     if name == "categorical_crossentropy":
-        return Loss(name, _categorical_ce(from_logits), continuous_labels=True)
+        return Loss(name, _categorical_ce(from_logits), continuous_labels=True, from_logits=from_logits)
     if name == "binary_crossentropy":
-        return Loss(name, _binary_ce(from_logits), continuous_labels=True)
+        return Loss(name, _binary_ce(from_logits), continuous_labels=True, from_logits=from_logits)
     raise AssertionError(name)  # guarded by get_loss
 
 
@@ -135,8 +139,8 @@ def get_loss(loss: object, *, func: str = "get_loss", from_logits: bool = False)
     if isinstance(loss, Loss):
         return loss
     if isinstance(loss, str):
-        if loss not in _NAMES:
-            raise ValueError(param_error("loss", func, "one of " + ", ".join(repr(n) for n in _NAMES), repr(loss)))
+        if loss not in BUILT_IN:
+            raise ValueError(param_error("loss", func, "one of " + ", ".join(repr(n) for n in BUILT_IN), repr(loss)))
         return _by_name(loss, from_logits)
     if isinstance(loss, keras.losses.Loss):
         cls = type(loss).__name__

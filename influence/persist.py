@@ -1,0 +1,138 @@
+"""Saving and loading recorded trajectories, so a run can be unrolled, ranked or
+sharded in another process, or resumed after an interruption.
+
+Layout of a saved trajectory (a folder):
+    model.keras     the Keras model (its weights are the final weights)
+    arrays.npz      initial/final weights, batches (flat + offsets), learning rates,
+                    seeds, sample weights, optional weight/state history
+    meta.json       loss, optimizer, training flag and shapes
+Files are written to a temporary folder and moved into place, so an
+interrupted save never leaves a half-written trajectory behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import keras
+import numpy as np
+
+from ._validation import describe, param_error
+from .losses import BUILT_IN, get_loss
+from .optimizers import SGD, Adam, Optimizer, RMSprop
+from .trajectory import Trajectory
+
+_OPTIMIZERS: dict[str, type[Optimizer]] = {"SGD": SGD, "RMSprop": RMSprop, "Adam": Adam}
+FORMAT_VERSION = 1
+
+
+def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
+    """Write ``trajectory`` to the folder ``path`` (replaced atomically if it exists)."""
+    func = "save_trajectory"
+    if not isinstance(trajectory, Trajectory):
+        raise TypeError(param_error("trajectory", func, "an influence.Trajectory", describe(trajectory)))
+    if trajectory.loss.name not in BUILT_IN:
+        raise ValueError(
+            param_error(
+                "trajectory",
+                func,
+                "a run with a built-in loss (custom callables cannot be saved)",
+                f"loss {trajectory.loss.name!r}",
+            )
+        )
+    optimizer = trajectory.optimizer
+    config = {f.name: getattr(optimizer, f.name) for f in dataclasses.fields(optimizer)}
+    if callable(config["learning_rate"]):
+        config["learning_rate"] = float(trajectory.learning_rates[0])  # the record keeps every step's rate
+    meta = {
+        "format": FORMAT_VERSION,
+        "loss": trajectory.loss.name,
+        "from_logits": trajectory.loss.from_logits,
+        "optimizer": type(optimizer).__name__,
+        "optimizer_config": config,
+        "training": trajectory.training,
+        "n_train": trajectory.n_train,
+        "input_shape": list(trajectory.input_shape),
+        "seconds": trajectory.seconds,
+        "weights": len(trajectory.initial_weights),
+        "history": trajectory.weights_history is not None,
+        "state": len(trajectory.state_history or []),
+    }
+    arrays: dict[str, np.ndarray] = {
+        "batches": np.concatenate(trajectory.batches),
+        "offsets": np.cumsum([0] + [len(b) for b in trajectory.batches]),
+        "learning_rates": trajectory.learning_rates,
+        "seeds": trajectory.seeds,
+        "sample_weight": trajectory.sample_weight,
+    }
+    for i, (w0, w1) in enumerate(zip(trajectory.initial_weights, trajectory.final_weights)):
+        arrays[f"initial_{i}"], arrays[f"final_{i}"] = w0, w1
+    for i, h in enumerate(trajectory.weights_history or []):
+        arrays[f"history_{i}"] = h
+    for i, h in enumerate(trajectory.state_history or []):
+        arrays[f"state_{i}"] = h
+    target = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".trajectory-", dir=parent)
+    try:
+        trajectory.model.save(os.path.join(staging, "model.keras"))
+        np.savez(os.path.join(staging, "arrays.npz"), **arrays)  # type: ignore[arg-type]
+        with open(os.path.join(staging, "meta.json"), "w") as fh:
+            json.dump(meta, fh, indent=2)
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] | None = None) -> Trajectory:
+    """Read a trajectory written by :func:`save_trajectory`."""
+    func = "load_trajectory"
+    folder = os.fspath(path)
+    needed = [os.path.join(folder, name) for name in ("model.keras", "arrays.npz", "meta.json")]
+    missing = [p for p in needed if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(
+            param_error(
+                "path",
+                func,
+                "a folder written by save_trajectory",
+                f"{folder!r} without {os.path.basename(missing[0])}",
+            )
+        )
+    with open(needed[2]) as fh:
+        meta = json.load(fh)
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(param_error("path", func, f"a trajectory of format {FORMAT_VERSION}", meta.get("format")))
+    model = keras.saving.load_model(needed[0], custom_objects=custom_objects, compile=False)
+    with np.load(needed[1]) as data:
+        arrays = {k: data[k] for k in data.files}
+    offsets = arrays["offsets"]
+    batches = [arrays["batches"][offsets[t] : offsets[t + 1]] for t in range(len(offsets) - 1)]
+    count = meta["weights"]
+    optimizer = _OPTIMIZERS[meta["optimizer"]](**meta["optimizer_config"])
+    return Trajectory(
+        model=model,
+        loss=get_loss(meta["loss"], from_logits=meta["from_logits"]),
+        optimizer=optimizer,
+        initial_weights=[arrays[f"initial_{i}"] for i in range(count)],
+        final_weights=[arrays[f"final_{i}"] for i in range(count)],
+        batches=batches,
+        learning_rates=arrays["learning_rates"],
+        seeds=arrays["seeds"],
+        training=meta["training"],
+        sample_weight=arrays["sample_weight"],
+        n_train=meta["n_train"],
+        input_shape=tuple(meta["input_shape"]),
+        weights_history=[arrays[f"history_{i}"] for i in range(count)] if meta["history"] else None,
+        state_history=[arrays[f"state_{i}"] for i in range(meta["state"])] if meta["history"] else None,
+        seconds=meta["seconds"],
+    )

@@ -1,0 +1,50 @@
+"""A saved trajectory reloads into the same run: same replay, same hypergradients."""
+
+import numpy as np
+import pytest
+from conftest import mlp
+
+import influence as inf
+from influence.optimizers import SGD, Adam
+
+
+@pytest.mark.parametrize("record", [True, False])
+def test_saved_trajectory_reloads_with_identical_results(tmp_path, record):
+    rng = np.random.default_rng(0)
+    x, y, xv, yv = rng.normal(size=(11, 5)), rng.integers(0, 3, 11), rng.normal(size=(5, 5)), rng.integers(0, 3, 5)
+    traj = inf.fit(
+        mlp(5, 3, out_activation="softmax"),
+        x,
+        y,
+        loss="sparse_categorical_crossentropy",
+        optimizer=Adam(lambda t: 0.02 / (1 + t)),
+        batch_size=4,
+        epochs=2,
+        record_budget_bytes=2**20 if record else 0,
+    )
+    inf.save_trajectory(traj, tmp_path / "run")
+    loaded = inf.load_trajectory(tmp_path / "run")
+    assert [len(b) for b in loaded.batches] == [4, 4, 3] * 2
+    assert np.array_equal(loaded.learning_rates, traj.learning_rates)
+    assert (loaded.weights_history is not None) == record
+    assert all(np.array_equal(a, b) for a, b in zip(inf.retrain(loaded, x, y), traj.final_weights))
+    before, after = inf.unrolled(traj, x, y, xv, yv), inf.unrolled(loaded, x, y, xv, yv)
+    assert np.array_equal(before.removal_effect, after.removal_effect)
+    assert np.array_equal(before.input_grad, after.input_grad)
+
+
+def test_saving_replaces_atomically_and_errors_are_clear(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 4)), rng.normal(size=(6, 2))
+    traj = inf.fit(mlp(4, 2), x, y, loss="mse", optimizer=SGD(0.1), batch_size=3)
+    inf.save_trajectory(traj, tmp_path / "run")
+    inf.save_trajectory(traj, tmp_path / "run")  # overwrite in place
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["arrays.npz", "meta.json", "model.keras"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".trajectory-")]
+    with pytest.raises(FileNotFoundError, match="'path' parameter of load_trajectory must be a folder written by"):
+        inf.load_trajectory(tmp_path / "nowhere")
+    custom = inf.fit(mlp(4, 2), x, y, loss=lambda a, b: ((a - b) ** 2)[:, 0], batch_size=3)
+    with pytest.raises(
+        ValueError, match="'trajectory' parameter of save_trajectory must be a run with a built-in loss"
+    ):
+        inf.save_trajectory(custom, tmp_path / "custom")
