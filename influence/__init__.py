@@ -65,3 +65,7 @@ __all__ += ["InputOptimization", "adversarial_examples", "optimize_training_inpu
 from .persist import load_trajectory, save_trajectory  # noqa: E402
 
 __all__ += ["load_trajectory", "save_trajectory"]
+
+from .sharding import rank_in_processes  # noqa: E402
+
+__all__ += ["rank_in_processes"]

@@ -32,6 +32,7 @@ def rank(
     damping: float | str = "auto",
     checkpoint_every: int | None = None,
     progress: bool = False,
+    samples: Any = None,
 ) -> pd.DataFrame:
     """Rank training samples, most harmful first.
 
@@ -50,6 +51,8 @@ def rank(
         checkpoint_every: steps between TracIn / self-influence checkpoints
             (default: one per epoch).
         progress: show progress bars on long stages.
+        samples: score only these training indices (a shard; see
+            :func:`influence.rank_in_processes`). Default: all.
 
     Returns:
         DataFrame, one row per training sample, most harmful first, with columns
@@ -79,8 +82,14 @@ def rank(
     ):
         raise ValueError(param_error("checkpoint_every", func, "a positive int or None", describe(checkpoint_every)))
 
+    chosen = np.arange(len(x))
+    if samples is not None:
+        chosen = as_array(samples, param="samples", func=func)
+        if not np.issubdtype(chosen.dtype, np.integer) or chosen.min() < 0 or chosen.max() >= len(x):
+            raise ValueError(param_error("samples", func, f"training indices in [0, {len(x) - 1}]", describe(chosen)))
+
     start = time.perf_counter()
-    ops = SampleOps(trajectory, x, y, progress=progress)
+    ops = SampleOps(trajectory, x, y, progress=progress, samples=chosen)
     if solver == "auto":
         solver = "exact" if sum(w.size for w in trajectory.final_weights) <= 1000 else "cg"
     compute: Any = {
@@ -102,10 +111,10 @@ def rank(
     losses, outputs = ops.losses_and_outputs(ops.weights(trajectory.final_weights))
     table = pd.DataFrame(
         {
-            "index": np.arange(len(x)),
+            "index": chosen,
             "score": score,
-            "removal_effect": effect if effect is not None else np.full(len(x), np.nan),
-            "label": list(y) if y.ndim > 1 else y,
+            "removal_effect": effect if effect is not None else np.full(len(chosen), np.nan),
+            "label": list(y[chosen]) if y.ndim > 1 else y[chosen],
             "predicted_label": _predicted_labels(trajectory, outputs),
             "train_loss": losses,
         }

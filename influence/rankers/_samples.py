@@ -29,12 +29,22 @@ class SampleOps:
         x, y: training data (n, ...), already validated.
         chunk: samples per compiled call.
         progress: whether long loops over it (solvers) show progress bars.
+        samples: training indices whose per-sample quantities are wanted (default: all).
     """
 
     def __init__(
-        self, trajectory: Trajectory, x: np.ndarray, y: np.ndarray, chunk: int = DEFAULT_CHUNK, progress: bool = False
+        self,
+        trajectory: Trajectory,
+        x: np.ndarray,
+        y: np.ndarray,
+        chunk: int = DEFAULT_CHUNK,
+        progress: bool = False,
+        samples: np.ndarray | None = None,
     ) -> None:
         self.progress = progress
+        # Per-sample quantities are computed for ``samples`` only (a shard); the
+        # Hessian and mean gradients always use the whole training set.
+        self.samples = np.arange(len(x)) if samples is None else np.asarray(samples)
         program = trajectory.program()
         self.fn, self.loss = program.fn, program.loss
         self.dtype = self.fn.dtype
@@ -42,6 +52,8 @@ class SampleOps:
         self.y = tf.constant(y, dtype=self.dtype if self.loss.continuous_labels else tf.int32)
         self.c = tf.constant(trajectory.sample_weight, dtype=self.dtype)
         self.n = len(x)
+        self.xs = tf.gather(self.x, self.samples)
+        self.ys = tf.gather(self.y, self.samples)
         self.chunk = chunk
         self._losses = tf.function(self._losses_impl, reduce_retracing=True)
         self._dots = tf.function(self._dots_impl, reduce_retracing=True)
@@ -49,9 +61,11 @@ class SampleOps:
         self._hvp = tf.function(self._hvp_impl, reduce_retracing=True)
         self._grad = tf.function(self._grad_impl, reduce_retracing=True)
 
-    def chunks(self) -> Iterator[slice]:
-        for start in range(0, self.n, self.chunk):
-            yield slice(start, min(start + self.chunk, self.n))
+    def chunks(self, count: int | None = None) -> Iterator[slice]:
+        """Slices of ``chunk`` samples over ``count`` rows (default: the selected samples)."""
+        total = len(self.samples) if count is None else count
+        for start in range(0, total, self.chunk):
+            yield slice(start, min(start + self.chunk, total))
 
     def weights(self, values: list[np.ndarray]) -> list[tf.Tensor]:
         return [tf.constant(v, dtype=self.dtype) for v in values]
@@ -89,21 +103,21 @@ class SampleOps:
     # ---------------------------------------------------------------- public helpers
 
     def losses_and_outputs(self, w: list[tf.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        """Per-sample training losses (n,) and model outputs (n, ...)."""
+        """Per-sample training losses and model outputs of the selected samples, (m,) and (m, ...)."""
         losses, outputs = [], []
         for s in self.chunks():
-            value, out = self._losses(w, self.x[s], self.y[s])
+            value, out = self._losses(w, self.xs[s], self.ys[s])
             losses.append(value.numpy())
             outputs.append(out.numpy())
         return np.concatenate(losses), np.concatenate(outputs)
 
     def gradient_dots(self, w: list[tf.Tensor], v: list[tf.Tensor]) -> np.ndarray:
-        """∇ℓ_i(w)·v for every training sample, shape (n,)."""
-        return np.concatenate([self._dots(w, v, self.x[s], self.y[s]).numpy() for s in self.chunks()])
+        """∇ℓ_i(w)·v for every selected sample, shape (m,)."""
+        return np.concatenate([self._dots(w, v, self.xs[s], self.ys[s]).numpy() for s in self.chunks()])
 
     def squared_gradient_norms(self, w: list[tf.Tensor]) -> np.ndarray:
-        """‖∇ℓ_i(w)‖² for every training sample, shape (n,)."""
-        return np.concatenate([self._sq_norms(w, self.x[s], self.y[s]).numpy() for s in self.chunks()])
+        """‖∇ℓ_i(w)‖² for every selected sample, shape (m,)."""
+        return np.concatenate([self._sq_norms(w, self.xs[s], self.ys[s]).numpy() for s in self.chunks()])
 
     def mean_gradient(self, w: list[tf.Tensor], indices: np.ndarray | None = None) -> list[tf.Tensor]:
         """∇ of the weighted mean training loss (over ``indices`` or all samples)."""
@@ -116,7 +130,7 @@ class SampleOps:
     def dense_hessian(self, w: list[tf.Tensor]) -> np.ndarray:
         """Dense Hessian (P, P) of the weighted mean training loss; small models only."""
         total = None
-        for s in self.chunks():
+        for s in self.chunks(self.n):
             xb, yb, cb = self.x[s], self.y[s], self.c[s]
 
             def chunk_loss(weights: list[tf.Tensor], xb=xb, yb=yb, cb=cb) -> tf.Tensor:
@@ -129,7 +143,7 @@ class SampleOps:
 
     def _accumulate(self, body, indices: np.ndarray | None) -> list[tf.Tensor]:
         if indices is None:
-            parts = [body(self.x[s], self.y[s], self.c[s]) for s in self.chunks()]
+            parts = [body(self.x[s], self.y[s], self.c[s]) for s in self.chunks(self.n)]
             count = self.n
         else:
             idx = tf.constant(indices)

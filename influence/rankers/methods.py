@@ -34,9 +34,11 @@ def val_gradient(ops: SampleOps, trajectory: Trajectory, w: list[tf.Tensor], x_v
     return gradient(lambda ww: trajectory.loss.mean(yv, ops.fn(ww, xv, training=False)), w)
 
 
-def by_unrolled(trajectory, x, y, x_val, y_val, *, progress: bool, **_) -> Scores:
-    result = unrolled(trajectory, x, y, x_val, y_val, progress=progress)
-    return -result.removal_effect, result.removal_effect, {"strategy": result.strategy}
+def by_unrolled(trajectory, x, y, x_val, y_val, *, ops: SampleOps, progress: bool, **_) -> Scores:
+    # One reverse pass yields every sample's effect; a shard just keeps its part.
+    effect = unrolled(trajectory, x, y, x_val, y_val, progress=progress)
+    chosen = effect.removal_effect[ops.samples]
+    return -chosen, chosen, {"strategy": effect.strategy}
 
 
 def by_influence_function(
@@ -45,7 +47,7 @@ def by_influence_function(
     w = ops.weights(trajectory.final_weights)
     lam = solver.auto_damping(ops, w) if damping == "auto" else float(damping)
     s = solver.solve(ops, w, val_gradient(ops, trajectory, w, x_val, y_val), lam)
-    effect = trajectory.sample_weight * ops.gradient_dots(w, s) / ops.n
+    effect = trajectory.sample_weight[ops.samples] * ops.gradient_dots(w, s) / ops.n
     return -effect, effect, {"damping": lam, "solver": solver.name}
 
 
@@ -91,17 +93,17 @@ def by_tracin(
 ) -> Scores:
     steps = checkpoint_steps(trajectory, checkpoint_every)
     visits = visit_weights(trajectory, steps)
-    effect = np.zeros(ops.n)
+    effect = np.zeros(len(ops.samples))
     for k, w in enumerate(tqdm(weights_at(trajectory, x, y, steps), desc="TracIn checkpoints", disable=not progress)):
-        effect += visits[k] * ops.gradient_dots(w, val_gradient(ops, trajectory, w, x_val, y_val))
-    weighted = effect * trajectory.sample_weight
+        effect += visits[k][ops.samples] * ops.gradient_dots(w, val_gradient(ops, trajectory, w, x_val, y_val))
+    weighted = effect * trajectory.sample_weight[ops.samples]
     return -weighted, weighted, {"checkpoints": len(steps)}
 
 
 def by_self_influence(trajectory, x, y, *, ops: SampleOps, checkpoint_every: int | None, progress: bool, **_) -> Scores:
     steps = checkpoint_steps(trajectory, checkpoint_every)
     bounds = [*steps, trajectory.steps]
-    score = np.zeros(ops.n)
+    score = np.zeros(len(ops.samples))
     for k, w in enumerate(tqdm(weights_at(trajectory, x, y, steps), desc="self-influence", disable=not progress)):
         rate = float(np.mean(trajectory.learning_rates[bounds[k] : bounds[k + 1]]))
         score += rate * ops.squared_gradient_norms(w)

@@ -1,0 +1,57 @@
+"""Scoring in shards (in one process and across processes) gives the single-run numbers."""
+
+import numpy as np
+import pytest
+from conftest import mlp
+
+import influence as inf
+from influence.optimizers import SGD
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 4)), rng.integers(0, 3, 30)
+    xv, yv = rng.normal(size=(10, 4)), rng.integers(0, 3, 10)
+    traj = inf.fit(
+        mlp(4, 3, out_activation="softmax"),
+        x,
+        y,
+        loss="sparse_categorical_crossentropy",
+        optimizer=SGD(0.3),
+        batch_size=6,
+        epochs=3,
+    )
+    path = tmp_path_factory.mktemp("runs") / "run"
+    inf.save_trajectory(traj, path)
+    return traj, path, (x, y, xv, yv)
+
+
+@pytest.mark.parametrize("method", ["influence_function", "tracin", "self_influence", "loss", "unrolled"])
+def test_shards_in_one_process_reassemble_the_full_ranking(saved, method):
+    traj, _, data = saved
+    full = inf.rank(traj, *data, method=method, damping=0.5).sort_values("index")
+    parts = [inf.rank(traj, *data, method=method, damping=0.5, samples=s) for s in np.array_split(np.arange(30), 3)]
+    merged = np.concatenate([p.sort_values("index")["score"].to_numpy() for p in parts])
+    assert np.allclose(merged, full["score"].to_numpy(), rtol=1e-10, atol=1e-15)
+    assert sorted(parts[1]["index"]) == list(range(10, 20))
+
+
+def test_two_processes_give_the_same_table_as_one(saved):
+    traj, path, data = saved
+    single = inf.rank(traj, *data, method="influence_function", damping=0.5)
+    sharded = inf.rank_in_processes(path, *data, method="influence_function", processes=2, damping=0.5)
+    assert sharded.attrs["processes"] == 2
+    assert list(sharded["index"]) == list(single["index"])
+    assert np.allclose(sharded["score"], single["score"], rtol=1e-10, atol=1e-15)
+    assert list(sharded["rank"]) == list(range(30))
+
+
+def test_sharding_rejects_bad_input(saved, tmp_path):
+    traj, path, data = saved
+    with pytest.raises(ValueError, match=r"'samples' parameter of rank must be training indices in \[0, 29\]"):
+        inf.rank(traj, *data, samples=[40])
+    with pytest.raises(ValueError, match="'processes' parameter of rank_in_processes must be a positive int"):
+        inf.rank_in_processes(path, *data, processes=0)
+    with pytest.raises(FileNotFoundError, match="'trajectory_path' parameter of rank_in_processes must be a folder"):
+        inf.rank_in_processes(tmp_path / "missing", *data)
