@@ -22,6 +22,7 @@ segment with ``unsorted_segment_sum``, never with a Python loop over samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -78,6 +79,10 @@ class Program:
             and per-sample terms gathered in order, so the numbers equal one
             device's up to summation order. (With dropout, masks depend on the
             shard layout, so a distributed run differs from a single-device one.)
+        stream_shape: per-sample input shape when inputs are streamed from the
+            host array in :attr:`source` instead of passed as a tensor; the
+            reverse pass then returns per-step input terms for host-side
+            accumulation, so memory stays bounded by batch × segment length.
     """
 
     def __init__(
@@ -91,11 +96,16 @@ class Program:
         n_train: int,
         label_grad: bool,
         distribute: tf.distribute.Strategy | None = None,
+        stream_shape: tuple[int, ...] | None = None,
     ) -> None:
         self.fn, self.loss, self.optimizer, self.schedule = fn, loss, optimizer, schedule
         self.training, self.n_train, self.label_grad = training, n_train, label_grad
         self.distribute = distribute
         self.replicas = 1 if distribute is None else int(distribute.num_replicas_in_sync)
+        # Streaming: x stays on the host (e.g. a np.memmap); each step's batch comes through a
+        # tf.data pipeline (gather + prefetch) whose iterator the graph loop advances.
+        self.stream_shape = stream_shape
+        self.source: Any = None
         self.steps = int(schedule.batches.shape[0])
         self._run_recording = tf.function(lambda *a: self._run(*a, record=True), reduce_retracing=True)
         self._run_plain = tf.function(lambda *a: self._run(*a, record=False), reduce_retracing=True)
@@ -103,10 +113,28 @@ class Program:
 
     # ------------------------------------------------------------------ forward
 
-    def _batch(self, t: tf.Tensor, x: tf.Tensor, y: tf.Tensor, c: tf.Tensor):
+    def _batch(self, t: tf.Tensor, x: tf.Tensor, y: tf.Tensor, c: tf.Tensor, xb: tf.Tensor | None = None):
         idx = self.schedule.batches[t]
         mask = self.schedule.masks[t]
-        return tf.gather(x, idx), tf.gather(y, idx), tf.gather(c, idx) * mask, mask
+        xb = tf.gather(x, idx) if xb is None else xb
+        return xb, tf.gather(y, idx), tf.gather(c, idx) * mask, mask
+
+    def _fetch(self, idx: np.ndarray) -> np.ndarray:
+        return np.asarray(self.source[np.asarray(idx)], dtype=self.fn.dtype.as_numpy_dtype)
+
+    def _streamed_batches(self, start: tf.Tensor, stop: tf.Tensor, reverse: bool):
+        """Iterator over the inputs of steps start … stop−1 (or backwards), or None when not streaming."""
+        if self.stream_shape is None:
+            return None
+        first, last = tf.cast(start, tf.int64), tf.cast(stop, tf.int64)
+        steps = tf.data.Dataset.range(last - 1, first - 1, -1) if reverse else tf.data.Dataset.range(first, last)
+        shape = [int(self.schedule.batches.shape[1]), *self.stream_shape]
+
+        def fetch(t: tf.Tensor) -> tf.Tensor:
+            rows = tf.numpy_function(self._fetch, [tf.gather(self.schedule.batches, t)], self.fn.dtype)
+            return tf.ensure_shape(rows, shape)
+
+        return iter(steps.map(fetch).prefetch(2))
 
     def batch_loss(self, w, t, xb, yb, cb) -> tf.Tensor:
         """L_t: weighted mean over the real entries of batch t (padding has c = 0)."""
@@ -137,9 +165,9 @@ class Program:
         size = tf.shape(tensors[0])[0] // self.replicas
         return [t[r * size : (r + 1) * size] for t in tensors]
 
-    def step(self, w, s, t, x, y, c):
+    def step(self, w, s, t, x, y, c, xb=None):
         """One recorded training step: (w_t, s_t) -> (w_{t+1}, s_{t+1})."""
-        xb, yb, cb, _ = self._batch(t, x, y, c)
+        xb, yb, cb, _ = self._batch(t, x, y, c, xb)
         g = self.gradient(w, t, xb, yb, cb)
         return self.optimizer.update(w, g, s, self.schedule.learning_rates[t], t)
 
@@ -147,11 +175,12 @@ class Program:
         length = stop - start
         w_hist = [tf.TensorArray(wi.dtype, size=length if record else 0, dynamic_size=not record) for wi in w]
         s_hist = [tf.TensorArray(si.dtype, size=length if record else 0, dynamic_size=not record) for si in s]
+        streamed = self._streamed_batches(start, stop, reverse=False)
         for t in tf.range(start, stop):
             if record:
                 w_hist = [h.write(t - start, wi) for h, wi in zip(w_hist, w)]
                 s_hist = [h.write(t - start, si) for h, si in zip(s_hist, s)]
-            w, s = self.step(w, s, t, x, y, c)
+            w, s = self.step(w, s, t, x, y, c, None if streamed is None else next(streamed))
         if not record:
             return w, s
         return w, s, [h.stack() for h in w_hist], [h.stack() for h in s_hist]
@@ -173,11 +202,13 @@ class Program:
         dx_hist = tf.TensorArray(x.dtype, size=length)
         dy_hist = tf.TensorArray(x.dtype if self.label_grad else tf.float32, size=length)
         finite_hist = tf.TensorArray(tf.bool, size=length)
+        streamed = self._streamed_batches(start, start + length, reverse=True)
         for i in tf.range(length - 1, -1, -1):
             t = start + i
             w = [h[i] for h in w_hist]
             s = [h[i] for h in s_hist]
-            lam_w, lam_s, dc, dx, dy = self._reverse_step(w, s, t, lam_w, lam_s, x, y, c)
+            xb = None if streamed is None else next(streamed)
+            lam_w, lam_s, dc, dx, dy = self._reverse_step(w, s, t, lam_w, lam_s, x, y, c, xb)
             # One flag per step so a blow-up is reported with its step number.
             finite_hist = finite_hist.write(i, tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in lam_w]))
             dc_hist = dc_hist.write(i, dc)
@@ -187,8 +218,11 @@ class Program:
         idx = tf.reshape(self.schedule.batches[start : start + length], [-1])
         n = self.n_train
         dc_total = tf.math.unsorted_segment_sum(tf.reshape(dc_hist.stack(), [-1]), idx, n)
-        dx_flat = tf.reshape(dx_hist.stack(), tf.concat([[-1], tf.shape(x)[1:]], 0))
-        dx_total = tf.math.unsorted_segment_sum(dx_flat, idx, n)
+        if self.stream_shape is None:
+            dx_flat = tf.reshape(dx_hist.stack(), tf.concat([[-1], tf.shape(x)[1:]], 0))
+            dx_total = tf.math.unsorted_segment_sum(dx_flat, idx, n)
+        else:  # per-step terms (length, Bmax, ...): the host adds them into its (possibly on-disk) array
+            dx_total = dx_hist.stack()
         if self.label_grad:
             dy_flat = tf.reshape(dy_hist.stack(), tf.concat([[-1], tf.shape(y)[1:]], 0))
             dy_total = tf.math.unsorted_segment_sum(dy_flat, idx, n)
@@ -196,10 +230,10 @@ class Program:
             dy_total = tf.zeros([0])
         return lam_w, lam_s, dc_total, dx_total, dy_total, finite_hist.stack()
 
-    def _reverse_step(self, w, s, t, lam_w, lam_s, x, y, c):
+    def _reverse_step(self, w, s, t, lam_w, lam_s, x, y, c, xb=None):
         if self.distribute is not None:
-            return self._reverse_step_distributed(w, s, t, lam_w, lam_s, x, y, c)
-        xb, yb, cb, mask = self._batch(t, x, y, c)
+            return self._reverse_step_distributed(w, s, t, lam_w, lam_s, x, y, c, xb)
+        xb, yb, cb, mask = self._batch(t, x, y, c, xb)
         targets = [xb, cb] + ([yb] if self.label_grad else [])
         with tf.GradientTape() as outer:
             outer.watch(w)
@@ -233,10 +267,10 @@ class Program:
             contracted = _tree.dot(g, g_bar)
         return outer.gradient(contracted, [w, targets], unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
-    def _reverse_step_distributed(self, w, s, t, lam_w, lam_s, x, y, c):
+    def _reverse_step_distributed(self, w, s, t, lam_w, lam_s, x, y, c, xb=None):
         # ḡ needs the full-batch gradient first (Adam/RMSprop adjoints depend on it), so the
         # distributed step takes one all-reduced gradient, then one second-order call per shard.
-        xb, yb, cb, mask = self._batch(t, x, y, c)
+        xb, yb, cb, mask = self._batch(t, x, y, c, xb)
         g = self.gradient(w, t, xb, yb, cb)
         lam_w_direct, g_bar, lam_s_prev = self._update_vjp(w, g, s, t, lam_w, lam_s)
 

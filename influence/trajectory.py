@@ -43,6 +43,8 @@ class Trajectory:
         seconds: wall time of the recorded training.
         distribute: the ``tf.distribute`` strategy its steps run under (None: one device).
             Set it to another strategy (or None) to replay or unroll the same run elsewhere.
+        streamed: inputs stream from a host array (e.g. ``np.memmap``) through ``tf.data``
+            instead of living in memory as one tensor.
     """
 
     model: keras.Model
@@ -61,6 +63,7 @@ class Trajectory:
     state_history: list[np.ndarray] | None = None
     seconds: float = 0.0
     distribute: tf.distribute.Strategy | None = None
+    streamed: bool = False
     _program_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -70,7 +73,7 @@ class Trajectory:
 
     def program(self, *, label_grad: bool = False) -> Program:
         """The compiled forward/reverse program of this run (cached: tracing is the main cost)."""
-        key = (bool(label_grad), id(self.distribute))
+        key = (bool(label_grad), id(self.distribute), self.streamed)
         if key not in self._program_cache:
             fn = ModelFunction(self.model, func="Trajectory")
             replicas = 1 if self.distribute is None else int(self.distribute.num_replicas_in_sync)
@@ -84,6 +87,7 @@ class Trajectory:
                 n_train=self.n_train,
                 label_grad=bool(label_grad),
                 distribute=self.distribute,
+                stream_shape=self.input_shape if self.streamed else None,
             )
         return self._program_cache[key]
 
@@ -95,7 +99,12 @@ class Trajectory:
 
 def _data_tensors(program: Program, x: np.ndarray, y: np.ndarray, c: np.ndarray):
     dtype = program.fn.dtype
-    x_t = tf.constant(x, dtype=dtype if np.issubdtype(x.dtype, np.floating) else None)
+    if program.stream_shape is not None:
+        # The inputs stay on the host; the program's tf.data pipeline gathers each batch.
+        program.source = x
+        x_t = tf.zeros([1, *program.stream_shape], dtype)
+    else:
+        x_t = tf.constant(x, dtype=dtype if np.issubdtype(x.dtype, np.floating) else None)
     y_t = tf.constant(y, dtype=dtype if program.loss.continuous_labels else tf.int32)
     return x_t, y_t, tf.constant(c, dtype=dtype)
 
@@ -125,6 +134,7 @@ def fit(
     from_logits: bool = False,
     record_budget_bytes: int = DEFAULT_RECORD_BUDGET,
     distribute: tf.distribute.Strategy | None = None,
+    stream: bool | None = None,
 ) -> Trajectory:
     """Train ``model`` with explicit recorded steps and return the :class:`Trajectory`.
 
@@ -147,6 +157,10 @@ def fit(
             they fit (so the reverse pass need not recompute them).
         distribute: optional ``tf.distribute`` strategy (e.g. ``MirroredStrategy``):
             every step's batch is split across its replicas (DESIGN §1 math unchanged).
+        stream: stream each step's inputs from the host array through ``tf.data``
+            instead of holding x_train as one tensor (default: when x_train is a
+            ``np.memmap``, e.g. ``np.load(path, mmap_mode="r")``). Memory then stays
+            bounded by the batch and the reverse pass's segment length.
     """
     func = "fit"
     fn, per_sample = prepare(func, model, loss, from_logits)
@@ -198,6 +212,7 @@ def fit(
         n_train=len(x),
         input_shape=tuple(x.shape[1:]),
         distribute=distribute,
+        streamed=isinstance(x_train, np.memmap) if stream is None else bool(stream),
     )
     start = time.perf_counter()
     program = trajectory.program()

@@ -154,6 +154,7 @@ def unrolled(
     strategy: MemoryStrategy | str = "auto",
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     progress: bool | None = None,
+    input_grad_path: str | None = None,
 ) -> UnrolledResult:
     """Differentiate the validation loss through every recorded step (DESIGN §1).
 
@@ -165,6 +166,8 @@ def unrolled(
             or a :class:`MemoryStrategy` instance.
         memory_budget_bytes: budget for held weights/state under ``"auto"``.
         progress: show a progress bar over segments (default: when > 1 segment).
+        input_grad_path: write ``input_grad`` to this ``.npy`` file as a memory map
+            instead of holding it in memory (for streamed, larger-than-memory data).
     """
     func = "unrolled"
     x, y = check_trajectory_data(trajectory, x_train, y_train, func)
@@ -203,7 +206,8 @@ def unrolled(
     segments = plan.segments(steps)
     starts = _segment_starts(program, plan, segments, trajectory, w0, s0, x_t, y_t, c_t)
     dc = tf.zeros([trajectory.n_train], dtype)
-    dx = tf.zeros_like(x_t)
+    host_dx = program.stream_shape is not None or input_grad_path is not None
+    dx: Any = _input_grad_array(input_grad_path, (trajectory.n_train, *x.shape[1:]), dtype) if host_dx else 0
     dy = tf.zeros_like(y_t) if label_grad else None
     show = len(segments) > 1 if progress is None else progress
     for index in tqdm(range(len(segments) - 1, -1, -1), desc="reverse pass", unit="segment", disable=not show):
@@ -213,19 +217,32 @@ def unrolled(
             w_hist, s_hist, tf.constant(a), lam_w, lam_s, x_t, y_t, c_t
         )
         _check_adjoint(np.asarray(finite), a, trajectory.learning_rates)
-        dc, dx = dc + seg_dc, dx + seg_dx
+        dc = dc + seg_dc
+        if not host_dx:
+            dx = dx + seg_dx
+        elif program.stream_shape is not None:  # per-step terms of this segment, added on the host
+            rows = np.asarray(program.schedule.batches[a:b]).reshape(-1)
+            np.add.at(dx, rows, np.asarray(seg_dx).reshape(len(rows), *x.shape[1:]))
+        else:
+            dx += np.asarray(seg_dx)
         if label_grad:
             dy = dy + seg_dy
     sample_weight_grad = np.asarray(dc)
     return UnrolledResult(
         removal_effect=-sample_weight_grad,
         sample_weight_grad=sample_weight_grad,
-        input_grad=np.asarray(dx),
+        input_grad=dx if host_dx else np.asarray(dx),
         label_grad=np.asarray(dy) if label_grad else None,
         val_loss=val,
         strategy=plan.describe(steps),
         seconds=time.perf_counter() - start_time,
     )
+
+
+def _input_grad_array(path: str | None, shape: tuple[int, ...], dtype: tf.DType) -> np.ndarray:
+    if path is None:
+        return np.zeros(shape, dtype.as_numpy_dtype)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype.as_numpy_dtype, shape=shape)
 
 
 def _resolve_strategy(strategy: Any, steps: int, state: list[tf.Tensor], budget: int, func: str) -> MemoryStrategy:
