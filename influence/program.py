@@ -109,7 +109,17 @@ class Program:
         self.steps = int(schedule.batches.shape[0])
         self._run_recording = tf.function(lambda *a: self._run(*a, record=True), reduce_retracing=True)
         self._run_plain = tf.function(lambda *a: self._run(*a, record=False), reduce_retracing=True)
-        self.reverse = tf.function(self._reverse, reduce_retracing=True)
+        self.reverse = tf.function(lambda *a: self._reverse(*a, flags=False), reduce_retracing=True)
+        # Traced only when a segment's adjoint is not finite, to name the step where it broke.
+        self.reverse_with_flags = tf.function(lambda *a: self._reverse(*a, flags=True), reduce_retracing=True)
+        self.validation = tf.function(self._validation, reduce_retracing=True)
+
+    def _validation(self, w, x_val, y_val):
+        """E(w) = mean validation loss (inference mode) and ∇E(w): the adjoint at the end of the run."""
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            value = self.loss.mean(y_val, self.fn(w, x_val, training=False))
+        return value, tape.gradient(value, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
     # ------------------------------------------------------------------ forward
 
@@ -196,7 +206,7 @@ class Program:
 
     # ------------------------------------------------------------------ reverse
 
-    def _reverse(self, w_hist, s_hist, start, lam_w, lam_s, x, y, c):
+    def _reverse(self, w_hist, s_hist, start, lam_w, lam_s, x, y, c, *, flags: bool):
         length = tf.shape(w_hist[0])[0]
         dc_hist = tf.TensorArray(x.dtype, size=length)
         dx_hist = tf.TensorArray(x.dtype, size=length)
@@ -209,8 +219,8 @@ class Program:
             s = [h[i] for h in s_hist]
             xb = None if streamed is None else next(streamed)
             lam_w, lam_s, dc, dx, dy = self._reverse_step(w, s, t, lam_w, lam_s, x, y, c, xb)
-            # One flag per step so a blow-up is reported with its step number.
-            finite_hist = finite_hist.write(i, tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in lam_w]))
+            if flags:  # one flag per step, so a blow-up is reported with its step number
+                finite_hist = finite_hist.write(i, tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in lam_w]))
             dc_hist = dc_hist.write(i, dc)
             dx_hist = dx_hist.write(i, dx)
             if self.label_grad:
@@ -228,7 +238,8 @@ class Program:
             dy_total = tf.math.unsorted_segment_sum(dy_flat, idx, n)
         else:
             dy_total = tf.zeros([0])
-        return lam_w, lam_s, dc_total, dx_total, dy_total, finite_hist.stack()
+        finite = finite_hist.stack() if flags else tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in lam_w])
+        return lam_w, lam_s, dc_total, dx_total, dy_total, finite
 
     def _reverse_step(self, w, s, t, lam_w, lam_s, x, y, c, xb=None):
         if self.distribute is not None:

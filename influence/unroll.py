@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from ._inputs import check_labels_for_loss, check_model_input
 from ._validation import as_array, check_feature_shape, check_same_length, describe, param_error
-from .autodiff import gradient
 from .trajectory import Trajectory, _data_tensors, check_trajectory_data
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # 1 GiB for stored weights/state
@@ -195,13 +194,9 @@ def unrolled(
     w_final = [tf.constant(w, dtype=dtype) for w in trajectory.final_weights]
     xv_t = tf.constant(xv, dtype=dtype)
     yv_t = tf.constant(yv, dtype=dtype if trajectory.loss.continuous_labels else tf.int32)
-
-    def val_loss(w: list[tf.Tensor]) -> tf.Tensor:
-        return trajectory.loss.mean(yv_t, program.fn(w, xv_t, training=False))
-
-    lam_w = gradient(val_loss, w_final)
+    val_value, lam_w = program.validation(w_final, xv_t, yv_t)
     lam_s = [tf.zeros_like(s) for s in s0]
-    val = float(val_loss(w_final))
+    val = float(val_value)
 
     segments = plan.segments(steps)
     starts = _segment_starts(program, plan, segments, trajectory, w0, s0, x_t, y_t, c_t)
@@ -213,10 +208,10 @@ def unrolled(
     for index in tqdm(range(len(segments) - 1, -1, -1), desc="reverse pass", unit="segment", disable=not show):
         a, b = segments[index]
         w_hist, s_hist = _segment_states(program, plan, trajectory, starts, index, a, b, w0, s0, x_t, y_t, c_t)
-        lam_w, lam_s, seg_dc, seg_dx, seg_dy, finite = program.reverse(
-            w_hist, s_hist, tf.constant(a), lam_w, lam_s, x_t, y_t, c_t
-        )
-        _check_adjoint(np.asarray(finite), a, trajectory.learning_rates)
+        args = (w_hist, s_hist, tf.constant(a), lam_w, lam_s, x_t, y_t, c_t)
+        lam_w, lam_s, seg_dc, seg_dx, seg_dy, finite = program.reverse(*args)
+        if not bool(finite):  # rerun the segment with per-step flags to name the step
+            _check_adjoint(np.asarray(program.reverse_with_flags(*args)[-1]), a, trajectory.learning_rates)
         dc = dc + seg_dc
         if not host_dx:
             dx = dx + seg_dx

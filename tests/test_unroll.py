@@ -253,7 +253,7 @@ def test_a_non_finite_adjoint_is_reported_with_its_step(data):
     w_hist = [tf.constant(h) for h in traj.weights_history]
     lam_w = [tf.fill(w.shape[1:], tf.constant(np.inf, tf.float64)) for w in w_hist]
     x_t, y_t, c_t = tf.constant(x), tf.constant(y, tf.int32), tf.constant(np.ones(len(x)))
-    *_, finite = program.reverse(w_hist, [], tf.constant(0), lam_w, [], x_t, y_t, c_t)
+    *_, finite = program.reverse_with_flags(w_hist, [], tf.constant(0), lam_w, [], x_t, y_t, c_t)
     assert not np.asarray(finite).any()
     with pytest.raises(FloatingPointError, match="adjoint became NaN/Inf at step 5 of the reverse pass"):
         _check_adjoint(np.asarray(finite), 0, traj.learning_rates)
