@@ -1,0 +1,88 @@
+"""Small helpers shared by the benchmark scripts: machine information, /proc memory
+readings and writing a report as JSON + Markdown.
+
+(``one_step.py`` predates this module and keeps its own copies of similar helpers.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MB = 2**20
+
+
+def proc_status_kb(pid: int | str, field: str) -> int | None:
+    """A ``kB`` field (VmRSS, VmHWM, ...) of /proc/<pid>/status, or None if unavailable."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (``/proc/self/clear_refs``); False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, memory, Python and library versions, TensorFlow threading of the current process."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu_model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), None)
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem_kb = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model or platform.processor(),
+        "memory_total_gib": round(mem_kb / 2**20, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "devices": [dev.name for dev in tf.config.list_logical_devices()],
+        "tf_threads": {
+            "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+            "note": "0 means TensorFlow's default (sized to the visible cores)",
+        },
+    }
+
+
+def write_report(out_dir: Path, name: str, report: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """Write ``<name>.json`` and ``<name>.md`` under ``out_dir``; return both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+    md_path.write_text(markdown)
+    return json_path, md_path
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars and arrays in a report become plain Python values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    """``format(value, spec) + suffix``, or an em dash for a missing value."""
+    return "—" if value is None else format(value, spec) + suffix

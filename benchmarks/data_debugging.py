@@ -1,0 +1,1061 @@
+"""Data-debugging benchmark (issue 5): do the five ranking methods of ``influence.rank`` find
+mislabeled training samples, does removing what they flag improve held-out loss, and do their
+predicted removal effects predict real retraining?
+
+Setup
+    Two scikit-learn embedded data sets, each with 10 % and 20 % of the *training* labels flipped:
+
+    * digits: pixels / 16, shuffled with seed 0: 1000 train / 400 validation / 397 test. Flipped
+      labels go to a different random class. MLP 64-32-10 (tanh, softmax), plain SGD with learning
+      rate 0.5, batch 50, 8 epochs (T = 160 steps).
+    * breast_cancer: shuffled with seed 0: 284 train / 113 validation / 172 test (50/20/30 %);
+      features standardized with the training split's mean and standard deviation. Flipped labels
+      swap the class. MLP 30-16-2 (tanh, softmax), plain SGD with learning rate 0.2, batch 50,
+      10 epochs (T = 60 steps).
+
+    The flipped samples are the first 10 % / 20 % of one fixed permutation of the training indices
+    (seed 1), so the 10 % set is contained in the 20 % set. Model weights come from
+    ``keras.utils.set_random_seed(0)``; ``influence.fit(seed=0)`` fixes the batch order. Every
+    method ranks with the validation split (loss: sparse categorical cross-entropy);
+    ``influence_function`` uses ``solver="auto"`` (exact Hessian up to 1000 parameters, so exact on
+    breast_cancer and CG on digits) and ``damping="auto"``.
+
+1. Mislabel detection
+    Fraction of the flipped samples among the top 5 / 10 / 20 / 30 % of each ranking (found@k), and
+    ROC AUC of the score against the flipped mask (``sklearn.metrics.roc_auc_score``). A random
+    ranking finds k on average; a perfect one min(1, k / noise).
+
+2. Data cleansing
+    Remove the top-k (k = 10, 20, 50, 100) of each ranking by retraining the *recorded* run with
+    c_i = 0 for those samples (``influence.retrain``: same batches, same |B_t|, same learning rates),
+    and measure the held-out *test* loss and accuracy. Baselines: no removal (the same replay with
+    c = 1) and random removal of k samples (mean ± std over 5 draws, seed 2).
+
+3. Linear datamodeling score (LDS)
+    50 random halves of the training set (seed 3; a subset keeps n // 2 samples and removes the
+    rest). Actual effect = val_loss(retrain with c = keep mask) − val_loss(retrain with c = 1), the
+    50 retrainings computed once per (data set, noise) and shared by all methods. Predicted effect =
+    ``influence.predicted_group_effect(table, [removed indices])`` (sum of the members' removal
+    effects) for unrolled, influence_function and tracin. LDS = Spearman correlation of predicted
+    and actual over the subsets, with a 95 % bootstrap interval over subsets (1000 resamples,
+    seed 4). Extra, marked score-based: −(sum of scores of the removed samples) for self_influence
+    and loss, which have no removal effect.
+
+4. Time
+    ``table.attrs["seconds"]`` (the method's own computation) and the wall time of the ``rank``
+    call (also the table, final-weight losses and validation loss). Each ``rank`` call traces its
+    own ``tf.function``s, so these are cold per-call costs in a warm process. The load average at start
+    and end is recorded: other processes may share the cores.
+
+5. Robustness (extra)
+    Sections 1–4 and the targets use training seed 0. The whole protocol is repeated with training
+    seeds 1–4 (model initialization and batch order; data, flips, removal draws and LDS subsets fixed)
+    and summarized as mean ± std over the five seeds plus how many seeds meet targets 1 and 2. The
+    recommended default in the Markdown is derived from all 20 (data set, noise, seed) runs.
+
+Targets (stated met/missed in the Markdown, booleans in the JSON)
+    (1) the toolkit's best method (any of unrolled, influence_function, tracin, self_influence) at
+        least equals the loss baseline's found@k at every budget, for every (data set, noise);
+    (2) in cleansing, unrolled has a lower test loss than loss, tracin and random removal at
+        k = 10 and 20, for every (data set, noise);
+    (3) LDS per method (reported; no threshold).
+
+Outputs
+    ``reports/benchmarks/data_debugging.json`` (all raw numbers, settings, machine, targets),
+    ``reports/benchmarks/data_debugging.md`` (tables, recommended default) and the plots
+    ``data_debugging_detection.png`` (found@k curves), ``data_debugging_cleansing.png`` (test loss
+    against k) and ``data_debugging_lds.png`` (predicted against actual group effects).
+    ``--quick`` (digits 10 % only, 10 LDS subsets, k = 10, 20) writes under
+    ``reports/_scratch/benchmarks/`` unless ``--out-dir`` is given.
+
+Usage (from the repository root)::
+
+    python benchmarks/data_debugging.py            # full run, about 6-7 minutes on 2 cores
+    python benchmarks/data_debugging.py --quick    # smoke test (training seed 0 only), under a minute
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import matplotlib
+import numpy as np
+import tensorflow as tf
+from _common import REPO_ROOT, fmt, machine_info, write_report
+from scipy import stats
+from sklearn.datasets import load_breast_cancer, load_digits
+from sklearn.metrics import roc_auc_score
+
+import influence as inf
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+tf.get_logger().setLevel("ERROR")
+DEFAULT_OUT_DIR = REPO_ROOT / "reports" / "benchmarks"
+QUICK_OUT_DIR = REPO_ROOT / "reports" / "_scratch" / "benchmarks"
+NAME = "data_debugging"
+
+SPLIT_SEED, FLIP_SEED, RANDOM_REMOVAL_SEED, LDS_SEED, BOOTSTRAP_SEED = 0, 1, 2, 3, 4
+TRAINING_SEEDS, QUICK_TRAINING_SEEDS = (0, 1, 2, 3, 4), (0,)  # model init and batch order; 0 is the main run
+LOSS = "sparse_categorical_crossentropy"
+METHODS = ("unrolled", "influence_function", "tracin", "self_influence", "loss")
+EFFECT_METHODS = ("unrolled", "influence_function", "tracin")  # methods with a removal effect
+TOOLKIT_METHODS = ("unrolled", "influence_function", "tracin", "self_influence")  # everything but the baseline
+NOISES = (0.1, 0.2)
+BUDGETS = (0.05, 0.10, 0.20, 0.30)  # fractions of the ranking inspected
+KS = (10, 20, 50, 100)
+QUICK_KS = (10, 20)
+TARGET_KS = (10, 20)
+RANDOM_DRAWS = 5
+LDS_SUBSETS, QUICK_LDS_SUBSETS = 50, 10
+BOOTSTRAP = 1000
+TIE_TOL = 1e-12
+
+
+# --------------------------------------------------------------------------- data and models
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A data set with its model and training settings."""
+
+    name: str
+    classes: int
+    model_desc: str
+    build: Callable[[int], keras.Model]
+    learning_rate: float
+    batch_size: int
+    epochs: int
+
+
+@dataclass(frozen=True)
+class Data:
+    x_train: np.ndarray
+    y_train: np.ndarray  # with flipped labels
+    y_train_clean: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    flipped: np.ndarray  # sorted indices into the training set
+
+    @property
+    def flipped_mask(self) -> np.ndarray:
+        mask = np.zeros(len(self.y_train), dtype=bool)
+        mask[self.flipped] = True
+        return mask
+
+
+def mlp(inputs: int, hidden: int, classes: int) -> Callable[[int], keras.Model]:
+    def build(seed: int) -> keras.Model:
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential(
+            [
+                keras.Input((inputs,)),
+                keras.layers.Dense(hidden, activation="tanh"),
+                keras.layers.Dense(classes, activation="softmax"),
+            ]
+        )
+
+    return build
+
+
+SPECS = {
+    "digits": Spec("digits", 10, "MLP 64-32-10 tanh/softmax", mlp(64, 32, 10), 0.5, 50, 8),
+    "breast_cancer": Spec("breast_cancer", 2, "MLP 30-16-2 tanh/softmax", mlp(30, 16, 2), 0.2, 50, 10),
+}
+
+
+def load(name: str, noise: float) -> Data:
+    """Shuffled split (seed 0), standardized/scaled features, ``noise`` of the training labels flipped."""
+    if name == "digits":
+        raw = load_digits()
+        x, y = raw.data / 16.0, raw.target.astype(np.int64)
+        order = np.random.default_rng(SPLIT_SEED).permutation(len(x))
+        n_train, n_val = 1000, 400
+    else:
+        raw = load_breast_cancer()
+        x, y = raw.data, raw.target.astype(np.int64)
+        order = np.random.default_rng(SPLIT_SEED).permutation(len(x))
+        n_train, n_val = int(0.5 * len(x)), int(0.2 * len(x))
+    train, val, test = order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
+    if name == "breast_cancer":
+        mean, std = x[train].mean(axis=0), x[train].std(axis=0)
+        x = (x - mean) / std
+    x = x.astype(np.float32)
+    classes = SPECS[name].classes
+    rng = np.random.default_rng(FLIP_SEED)
+    flip_order = rng.permutation(n_train)
+    shifts = rng.integers(1, classes, size=n_train)  # to a different class (binary: the other one)
+    flipped = np.sort(flip_order[: int(round(noise * n_train))])
+    y_train = y[train].copy()
+    y_train[flipped] = (y_train[flipped] + shifts[flipped]) % classes
+    return Data(x[train], y_train, y[train], x[val], y[val], x[test], y[test], flipped)
+
+
+class Evaluator:
+    """Loss and accuracy of given trainable weights on the validation and test splits."""
+
+    def __init__(self, trajectory: inf.Trajectory, data: Data) -> None:
+        self.trajectory = trajectory
+        self.fn = inf.ModelFunction(trajectory.model)
+        self.splits = {"val": (data.x_val, data.y_val), "test": (data.x_test, data.y_test)}
+
+    def loss(self, weights: list[np.ndarray], split: str) -> float:
+        x, y = self.splits[split]
+        return inf.validation_loss(self.trajectory, weights, x, y)
+
+    def accuracy(self, weights: list[np.ndarray], split: str) -> float:
+        x, y = self.splits[split]
+        out = self.fn([tf.constant(w, dtype=self.fn.dtype) for w in weights], tf.constant(x, dtype=self.fn.dtype))
+        return float(np.mean(np.argmax(np.asarray(out), axis=-1) == y))
+
+    def metrics(self, weights: list[np.ndarray]) -> dict[str, float]:
+        return {
+            "val_loss": self.loss(weights, "val"),
+            "test_loss": self.loss(weights, "test"),
+            "test_accuracy": self.accuracy(weights, "test"),
+        }
+
+
+# --------------------------------------------------------------------------- one (data set, noise) case
+
+
+def detection(score: np.ndarray, order: np.ndarray, data: Data) -> dict[str, Any]:
+    """found@k for the budgets, ROC AUC, and the full found curve (for the plot)."""
+    mask = data.flipped_mask
+    n, n_flipped = len(mask), int(mask.sum())
+    curve = np.cumsum(mask[order]) / n_flipped
+    found = {f"{b:.2f}": float(curve[math.ceil(b * n) - 1]) for b in BUDGETS}
+    return {"found": found, "auc": float(roc_auc_score(mask, score)), "curve": curve}
+
+
+def spearman_with_ci(predicted: np.ndarray, actual: np.ndarray) -> dict[str, Any]:
+    rho = float(stats.spearmanr(predicted, actual).statistic)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    boot = []
+    for _ in range(BOOTSTRAP):
+        idx = rng.integers(0, len(actual), size=len(actual))
+        value = stats.spearmanr(predicted[idx], actual[idx]).statistic
+        if np.isfinite(value):
+            boot.append(value)
+    low, high = np.percentile(boot, [2.5, 97.5]) if boot else (np.nan, np.nan)
+    return {
+        "spearman": rho,
+        "ci95": [float(low), float(high)],
+        "pearson": float(stats.pearsonr(predicted, actual).statistic),
+        "predicted": predicted,
+    }
+
+
+def run_case(spec: Spec, noise: float, ks: tuple[int, ...], n_subsets: int, seed: int) -> dict[str, Any]:
+    data = load(spec.name, noise)
+    x, y = data.x_train, data.y_train
+    n = len(x)
+    print(
+        f"\n== {spec.name}, {noise:.0%} flipped ({len(data.flipped)} of {n} training labels), training seed {seed}",
+        flush=True,
+    )
+
+    start = time.perf_counter()
+    trajectory = inf.fit(
+        spec.build(seed),
+        x,
+        y,
+        loss=LOSS,
+        optimizer=inf.optimizers.SGD(spec.learning_rate),
+        batch_size=spec.batch_size,
+        epochs=spec.epochs,
+        seed=seed,
+    )
+    fit_wall = time.perf_counter() - start
+    evaluator = Evaluator(trajectory, data)
+    full = inf.retrain(trajectory, x, y)  # the replayed baseline (replay round-off cancels in differences)
+    replay_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(full, trajectory.final_weights))
+    baseline = evaluator.metrics(full)
+
+    # clean-label reference (same split, same schedule, true labels): what the noise costs
+    clean_trajectory = inf.fit(
+        spec.build(seed),
+        x,
+        data.y_train_clean,
+        loss=LOSS,
+        optimizer=inf.optimizers.SGD(spec.learning_rate),
+        batch_size=spec.batch_size,
+        epochs=spec.epochs,
+        seed=seed,
+    )
+    clean = Evaluator(clean_trajectory, data).metrics(clean_trajectory.final_weights)
+    print(
+        f"   fit {fit_wall:.1f} s, T = {trajectory.steps}; test loss {baseline['test_loss']:.4f} "
+        f"(clean labels {clean['test_loss']:.4f}), test acc {baseline['test_accuracy']:.3f}",
+        flush=True,
+    )
+
+    def removal_metrics(removed: np.ndarray) -> dict[str, float]:
+        c = np.ones(n, dtype=np.float32)
+        c[removed] = 0.0
+        return evaluator.metrics(inf.retrain(trajectory, x, y, sample_weight=c))
+
+    # random removal baseline
+    rng = np.random.default_rng(RANDOM_REMOVAL_SEED)
+    random_removal: dict[str, Any] = {}
+    for k in ks:
+        draws = [removal_metrics(rng.choice(n, size=k, replace=False)) for _ in range(RANDOM_DRAWS)]
+        random_removal[str(k)] = {
+            key: {"mean": float(np.mean([d[key] for d in draws])), "std": float(np.std([d[key] for d in draws]))}
+            for key in draws[0]
+        } | {"draws": draws}
+
+    # LDS ground truth: n_subsets retrainings on random halves, shared by all methods
+    rng = np.random.default_rng(LDS_SEED)
+    keep_masks = []
+    for _ in range(n_subsets):
+        keep = np.zeros(n, dtype=bool)
+        keep[rng.permutation(n)[: n // 2]] = True
+        keep_masks.append(keep)
+    start = time.perf_counter()
+    actual = np.array(
+        [
+            evaluator.loss(inf.retrain(trajectory, x, y, sample_weight=keep.astype(np.float32)), "val")
+            - baseline["val_loss"]
+            for keep in keep_masks
+        ]
+    )
+    lds_retrain_s = time.perf_counter() - start
+    removed_groups = [np.flatnonzero(~keep) for keep in keep_masks]
+    print(f"   {n_subsets} LDS retrainings in {lds_retrain_s:.1f} s", flush=True)
+
+    methods: dict[str, Any] = {}
+    for method in METHODS:
+        start = time.perf_counter()
+        table = inf.rank(trajectory, x, y, data.x_val, data.y_val, method=method, progress=False)
+        wall = time.perf_counter() - start
+        by_index = table.sort_values("index")
+        score = by_index["score"].to_numpy()
+        order = table["index"].to_numpy()
+        attrs = {k: v for k, v in table.attrs.items() if isinstance(v, (int, float, str))}
+        entry: dict[str, Any] = {"seconds": float(table.attrs["seconds"]), "wall_s": wall, "attrs": attrs}
+        entry["detection"] = detection(score, order, data)
+
+        effect = by_index["removal_effect"].to_numpy()
+        has_effect = not np.any(np.isnan(effect))
+        cleansing = {}
+        for k in ks:
+            removed = order[:k]
+            row = removal_metrics(removed)
+            row["flipped_removed"] = int(np.isin(removed, data.flipped).sum())
+            if has_effect:
+                row["predicted_val_change"] = float(inf.predicted_group_effect(table, [removed])[0])
+            cleansing[str(k)] = row
+        entry["cleansing"] = cleansing
+
+        if has_effect:
+            entry["lds"] = spearman_with_ci(inf.predicted_group_effect(table, removed_groups), actual)
+            entry["lds"]["kind"] = "removal_effect"
+        else:
+            entry["lds"] = spearman_with_ci(np.array([-score[g].sum() for g in removed_groups]), actual)
+            entry["lds"]["kind"] = "score-based"
+        methods[method] = entry
+        d = entry["detection"]
+        print(
+            f"   {method:<19} {entry['seconds']:6.2f} s  AUC {d['auc']:.3f}  found@10% {d['found']['0.10']:.2f}  "
+            f"test loss @k={ks[0]} {cleansing[str(ks[0])]['test_loss']:.4f}  LDS {entry['lds']['spearman']:+.3f}",
+            flush=True,
+        )
+
+    return {
+        "dataset": spec.name,
+        "seed": seed,
+        "noise": noise,
+        "n_train": n,
+        "n_val": len(data.y_val),
+        "n_test": len(data.y_test),
+        "n_flipped": len(data.flipped),
+        "flipped": data.flipped,
+        "steps": trajectory.steps,
+        "fit_wall_s": fit_wall,
+        "training_s": trajectory.seconds,
+        "replay_max_abs_diff": replay_diff,
+        "no_removal": baseline,
+        "clean_labels_reference": clean,
+        "random_removal": random_removal,
+        "lds_actual": actual,
+        "lds_keep_fraction": 0.5,
+        "lds_retrain_s": lds_retrain_s,
+        "methods": methods,
+    }
+
+
+# --------------------------------------------------------------------------- targets and summary
+
+
+def case_key(case: dict[str, Any]) -> str:
+    return f"{case['dataset']} {case['noise']:.0%}"
+
+
+def target_detection(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """(1) best toolkit method's found@k ≥ loss's found@k at every budget of every case."""
+    rows, met = [], True
+    for case in cases:
+        for b in BUDGETS:
+            key = f"{b:.2f}"
+            found = {m: case["methods"][m]["detection"]["found"][key] for m in METHODS}
+            best = max(TOOLKIT_METHODS, key=lambda m: found[m])
+            ok = found[best] >= found["loss"] - TIE_TOL
+            met &= ok
+            rows.append(
+                {
+                    "case": case_key(case),
+                    "budget": b,
+                    "best_method": best,
+                    "best_found": found[best],
+                    "loss_found": found["loss"],
+                    "met": bool(ok),
+                }
+            )
+    # a single method that meets it everywhere (stronger than per-budget best)
+    single = [
+        m
+        for m in TOOLKIT_METHODS
+        if all(
+            case["methods"][m]["detection"]["found"][f"{b:.2f}"]
+            >= case["methods"]["loss"]["detection"]["found"][f"{b:.2f}"] - TIE_TOL
+            for case in cases
+            for b in BUDGETS
+        )
+    ]
+    return {"met": bool(met), "rows": rows, "single_methods_meeting_everywhere": single}
+
+
+def target_cleansing(cases: list[dict[str, Any]], ks: tuple[int, ...]) -> dict[str, Any]:
+    """(2) unrolled's test loss < loss's, tracin's and random's at k = 10 and 20 in every case."""
+    rows, met = [], True
+    for case in cases:
+        for k in (k for k in TARGET_KS if k in ks):
+            unrolled = case["methods"]["unrolled"]["cleansing"][str(k)]["test_loss"]
+            others = {
+                "loss": case["methods"]["loss"]["cleansing"][str(k)]["test_loss"],
+                "tracin": case["methods"]["tracin"]["cleansing"][str(k)]["test_loss"],
+                "random": case["random_removal"][str(k)]["test_loss"]["mean"],
+            }
+            beats = {name: bool(unrolled < value) for name, value in others.items()}
+            met &= all(beats.values())
+            rows.append({"case": case_key(case), "k": k, "unrolled": unrolled, **others, "beats": beats})
+    return {"met": bool(met), "rows": rows}
+
+
+def mean_over(runs: list[dict[str, Any]], get: Callable[[dict[str, Any], str], float], methods=METHODS) -> dict:
+    return {m: float(np.mean([get(run, m) for run in runs])) for m in methods}
+
+
+def test_loss_change(run: dict[str, Any], method: str, k: int) -> float:
+    after = (
+        run["random_removal"][str(k)]["test_loss"]["mean"]
+        if method == "random"
+        else (run["methods"][method]["cleansing"][str(k)]["test_loss"])
+    )
+    return after - run["no_removal"]["test_loss"]
+
+
+def budget_advice(delta: dict[int, dict[str, float]], ks: tuple[int, ...]) -> str:
+    """Which method lowers test loss most for small (target) and for larger k, from mean changes over runs."""
+    groups = {"k ≤ " + str(max(TARGET_KS)): [k for k in ks if k <= max(TARGET_KS)]}
+    if any(k > max(TARGET_KS) for k in ks):
+        groups["k ≥ " + str(min(k for k in ks if k > max(TARGET_KS)))] = [k for k in ks if k > max(TARGET_KS)]
+    best = {}
+    for label, group in groups.items():
+        mean = {m: float(np.mean([delta[k][m] for k in group])) for m in METHODS}
+        best[label] = min(METHODS, key=lambda m: mean[m]), mean
+    if len({b for b, _ in best.values()}) == 1:
+        method = next(iter(best.values()))[0]
+        return (
+            f"`{method}` has the lowest mean in {'each budget group' if len(best) > 1 else 'this budget group'} ("
+            + "; ".join(
+                f"{label}: {mean[method]:+.4f}, next `{sorted(mean, key=mean.get)[1]}` {sorted(mean.values())[1]:+.4f}"
+                for label, (_, mean) in best.items()
+            )
+            + "), so it is the cleansing default. "
+        )
+    return (
+        "The best cleansing method depends on the budget: "
+        + "; ".join(
+            f"for {label} use `{method}` ({mean[method]:+.4f}, next "
+            + ", ".join(f"`{m}` {mean[m]:+.4f}" for m in sorted(mean, key=mean.get)[1:3])
+            + ")"
+            for label, (method, mean) in best.items()
+        )
+        + ". "
+    )
+
+
+def recommendation(runs: list[dict[str, Any]], ks: tuple[int, ...]) -> tuple[str, dict[str, Any]]:
+    """A 'recommended default' paragraph derived from the numbers (and the numbers it rests on).
+
+    ``runs`` are all (data set, noise, training seed) runs; every statement is an average or a count over them.
+    """
+    n_runs = len(runs)
+    n_cases = len({case_key(r) for r in runs})
+    n_seeds = len({r["seed"] for r in runs})
+    where = f"{n_runs} runs ({n_cases} data set/noise cases × {n_seeds} training seed{'s' if n_seeds > 1 else ''})"
+
+    def winner_counts(better: Callable[[dict[str, Any]], str], candidates=METHODS) -> dict[str, int]:
+        counts = {m: 0 for m in candidates}
+        for run in runs:
+            counts[better(run)] += 1
+        return counts
+
+    auc = mean_over(runs, lambda r, m: r["methods"][m]["detection"]["auc"])
+    found10 = mean_over(runs, lambda r, m: r["methods"][m]["detection"]["found"]["0.10"])
+    auc_wins = winner_counts(lambda r: max(METHODS, key=lambda m: r["methods"][m]["detection"]["auc"]))
+    det_best = max(METHODS, key=lambda m: auc[m])
+    det_second = max((m for m in METHODS if m != det_best), key=lambda m: auc[m])
+    toolkit_best = max(TOOLKIT_METHODS, key=lambda m: auc[m])
+    detection_text = (
+        f"**Mislabel detection:** use `{det_best}`"
+        + (
+            f" (the baseline; the toolkit's `{toolkit_best}`, which also needs no validation data, is within "
+            f"{auc[det_best] - auc[toolkit_best]:.4f} AUC)"
+            if det_best == "loss" and toolkit_best == "self_influence" and auc[det_best] - auc[toolkit_best] < 0.01
+            else " (the baseline: no toolkit method beats it here)"
+            if det_best == "loss"
+            else ""
+        )
+        + f": highest ROC AUC averaged over {where}, {auc[det_best]:.3f} vs {auc[det_second]:.3f} for "
+        f"`{det_second}`; best AUC in {auc_wins[det_best]} of {n_runs} runs; mean found@10 % "
+        f"{found10[det_best]:.2f} vs {found10[det_second]:.2f}. "
+    )
+    if det_best == "loss":
+        detection_text += (
+            "The validation-based rankings find clearly fewer flipped labels ("
+            + ", ".join(f"`{m}` {auc[m]:.3f}" for m in EFFECT_METHODS)
+            + "; they rank by estimated harm to the validation loss, not by how badly a sample fits its own label). "
+        )
+
+    delta = {
+        k: {m: float(np.mean([test_loss_change(r, m, k) for r in runs])) for m in (*METHODS, "random")} for k in ks
+    }
+    per_k = {}
+    for k in ks:
+        best = min(METHODS, key=lambda m: delta[k][m])
+        wins = winner_counts(
+            lambda r, k=k: min(METHODS, key=lambda m: r["methods"][m]["cleansing"][str(k)]["test_loss"])
+        )
+        per_k[k] = {"best": best, "mean_change": delta[k][best], "wins": wins[best], "random": delta[k]["random"]}
+    overall = {m: float(np.mean([delta[k][m] for k in ks])) for m in METHODS}
+    clean_best = min(METHODS, key=lambda m: overall[m])
+    cleansing_text = (
+        f"**Data cleansing** (mean change of test loss after removing the top-k, same {n_runs} runs): "
+        + "; ".join(
+            f"k = {k}: `{v['best']}` {v['mean_change']:+.4f} (lowest in {v['wins']}/{n_runs} runs; random "
+            f"{v['random']:+.4f})"
+            for k, v in per_k.items()
+        )
+        + f". Averaged over all k, `{clean_best}` is lowest ({overall[clean_best]:+.4f}; "
+        + ", ".join(f"`{m}` {overall[m]:+.4f}" for m in METHODS if m != clean_best)
+        + ")"
+        + ". "
+        + budget_advice(delta, ks)
+        + (
+            f"No method has the lowest test loss in a majority of the {n_runs} runs at any k: these are average "
+            "tendencies, not uniform wins. "
+            if all(v["wins"] <= n_runs / 2 for v in per_k.values())
+            else ""
+        )
+    )
+
+    lds = mean_over(runs, lambda r, m: r["methods"][m]["lds"]["spearman"], EFFECT_METHODS)
+    lds_best = max(EFFECT_METHODS, key=lambda m: lds[m])
+    lds_second = max((m for m in EFFECT_METHODS if m != lds_best), key=lambda m: lds[m])
+    lds_wins = winner_counts(
+        lambda r: max(EFFECT_METHODS, key=lambda m: r["methods"][m]["lds"]["spearman"]), EFFECT_METHODS
+    )
+    lds_text = (
+        f"**Predicting removal effects:** `{lds_best}` — mean LDS {lds[lds_best]:+.3f} vs {lds[lds_second]:+.3f} "
+        f"for `{lds_second}`, highest in {lds_wins[lds_best]} of {n_runs} runs."
+    )
+    facts = {
+        "runs": n_runs,
+        "mean_auc": auc,
+        "mean_found_at_0.10": found10,
+        "auc_wins": auc_wins,
+        "detection_default": det_best,
+        "detection_best_toolkit_method": toolkit_best,
+        "mean_test_loss_change_by_k": delta,
+        "cleansing_best_by_k": per_k,
+        "mean_test_loss_change_all_k": overall,
+        "cleansing_default": clean_best,
+        "mean_lds": lds,
+        "lds_wins": lds_wins,
+        "removal_effect_default": lds_best,
+    }
+    return detection_text + cleansing_text + lds_text, facts
+
+
+def robustness(runs: list[dict[str, Any]], ks: tuple[int, ...]) -> dict[str, Any]:
+    """Per case: mean ± std over training seeds, and how often targets 1 and 2 hold."""
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(case_key(r) for r in runs):
+        group = [r for r in runs if case_key(r) == key]
+
+        def stat(values: list[float]) -> dict[str, float]:
+            return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+
+        methods = {}
+        for m in METHODS:
+            methods[m] = {
+                "auc": stat([r["methods"][m]["detection"]["auc"] for r in group]),
+                "found_0.10": stat([r["methods"][m]["detection"]["found"]["0.10"] for r in group]),
+                "lds": stat([r["methods"][m]["lds"]["spearman"] for r in group]),
+            } | {
+                f"test_loss_k{k}": stat([r["methods"][m]["cleansing"][str(k)]["test_loss"] for r in group]) for k in ks
+            }
+        cleansing_rows = target_cleansing(group, ks)["rows"]
+        out[key] = {
+            "seeds": [r["seed"] for r in group],
+            "no_removal_test_loss": stat([r["no_removal"]["test_loss"] for r in group]),
+            "random_test_loss": {
+                str(k): stat([r["random_removal"][str(k)]["test_loss"]["mean"] for r in group]) for k in ks
+            },
+            "methods": methods,
+            "target1_met_seeds": sum(target_detection([r])["met"] for r in group),
+            "target2_met_seeds": sum(target_cleansing([r], ks)["met"] for r in group),
+            "unrolled_beats": {
+                str(k): {
+                    name: sum(row["beats"][name] for row in cleansing_rows if row["k"] == k)
+                    for name in ("loss", "tracin", "random")
+                }
+                for k in TARGET_KS
+                if k in ks
+            },
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_detection(cases: list[dict[str, Any]], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 3.8), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        n, noise = case["n_train"], case["noise"]
+        frac = np.arange(1, n + 1) / n
+        for m in METHODS:
+            d = case["methods"][m]["detection"]
+            ax.plot(frac, d["curve"], label=f"{m} (AUC {d['auc']:.2f})")
+        ax.plot(frac, frac, "k:", label="random")
+        ax.plot(frac, np.minimum(1, frac / noise), "k--", lw=0.8, label="perfect")
+        for b in BUDGETS:
+            ax.axvline(b, color="0.85", lw=0.6, zorder=0)
+        ax.set_xlim(0, 0.5)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(case_key(case) + " flipped")
+        ax.set_xlabel("fraction of training set inspected")
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("fraction of flipped labels found")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_cleansing(cases: list[dict[str, Any]], ks: tuple[int, ...], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 4.2), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        for m in METHODS:
+            ax.plot(ks, [case["methods"][m]["cleansing"][str(k)]["test_loss"] for k in ks], "o-", ms=3, label=m)
+        mean = [case["random_removal"][str(k)]["test_loss"]["mean"] for k in ks]
+        std = [case["random_removal"][str(k)]["test_loss"]["std"] for k in ks]
+        ax.errorbar(ks, mean, yerr=std, fmt="s:", color="0.4", ms=3, capsize=2, label=f"random (±std, {RANDOM_DRAWS})")
+        ax.axhline(case["no_removal"]["test_loss"], color="k", lw=0.8, ls="--", label="no removal")
+        ax.axhline(case["clean_labels_reference"]["test_loss"], color="g", lw=0.8, ls="-.", label="clean labels")
+        ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_title(case_key(case) + " flipped")
+        ax.set_xlabel("k removed (retrained)")
+    axes[0][0].set_ylabel("test loss")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_lds(cases: list[dict[str, Any]], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 3.8), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        actual = np.asarray(case["lds_actual"])
+        for m in EFFECT_METHODS:
+            lds = case["methods"][m]["lds"]
+            pred = np.asarray(lds["predicted"])
+            # removal effects of different methods live on different scales: standardize for the plot
+            z = (pred - pred.mean()) / (pred.std() or 1.0)
+            ax.scatter(z, actual, s=10, label=f"{m} (ρ {lds['spearman']:+.2f})")
+        ax.set_title(case_key(case) + " flipped")
+        ax.set_xlabel("predicted group effect (standardized)")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("actual Δ val loss (retrained)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def yes(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cases, ks, settings = report["cases"], tuple(report["settings"]["ks"]), report["settings"]
+    out = [
+        "# Data-debugging benchmark (issue 5)",
+        "",
+        f"Generated by `python benchmarks/data_debugging.py{' --quick' if settings['quick'] else ''}` "
+        f"in {report['total_wall_s'] / 60:.1f} min on {report['machine']['cpu_count']} CPUs "
+        f"(TensorFlow {report['machine']['tensorflow']}, Keras {report['machine']['keras']}; load average "
+        f"{report['machine']['loadavg_1_5_15_min']['start'][0]:.1f} at start, "
+        f"{report['machine']['loadavg_1_5_15_min']['end'][0]:.1f} at end — other processes share the cores, "
+        "so times are indicative). "
+        "See the module docstring for the full protocol.",
+        "",
+        "| data set | model | SGD lr | batch | epochs | T | train/val/test | flipped | test loss (noisy) | "
+        "test loss (clean labels) | test acc (noisy) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cases:
+        spec = settings["datasets"][c["dataset"]]
+        out.append(
+            f"| {c['dataset']} | {spec['model']} | {spec['learning_rate']} | {spec['batch_size']} | {spec['epochs']} | "
+            f"{c['steps']} | {c['n_train']}/{c['n_val']}/{c['n_test']} | {c['n_flipped']} ({c['noise']:.0%}) | "
+            f"{c['no_removal']['test_loss']:.4f} | {c['clean_labels_reference']['test_loss']:.4f} | "
+            f"{c['no_removal']['test_accuracy']:.3f} |"
+        )
+
+    # targets
+    t = report["targets"]
+    out += ["", "## Targets", ""]
+    single = ", ".join(f"`{m}`" for m in t["detection"]["single_methods_meeting_everywhere"]) or "none"
+    out.append(
+        f"1. Best toolkit method ≥ loss baseline in found@k at every budget: {yes(t['detection']['met'])} "
+        f"(single methods that meet it at every budget of every case: {single})."
+    )
+    out.append(
+        f"2. Cleansing: unrolled's test loss below loss, TracIn and random at k = "
+        f"{', '.join(str(k) for k in TARGET_KS if k in ks)}: {yes(t['cleansing']['met'])}."
+    )
+    lds_parts = [
+        f"{c['dataset']} {c['noise']:.0%}: "
+        + ", ".join(f"{m} {c['methods'][m]['lds']['spearman']:+.2f}" for m in EFFECT_METHODS)
+        for c in cases
+    ]
+    out.append("3. LDS (Spearman, 95 % bootstrap CI in the LDS table): " + "; ".join(lds_parts) + ".")
+    out += ["", "Target 1 in detail (best toolkit method per budget vs loss):", ""]
+    out += ["| case | budget | best toolkit method | its found | loss found | met |", "|---|---|---|---|---|---|"]
+    for r in t["detection"]["rows"]:
+        out.append(
+            f"| {r['case']} | {r['budget']:.0%} | `{r['best_method']}` | {r['best_found']:.3f} | "
+            f"{r['loss_found']:.3f} | {'yes' if r['met'] else 'no'} |"
+        )
+    out += ["", "Target 2 in detail (test loss after removing the top-k):", ""]
+    out += ["| case | k | unrolled | loss | tracin | random (mean) | met |", "|---|---|---|---|---|---|---|"]
+    for r in t["cleansing"]["rows"]:
+        out.append(
+            f"| {r['case']} | {r['k']} | {r['unrolled']:.4f} | {r['loss']:.4f} | {r['tracin']:.4f} | "
+            f"{r['random']:.4f} | {'yes' if all(r['beats'].values()) else 'no (' + ', '.join(n for n, b in r['beats'].items() if not b) + ')'} |"  # noqa: E501
+        )
+
+    # detection
+    budgets = settings["budgets"]
+    out += [
+        "",
+        "## 1. Mislabel detection",
+        "",
+        "Fraction of the flipped labels found in the top b of the ranking; ROC AUC.",
+        "",
+    ]
+    out.append("| case | method | " + " | ".join(f"found@{b:.0%}" for b in budgets) + " | AUC |")
+    out.append("|---|---|" + "---|" * (len(budgets) + 1))
+    for c in cases:
+        for m in METHODS:
+            d = c["methods"][m]["detection"]
+            out.append(
+                f"| {case_key(c)} | {m} | "
+                + " | ".join(f"{d['found'][f'{b:.2f}']:.3f}" for b in budgets)
+                + f" | {d['auc']:.3f} |"
+            )
+        perfect = [min(1.0, b / c["noise"]) for b in budgets]
+        out.append(
+            f"| {case_key(c)} | *random / perfect* | "
+            + " | ".join(f"{b:.2f} / {p:.2f}" for b, p in zip(budgets, perfect))
+            + " | 0.5 |"
+        )  # noqa: E501
+
+    # cleansing
+    out += [
+        "",
+        "## 2. Data cleansing",
+        "",
+        "Test loss (test accuracy) after removing the top-k and retraining the recorded run; "
+        f"random = mean ± std over {RANDOM_DRAWS} draws; [n] = flipped samples among the k removed.",
+        "",
+        "| case | method | " + " | ".join(f"k = {k}" for k in ks) + " |",
+        "|---|---|" + "---|" * len(ks),
+    ]
+    for c in cases:
+        out.append(
+            f"| {case_key(c)} | *no removal* | "
+            + " | ".join(f"{c['no_removal']['test_loss']:.4f} ({c['no_removal']['test_accuracy']:.3f})" for _ in ks)
+            + " |"
+        )
+        for m in METHODS:
+            cl = c["methods"][m]["cleansing"]
+            out.append(
+                f"| {case_key(c)} | {m} | "
+                + " | ".join(
+                    f"{r['test_loss']:.4f} ({r['test_accuracy']:.3f}) [{r['flipped_removed']}]"
+                    for r in (cl[str(k)] for k in ks)
+                )
+                + " |"
+            )
+        rr = c["random_removal"]
+        out.append(
+            f"| {case_key(c)} | *random* | "
+            + " | ".join(
+                f"{rr[str(k)]['test_loss']['mean']:.4f} ± {rr[str(k)]['test_loss']['std']:.4f} "
+                f"({rr[str(k)]['test_accuracy']['mean']:.3f})"
+                for k in ks
+            )
+            + " |"
+        )
+
+    # LDS
+    out += [
+        "",
+        "## 3. Linear datamodeling score",
+        "",
+        f"Spearman ρ between predicted and actual change of validation loss over {settings['lds_subsets']} random "
+        "50 % subsets (95 % bootstrap CI); Pearson r as an extra. Self-influence and loss have no removal effect: "
+        "their rows use −(sum of scores of the removed samples) and are marked score-based.",
+        "",
+        "Scale check for the removal-effect methods: mean predicted vs mean actual change over the subsets "
+        "(first order cannot be exact for removing half the data, but the order of magnitude should match).",
+        "",
+        "| case | method | kind | LDS (Spearman) | 95 % CI | Pearson | mean predicted Δ | mean actual Δ |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cases:
+        actual_mean = float(np.mean(c["lds_actual"]))
+        for m in METHODS:
+            lds = c["methods"][m]["lds"]
+            scale = (
+                f"{float(np.mean(lds['predicted'])):+.4f} | {actual_mean:+.4f}"
+                if lds["kind"] == "removal_effect"
+                else "— | —"
+            )
+            out.append(
+                f"| {case_key(c)} | {m} | {lds['kind']} | {lds['spearman']:+.3f} | "
+                f"[{lds['ci95'][0]:+.2f}, {lds['ci95'][1]:+.2f}] | {lds['pearson']:+.3f} | {scale} |"
+            )
+    ratios = {
+        m: float(np.median([np.mean(c["methods"][m]["lds"]["predicted"]) / np.mean(c["lds_actual"]) for c in cases]))
+        for m in EFFECT_METHODS
+    }
+    out += [
+        "",
+        "Median over cases of mean predicted ÷ mean actual: "
+        + ", ".join(f"{m} {ratio:.2g}" for m, ratio in ratios.items())
+        + " (1 = calibrated on average; the sign and size show which removal effects can be read as numbers).",
+    ]
+
+    # time
+    out += [
+        "",
+        "## 4. Time",
+        "",
+        '`attrs["seconds"]` (the method\'s computation) / wall time of the `rank` call, in seconds; '
+        "each call traces its own functions. Training (`fit`, incl. tracing) and the shared LDS retrainings for scale.",
+        "",
+        "| case | fit | " + " | ".join(METHODS) + " | LDS retrainings |",
+        "|---|---|" + "---|" * (len(METHODS) + 1),
+    ]
+    for c in cases:
+        out.append(
+            f"| {case_key(c)} | {c['fit_wall_s']:.2f} | "
+            + " | ".join(f"{c['methods'][m]['seconds']:.2f} / {c['methods'][m]['wall_s']:.2f}" for m in METHODS)
+            + f" | {c['lds_retrain_s']:.2f} ({settings['lds_subsets']} runs) |"
+        )
+    if_attrs = [
+        f"{case_key(c)}: solver {c['methods']['influence_function']['attrs'].get('solver')}, "
+        f"damping {fmt(c['methods']['influence_function']['attrs'].get('damping'), '.3g')}"
+        for c in cases
+    ]
+    out += ["", "influence_function settings chosen by `auto`: " + "; ".join(if_attrs) + "."]
+
+    rob = report["robustness"]
+    seeds = settings["seeds"]["training_all"]
+    if len(seeds) > 1:
+        tks = settings["target_ks"]
+        out += [
+            "",
+            f"## 5. Robustness over training seeds {', '.join(str(s) for s in seeds)}",
+            "",
+            "Sections 1–4 and the targets use training seed "
+            f"{seeds[0]}. Here the whole protocol is repeated with other model initializations and batch orders "
+            "(same data, flips, random-removal draws and LDS subsets): mean ± std over seeds.",
+            "",
+            "| case | method | AUC | found@10% | " + " | ".join(f"test loss k = {k}" for k in tks) + " | LDS |",
+            "|---|---|---|---|" + "---|" * (len(tks) + 1),
+        ]
+        for key, r in rob.items():
+            for m in METHODS:
+                v = r["methods"][m]
+                out.append(
+                    f"| {key} | {m} | {v['auc']['mean']:.3f} ± {v['auc']['std']:.3f} | "
+                    f"{v['found_0.10']['mean']:.3f} ± {v['found_0.10']['std']:.3f} | "
+                    + " | ".join(f"{v[f'test_loss_k{k}']['mean']:.4f} ± {v[f'test_loss_k{k}']['std']:.4f}" for k in tks)
+                    + f" | {v['lds']['mean']:+.3f} ± {v['lds']['std']:.3f} |"
+                )
+            out.append(
+                f"| {key} | *random* | | | "
+                + " | ".join(
+                    f"{r['random_test_loss'][str(k)]['mean']:.4f} ± {r['random_test_loss'][str(k)]['std']:.4f}"
+                    for k in tks
+                )
+                + " | |"
+            )
+        n = len(seeds)
+        out += [
+            "",
+            "Targets per seed: target 1 (best toolkit method ≥ loss at every budget) and target 2 (unrolled below "
+            "loss, TracIn and random at every target k) met in how many seeds; head-to-head counts of unrolled's "
+            "test loss below each opponent's.",
+            "",
+            "| case | target 1 met | target 2 met | "
+            + " | ".join(f"unrolled < {o} @ k = {k}" for k in tks for o in ("loss", "tracin", "random"))
+            + " |",
+            "|---|---|---|" + "---|" * (3 * len(tks)),
+        ]
+        for key, r in rob.items():
+            out.append(
+                f"| {key} | {r['target1_met_seeds']}/{n} | {r['target2_met_seeds']}/{n} | "
+                + " | ".join(f"{r['unrolled_beats'][str(k)][o]}/{n}" for k in tks for o in ("loss", "tracin", "random"))
+                + " |"
+            )
+
+    out += ["", "## Recommended default", "", report["recommendation"]["text"], ""]
+    out += [
+        "Plots: `data_debugging_detection.png` (found@k curves), `data_debugging_cleansing.png` "
+        "(test loss against k), `data_debugging_lds.png` (predicted against actual group effects).",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def strip_curves(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The JSON keeps found@k only at every 1 % of the ranking, not the whole per-sample curve."""
+    for case in cases:
+        n = case["n_train"]
+        idx = [max(0, math.ceil(p / 100 * n) - 1) for p in range(1, 101)]
+        for entry in case["methods"].values():
+            curve = np.asarray(entry["detection"].pop("curve"))
+            entry["detection"]["curve_every_percent"] = curve[idx]
+    return cases
+
+
+def run(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    load_before = os.getloadavg()
+    quick = args.quick
+    ks = QUICK_KS if quick else KS
+    n_subsets = QUICK_LDS_SUBSETS if quick else LDS_SUBSETS
+    seeds = QUICK_TRAINING_SEEDS if quick else TRAINING_SEEDS
+    grid = [("digits", 0.1)] if quick else [(name, noise) for name in SPECS for noise in NOISES]
+    out_dir = Path(args.out_dir) if args.out_dir else (QUICK_OUT_DIR if quick else DEFAULT_OUT_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    runs = [run_case(SPECS[name], noise, ks, n_subsets, seed) for seed in seeds for name, noise in grid]
+    cases = [r for r in runs if r["seed"] == seeds[0]]  # the main run: tables, targets and plots
+    extra_runs = [r for r in runs if r["seed"] != seeds[0]]
+
+    plot_detection(cases, out_dir / f"{NAME}_detection.png")
+    plot_cleansing(cases, ks, out_dir / f"{NAME}_cleansing.png")
+    plot_lds(cases, out_dir / f"{NAME}_lds.png")
+
+    text, facts = recommendation(runs, ks)
+    targets = {"detection": target_detection(cases), "cleansing": target_cleansing(cases, ks)}
+    report: dict[str, Any] = {
+        "benchmark": NAME,
+        "settings": {
+            "quick": quick,
+            "methods": METHODS,
+            "budgets": BUDGETS,
+            "ks": ks,
+            "target_ks": [k for k in TARGET_KS if k in ks],
+            "random_draws": RANDOM_DRAWS,
+            "lds_subsets": n_subsets,
+            "lds_keep_fraction": 0.5,
+            "bootstrap": BOOTSTRAP,
+            "seeds": {
+                "split": SPLIT_SEED,
+                "flip": FLIP_SEED,
+                "random_removal": RANDOM_REMOVAL_SEED,
+                "lds": LDS_SEED,
+                "bootstrap": BOOTSTRAP_SEED,
+                "training_main": seeds[0],
+                "training_all": seeds,
+                "training_note": "keras.utils.set_random_seed(seed) before building the model and fit(seed=seed)",
+            },
+            "loss": LOSS,
+            "influence_function": {"solver": "auto", "damping": "auto"},
+            "datasets": {
+                s.name: {
+                    "model": s.model_desc,
+                    "optimizer": "SGD",
+                    "learning_rate": s.learning_rate,
+                    "batch_size": s.batch_size,
+                    "epochs": s.epochs,
+                }
+                for s in SPECS.values()
+            },
+        },
+        "machine": machine_info() | {"loadavg_1_5_15_min": {"start": load_before, "end": os.getloadavg()}},
+        "targets": {
+            "detection_best_toolkit_ge_loss_every_budget": targets["detection"]["met"],
+            "cleansing_unrolled_beats_loss_tracin_random_k10_k20": targets["cleansing"]["met"],
+            "detection": targets["detection"],
+            "cleansing": targets["cleansing"],
+            "lds": {case_key(c): {m: c["methods"][m]["lds"]["spearman"] for m in METHODS} for c in cases},
+        },
+        "robustness": robustness(runs, ks),
+        "recommendation": {"text": text, **facts},
+        "cases": strip_curves(cases),
+        "extra_seed_runs": strip_curves(extra_runs),
+    }
+    report["total_wall_s"] = time.perf_counter() - start
+    json_path, md_path = write_report(out_dir, NAME, report, markdown(report))
+    print(f"\nwrote {json_path}, {md_path} and {NAME}_*.png in {report['total_wall_s']:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: digits 10 %% only, 10 LDS subsets, k=10,20")
+    parser.add_argument("--out-dir", help="where to write data_debugging.{json,md} and the plots")
+    args = parser.parse_args()
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
