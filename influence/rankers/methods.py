@@ -6,6 +6,10 @@
 - tracin (Pruthi et al. 2020, TracInCP): checkpoints taken from the recorded run; each
   sample's visits between checkpoints are weighted by η_t c_i/|B_t| exactly as the run
   applied them, so removal_effect_i ≈ Σ_k ∇E(w_k)·∇ℓ_i(w_k) Σ_{visits} η_t c_i/|B_t|.
+  This is the effect each visit has *at the time of the step*; it is not propagated
+  through the later steps (no H_t terms), so as a prediction of the final change it is
+  uncalibrated: on digits it overstates removal effects ~100× and correlates near 0
+  with retraining (reports/benchmarks/data_debugging.md). Use it as a score.
 - self_influence: Σ_k η̄_k ‖∇ℓ_i(w_k)‖² (TracIn self-influence), for mislabel detection
   without validation data.
 - loss: per-sample training loss at the final weights (baseline).
