@@ -59,7 +59,8 @@ def rank(
         ``index`` (row in x_train), ``rank`` (0 = most harmful), ``score``
         (higher = more harmful), ``removal_effect`` (predicted change of
         validation loss if the sample is removed; negative = harmful; NaN for
-        methods without one), ``label``, ``predicted_label`` (NaN for
+        methods without one; TracIn's is the uncalibrated at-visit effect, see
+        :mod:`influence.rankers.methods`), ``label``, ``predicted_label`` (NaN for
         regression) and ``train_loss`` (at the final weights). ``attrs`` holds
         ``method``, ``seconds`` and ``val_loss``.
     """
