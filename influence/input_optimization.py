@@ -190,10 +190,11 @@ def optimize_training_inputs(
         times.append(time.perf_counter() - start)
         if step == int(steps):
             break
-        res = unrolled(run, x_cur, y_cur, xv, yv, progress=False)
+        res = unrolled(run, x_cur, y_cur, xv, yv, progress=False, input_grad=wants_inputs)
+        input_grad = res.input_grad if res.input_grad is not None else np.zeros_like(x_cur)
         grads = []
         if wants_inputs:
-            grads.append(tf.constant(sign * res.input_grad[idx]))
+            grads.append(tf.constant(sign * input_grad[idx]))
         if wants_labels:
             grads.append(tf.constant(sign * res.label_grad[idx]))  # type: ignore[index]
         new_params, state = opt.update(params, grads, state, tf.constant(rates[step], dtype), tf.constant(step))
@@ -206,7 +207,7 @@ def optimize_training_inputs(
         if wants_inputs:
             x_new = x_cur.copy()
             x_new[idx] = new_params[0].numpy()
-            change += float(np.sum(res.input_grad[idx] * (x_new[idx] - x_cur[idx])))
+            change += float(np.sum(input_grad[idx] * (x_new[idx] - x_cur[idx])))
             x_cur = x_new
             k = 1
         if wants_labels:

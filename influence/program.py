@@ -74,6 +74,7 @@ class Program:
         training: forward pass in training mode (dropout masks from the seeds).
         n_train: number of training samples (size of per-sample outputs).
         label_grad: whether to compute dE/dy (continuous labels only).
+        input_grad: whether to compute dE/dx (skip it when only removal effects are wanted).
         distribute: optional ``tf.distribute`` strategy. Each batch is split into
             contiguous shards, one per replica; gradients and H·ḡ are all-reduced
             and per-sample terms gathered in order, so the numbers equal one
@@ -95,11 +96,13 @@ class Program:
         training: bool,
         n_train: int,
         label_grad: bool,
+        input_grad: bool = True,
         distribute: tf.distribute.Strategy | None = None,
         stream_shape: tuple[int, ...] | None = None,
     ) -> None:
         self.fn, self.loss, self.optimizer, self.schedule = fn, loss, optimizer, schedule
         self.training, self.n_train, self.label_grad = training, n_train, label_grad
+        self.input_grad = input_grad
         self.distribute = distribute
         self.replicas = 1 if distribute is None else int(distribute.num_replicas_in_sync)
         # Streaming: x stays on the host (e.g. a np.memmap); each step's batch comes through a
@@ -222,13 +225,16 @@ class Program:
             if flags:  # one flag per step, so a blow-up is reported with its step number
                 finite_hist = finite_hist.write(i, tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in lam_w]))
             dc_hist = dc_hist.write(i, dc)
-            dx_hist = dx_hist.write(i, dx)
+            if self.input_grad:
+                dx_hist = dx_hist.write(i, dx)
             if self.label_grad:
                 dy_hist = dy_hist.write(i, dy)
         idx = tf.reshape(self.schedule.batches[start : start + length], [-1])
         n = self.n_train
         dc_total = tf.math.unsorted_segment_sum(tf.reshape(dc_hist.stack(), [-1]), idx, n)
-        if self.stream_shape is None:
+        if not self.input_grad:
+            dx_total = tf.zeros([0], x.dtype)
+        elif self.stream_shape is None:
             dx_flat = tf.reshape(dx_hist.stack(), tf.concat([[-1], tf.shape(x)[1:]], 0))
             dx_total = tf.math.unsorted_segment_sum(dx_flat, idx, n)
         else:  # per-step terms (length, Bmax, ...): the host adds them into its (possibly on-disk) array
@@ -245,7 +251,7 @@ class Program:
         if self.distribute is not None:
             return self._reverse_step_distributed(w, s, t, lam_w, lam_s, x, y, c, xb)
         xb, yb, cb, mask = self._batch(t, x, y, c, xb)
-        targets = [xb, cb] + ([yb] if self.label_grad else [])
+        targets = self._targets(xb, yb, cb)
         with tf.GradientTape() as outer:
             outer.watch(w)
             outer.watch(targets)
@@ -260,14 +266,24 @@ class Program:
         grads = outer.gradient(contracted, [w, targets], unconnected_gradients=tf.UnconnectedGradients.ZERO)
         hess_g_bar, target_grads = grads
         lam_w_prev = [a + b for a, b in zip(lam_w_direct, hess_g_bar)]
-        dx, dcb = target_grads[0], target_grads[1]
-        dy = target_grads[2] if self.label_grad else tf.zeros([0])
+        dcb, dx, dy = self._unpack(target_grads)
         # cb = c[idx] * mask: padded entries get no credit.
         return lam_w_prev, lam_s_prev, dcb * mask, dx, dy
 
+    def _targets(self, xb, yb, cb) -> list[tf.Tensor]:
+        """What the second-order call differentiates besides w: c always, x and y when asked."""
+        return [cb] + ([xb] if self.input_grad else []) + ([yb] if self.label_grad else [])
+
+    def _unpack(self, grads: list[tf.Tensor]):
+        """(dE/dc, dE/dx, dE/dy) from :meth:`_targets`' gradients; empty tensors for skipped ones."""
+        rest = list(grads[1:])
+        dx = rest.pop(0) if self.input_grad else tf.zeros([0], grads[0].dtype)
+        dy = rest.pop(0) if self.label_grad else tf.zeros([0])
+        return grads[0], dx, dy
+
     def _second_order(self, w, t, xb, yb, cb, g_bar):
         """H_t ḡ and the per-sample terms (x, c, y) for one shard, from ∇(∇L·ḡ) with ḡ fixed."""
-        targets = [xb, cb] + ([yb] if self.label_grad else [])
+        targets = self._targets(xb, yb, cb)
         with tf.GradientTape() as outer:
             outer.watch(w)
             outer.watch(targets)
@@ -296,8 +312,8 @@ class Program:
         hess_g_bar = results[0][0]
         per_sample = [tf.concat([r[1][k] for r in results], axis=0) for k in range(len(results[0][1]))]
         lam_w_prev = [a + b for a, b in zip(lam_w_direct, hess_g_bar)]
-        dy = per_sample[2] if self.label_grad else tf.zeros([0])
-        return lam_w_prev, lam_s_prev, per_sample[1] * mask, per_sample[0], dy
+        dcb, dx, dy = self._unpack(per_sample)
+        return lam_w_prev, lam_s_prev, dcb * mask, dx, dy
 
     def _update_vjp(self, w, g, s, t, lam_w, lam_s):
         """Adjoints of (w, g, s) from those of U's outputs (first-order VJP)."""

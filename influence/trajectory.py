@@ -71,9 +71,9 @@ class Trajectory:
         """Number of recorded steps T."""
         return len(self.batches)
 
-    def program(self, *, label_grad: bool = False) -> Program:
+    def program(self, *, label_grad: bool = False, input_grad: bool = True) -> Program:
         """The compiled forward/reverse program of this run (cached: tracing is the main cost)."""
-        key = (bool(label_grad), id(self.distribute), self.streamed)
+        key = (bool(label_grad), bool(input_grad), id(self.distribute), self.streamed)
         if key not in self._program_cache:
             fn = ModelFunction(self.model, func="Trajectory")
             replicas = 1 if self.distribute is None else int(self.distribute.num_replicas_in_sync)
@@ -86,6 +86,7 @@ class Trajectory:
                 training=self.training,
                 n_train=self.n_train,
                 label_grad=bool(label_grad),
+                input_grad=bool(input_grad),
                 distribute=self.distribute,
                 stream_shape=self.input_shape if self.streamed else None,
             )

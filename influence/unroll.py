@@ -53,6 +53,17 @@ class MemoryStrategy(ABC):
     def describe(self, steps: int) -> str:
         return self.name
 
+    def longest_segment(self, steps: int) -> int:
+        return max(b - a for a, b in self.segments(steps))
+
+    def held_bytes(self, steps: int, state_bytes: int, step_buffer_bytes: int) -> int:
+        """Peak bytes: held weight/optimizer states plus the per-step buffers of the longest segment.
+
+        ``step_buffer_bytes`` is what one reverse step keeps until its segment ends: the
+        per-sample dE/dc, dE/dx (and dE/dy) of its batch, B·(1 + |x_i| + |y_i|) numbers.
+        """
+        return self.states_held(steps) * state_bytes + self.longest_segment(steps) * step_buffer_bytes
+
 
 @dataclass(frozen=True)
 class StoreAll(MemoryStrategy):
@@ -111,10 +122,10 @@ class Replay(MemoryStrategy):
         return False
 
 
-def choose_strategy(steps: int, bytes_per_state: int, budget: int) -> MemoryStrategy:
-    """The cheapest strategy whose held states fit ``budget`` bytes."""
+def choose_strategy(steps: int, state_bytes: int, budget: int, step_buffer_bytes: int = 0) -> MemoryStrategy:
+    """The cheapest strategy whose held states and segment buffers fit ``budget`` bytes."""
     for candidate in (StoreAll(), Checkpointed(), Replay()):
-        if candidate.states_held(steps) * bytes_per_state <= budget:
+        if candidate.held_bytes(steps, state_bytes, step_buffer_bytes) <= budget:
             return candidate
     return Replay()
 
@@ -127,20 +138,22 @@ class UnrolledResult:
         removal_effect: (n,) predicted change of validation loss if sample i
             were removed (first order, −dE/dc_i). Negative = harmful.
         sample_weight_grad: (n,) dE/dc_i.
-        input_grad: (n, ...) dE/dx_i through the whole run.
+        input_grad: (n, ...) dE/dx_i through the whole run (None when not requested).
         label_grad: dE/dy_i (shaped like y_train) for continuous labels, else None.
         val_loss: E at the end of the recorded run.
         strategy: the memory strategy used (e.g. ``"checkpointed(every=13)"``).
         seconds: wall time of the reverse pass (including recomputation).
+        memory_bytes: the strategy's estimate of held states + segment buffers.
     """
 
     removal_effect: np.ndarray
     sample_weight_grad: np.ndarray
-    input_grad: np.ndarray
+    input_grad: np.ndarray | None
     label_grad: np.ndarray | None
     val_loss: float
     strategy: str
     seconds: float
+    memory_bytes: int = 0
 
 
 def unrolled(
@@ -154,6 +167,7 @@ def unrolled(
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     progress: bool | None = None,
     input_grad_path: str | None = None,
+    input_grad: bool = True,
 ) -> UnrolledResult:
     """Differentiate the validation loss through every recorded step (DESIGN §1).
 
@@ -167,6 +181,8 @@ def unrolled(
         progress: show a progress bar over segments (default: when > 1 segment).
         input_grad_path: write ``input_grad`` to this ``.npy`` file as a memory map
             instead of holding it in memory (for streamed, larger-than-memory data).
+        input_grad: compute dE/dx_i (default). ``False`` skips it when only
+            removal effects are wanted: less time and B·|x_i| less memory per step.
     """
     func = "unrolled"
     x, y = check_trajectory_data(trajectory, x_train, y_train, func)
@@ -182,12 +198,15 @@ def unrolled(
 
     start_time = time.perf_counter()
     label_grad = trajectory.loss.continuous_labels and np.issubdtype(y.dtype, np.floating)
-    program = trajectory.program(label_grad=label_grad)
+    program = trajectory.program(label_grad=label_grad, input_grad=input_grad)
     dtype = program.fn.dtype
     steps = trajectory.steps
     w0 = [tf.constant(w, dtype=dtype) for w in trajectory.initial_weights]
     s0 = trajectory.initial_state()
-    plan = _resolve_strategy(strategy, steps, w0 + s0, memory_budget_bytes, func)
+    state_bytes = sum(int(np.prod(t.shape)) * t.dtype.size for t in w0 + s0)
+    per_sample = 1 + (int(np.prod(x.shape[1:])) if input_grad else 0) + (int(np.prod(y.shape[1:])) if label_grad else 0)
+    step_buffer_bytes = int(program.schedule.batches.shape[1]) * per_sample * dtype.size
+    plan = _resolve_strategy(strategy, steps, state_bytes, step_buffer_bytes, memory_budget_bytes, func)
     x_t, y_t, c_t = _data_tensors(program, x, y, trajectory.sample_weight)
 
     # Adjoint at the end of the run: λ_w = ∇E(w_T), λ_s = 0.
@@ -201,7 +220,7 @@ def unrolled(
     segments = plan.segments(steps)
     starts = _segment_starts(program, plan, segments, trajectory, w0, s0, x_t, y_t, c_t)
     dc = tf.zeros([trajectory.n_train], dtype)
-    host_dx = program.stream_shape is not None or input_grad_path is not None
+    host_dx = input_grad and (program.stream_shape is not None or input_grad_path is not None)
     dx: Any = _input_grad_array(input_grad_path, (trajectory.n_train, *x.shape[1:]), dtype) if host_dx else 0
     dy = tf.zeros_like(y_t) if label_grad else None
     show = len(segments) > 1 if progress is None else progress
@@ -213,7 +232,9 @@ def unrolled(
         if not bool(finite):  # rerun the segment with per-step flags to name the step
             _check_adjoint(np.asarray(program.reverse_with_flags(*args)[-1]), a, trajectory.learning_rates)
         dc = dc + seg_dc
-        if not host_dx:
+        if not input_grad:
+            pass
+        elif not host_dx:
             dx = dx + seg_dx
         elif program.stream_shape is not None:  # per-step terms of this segment, added on the host
             rows = np.asarray(program.schedule.batches[a:b]).reshape(-1)
@@ -226,11 +247,12 @@ def unrolled(
     return UnrolledResult(
         removal_effect=-sample_weight_grad,
         sample_weight_grad=sample_weight_grad,
-        input_grad=dx if host_dx else np.asarray(dx),
+        input_grad=None if not input_grad else dx if host_dx else np.asarray(dx),
         label_grad=np.asarray(dy) if label_grad else None,
         val_loss=val,
         strategy=plan.describe(steps),
         seconds=time.perf_counter() - start_time,
+        memory_bytes=plan.held_bytes(steps, state_bytes, step_buffer_bytes),
     )
 
 
@@ -240,13 +262,14 @@ def _input_grad_array(path: str | None, shape: tuple[int, ...], dtype: tf.DType)
     return np.lib.format.open_memmap(path, mode="w+", dtype=dtype.as_numpy_dtype, shape=shape)
 
 
-def _resolve_strategy(strategy: Any, steps: int, state: list[tf.Tensor], budget: int, func: str) -> MemoryStrategy:
+def _resolve_strategy(
+    strategy: Any, steps: int, state_bytes: int, step_buffer_bytes: int, budget: int, func: str
+) -> MemoryStrategy:
     if isinstance(strategy, MemoryStrategy):
         return strategy
     named = {"store_all": StoreAll(), "checkpointed": Checkpointed(), "replay": Replay()}
     if strategy == "auto":
-        bytes_per_state = sum(int(np.prod(t.shape)) * t.dtype.size for t in state)
-        return choose_strategy(steps, bytes_per_state, budget)
+        return choose_strategy(steps, state_bytes, budget, step_buffer_bytes)
     if isinstance(strategy, str) and strategy in named:
         return named[strategy]
     raise ValueError(

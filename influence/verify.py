@@ -140,6 +140,7 @@ def check_unrolled(
             xx[index] = z
             return val_after(xx, y64, c)
 
+        assert result.input_grad is not None  # requested by default
         point, grad = x64[index], result.input_grad[index]
     elif wrt == "sample_weights":
 

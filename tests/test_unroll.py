@@ -80,8 +80,14 @@ def test_one_step_run_equals_one_step(data):
 def test_every_memory_strategy_gives_the_same_numbers(record, data):
     x, y, xv, yv = data
     traj = inf.fit(
-        mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=SGD(0.1, momentum=0.9),
-        batch_size=3, epochs=3, record_budget_bytes=2**20 if record else 0,
+        mlp(5, 3, out_activation="softmax"),
+        x,
+        y,
+        loss=LOSS,
+        optimizer=SGD(0.1, momentum=0.9),
+        batch_size=3,
+        epochs=3,
+        record_budget_bytes=2**20 if record else 0,
     )
     assert (traj.weights_history is not None) == record
     results = {
@@ -101,7 +107,10 @@ def test_auto_strategy_follows_the_memory_budget(data):
     traj = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, batch_size=1, epochs=4, record_budget_bytes=0)
     per_state = sum(w.size * 8 for w in traj.initial_weights)
     steps = traj.steps  # 52
-    assert inf.unrolled(traj, x, y, xv, yv, memory_budget_bytes=steps * per_state).strategy == "store_all"
+    per_step_buffer = 1 * (1 + 5) * 8  # batch 1 x (dE/dc + dE/dx), float64
+    budget_all = steps * (per_state + per_step_buffer)
+    assert inf.unrolled(traj, x, y, xv, yv, memory_budget_bytes=budget_all).strategy == "store_all"
+    assert inf.unrolled(traj, x, y, xv, yv, memory_budget_bytes=budget_all - 1).strategy != "store_all"
     assert inf.unrolled(traj, x, y, xv, yv, memory_budget_bytes=20 * per_state).strategy == "checkpointed(every=8)"
     assert inf.unrolled(traj, x, y, xv, yv, memory_budget_bytes=per_state).strategy == "replay"
     assert inf.Checkpointed().states_held(2500) == 100
@@ -112,8 +121,14 @@ def test_dropout_masks_are_replayed_exactly(data):
     x, y, xv, yv = data
     keras.utils.set_random_seed(2)
     model = inf.as_float64(
-        keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dropout(0.4),
-                          keras.layers.Dense(3, activation="softmax")])
+        keras.Sequential(
+            [
+                keras.Input((5,)),
+                keras.layers.Dense(8, activation="tanh"),
+                keras.layers.Dropout(0.4),
+                keras.layers.Dense(3, activation="softmax"),
+            ]
+        )
     )
     traj = inf.fit(model, x, y, loss=LOSS, optimizer=SGD(0.3), batch_size=5, epochs=2)
     assert traj.training and len(set(traj.seeds.tolist())) == traj.steps
@@ -128,7 +143,9 @@ def test_dropout_masks_are_replayed_exactly(data):
 def test_float32_trajectory_is_checked_on_a_float64_replay(data):
     x, y, xv, yv = data
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(6, activation="tanh"), keras.layers.Dense(3, activation="softmax")])
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(6, activation="tanh"), keras.layers.Dense(3, activation="softmax")]
+    )
     traj = inf.fit(model, x.astype("float32"), y, loss=LOSS, optimizer=SGD(0.3), batch_size=5, epochs=2)
     assert traj.final_weights[0].dtype == np.float32
     chk = inf.check_unrolled(traj, x.astype("float32"), y, xv, yv, 2)
@@ -137,8 +154,15 @@ def test_float32_trajectory_is_checked_on_a_float64_replay(data):
 
 def test_learning_rate_schedule_is_recorded(data):
     x, y, xv, yv = data
-    traj = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=SGD(lambda t: 0.5 / (1 + t)),
-                   batch_size=5, epochs=2)
+    traj = inf.fit(
+        mlp(5, 3, out_activation="softmax"),
+        x,
+        y,
+        loss=LOSS,
+        optimizer=SGD(lambda t: 0.5 / (1 + t)),
+        batch_size=5,
+        epochs=2,
+    )
     assert np.allclose(traj.learning_rates, [0.5 / (1 + t) for t in range(6)])
     chk = inf.check_unrolled(traj, x, y, xv, yv, 1, wrt="sample_weights")
     assert chk.ok, chk
@@ -160,11 +184,20 @@ def test_actual_removal_effect_is_predicted_to_first_order(data):
 def test_batchnorm_in_training_mode_is_refused_with_a_hint(data):
     x, y, _, _ = data
     model = inf.as_float64(
-        keras.Sequential([keras.Input((5,)), keras.layers.Dense(4), keras.layers.BatchNormalization(name="bn"),
-                          keras.layers.Dense(3, activation="softmax")])
+        keras.Sequential(
+            [
+                keras.Input((5,)),
+                keras.layers.Dense(4),
+                keras.layers.BatchNormalization(name="bn"),
+                keras.layers.Dense(3, activation="softmax"),
+            ]
+        )
     )
-    with pytest.raises(ValueError, match=r"'model' parameter of fit must be a model whose samples do not interact .* bn; "
-                       r"use training=False"):
+    with pytest.raises(
+        ValueError,
+        match=r"'model' parameter of fit must be a model whose samples do not interact .* bn; "
+        r"use training=False",
+    ):
         inf.fit(model, x, y, loss=LOSS)
     traj = inf.fit(model, x, y, loss=LOSS, training=False, batch_size=5)
     assert traj.steps == 3
@@ -173,16 +206,51 @@ def test_batchnorm_in_training_mode_is_refused_with_a_hint(data):
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda t, d: inf.unrolled(t, d[0][:5], d[1][:5], d[2], d[3]), ValueError,
-         r"'x_train' parameter of unrolled must be the data the trajectory was recorded on \(13 samples of shape \(5,\)\)"),
-        (lambda t, d: inf.unrolled("traj", *d), TypeError, "'trajectory' parameter of unrolled must be an influence.Trajectory"),
-        (lambda t, d: inf.unrolled(t, *d, strategy="fast"), ValueError, "'strategy' parameter of unrolled must be 'auto'"),
-        (lambda t, d: inf.unrolled(t, d[0], d[1], d[2][:, :3], d[3]), ValueError, "'x_val' parameter of unrolled must be samples of shape"),
-        (lambda t, d: inf.unrolled(t, d[0], d[1], d[2], d[3] + 5), ValueError, r"'y_val' parameter of unrolled must be class labels in \[0, 2\]"),
-        (lambda t, d: inf.retrain(t, d[0], d[1], sample_weight=np.ones(3)), ValueError, "'sample_weight' parameter of retrain must be as long"),
-        (lambda t, d: inf.check_unrolled(t, *d, 99), ValueError, r"'index' parameter of check_unrolled must be a sample index in \[0, 12\]"),
-        (lambda t, d: inf.check_unrolled(t, *d, 0, wrt="labels"), ValueError, "'wrt' parameter of check_unrolled must be 'inputs' or 'sample_weights'"),
-        (lambda t, d: inf.actual_removal_effect(t, *d, [20]), ValueError, r"'indices' parameter of actual_removal_effect must be sample indices"),
+        (
+            lambda t, d: inf.unrolled(t, d[0][:5], d[1][:5], d[2], d[3]),
+            ValueError,
+            r"'x_train' parameter of unrolled must be the data the trajectory was recorded on \(13 samples of shape \(5,\)\)",
+        ),
+        (
+            lambda t, d: inf.unrolled("traj", *d),
+            TypeError,
+            "'trajectory' parameter of unrolled must be an influence.Trajectory",
+        ),
+        (
+            lambda t, d: inf.unrolled(t, *d, strategy="fast"),
+            ValueError,
+            "'strategy' parameter of unrolled must be 'auto'",
+        ),
+        (
+            lambda t, d: inf.unrolled(t, d[0], d[1], d[2][:, :3], d[3]),
+            ValueError,
+            "'x_val' parameter of unrolled must be samples of shape",
+        ),
+        (
+            lambda t, d: inf.unrolled(t, d[0], d[1], d[2], d[3] + 5),
+            ValueError,
+            r"'y_val' parameter of unrolled must be class labels in \[0, 2\]",
+        ),
+        (
+            lambda t, d: inf.retrain(t, d[0], d[1], sample_weight=np.ones(3)),
+            ValueError,
+            "'sample_weight' parameter of retrain must be as long",
+        ),
+        (
+            lambda t, d: inf.check_unrolled(t, *d, 99),
+            ValueError,
+            r"'index' parameter of check_unrolled must be a sample index in \[0, 12\]",
+        ),
+        (
+            lambda t, d: inf.check_unrolled(t, *d, 0, wrt="labels"),
+            ValueError,
+            "'wrt' parameter of check_unrolled must be 'inputs' or 'sample_weights'",
+        ),
+        (
+            lambda t, d: inf.actual_removal_effect(t, *d, [20]),
+            ValueError,
+            r"'indices' parameter of actual_removal_effect must be sample indices",
+        ),
     ],
 )
 def test_unrolled_rejects_bad_input(call, error, match, data):
@@ -196,10 +264,18 @@ def test_unrolled_rejects_bad_input(call, error, match, data):
     [
         ({"batch_size": 0}, ValueError, "'batch_size' parameter of fit must be a positive int. Got 0 instead"),
         ({"epochs": 1.5}, ValueError, "'epochs' parameter of fit must be a positive int"),
-        ({"optimizer": keras.optimizers.SGD()}, ValueError, r"'optimizer' parameter of fit must be an influence.optimizers optimizer .* Got SGD \(a Keras optimizer\)"),
+        (
+            {"optimizer": keras.optimizers.SGD()},
+            ValueError,
+            r"'optimizer' parameter of fit must be an influence.optimizers optimizer .* Got SGD \(a Keras optimizer\)",
+        ),
         ({"optimizer": "lbfgs"}, ValueError, "'optimizer' parameter of fit must be an influence.optimizers optimizer"),
         ({"seed": "zero"}, ValueError, "'seed' parameter of fit must be an int"),
-        ({"record_budget_bytes": None}, ValueError, "'record_budget_bytes' parameter of fit must be a non-negative int"),
+        (
+            {"record_budget_bytes": None},
+            ValueError,
+            "'record_budget_bytes' parameter of fit must be a non-negative int",
+        ),
         ({"sample_weight": np.ones(2)}, ValueError, "'sample_weight' parameter of fit must be as long as 'x_train'"),
     ],
 )
@@ -260,3 +336,19 @@ def test_a_non_finite_adjoint_is_reported_with_its_step(data):
     flags = np.array([True, True, False, True])
     with pytest.raises(FloatingPointError, match=r"at step 12 of the reverse pass \(learning rate 0.3\)"):
         _check_adjoint(flags, 10, np.full(20, 0.3))
+
+
+def test_removal_effect_alone_skips_input_grads_and_the_budget_counts_segment_buffers(data):
+    x, y, xv, yv = data
+    traj = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=SGD(0.3), batch_size=5, epochs=2)
+    full = inf.unrolled(traj, x, y, xv, yv)
+    lean = inf.unrolled(traj, x, y, xv, yv, input_grad=False)
+    assert lean.input_grad is None
+    assert np.allclose(lean.removal_effect, full.removal_effect, rtol=1e-12, atol=1e-16)
+    assert lean.memory_bytes < full.memory_bytes
+    state = sum(w.size * 8 for w in traj.initial_weights)
+    buffer = 5 * (1 + 5) * 8  # batch x (dE/dc + dE/dx) per step, float64
+    assert full.memory_bytes == traj.steps * (state + buffer)
+    assert inf.StoreAll().held_bytes(6, state, buffer) == full.memory_bytes
+    # A budget that fits the states alone but not the buffers no longer picks store_all.
+    assert inf.unrolled(traj, x, y, xv, yv, memory_budget_bytes=traj.steps * state + buffer).strategy != "store_all"
