@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ._inputs import prepare
 from ._validation import as_array, check_choice, check_positive, describe, param_error
-from .optimizers import Optimizer, get_optimizer
+from .optimizers import Adam, Optimizer, get_optimizer
 from .trajectory import Trajectory, check_trajectory_data, retrain
 from .unroll import unrolled
 
@@ -80,7 +80,8 @@ def project_to_simplex(y: np.ndarray) -> np.ndarray:
     ks = np.arange(1, flat.shape[1] + 1)
     rho = np.max(np.where(ordered - cumulative / ks > 0, ks, 0), axis=1)
     theta = cumulative[np.arange(len(flat)), rho - 1] / rho
-    return np.maximum(flat - theta[:, None], 0).reshape(y.shape)
+    # Keep the input's dtype: a float64 result would break float32 runs at the next step.
+    return np.maximum(flat - theta[:, None], 0).reshape(y.shape).astype(y.dtype, copy=False)
 
 
 def _evaluate(trajectory: Trajectory, weights: list[np.ndarray], x_val: np.ndarray, y_val: np.ndarray):
@@ -120,7 +121,7 @@ def optimize_training_inputs(
     *,
     goal: str = "poison",
     target: str = "inputs",
-    outer_optimizer: Any = "adam",
+    outer_optimizer: Any = None,
     steps: int = 10,
     bounds: tuple[float, float] | None = (0.0, 1.0),
     budget: float | None = None,
@@ -138,7 +139,10 @@ def optimize_training_inputs(
         goal: ``"poison"`` raises E, ``"repair"`` lowers it.
         target: ``"inputs"``, ``"labels"`` or ``"both"``.
         outer_optimizer: :mod:`influence.optimizers` instance or name; its
-            learning rate is the outer step size.
+            learning rate is the outer step size. Default ``Adam(0.1)``: Adam moves
+            each coordinate by about its step size, which suits pixels in [0, 1]
+            (hypergradients are tiny and unevenly scaled, so plain SGD needs step
+            sizes of 10–1000; see reports/benchmarks/poisoning.md).
         steps: outer steps (each: one retraining + one unrolled pass).
         bounds: box for inputs, e.g. the pixel range; None for no box.
         budget: optional L∞ radius around the original inputs.
@@ -149,7 +153,7 @@ def optimize_training_inputs(
     yv = as_array(y_val, param="y_val", func=func)
     check_choice(goal, GOALS, param="goal", func=func)
     check_choice(target, TARGETS, param="target", func=func)
-    opt = _check_common(func, outer_optimizer, steps, bounds, budget)
+    opt = _check_common(func, Adam(0.1) if outer_optimizer is None else outer_optimizer, steps, bounds, budget)
     idx = as_array(indices, param="indices", func=func)
     if not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0 or idx.max() >= len(x):
         raise ValueError(param_error("indices", func, f"integer sample indices in [0, {len(x) - 1}]", describe(idx)))

@@ -54,7 +54,7 @@ class Optimizer(ABC):
         name = type(self).__name__
         if not callable(self.learning_rate):
             _positive(self.learning_rate, "learning_rate", name)
-        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+        if not isinstance(self.weight_decay, (int, float, np.integer, np.floating)) or self.weight_decay < 0:
             raise ValueError(param_error("weight_decay", name, "a non-negative number", describe(self.weight_decay)))
 
     def learning_rates(self, steps: int) -> np.ndarray:
@@ -86,12 +86,14 @@ class Optimizer(ABC):
 
 
 def _positive(value: Any, param: str, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not np.isfinite(value):
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not real or not value > 0 or not np.isfinite(value):
         raise ValueError(param_error(param, name, "a positive number", describe(value)))
 
 
 def _in_unit_interval(value: Any, param: str, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not real or not 0 <= value < 1:
         raise ValueError(param_error(param, name, "a number in [0, 1)", describe(value)))
 
 

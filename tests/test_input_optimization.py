@@ -23,10 +23,18 @@ def blobs():
 @pytest.mark.parametrize("goal", ["poison", "repair"])
 def test_one_outer_step_changes_the_retrained_loss_as_predicted_to_first_order(goal, blobs):
     x, y, xv, yv = blobs
-    traj = inf.fit(mlp(4, 3, out_activation="softmax"), x, y, loss="sparse_categorical_crossentropy",
-                   optimizer=SGD(0.5), batch_size=10, epochs=3)
-    res = inf.optimize_training_inputs(traj, x, y, xv, yv, [0, 1, 2, 3], goal=goal, outer_optimizer=SGD(0.05),
-                                       steps=1, bounds=None)
+    traj = inf.fit(
+        mlp(4, 3, out_activation="softmax"),
+        x,
+        y,
+        loss="sparse_categorical_crossentropy",
+        optimizer=SGD(0.5),
+        batch_size=10,
+        epochs=3,
+    )
+    res = inf.optimize_training_inputs(
+        traj, x, y, xv, yv, [0, 1, 2, 3], goal=goal, outer_optimizer=SGD(0.05), steps=1, bounds=None
+    )
     actual = res.val_loss[1] - res.val_loss[0]
     predicted = res.predicted_change[0]
     assert (actual > 0) if goal == "poison" else (actual < 0)
@@ -36,11 +44,19 @@ def test_one_outer_step_changes_the_retrained_loss_as_predicted_to_first_order(g
 
 def test_constraints_hold_and_every_outer_optimizer_poisons(blobs):
     x, y, xv, yv = blobs
-    traj = inf.fit(mlp(4, 3, out_activation="softmax"), x, y, loss="sparse_categorical_crossentropy",
-                   optimizer=SGD(0.5), batch_size=10, epochs=3)
+    traj = inf.fit(
+        mlp(4, 3, out_activation="softmax"),
+        x,
+        y,
+        loss="sparse_categorical_crossentropy",
+        optimizer=SGD(0.5),
+        batch_size=10,
+        epochs=3,
+    )
     for opt in [SGD(0.5), SGD(0.2, momentum=0.9), RMSprop(0.05), Adam(0.05)]:
-        res = inf.optimize_training_inputs(traj, x, y, xv, yv, np.arange(6), goal="poison", outer_optimizer=opt,
-                                           steps=3, bounds=(0.0, 1.0), budget=0.3)
+        res = inf.optimize_training_inputs(
+            traj, x, y, xv, yv, np.arange(6), goal="poison", outer_optimizer=opt, steps=3, bounds=(0.0, 1.0), budget=0.3
+        )
         moved = res.x[:6] - x[:6]
         assert res.x.min() >= 0.0 and res.x.max() <= 1.0
         assert np.abs(moved).max() <= 0.3 + 1e-12
@@ -53,10 +69,27 @@ def test_soft_label_repair_recovers_a_flipped_label(blobs):
     y_true = np.eye(3)[y]
     y_noisy = y_true.copy()
     y_noisy[[0, 1, 2]] = np.eye(3)[(y[[0, 1, 2]] + 1) % 3]
-    traj = inf.fit(mlp(4, 3, out_activation="softmax"), x, y_noisy, loss="categorical_crossentropy",
-                   optimizer=SGD(0.5), batch_size=10, epochs=5)
-    res = inf.optimize_training_inputs(traj, x, y_noisy, xv, np.eye(3)[yv], [0, 1, 2],
-                                       goal="repair", target="labels", outer_optimizer=Adam(0.5), steps=8)
+    traj = inf.fit(
+        mlp(4, 3, out_activation="softmax"),
+        x,
+        y_noisy,
+        loss="categorical_crossentropy",
+        optimizer=SGD(0.5),
+        batch_size=10,
+        epochs=5,
+    )
+    res = inf.optimize_training_inputs(
+        traj,
+        x,
+        y_noisy,
+        xv,
+        np.eye(3)[yv],
+        [0, 1, 2],
+        goal="repair",
+        target="labels",
+        outer_optimizer=Adam(0.5),
+        steps=8,
+    )
     assert np.allclose(res.y[[0, 1, 2]].sum(axis=1), 1.0)  # soft labels stay on the simplex
     assert res.val_loss[-1] < res.val_loss[0]
     recovered = np.argmax(res.y[[0, 1, 2]], axis=1) == y[[0, 1, 2]]
@@ -66,13 +99,22 @@ def test_soft_label_repair_recovers_a_flipped_label(blobs):
 def test_adversarial_examples_raise_the_frozen_models_loss_within_the_budget(blobs):
     x, y, _, _ = blobs
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"),
-                              keras.layers.Dense(3, activation="softmax")])
-    traj = inf.fit(model, x.astype("float32"), y, loss="sparse_categorical_crossentropy", optimizer=SGD(0.5),
-                   batch_size=10, epochs=10)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3, activation="softmax")]
+    )
+    traj = inf.fit(
+        model,
+        x.astype("float32"),
+        y,
+        loss="sparse_categorical_crossentropy",
+        optimizer=SGD(0.5),
+        batch_size=10,
+        epochs=10,
+    )
     assert traj.steps == 30
-    res = inf.adversarial_examples(model, "sparse_categorical_crossentropy", x, y, outer_optimizer=Adam(0.05),
-                                   steps=5, budget=0.2)
+    res = inf.adversarial_examples(
+        model, "sparse_categorical_crossentropy", x, y, outer_optimizer=Adam(0.05), steps=5, budget=0.2
+    )
     assert res.val_loss[-1] > res.val_loss[0]
     assert np.abs(res.x - x).max() <= 0.2 + 1e-6 and res.x.min() >= 0 and res.x.max() <= 1
 
@@ -81,8 +123,14 @@ def test_adversarial_examples_raise_the_frozen_models_loss_within_the_budget(blo
     "kwargs, match",
     [
         ({"goal": "destroy"}, "'goal' parameter of optimize_training_inputs must be one of 'poison', 'repair'"),
-        ({"target": "labels"}, "'target' parameter of optimize_training_inputs must be 'inputs' for a run on class-index"),
-        ({"indices": [100]}, r"'indices' parameter of optimize_training_inputs must be integer sample indices in \[0, 29\]"),
+        (
+            {"target": "labels"},
+            "'target' parameter of optimize_training_inputs must be 'inputs' for a run on class-index",
+        ),
+        (
+            {"indices": [100]},
+            r"'indices' parameter of optimize_training_inputs must be integer sample indices in \[0, 29\]",
+        ),
         ({"steps": 0}, "'steps' parameter of optimize_training_inputs must be a positive int"),
         ({"bounds": (1, 0)}, "'bounds' parameter of optimize_training_inputs must be None or a"),
         ({"budget": -0.1}, "'budget' parameter of optimize_training_inputs must be a positive number"),
@@ -108,3 +156,31 @@ def test_simplex_projection_is_the_closest_point_on_the_simplex():
     for p, q in zip(points, projected):
         assert np.linalg.norm(p - q) <= np.min(np.linalg.norm(others - p, axis=1)) + 1e-12
     assert np.allclose(project_to_simplex(np.eye(4)), np.eye(4))
+
+
+def test_soft_label_repair_runs_on_a_float32_model_and_numpy_step_sizes_are_accepted(blobs):
+    x, y, xv, yv = blobs
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(6, activation="tanh"), keras.layers.Dense(3, activation="softmax")]
+    )
+    y_hot = np.eye(3, dtype="float32")[y]
+    traj = inf.fit(
+        model, x.astype("float32"), y_hot, loss="categorical_crossentropy", optimizer=SGD(0.5), batch_size=10, epochs=2
+    )
+    res = inf.optimize_training_inputs(
+        traj,
+        x.astype("float32"),
+        y_hot,
+        xv,
+        np.eye(3)[yv],
+        [0, 1],
+        goal="repair",
+        target="labels",
+        outer_optimizer=SGD(np.float32(1.0), momentum=np.float64(0.5)),
+        steps=3,
+    )
+    assert res.y.dtype == np.float32 and len(res.val_loss) == 4
+    from influence.input_optimization import project_to_simplex
+
+    assert project_to_simplex(np.ones((2, 3), np.float32)).dtype == np.float32
