@@ -1,71 +1,90 @@
 """influence: data debugging by hypergradients through recorded training runs.
 
-Public API (DESIGN §3): ``one_step``, ``check_gradient``, ``check_input_gradient``,
-``as_float64``, and the building blocks in :mod:`influence.autodiff`.
+The public API (DESIGN §3) is imported lazily: ``import influence`` is cheap and
+TensorFlow is loaded on first use of a name, so the ``influence`` command answers
+``--help`` and usage errors at once.
+
+Main entry points: :func:`fit` → :class:`Trajectory`; :func:`unrolled`;
+:func:`one_step`; :func:`check_gradient`; :func:`rank`; :func:`retrain`;
+:func:`optimize_training_inputs`.
 """
 
-from . import autodiff, losses
-from .autodiff import hessian, hvp, mixed_product, newton_step, per_sample_dots, vjp_chain
-from .checks import GradientCheck, as_float64, check_gradient, check_input_gradient
-from .model_function import ModelFunction, coupling_layers
-from .one_step import one_step
-from .per_sample import per_sample_gradient_dots
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GradientCheck",
-    "ModelFunction",
-    "as_float64",
-    "autodiff",
-    "check_gradient",
-    "check_input_gradient",
-    "coupling_layers",
-    "hessian",
-    "hvp",
-    "losses",
-    "mixed_product",
-    "newton_step",
-    "one_step",
-    "per_sample_dots",
-    "per_sample_gradient_dots",
-    "vjp_chain",
-]
+# public name -> module that defines it
+_EXPORTS = {
+    "one_step": "one_step",
+    "check_gradient": "checks",
+    "check_input_gradient": "checks",
+    "as_float64": "checks",
+    "GradientCheck": "checks",
+    "ModelFunction": "model_function",
+    "coupling_layers": "model_function",
+    "hvp": "autodiff",
+    "mixed_product": "autodiff",
+    "per_sample_dots": "autodiff",
+    "hessian": "autodiff",
+    "newton_step": "autodiff",
+    "vjp_chain": "autodiff",
+    "per_sample_gradient_dots": "per_sample",
+    "fit": "trajectory",
+    "retrain": "trajectory",
+    "Trajectory": "trajectory",
+    "unrolled": "unroll",
+    "UnrolledResult": "unroll",
+    "MemoryStrategy": "unroll",
+    "StoreAll": "unroll",
+    "Checkpointed": "unroll",
+    "Replay": "unroll",
+    "validation_loss": "verify",
+    "actual_removal_effect": "verify",
+    "as_float64_trajectory": "verify",
+    "check_unrolled": "verify",
+    "rank": "rank",
+    "predicted_group_effect": "rank",
+    "rank_in_processes": "sharding",
+    "save_trajectory": "persist",
+    "load_trajectory": "persist",
+    "optimize_training_inputs": "input_optimization",
+    "adversarial_examples": "input_optimization",
+    "InputOptimization": "input_optimization",
+}
+_SUBMODULES = ("autodiff", "losses", "optimizers", "rankers")
 
-from . import optimizers  # noqa: E402
-from .trajectory import Trajectory, fit, retrain  # noqa: E402
-from .unroll import Checkpointed, MemoryStrategy, Replay, StoreAll, UnrolledResult, unrolled  # noqa: E402
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
-__all__ += [
-    "Checkpointed",
-    "MemoryStrategy",
-    "Replay",
-    "StoreAll",
-    "Trajectory",
-    "UnrolledResult",
-    "fit",
-    "optimizers",
-    "retrain",
-    "unrolled",
-]
 
-from .verify import actual_removal_effect, as_float64_trajectory, check_unrolled, validation_loss  # noqa: E402
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'influence' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
-__all__ += ["actual_removal_effect", "as_float64_trajectory", "check_unrolled", "validation_loss"]
 
-from . import rankers  # noqa: E402
-from .rank import predicted_group_effect, rank  # noqa: E402
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
 
-__all__ += ["predicted_group_effect", "rank", "rankers"]
 
-from .input_optimization import InputOptimization, adversarial_examples, optimize_training_inputs  # noqa: E402
-
-__all__ += ["InputOptimization", "adversarial_examples", "optimize_training_inputs"]
-
-from .persist import load_trajectory, save_trajectory  # noqa: E402
-
-__all__ += ["load_trajectory", "save_trajectory"]
-
-from .sharding import rank_in_processes  # noqa: E402
-
-__all__ += ["rank_in_processes"]
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
+    from . import autodiff, losses, optimizers, rankers  # noqa: F401
+    from .autodiff import hessian, hvp, mixed_product, newton_step, per_sample_dots, vjp_chain  # noqa: F401
+    from .checks import GradientCheck, as_float64, check_gradient, check_input_gradient  # noqa: F401
+    from .input_optimization import InputOptimization, adversarial_examples, optimize_training_inputs  # noqa: F401
+    from .model_function import ModelFunction, coupling_layers  # noqa: F401
+    from .one_step import one_step  # noqa: F401
+    from .per_sample import per_sample_gradient_dots  # noqa: F401
+    from .persist import load_trajectory, save_trajectory  # noqa: F401
+    from .rank import predicted_group_effect, rank  # noqa: F401
+    from .sharding import rank_in_processes  # noqa: F401
+    from .trajectory import Trajectory, fit, retrain  # noqa: F401
+    from .unroll import Checkpointed, MemoryStrategy, Replay, StoreAll, UnrolledResult, unrolled  # noqa: F401
+    from .verify import actual_removal_effect, as_float64_trajectory, check_unrolled, validation_loss  # noqa: F401

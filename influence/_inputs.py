@@ -60,9 +60,31 @@ def check_model_input(func: str, model: keras.Model, x: np.ndarray, param: str =
 
 
 def check_labels_for_loss(func: str, name: str, labels: np.ndarray, loss: Loss, model: keras.Model) -> None:
-    """Integer losses need class labels within the model's outputs."""
+    """Integer losses need class labels within the model's outputs; built-in target losses
+    (MSE, categorical/binary cross-entropy) need one target per model output."""
     if loss.integer_labels:
         _check_class_labels(func, name, labels, model)
+        return
+    from .losses import BUILT_IN
+
+    if loss.name not in BUILT_IN:
+        return  # a custom per-sample callable decides what its labels look like
+    try:
+        outputs = tuple(model.output_shape[1:])
+    except (AttributeError, TypeError, ValueError):
+        return
+    got = tuple(labels.shape[1:])
+    squeezed = (1,) if got == () else got  # (n,) targets for a single output
+    if None not in outputs and squeezed != outputs:
+        hint = " (class indices need loss='sparse_categorical_crossentropy')" if got == () and outputs[-1] > 1 else ""
+        raise ValueError(
+            param_error(
+                name,
+                func,
+                f"targets of shape {outputs} per sample for loss {loss.name!r}{hint}",
+                f"targets of shape {got}",
+            )
+        )
 
 
 def _check_class_labels(func: str, name: str, labels: np.ndarray, model: keras.Model) -> None:

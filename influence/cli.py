@@ -1,46 +1,333 @@
-"""The ``influence`` command."""
+"""The ``influence`` command: ``demo``, ``rank``, ``check`` and ``bench``.
+
+Exit codes: 0 success, 1 a check or a benchmark failed (or training diverged),
+2 a usage or input error, 130 interrupted (rerun the same command to resume).
+Errors go to stderr as one line. The data formats are in ``DATA_FORMATS``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+from ._files import _image_shape, _usage, describe_model, load_data, load_model
+from ._methods import METHODS
+from ._validation import describe
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
+LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "mse")
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "rmsprop": 0.001, "adam": 0.001}
+NOT_BENCHMARKS = {"screenshot"}  # helper scripts under benchmarks/ that `bench` runs only by name
+DATA_FORMATS = """data files:
+  .npz (numpy.savez): x_train (n, ...) and y_train (n,) or (n, k); validation data as
+       x_val / y_val in the same file or in --val; optional noisy (n,) bool marks
+       known-mislabeled samples and enables the found@k plot.
+  .csv: a header row, numeric columns, one sample per row; the label is the last
+       column unless --label-column NAME names another; validation data in --val
+       (same columns).
+  Integer inputs are cast to float32; integral float labels are cast to int. Inputs of
+  shape (n, H, W) or (n, H, W, C), or --image-shape, give an image grid in the report."""
 
 
-def _demo(args: argparse.Namespace) -> int:
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _optimizer(args: argparse.Namespace) -> Any:
+    from . import optimizers
+
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    if not lr > 0:
+        raise _usage("lr", "rank", "a positive number", lr)
+    if args.optimizer == "sgd":
+        return optimizers.SGD(lr)
+    if args.optimizer == "momentum":
+        return optimizers.SGD(lr, momentum=args.momentum)
+    return optimizers.RMSprop(lr) if args.optimizer == "rmsprop" else optimizers.Adam(lr)
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise _usage("method", "rank", f"one or more (comma-separated) of {', '.join(METHODS)}", repr(text))
+    return tuple(dict.fromkeys(methods))
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from .report.job import RankingJob, run_ranking
+
+    methods = _methods(args.method)
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise _usage(name.replace("_", "-"), "rank", "a positive int", getattr(args, name))
+    if args.verify < 0:
+        raise _usage("verify", "rank", "a non-negative int", args.verify)
+    shape = _image_shape(args.image_shape, "rank")
+    data = load_data(args, "rank", need_val=True)
+    model = load_model(args.model, "rank")
+    x = data["x_train"]
+    images = None
+    if shape is not None:
+        if int(np.prod(shape)) != int(np.prod(x.shape[1:])):
+            raise _usage(
+                "image-shape", "rank", f"a shape with {int(np.prod(x.shape[1:]))} values", repr(args.image_shape)
+            )
+        images = x.reshape(len(x), *shape)
+    elif x.ndim in (3, 4):
+        images = x
+    noisy = data.get("noisy")
+    if noisy is not None and (noisy.shape != (len(x),)):
+        raise _usage("data", "rank", f"a 'noisy' array of shape ({len(x)},)", describe(noisy))
+    optimizer = _optimizer(args)
+    job = RankingJob(
+        out_dir=Path(args.out),
+        model=model,
+        x_train=x,
+        y_train=data["y_train"],
+        x_val=data["x_val"],
+        y_val=data["y_val"],
+        optimizer=optimizer,
+        loss=args.loss,
+        from_logits=args.from_logits,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        seed=args.seed,
+        methods=methods,
+        verify_top=args.verify,
+        verify_random=args.verify,
+        summary={
+            "data": f"{args.data}{' + ' + args.val if args.val else ''}: {len(x)} train / {len(data['x_val'])} "
+            f"validation samples of shape {tuple(x.shape[1:])}",
+            "model": f"{args.model} ({describe_model(model)})",
+            "training": f"influence.fit: {args.optimizer} {optimizer!r}, batch {args.batch_size}, "
+            f"{args.epochs} epoch(s), seed {args.seed}, loss {args.loss}{' (logits)' if args.from_logits else ''}",
+        },
+        images=images,
+        features=None if images is not None else x,
+        feature_names=[str(c) for c in data["columns"]] if "columns" in data else None,
+        noise_mask=None if noisy is None else noisy.astype(bool),
+        progress=not args.no_progress,
+        restart=args.restart,
+    )
+    outcome = run_ranking(job)
+    print(f"{outcome.report}")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .checks import check_input_gradient
+
+    for name in ("samples", "directions"):
+        if getattr(args, name) < 1:
+            raise _usage(name, "check", "a positive int", getattr(args, name))
+    data = load_data(args, "check", need_val=False)
+    model = load_model(args.model, "check")
+    x, y = data["x_train"][: args.samples], data["y_train"][: args.samples]
+    chk = check_input_gradient(
+        model, args.loss, x, y, training=args.training, seed=args.seed, directions=args.directions
+    )
+    print(f"input gradient of the mean {args.loss} over {len(x)} sample(s), float64, {args.directions} direction(s)")
+    print(chk)
+    return EXIT_OK if chk.ok else EXIT_FAILED
+
+
+def benchmark_dir(given: str | None) -> Path:
+    """Where benchmark scripts live: ``--dir``, else the repository's ``benchmarks/``, else ./benchmarks."""
+    if given is not None:
+        return Path(given)
+    beside = Path(__file__).resolve().parents[1] / "benchmarks"
+    return beside if beside.is_dir() else Path.cwd() / "benchmarks"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    folder = benchmark_dir(args.dir)
+    if not folder.is_dir():
+        raise _usage("dir", "bench", "a folder of benchmark scripts", f"{str(folder)!r} (no such folder)")
+    scripts = {p.stem: p for p in sorted(folder.glob("*.py")) if not p.name.startswith("_")}
+    benchmarks = [name for name in scripts if name not in NOT_BENCHMARKS]
+    if args.list:
+        print("\n".join(benchmarks))
+        return EXIT_OK
+    unknown = [name for name in args.names if name not in scripts]
+    if unknown:
+        raise _usage("name", "bench", f"one of {', '.join(benchmarks)}", repr(unknown[0]))
+    failed = []
+    for name in args.names or benchmarks:
+        command = [sys.executable, str(scripts[name])] + (["--quick"] if args.quick else [])
+        print(f"[bench] {' '.join(command)}", flush=True)
+        if subprocess.run(command, cwd=folder.parent).returncode != 0:
+            failed.append(name)
+    if failed:
+        print(f"influence bench: error: failed: {', '.join(failed)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out, quick=args.quick)
-    return 0
+    outcome = run_demo(args.out, quick=args.quick, restart=args.restart)
+    print(f"{outcome.report}")
+    return EXIT_OK
+
+
+# --- the parser --------------------------------------------------------------------------------------------
+
+
+def _training_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training (influence.fit; the model file gives the initial weights)")
+    group.add_argument("--epochs", type=int, default=1, help="passes over the training data (default 1)")
+    group.add_argument("--batch-size", type=int, default=32, help="samples per step (default 32)")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="update rule (default sgd)")
+    group.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default 0.1 for sgd/momentum, 0.001 for rmsprop/adam)"
+    )
+    group.add_argument("--momentum", type=float, default=0.9, help="momentum for --optimizer momentum (default 0.9)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the batch order and dropout masks (default 0)")
+
+
+def _loss_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--loss", choices=LOSSES, default=LOSSES[0], help=f"per-sample loss (default {LOSSES[0]})")
+    parser.add_argument("--from-logits", action="store_true", help="the model outputs logits, not probabilities")
+
+
+def _data_flags(parser: argparse.ArgumentParser, *, val: bool) -> None:
+    parser.add_argument("--model", required=True, help="Keras model file (.keras)")
+    parser.add_argument("--data", required=True, help="training data: .npz (x_train, y_train) or .csv")
+    if val:
+        parser.add_argument(
+            "--val", help="validation data: .npz (x_val, y_val) or .csv; default: x_val/y_val in --data"
+        )
+    parser.add_argument("--label-column", help="CSV column holding the label (default: the last column)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``influence`` argument parser."""
+    parser = _Parser(
         prog="influence",
         description="Data debugging by hypergradients through recorded Keras training runs.",
+        epilog="Exit codes: 0 ok, 1 check/benchmark failed, 2 usage or input error, 130 interrupted.",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    fmt = argparse.RawDescriptionHelpFormatter
+    from . import demo as demo_module
+
     demo = commands.add_parser(
         "demo",
-        help="run the toolkit on scikit-learn's embedded digits and write a report",
-        description="Train a small MLP on embedded digits, compute a one-step hypergradient, "
-        "check it with float64 finite differences and write reports/demo/.",
+        help="find flipped labels in embedded digits and write reports/demo/index.html",
+        description=(demo_module.__doc__ or "").split("\n\n", 1)[-1],
+        formatter_class=fmt,
     )
-    demo.add_argument("--out", default=os.path.join("reports", "demo"), help="output folder (default: reports/demo)")
-    demo.add_argument("--quick", action="store_true", help="smaller run, for tests")
-    demo.set_defaults(handler=_demo)
+    demo.add_argument("--out", default=demo_module.DEFAULT_OUT, help="report folder (default reports/demo)")
+    demo.add_argument("--quick", action="store_true", help="a small smoke run (300 samples, 2 epochs)")
+    demo.add_argument("--restart", action="store_true", help="discard saved shards instead of resuming")
+    demo.set_defaults(handler=cmd_demo)
+
+    rank = commands.add_parser(
+        "rank",
+        help="rank your training samples, most harmful first, and write an HTML report",
+        description="Train the model in --model on --data with influence.fit (recording the run), rank the "
+        "training samples by --method, optionally verify by retraining, and write DIR/index.html, "
+        "DIR/scores.csv and DIR/scores.parquet. Rerunning the same command resumes from DIR/shards.",
+        epilog=DATA_FORMATS,
+        formatter_class=fmt,
+    )
+    _data_flags(rank, val=True)
+    rank.add_argument(
+        "--method",
+        default="unrolled",
+        help=f"comma-separated, first one reported: {', '.join(METHODS)} (default unrolled)",
+    )
+    rank.add_argument(
+        "--out", default=os.path.join("reports", "rank"), metavar="DIR", help="report folder (default reports/rank)"
+    )
+    rank.add_argument(
+        "--verify",
+        type=int,
+        default=0,
+        metavar="K",
+        help="retrain without each of the K most harmful and K random samples (default 0)",
+    )
+    rank.add_argument("--image-shape", help="reshape flat inputs to HxW or HxWxC for the image grid, e.g. 28x28")
+    rank.add_argument("--restart", action="store_true", help="discard saved shards instead of resuming")
+    rank.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _loss_flags(rank)
+    _training_flags(rank)
+    rank.set_defaults(handler=cmd_rank)
+
+    check = commands.add_parser(
+        "check",
+        help="float64 finite-difference check of the model's input gradient",
+        description="Rebuild the model in float64 and compare the tape gradient of the mean loss w.r.t. the "
+        "inputs with central differences (Richardson extrapolation) along random directions. "
+        "Exit 0 if it passes, 1 if not.",
+        epilog=DATA_FORMATS,
+        formatter_class=fmt,
+    )
+    _data_flags(check, val=False)
+    _loss_flags(check)
+    check.add_argument("--samples", type=int, default=32, help="first N training samples to check (default 32)")
+    check.add_argument("--directions", type=int, default=4, help="random unit directions (default 4)")
+    check.add_argument("--training", action="store_true", help="training mode (dropout on, masks fixed by --seed)")
+    check.add_argument("--seed", type=int, default=0, help="seed of the directions and dropout masks")
+    check.set_defaults(handler=cmd_check)
+
+    bench = commands.add_parser(
+        "bench",
+        help="run the benchmark scripts under benchmarks/",
+        description="Run benchmark scripts (each in its own Python process); exit 1 if any fails.",
+    )
+    bench.add_argument("names", nargs="*", metavar="NAME", help="scripts to run, without .py (default: all)")
+    bench.add_argument("--quick", action="store_true", help="pass --quick (smoke-test sizes)")
+    bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    bench.add_argument("--dir", help="folder of the scripts (default: the repository's benchmarks/)")
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = build_parser().parse_args(argv)
+    prefix = f"influence {args.command}"
+    _quiet_tensorflow()
+    from .runs import RunInterrupted
+
     try:
         return int(args.handler(args))
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"influence {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except (RunInterrupted, KeyboardInterrupt) as exc:
+        reason = f" ({exc})" if str(exc) else ""
+        print(f"{prefix}: interrupted{reason}; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (FloatingPointError, RuntimeError) as exc:
+        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _quiet_tensorflow() -> None:
+    """Keep TensorFlow's Python-side warnings (e.g. retracing notices) out of the command's output."""
+    import logging
+
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 
 from ._inputs import check_labels_for_loss
+from ._methods import METHODS
 from ._validation import as_array, check_choice, check_feature_shape, check_same_length, describe, param_error
 from .rankers import methods
 from .rankers._samples import SampleOps
 from .rankers.inverse_hvp import InverseHVP, get_solver
 from .trajectory import Trajectory, check_trajectory_data
 
-METHODS = ("unrolled", "influence_function", "tracin", "self_influence", "loss")
 NEEDS_VALIDATION = {"unrolled", "influence_function", "tracin"}
 
 

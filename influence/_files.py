@@ -1,0 +1,135 @@
+"""Reading the user's files for the ``influence`` command: npz/CSV data and Keras models.
+
+Every problem becomes a :class:`UsageError` (exit code 2) with a one-line message
+naming the flag, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._validation import param_error
+
+
+class UsageError(ValueError):
+    """A bad command line or input file (exit code 2)."""
+
+
+def _usage(param: str, command: str, expected: str, got: Any) -> UsageError:
+    return UsageError(param_error(param, f"influence {command}", expected, got))
+
+
+def _existing(path: str, param: str, command: str, suffixes: Sequence[str]) -> Path:
+    p = Path(path)
+    if p.suffix.lower() not in suffixes:
+        raise _usage(param, command, f"a {' or '.join(suffixes)} file", repr(path))
+    if not p.is_file():
+        raise _usage(param, command, "an existing file", f"{path!r} (no such file)")
+    return p
+
+
+def read_table_file(path: str, param: str, command: str, label_column: str | None) -> dict[str, np.ndarray]:
+    """A CSV file as ``{"x": (n, d) float32, "y": (n,)}``: numeric columns, label last or ``label_column``."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, OSError) as exc:
+        raise _usage(param, command, "a readable CSV file with a header row", f"{path!r} ({exc})") from exc
+    if frame.shape[1] < 2 or len(frame) == 0:
+        raise _usage(param, command, "a CSV with a header, rows and at least 2 columns", f"shape {frame.shape}")
+    label = label_column if label_column is not None else str(frame.columns[-1])
+    if label not in frame.columns:
+        raise _usage("label-column", command, f"a column of {path} ({', '.join(map(str, frame.columns))})", repr(label))
+    features = frame.drop(columns=[label])
+    bad = [str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+    if bad:
+        raise _usage(param, command, "a CSV with numeric columns only", f"non-numeric column(s) {', '.join(bad)}")
+    return {"x": features.to_numpy(np.float32), "y": frame[label].to_numpy(), "columns": np.array(features.columns)}
+
+
+def read_npz(path: Path, param: str, command: str) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` file (no pickles)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (ValueError, OSError) as exc:
+        raise _usage(param, command, "a readable .npz file (numpy.savez)", f"{str(path)!r} ({exc})") from exc
+
+
+def _clean(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = dict(arrays)
+    for key in ("x_train", "x_val"):
+        if key in out and np.issubdtype(out[key].dtype, np.integer):
+            out[key] = out[key].astype(np.float32)
+    for key in ("y_train", "y_val"):
+        y = out.get(key)
+        if y is not None and np.issubdtype(y.dtype, np.floating) and y.ndim == 1 and np.all(y == np.round(y)):
+            out[key] = y.astype(np.int64)
+    return out
+
+
+def load_data(args: argparse.Namespace, command: str, *, need_val: bool) -> dict[str, np.ndarray]:
+    """``x_train``, ``y_train`` (and ``x_val``, ``y_val``, optional ``noisy``, ``columns``) from --data / --val."""
+    data_path = _existing(args.data, "data", command, (".npz", ".csv"))
+    if data_path.suffix.lower() == ".csv":
+        table = read_table_file(str(data_path), "data", command, args.label_column)
+        arrays = {"x_train": table["x"], "y_train": table["y"], "columns": table["columns"]}
+    else:
+        arrays = read_npz(data_path, "data", command)
+    for key in ("x_train", "y_train"):
+        if key not in arrays:
+            raise _usage("data", command, "a file with arrays x_train and y_train", f"{args.data!r} without {key}")
+    if getattr(args, "val", None):
+        val_path = _existing(args.val, "val", command, (".npz", ".csv"))
+        if val_path.suffix.lower() == ".csv":
+            table = read_table_file(str(val_path), "val", command, args.label_column)
+            arrays.update(x_val=table["x"], y_val=table["y"])
+        else:
+            val = read_npz(val_path, "val", command)
+            if "x_val" not in val or "y_val" not in val:
+                raise _usage("val", command, "a file with arrays x_val and y_val", f"{args.val!r} with {sorted(val)}")
+            arrays.update(x_val=val["x_val"], y_val=val["y_val"])
+    if need_val and ("x_val" not in arrays or "y_val" not in arrays):
+        raise _usage("val", command, "a file with x_val and y_val (or those arrays in --data)", "no validation data")
+    return _clean(arrays)
+
+
+def load_model(path: str, command: str) -> Any:
+    """A Keras model from a ``.keras`` (or ``.h5``) file, uncompiled."""
+    model_path = _existing(path, "model", command, (".keras", ".h5"))
+    import keras
+
+    try:
+        return keras.saving.load_model(model_path, compile=False)
+    except Exception as exc:  # Keras raises many types for unreadable files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _usage(
+            "model", command, "a Keras model file that keras.saving.load_model reads", f"{path!r} ({reason})"
+        ) from exc
+
+
+def describe_model(model: Any) -> str:
+    """One line: model name, layer types and parameter count."""
+    layers = [type(layer).__name__ for layer in model.layers]
+    return f"{model.name}: {' → '.join(layers)}; {model.count_params():,} parameters, {model.dtype}"
+
+
+def _image_shape(text: str | None, command: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise _usage("image-shape", command, "HxW or HxWxC, e.g. 28x28 or 32x32x3", repr(text))
+    return shape
+
+
+# --- commands ----------------------------------------------------------------------------------------------

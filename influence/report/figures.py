@@ -1,0 +1,122 @@
+"""Figures of the report as PNG bytes (matplotlib's object API, no pyplot state, no display needed)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.image import imsave
+
+from .metrics import Verification
+
+HARMFUL, HELPFUL, NEUTRAL, NOISY = "#c0392b", "#2471a3", "#7f8c8d", "#e67e22"
+KIND_COLORS = {"most harmful": HARMFUL, "most helpful": HELPFUL, "random": NEUTRAL}
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, Axes]:
+    fig = Figure(figsize=(width, height))
+    ax = fig.add_subplot()
+    ax.grid(alpha=0.3)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return fig, ax
+
+
+def sample_tile(image: np.ndarray, size: int = 96, value_range: tuple[float, float] | None = None) -> bytes:
+    """One sample as a PNG: (H, W) grey or (H, W, 1|3|4) colour, scaled up by whole pixels to about ``size``.
+
+    ``value_range`` (low, high) maps pixel values to black..white (grey) or 0..1 (colour);
+    default: the image's own range. Pass the data set's range so tiles are comparable.
+    """
+    array = np.asarray(image, dtype=np.float64)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    low, high = value_range if value_range is not None else (float(np.min(array)), float(np.max(array)))
+    scale = max(1, size // max(array.shape[:2]))
+    array = np.repeat(np.repeat(array, scale, axis=0), scale, axis=1)
+    buffer = io.BytesIO()
+    if array.ndim == 2:
+        imsave(buffer, array, cmap="gray_r", vmin=low, vmax=high if high > low else low + 1, format="png")
+    else:
+        imsave(buffer, np.clip((array - low) / (high - low if high > low else 1.0), 0, 1), format="png")
+    return buffer.getvalue()
+
+
+def score_distribution(score: np.ndarray, noise_mask: np.ndarray | None = None, *, method: str = "") -> bytes:
+    """Histogram of scores (higher = more harmful); known-noisy samples stacked in their own colour."""
+    fig, ax = _figure()
+    score = np.asarray(score, dtype=np.float64)
+    bins = list(np.histogram_bin_edges(score, bins=60))
+    if noise_mask is not None and np.any(noise_mask):
+        mask = np.asarray(noise_mask, dtype=bool)
+        ax.hist(
+            [score[~mask], score[mask]],
+            bins=bins,
+            stacked=True,
+            color=[NEUTRAL, NOISY],
+            label=[f"clean ({int((~mask).sum())})", f"known noisy ({int(mask.sum())})"],
+        )
+        ax.legend(frameon=False)
+    else:
+        ax.hist(score, bins=bins, color=NEUTRAL)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"score ({method}; higher = more harmful)" if method else "score (higher = more harmful)")
+    ax.set_ylabel("training samples (log scale)")
+    ax.set_title("Score distribution")
+    return _png(fig)
+
+
+def removal_scatter(verification: Verification) -> bytes:
+    """Predicted vs actual change of validation loss per removed sample, with the y = x line."""
+    fig, ax = _figure(5.6, 4.6)
+    for kind in dict.fromkeys(verification.kinds):
+        chosen = verification.kinds == kind
+        ax.scatter(
+            verification.predicted[chosen],
+            verification.actual[chosen],
+            s=28,
+            alpha=0.85,
+            color=KIND_COLORS.get(str(kind), HELPFUL),
+            label=f"{kind} ({int(chosen.sum())})",
+        )
+    both = np.concatenate([verification.predicted, verification.actual])
+    both = both[np.isfinite(both)]
+    if both.size:
+        low, high = float(both.min()), float(both.max())
+        pad = 0.05 * (high - low or 1.0)
+        ax.plot([low - pad, high + pad], [low - pad, high + pad], color="black", lw=0.8, ls="--", label="y = x")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.axvline(0, color="black", lw=0.5)
+    ax.set_xlabel("predicted change of validation loss")
+    ax.set_ylabel("actual change (retrained without the sample)")
+    ax.set_title(f"Pearson r = {verification.pearson:.3f}, Spearman ρ = {verification.spearman:.3f}")
+    ax.legend(frameon=False, fontsize="small")
+    return _png(fig)
+
+
+def found_at_k_plot(curves: Mapping[str, np.ndarray], n_noisy: int) -> bytes:
+    """Fraction of known-noisy samples found among the top k, per method, with random and perfect baselines."""
+    fig, ax = _figure()
+    n = len(next(iter(curves.values())))
+    k = np.arange(1, n + 1)
+    shown = min(n, max(3 * n_noisy, 10))
+    ax.plot(k[:shown], np.minimum(k[:shown] / max(n_noisy, 1), 1), color="black", lw=0.8, ls=":", label="perfect")
+    ax.plot(k[:shown], k[:shown] / n, color=NEUTRAL, lw=0.8, ls="--", label="random order")
+    for i, (method, curve) in enumerate(curves.items()):
+        ax.plot(k[:shown], curve[:shown], lw=2.2 if i == 0 else 1.3, label=method)
+    ax.axvline(n_noisy, color="black", lw=0.5, alpha=0.5)
+    ax.set_xlabel("k (training samples inspected, most harmful first)")
+    ax.set_ylabel("fraction of known-noisy samples found")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"found@k ({n_noisy} known-noisy samples)")
+    ax.legend(frameon=False, fontsize="small", loc="lower right")
+    return _png(fig)

@@ -1,0 +1,282 @@
+"""The resumable ranking job behind ``influence rank`` and ``influence demo``.
+
+train (:func:`influence.fit`) → rank with each method (:func:`influence.rank`) →
+verify by retraining without single samples → :func:`render_report`.
+
+Each result is a shard (:class:`influence.runs.ShardStore`) keyed by a hash
+of the data, the model (architecture and initial weights), the training
+settings and the stage's own parameters, so rerunning the same command
+reuses everything already computed. The trained run is needed only when some
+shard is missing; it is saved (:func:`influence.save_trajectory`) beside the
+shards with a ``fit`` shard holding the fingerprint of its final weights, so a
+resumed run loads it instead of training again. A run that must train again
+and gets other weights stops instead of mixing the results of two trainings.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..runs import ShardStore, fingerprint, log_to_stderr, model_fingerprint
+from .metrics import Verification
+from .render import render_report
+
+
+@dataclass
+class RankingJob:
+    """Everything that determines a ranking run (and so its shards), plus how to present it.
+
+    ``model`` holds the *initial* weights; it is trained by :func:`influence.fit`
+    with the settings below. ``methods[0]`` is the report's method, the others are
+    compared on the found@k plot. ``verify_top`` most harmful and ``verify_random``
+    random other samples are each retrained without (0 and 0: no verification).
+    The remaining fields go to :func:`render_report`.
+    """
+
+    out_dir: Path
+    model: Any
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    optimizer: Any
+    loss: str = "sparse_categorical_crossentropy"
+    from_logits: bool = False
+    batch_size: int = 32
+    epochs: int = 1
+    seed: int = 0
+    methods: Sequence[str] = ("unrolled",)
+    verify_top: int = 0
+    verify_random: int = 0
+    summary: Mapping[str, Any] = field(default_factory=dict)
+    images: np.ndarray | None = None
+    features: np.ndarray | None = None
+    feature_names: Sequence[str] | None = None
+    noise_mask: np.ndarray | None = None
+    clean_labels: np.ndarray | None = None
+    progress: bool = True
+    restart: bool = False
+    log: Callable[[str], None] = log_to_stderr
+
+    def fingerprint(self) -> str:
+        """Hash of what determines the results: data, model and training settings."""
+        from .. import __version__
+
+        settings = {
+            "loss": self.loss,
+            "from_logits": self.from_logits,
+            "optimizer": repr(self.optimizer),
+            "batch_size": self.batch_size,
+            "epochs": self.epochs,
+            "seed": self.seed,
+            "influence": __version__,
+        }
+        data = [self.x_train, self.y_train, self.x_val, self.y_val]
+        return fingerprint(data, model_fingerprint(self.model), settings)
+
+
+class TrainingNotReproducible(RuntimeError):
+    """A resumed run trained to other weights than the run whose shards it found."""
+
+
+@dataclass
+class RankingOutcome:
+    """What a finished job produced."""
+
+    report: Path
+    table: pd.DataFrame
+    tables: dict[str, pd.DataFrame]
+    verification: Verification | None
+    store: ShardStore
+    seconds: float
+
+
+class LazyTraining:
+    """The recorded training run, made (or loaded from the shard folder) on first use.
+
+    A finished run that is rerun never needs it. The first training saves the run
+    with :func:`influence.save_trajectory` and a ``fit`` shard with the fingerprint
+    of its final weights; a resumed run loads that run instead of training again
+    (and trains again when the saved run is missing or does not match its fingerprint).
+    """
+
+    def __init__(self, job: RankingJob, store: ShardStore, run: str) -> None:
+        self.job, self.store, self.run = job, store, run
+        self.seconds: float | None = None
+        self.loaded = False
+        self.path = store.directory / f"trajectory-{run[:24]}"
+        self._trajectory: Any = None
+
+    def _load(self, weights: str) -> Any:
+        from ..persist import load_trajectory
+
+        try:
+            trajectory = load_trajectory(self.path)
+        except Exception as exc:  # a missing or damaged folder: train again
+            self.job.log(f"[train] could not load the saved run ({type(exc).__name__}); training again")
+            return None
+        if fingerprint(trajectory.final_weights) != weights:
+            self.job.log("[train] the saved run does not match its fingerprint; training again")
+            return None
+        return trajectory
+
+    def __call__(self) -> Any:
+        if self._trajectory is not None:
+            return self._trajectory
+        from ..persist import save_trajectory
+        from ..trajectory import fit
+
+        job, start = self.job, time.perf_counter()
+        key = self.store.key("fit", run=self.run)
+        recorded = self.store.stored_arrays(key)
+        weights = None if recorded is None else str(recorded["weights"])
+        trajectory = None if weights is None else self._load(weights)
+        if trajectory is not None:
+            job.log(f"[train] loaded the recorded run from {self.path}")
+            self.loaded = True
+        else:
+            job.log(f"[train] {job.epochs} epoch(s), batch {job.batch_size}, {len(job.x_train)} samples")
+            trajectory = fit(
+                job.model,
+                job.x_train,
+                job.y_train,
+                loss=job.loss,
+                optimizer=job.optimizer,
+                batch_size=job.batch_size,
+                epochs=job.epochs,
+                seed=job.seed,
+                from_logits=job.from_logits,
+            )
+            trained = fingerprint(trajectory.final_weights)
+            if weights is not None and trained != weights:
+                raise TrainingNotReproducible(
+                    "training gave other final weights than the interrupted run whose results are on record "
+                    f"in {self.store.directory}; rerun with --restart"
+                )
+            save_trajectory(trajectory, self.path)
+            if weights is None:
+                self.store.arrays(key, lambda: {"weights": np.array(trained)})
+        self.seconds = time.perf_counter() - start
+        self._trajectory = trajectory
+        return trajectory
+
+
+def verification_indices(table: pd.DataFrame, top: int, random: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``top`` most harmful sample indices, then ``random`` others drawn with ``seed``; and their kinds."""
+    order = table.sort_values("rank", kind="stable")["index"].to_numpy()
+    top = min(top, len(order))
+    rest = order[top:]
+    drawn = np.sort(np.random.default_rng(seed).choice(rest, size=min(random, len(rest)), replace=False))
+    kinds = np.array(["most harmful"] * top + ["random"] * len(drawn))
+    return np.concatenate([order[:top], drawn]).astype(np.int64), kinds
+
+
+def removal_effects(
+    store: ShardStore, trajectory: Callable[[], Any], job: RankingJob, run: str, indices: np.ndarray
+) -> np.ndarray:
+    """Actual change of validation loss without each sample: one retraining, and one shard, per index.
+
+    The same computation as :func:`influence.actual_removal_effect` (c_i = 0 in the
+    replayed run, minus the replayed baseline), split so that each retraining is saved.
+    ``trajectory`` returns the recorded run; it is called only for missing shards.
+    """
+    from tqdm.auto import tqdm
+
+    from ..trajectory import retrain
+    from ..verify import validation_loss
+
+    def val_loss(remove: int | None) -> dict[str, float]:
+        traj = trajectory()
+        c = None
+        if remove is not None:
+            c = traj.sample_weight.copy()
+            c[remove] = 0.0
+        weights = retrain(traj, job.x_train, job.y_train, sample_weight=c)
+        return {"val_loss": validation_loss(traj, weights, job.x_val, job.y_val)}
+
+    baseline = float(store.arrays(store.key("baseline", run=run), lambda: val_loss(None))["val_loss"])
+    effects = []
+    for i in tqdm(indices, desc="verifying by retraining", unit="retrain", disable=not job.progress):
+        after = store.arrays(store.key("removal", run=run, index=int(i)), partial(val_loss, int(i)))
+        effects.append(float(after["val_loss"]) - baseline)
+    return np.asarray(effects)
+
+
+def run_ranking(job: RankingJob) -> RankingOutcome:
+    """Train, rank with each method, verify by retraining and write the report; resumes from ``out_dir/shards``."""
+    from ..rank import rank
+
+    start = time.perf_counter()
+    shards = Path(job.out_dir) / "shards"
+    if job.restart and shards.exists():
+        shutil.rmtree(shards)
+    store = ShardStore(shards, log=job.log)
+    if store.entry_count:
+        job.log(f"resuming: {store.entry_count} shard(s) on record in {shards}")
+    run = job.fingerprint()
+    verify = bool(job.verify_top or job.verify_random)
+    trajectory = LazyTraining(job, store, run)
+    times: dict[str, str] = {}
+
+    job.log(f"[rank] {', '.join(job.methods)}")
+    tables: dict[str, pd.DataFrame] = {}
+    for method in job.methods:
+        reused = store.reused
+
+        def compute(method: str = method) -> pd.DataFrame:
+            return rank(
+                trajectory(), job.x_train, job.y_train, job.x_val, job.y_val, method=method, progress=job.progress
+            )
+
+        tables[method] = store.table(store.key("rank", run=run, method=method), compute)
+        note = " (reused)" if store.reused > reused else ""
+        times[method] = f"{tables[method].attrs.get('seconds', float('nan')):.1f} s{note}"
+    main = tables[job.methods[0]]
+
+    verification = None
+    if verify and main["removal_effect"].isna().all():
+        job.log(f"[verify] skipped: '{job.methods[0]}' predicts no removal effect")
+    elif verify:
+        indices, kinds = verification_indices(main, job.verify_top, job.verify_random, job.seed)
+        job.log(f"[verify] retraining without each of {len(indices)} samples")
+        t = time.perf_counter()
+        actual = removal_effects(store, trajectory, job, run, indices)
+        predicted = main.set_index("index").loc[indices, "removal_effect"].to_numpy()
+        verification = Verification(indices=indices, predicted=predicted, actual=actual, kinds=kinds)
+        times["verification"] = f"{time.perf_counter() - t:.1f} s"
+    if trajectory.seconds is None:
+        job.log("[train] skipped: every result is on record")
+    training = "skipped" if trajectory.seconds is None else f"{trajectory.seconds:.1f} s"
+    times = {"training": training + (" (loaded)" if trajectory.loaded else "")} | times
+
+    job.log("[report] writing")
+    t = time.perf_counter()
+    summary = dict(job.summary)
+    summary["methods"] = ", ".join(job.methods)
+    summary["validation loss"] = main.attrs.get("val_loss")
+    stage_times = ", ".join(f"{k} {v}" for k, v in times.items())
+    summary["time"] = f"{time.perf_counter() - start:.1f} s before the report ({stage_times})"
+    summary["shards"] = f"{store.summary()} in {store.directory}"
+    report = render_report(
+        job.out_dir,
+        main,
+        summary=summary,
+        images=job.images,
+        features=job.features,
+        feature_names=job.feature_names,
+        verification=verification,
+        noise_mask=job.noise_mask,
+        clean_labels=job.clean_labels,
+        comparison=tables,
+    )
+    job.log(f"[report] {report} written in {time.perf_counter() - t:.1f} s (shards: {store.summary()})")
+    return RankingOutcome(report, main, tables, verification, store, time.perf_counter() - start)

@@ -1,0 +1,293 @@
+"""``render_report``: a rank table (and optional verification and known noise) as an HTML page."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .._validation import describe, param_error
+from ..runs import atomic_write_bytes, atomic_write_text
+from . import figures
+from .html import Card, Section, esc, fmt, grid, image, key_value, page
+from .html import table as html_table
+from .metrics import Verification, check_table, class_labels, found_at_k, per_class_table, top_count
+
+FUNC = "render_report"
+IMAGE_DIR = "images"
+
+
+def save_scores(
+    out_dir: str | os.PathLike, table: pd.DataFrame, *, noise_mask: Any = None, name: str = "scores"
+) -> list[Path]:
+    """Write ``<name>.csv`` and ``<name>.parquet`` (atomically); returns the paths written.
+
+    Columns are the rank table's, plus ``noisy`` when a noise mask is given. The
+    Parquet file needs pyarrow (or fastparquet); without one only the CSV is written.
+    """
+    out = Path(out_dir)
+    frame = table.copy()
+    frame.attrs = {}
+    if noise_mask is not None:
+        frame["noisy"] = np.asarray(noise_mask, dtype=bool)[frame["index"].to_numpy()]
+    paths = [out / f"{name}.csv"]
+    atomic_write_text(paths[0], frame.to_csv(index=False))
+    buffer = io.BytesIO()
+    try:
+        frame.to_parquet(buffer, index=False)
+    except ImportError:
+        warnings.warn(f"{name}.parquet not written: install pyarrow for Parquet output", stacklevel=2)
+        return paths
+    paths.append(out / f"{name}.parquet")
+    atomic_write_bytes(paths[1], buffer.getvalue())
+    return paths
+
+
+def _check_per_sample(value: Any, param: str, n: int, min_ndim: int, max_ndim: int, dtype: Any = None):
+    if value is None:
+        return None
+    array = np.asarray(value, dtype=dtype)
+    if len(array) != n or not min_ndim <= array.ndim <= max_ndim:
+        raise ValueError(
+            param_error(
+                param,
+                FUNC,
+                f"an array with one entry per training sample ({n}), {min_ndim}-{max_ndim} dimensions",
+                describe(array),
+            )
+        )
+    return array
+
+
+def _side_by_side(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per training sample (by index): label, then rank, score and removal effect of each method."""
+    first = next(iter(tables.values())).sort_values("index")
+    frame = first[["index", "label", "predicted_label", "train_loss"]].reset_index(drop=True)
+    for name, t in tables.items():
+        by_index = t.sort_values("index").reset_index(drop=True)
+        for column in ("rank", "score", "removal_effect"):
+            frame[f"{column}_{name}"] = by_index[column]
+    return frame
+
+
+def _label_text(label: Any) -> str:
+    return fmt(label, 3)
+
+
+def _cards(rows: pd.DataFrame, images: np.ndarray, out: Path, prefix: str, noise, clean) -> list[Card]:
+    """Write one PNG tile per row (on the data set's common value range) and describe its card."""
+    value_range = (float(np.min(images)), float(np.max(images)))
+    cards = []
+    for pos, row in enumerate(rows.itertuples(index=False)):
+        i = int(row.index)
+        name = f"{IMAGE_DIR}/{prefix}_{pos:02d}.png"
+        atomic_write_bytes(out / name, figures.sample_tile(images[i], value_range=value_range))
+        given, predicted = _label_text(row.label), _label_text(row.predicted_label)
+        wrong = predicted not in ("—", given)
+        lines = [
+            f'label {esc(given)} → pred <span class="{"harm" if wrong else ""}">{esc(predicted)}</span>',
+            f"score {esc(fmt(row.score, 3))}",
+            f"Δ val loss {esc(fmt(row.removal_effect, 3))}",
+        ]
+        noisy = bool(noise[i]) if noise is not None else False
+        note = f"flipped; true {fmt(clean[i])}" if (noisy and clean is not None) else "known noisy"
+        cards.append(Card(src=name, index=i, lines=lines, noisy=noisy, note=note))
+    return cards
+
+
+def _rows_table(rows: pd.DataFrame, features: np.ndarray | None, feature_names: Sequence[str] | None) -> str:
+    shown = rows[["rank", "index", "label", "predicted_label", "score", "removal_effect", "train_loss"]].copy()
+    shown.columns = ["rank", "index", "label", "predicted", "score", "Δ val loss if removed", "train loss"]
+    if features is not None:
+        flat = features.reshape(len(features), -1)
+        names = list(feature_names) if feature_names is not None else [f"x[{j}]" for j in range(flat.shape[1])]
+        for j in range(min(flat.shape[1], 8)):
+            shown[names[j]] = flat[rows["index"].to_numpy(), j]
+    return html_table(shown)
+
+
+def _samples_section(
+    sid: str, title: str, rows: pd.DataFrame, out: Path, *, images, features, feature_names, noise, clean, note: str
+) -> Section:
+    if images is not None:
+        body = grid(_cards(rows, images, out, sid, noise, clean))
+    else:
+        body = _rows_table(rows, features, feature_names)
+    return Section(sid, title, body, note)
+
+
+def _summary(summary: Mapping[str, Any], table_: pd.DataFrame, verification, noise, n_top: int) -> dict[str, Any]:
+    """Given facts first, then what the table and verification show; ``time`` and ``shards`` entries last."""
+    attrs = table_.attrs
+    items: dict[str, Any] = {"training samples": len(table_), "method": attrs.get("method", "—")}
+    items.update(summary)
+    items.setdefault("validation loss", attrs.get("val_loss"))
+    if "seconds" in attrs:
+        items.setdefault("time", f"ranking {attrs['seconds']:.2f} s")
+    if noise is not None and np.any(noise):
+        found = int(np.sum(noise[table_["index"].to_numpy()[:n_top]]))
+        items[f"known-noisy in top {n_top}"] = f"{found} of {int(np.sum(noise))} ({found / np.sum(noise):.0%})"
+    if verification is not None:
+        items["verified by retraining"] = (
+            f"{len(verification.indices)} samples: Pearson r = {fmt(verification.pearson, 3)}, "
+            f"Spearman ρ = {fmt(verification.spearman, 3)} (predicted vs actual removal effect)"
+        )
+    for key in ("time", "shards"):
+        if key in items:
+            items[key] = items.pop(key)
+    return items
+
+
+def _distribution_section(ranked: pd.DataFrame, noise, method: str, out: Path) -> Section:
+    name = f"{IMAGE_DIR}/score_distribution.png"
+    score = ranked.sort_values("index")["score"].to_numpy()
+    atomic_write_bytes(out / name, figures.score_distribution(score, noise, method=method))
+    return Section("distribution", "Score distribution", image(name, "histogram of scores"), half=True)
+
+
+def _verification_section(verification: Verification | None, out: Path) -> Section:
+    title = "Predicted vs actual removal effect"
+    if verification is None:
+        note = "No retraining was run (pass a verification sample to compare predicted with actual effects)."
+        return Section("verification", title, "", note, half=True)
+    name = f"{IMAGE_DIR}/removal_scatter.png"
+    atomic_write_bytes(out / name, figures.removal_scatter(verification))
+    note = (
+        "Each point: the model retrained from the same initial weights, batches and learning rates with "
+        f"one sample's weight set to 0. Pearson r = {fmt(verification.pearson, 3)}, Spearman ρ = "
+        f"{fmt(verification.spearman, 3)} over {len(verification.indices)} retrainings."
+    )
+    body = f'<div class="figs">{image(name, "predicted vs actual removal effect")}</div>'
+    return Section("verification", title, body, note, half=True)
+
+
+def _found_at_k_section(tables: Mapping[str, pd.DataFrame], noise, n_top: int, out: Path) -> Section:
+    if noise is None or not np.any(noise):
+        return Section("found-at-k", "found@k", "", "No known-noisy samples were given (noise_mask).")
+    curves = {name: found_at_k(t, noise) for name, t in tables.items()}
+    n = len(noise)
+    name = f"{IMAGE_DIR}/found_at_k.png"
+    atomic_write_bytes(out / name, figures.found_at_k_plot(curves, int(noise.sum())))
+    at = pd.DataFrame(
+        {
+            "method": list(curves),
+            f"found@{n_top}": [c[n_top - 1] for c in curves.values()],
+            f"found@{min(2 * n_top, n)}": [c[min(2 * n_top, n) - 1] for c in curves.values()],
+        }
+    )
+    body = f'<div class="figs">{image(name, "found at k curve")}{html_table(at, text_columns=["method"])}</div>'
+    return Section("found-at-k", "found@k: known-noisy samples among the top k", body)
+
+
+def _per_class_section(ranked: pd.DataFrame, noise, n_top: int) -> Section:
+    per_class = per_class_table(ranked, noise)
+    if per_class is None:
+        return Section("per-class", "Per class", "", "Labels are continuous targets: no classes to tabulate.")
+    return Section("per-class", "Per class", html_table(per_class), f"Counted over the {n_top} most harmful samples.")
+
+
+def render_report(
+    out_dir: str | os.PathLike,
+    table: pd.DataFrame,
+    *,
+    summary: Mapping[str, Any],
+    images: Any = None,
+    features: Any = None,
+    feature_names: Sequence[str] | None = None,
+    verification: Verification | None = None,
+    noise_mask: Any = None,
+    clean_labels: Any = None,
+    comparison: Mapping[str, pd.DataFrame] | None = None,
+    top: int = 24,
+    title: str = "influence: data-debugging report",
+) -> Path:
+    """Write ``index.html`` (plus PNGs under ``images/`` and scores as CSV/Parquet) into ``out_dir``.
+
+    Args:
+        table: from :func:`influence.rank` (any method); its ``attrs`` fill the summary's
+            method, validation loss and time unless ``summary`` gives them.
+        summary: ordered facts for the summary table (data, model, training, times...).
+        images: (n, H, W) or (n, H, W, C) pixels of the training samples, for image grids;
+            without it the most harmful/helpful samples are shown as a table (with up to 8
+            columns of ``features``, (n, ...), named by ``feature_names``).
+        verification: predicted vs actual removal effects from retraining.
+        noise_mask: (n,) bool, the known-noisy (e.g. label-flipped) samples: enables found@k.
+        clean_labels: (n,) the labels before flipping, shown on noisy samples' cards.
+        comparison: other methods' rank tables, drawn on the found@k plot and saved side by
+            side in ``all_methods.csv/.parquet``.
+        top: samples per grid.
+
+    Returns the path of ``index.html``. Every file is written atomically.
+    """
+    ranked = check_table(table, FUNC)
+    ranked.attrs = dict(table.attrs)
+    shown = ranked.copy()
+    labels = class_labels(ranked["label"])
+    if labels is not None:  # one-hot rows and integral floats shown as class numbers
+        shown["label"] = labels
+    n = len(ranked)
+    images = _check_per_sample(images, "images", n, 3, 4)
+    features = _check_per_sample(features, "features", n, 1, 8)
+    noise = _check_per_sample(noise_mask, "noise_mask", n, 1, 1, dtype=bool)
+    clean = _check_per_sample(clean_labels, "clean_labels", n, 1, 2)
+    if verification is not None and not isinstance(verification, Verification):
+        raise TypeError(param_error("verification", FUNC, "an influence.report.Verification", describe(verification)))
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(param_error("top", FUNC, "a positive int", describe(top)))
+    out = Path(out_dir)
+    (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    method = str(ranked.attrs.get("method", "score"))
+    n_top = top_count(n, noise)
+    top = min(top, n)
+
+    files = save_scores(out, ranked, noise_mask=noise)
+    others = {name: check_table(t, FUNC) for name, t in (comparison or {}).items() if name != method}
+    if others:
+        files += save_scores(out, _side_by_side({method: ranked} | others), noise_mask=noise, name="all_methods")
+    if verification is not None:
+        atomic_write_text(out / "verification.csv", verification.frame().to_csv(index=False))
+        files.append(out / "verification.csv")
+
+    samples = {"images": images, "features": features, "feature_names": feature_names, "noise": noise, "clean": clean}
+    has_effect = not ranked["removal_effect"].isna().all()
+    effect_note = "Δ val loss = predicted change of validation loss if the sample were removed (negative = harmful)."
+    sections = [
+        Section("summary", "Summary", key_value(_summary(summary, ranked, verification, noise, n_top))),
+        _samples_section(
+            "harmful",
+            f"Most harmful {top} training samples",
+            shown.head(top),
+            out,
+            note=f"Highest {esc(method)} scores first. {effect_note}",
+            **samples,
+        ),
+        _samples_section(
+            "helpful",
+            f"Most helpful {top} training samples",
+            shown.tail(top).iloc[::-1],
+            out,
+            note=f"Lowest {esc(method)} scores first"
+            + (": removing these would raise the validation loss most." if has_effect else "."),
+            **samples,
+        ),
+        _distribution_section(ranked, noise, method, out),
+        _verification_section(verification, out),
+        _found_at_k_section({method: ranked} | others, noise, n_top, out),
+        _per_class_section(ranked, noise, n_top),
+        Section(
+            "files",
+            "Files",
+            "<ul>" + "".join(f'<li><a href="{esc(p.name)}">{esc(p.name)}</a></li>' for p in files) + "</ul>",
+            "All scores, one row per training sample.",
+        ),
+    ]
+    subtitle = f"{n} training samples ranked by {method}"
+    path = out / "index.html"
+    atomic_write_text(path, page(title, subtitle, sections))
+    return path

@@ -1,0 +1,403 @@
+"""The ``influence`` command: subprocess runs (exit codes, files, resume after an interruption) and
+in-process runs of ``main`` for help, errors, CSV data, ``check`` and ``bench``.
+
+Subprocesses pay TensorFlow's import (~10 s here), so the independent ones start together.
+"""
+
+import contextlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from influence import cli, runs
+from influence.checks import GradientCheck
+from influence.demo import noisy_digits
+
+PNG = b"\x89PNG\r\n\x1a\n"
+RANK_FLAGS = [
+    "--method",
+    "unrolled",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "10",
+    "--lr",
+    "0.5",
+    "--verify",
+    "2",
+    "--image-shape",
+    "4x4",
+    "--no-progress",
+]
+
+
+def influence_command() -> list[str]:
+    script = Path(sys.executable).with_name("influence")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "influence.cli"]
+
+
+def start(args, cwd, **env):
+    # one TensorFlow thread each: the subprocesses run beside each other and beside this process
+    environment = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "CUDA_VISIBLE_DEVICES": "",
+        "TF_NUM_INTRAOP_THREADS": "1",
+        "TF_NUM_INTEROP_THREADS": "1",
+        **env,
+    }
+    return subprocess.Popen(
+        influence_command() + [str(a) for a in args],
+        cwd=cwd,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process, timeout=300):
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr lines that are not TensorFlow's start-up chatter or progress bars."""
+    noise = ("WARNING: All log messages", "I0000", "E0000", "W0000", "To enable the following")
+    return [line for line in err.splitlines() if line.strip() and not line.startswith(noise)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Tiny image-like data (60 train / 30 val samples of 4x4, 3 classes, 6 labels flipped) and a model file."""
+    folder = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 16))
+    y = rng.integers(0, 3, 90)
+    x = (centers[y] + 0.5 * rng.normal(size=(90, 16))).astype(np.float32)
+    noisy = np.zeros(60, bool)
+    noisy[:6] = True
+    y_train = y[:60].copy()
+    y_train[:6] = (y_train[:6] + 1) % 3
+    np.savez(folder / "data.npz", x_train=x[:60], y_train=y_train, x_val=x[60:], y_val=y[60:], noisy=noisy)
+    np.savez(folder / "val.npz", x_val=x[60:], y_val=y[60:])
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((16,)), keras.layers.Dense(6, activation="tanh"), keras.layers.Dense(3, activation="softmax")]
+    )
+    model.save(folder / "model.keras")
+    columns = [f"f{j}" for j in range(16)]
+    pd.DataFrame(x[:60], columns=columns).assign(label=y_train).to_csv(folder / "train.csv", index=False)
+    pd.DataFrame(x[60:], columns=columns).assign(label=y[60:]).to_csv(folder / "val.csv", index=False)
+    return folder
+
+
+def in_process(args):
+    """``influence.cli.main`` in this process (TensorFlow already imported): (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cli_runs(files):
+    """The subprocesses start first and run while the uninterrupted reference runs in this process;
+    the interrupted run is then resumed (here, from its shards on disk)."""
+    rank = ["rank", "--model", files / "model.keras", "--data", files / "data.npz", *RANK_FLAGS]
+    interrupted = start(rank + ["--out", files / "resumed"], files, **{runs.STOP_AFTER_ENV: "2"})
+    check = start(["check", "--model", files / "model.keras", "--data", files / "data.npz", "--samples", "8"], files)
+    results = {"reference": in_process(rank + ["--out", files / "reference"])}
+    results.update(interrupted=finish(interrupted), check=finish(check))
+    results["shards after interruption"] = runs.ShardStore(files / "resumed" / "shards").entry_count
+    results["resumed"] = in_process(rank + ["--out", files / "resumed"])
+    return results
+
+
+def test_interrupted_run_exits_130_and_keeps_its_shards(cli_runs):
+    code, _, err = cli_runs["interrupted"]
+    assert code == cli.EXIT_INTERRUPTED, err
+    assert error_lines(err)[-1] == (
+        "influence rank: interrupted (stopped after 2 shard(s) (INFLUENCE_STOP_AFTER_SHARDS)); "
+        "rerun the same command to resume"
+    )
+    assert cli_runs["shards after interruption"] == 2  # the training fingerprint and the unrolled ranking
+
+
+def test_resumed_run_equals_an_uninterrupted_run(cli_runs, files):
+    assert cli_runs["reference"][0] == 0, cli_runs["reference"][2]
+    code, out, err = cli_runs["resumed"]
+    assert code == 0, err
+    assert "resuming: 2 shard(s)" in err and "2 reused, 5 computed" in err  # baseline + 4 retrainings
+    assert "[train] loaded the recorded run" in err  # not trained again
+    for name in ("scores.csv", "scores.parquet", "verification.csv"):
+        read = pd.read_parquet if name.endswith("parquet") else pd.read_csv
+        pd.testing.assert_frame_equal(read(files / "resumed" / name), read(files / "reference" / name))
+    assert out.strip().endswith("index.html")
+
+
+def test_finished_run_is_not_retrained(cli_runs, files, tmp_path):
+    shutil.copytree(files / "reference", tmp_path / "again")
+    code, _, err = in_process(
+        [
+            "rank",
+            "--model",
+            files / "model.keras",
+            "--data",
+            files / "data.npz",
+            *RANK_FLAGS,
+            "--out",
+            tmp_path / "again",
+        ]
+    )
+    assert code == 0 and "[train] skipped: every result is on record" in err and "0 computed" in err
+
+
+def test_corrupted_shard_is_recomputed_with_identical_results(cli_runs, files, tmp_path):
+    out = tmp_path / "corrupt"
+    shutil.copytree(files / "reference", out)
+    shard = next((out / "shards").glob("removal-*.npz"))
+    shard.write_bytes(shard.read_bytes()[:-3] + b"xyz")
+    (next((out / "shards").glob("trajectory-*")) / "arrays.npz").unlink()  # the saved run is damaged too
+    args = ["rank", "--model", files / "model.keras", "--data", files / "data.npz", *RANK_FLAGS, "--out", out]
+    code, _, err = in_process(args)
+    assert code == 0, err
+    assert "corrupted (checksum mismatch)" in err and "1 computed, 1 corrupted" in err
+    assert "could not load the saved run" in err and "[train] 2 epoch(s)" in err  # trained again, same weights
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "verification.csv"), pd.read_csv(files / "reference" / "verification.csv")
+    )
+
+
+def test_rank_writes_report_scores_and_images(cli_runs, files):
+    assert cli_runs["reference"][0] == 0
+    out = files / "reference"
+    html = (out / "index.html").read_text()
+    for section in ("summary", "harmful", "helpful", "distribution", "verification", "found-at-k", "per-class"):
+        assert f'<section id="{section}">' in html
+    sources = [s.split('"')[0] for s in html.split('<img src="')[1:]]
+    assert len(sources) == 2 * 24 + 3  # two grids (60 samples ≥ 24) and three figures
+    assert all((out / s).read_bytes()[:8] == PNG for s in sources)
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert len(scores) == 60 and scores["rank"].tolist() == list(range(60))
+    assert scores["noisy"].sum() == 6
+    pd.testing.assert_frame_equal(scores, pd.read_csv(out / "scores.csv"), check_dtype=False)
+    assert len(pd.read_csv(out / "verification.csv")) == 4
+
+
+def test_check_passes_with_exit_0(cli_runs):
+    code, out, err = cli_runs["check"]
+    assert code == 0, err
+    assert "gradient check passed" in out
+
+
+def test_demo_data_are_digits_with_flipped_labels():
+    data = noisy_digits()
+    assert data.x_train.shape == (1000, 64) and data.x_val.shape == (400, 64) and len(data.x_test) == 397
+    assert data.x_train.dtype == np.float32 and 0 <= data.x_train.min() and data.x_train.max() <= 1
+    assert data.flipped.sum() == 100
+    assert np.all(data.y_train[data.flipped] != data.clean_labels[data.flipped])
+    assert np.all(data.y_train[~data.flipped] == data.clean_labels[~data.flipped])
+    np.testing.assert_array_equal(noisy_digits().y_train, data.y_train)  # fixed seeds
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_the_report(tmp_path):
+    code, out, err = finish(start(["demo", "--quick", "--out", tmp_path / "demo"], tmp_path))
+    assert code == 0, err
+    for stage in ("[rank] unrolled, influence_function", "[train] 2 epoch(s)", "[verify]", "[report]"):
+        assert stage in err
+    html = (tmp_path / "demo" / "index.html").read_text()
+    assert "scikit-learn digits" in html and "found@k" in html and "Pearson r" in html
+    assert len(pd.read_csv(tmp_path / "demo" / "scores.csv")) == 300
+    code, _, err = finish(start(["demo", "--quick", "--out", tmp_path / "demo"], tmp_path))
+    assert code == 0 and "[train] skipped: every result is on record" in err
+
+
+@pytest.mark.slow
+def test_input_error_is_one_line_with_exit_2(files):
+    code, _, err = finish(start(["rank", "--model", files / "model.keras", "--data", files / "missing.npz"], files))
+    assert code == 2
+    lines = error_lines(err)
+    assert lines == [
+        "influence rank: error: The 'data' parameter of influence rank must be an existing file. "
+        f"Got {lines[0].split('Got ')[1].split(' (no such file)')[0]} (no such file) instead."
+    ]
+    assert "missing.npz" in lines[0]
+
+
+# --- in process -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["rank"], ["check"], ["bench"]])
+def test_help_exits_0_and_documents_flags(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(command + ["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    expected = {"rank": "--label-column", "check": "--directions", "bench": "--quick", "demo": "--restart"}
+    assert expected.get(command[0] if command else "", "Exit codes") in out
+
+
+def test_methods_are_comma_separated_and_deduplicated():
+    assert cli._methods("unrolled, loss,unrolled") == ("unrolled", "loss")
+
+
+def run_main(args, capsys):
+    code = cli.main([str(a) for a in args])
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data", "{f}/data.txt"], "The 'data' parameter of influence rank must be a .npz or .csv file. Got"),
+        (["--data", "{f}/val.npz"], "must be a file with arrays x_train and y_train. Got"),
+        (
+            ["--data", "{f}/data.npz", "--method", "unrolled,magic"],
+            "The 'method' parameter of influence rank must be one or more",
+        ),
+        (
+            ["--data", "{f}/data.npz", "--image-shape", "4by4"],
+            "The 'image-shape' parameter of influence rank must be HxW",
+        ),
+        (["--data", "{f}/data.npz", "--image-shape", "5x5"], "must be a shape with 16 values. Got '5x5' instead."),
+        (["--data", "{f}/train.csv"], "The 'val' parameter of influence rank must be a file with x_val and y_val"),
+        (["--data", "{f}/train.csv", "--val", "{f}/val.csv", "--label-column", "y"], "The 'label-column' parameter"),
+        (
+            ["--data", "{f}/data.npz", "--epochs", "0"],
+            "The 'epochs' parameter of influence rank must be a positive int. Got 0",
+        ),
+        (
+            ["--data", "{f}/data.npz", "--lr", "-1"],
+            "The 'lr' parameter of influence rank must be a positive number. Got -1.0 instead.",
+        ),
+    ],
+)
+def test_rank_input_errors_exit_2_with_one_line(files, capsys, extra, message):
+    args = ["rank", "--model", files / "model.keras", "--out", files / "errors"] + [a.format(f=files) for a in extra]
+    code, captured = run_main(args, capsys)
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("influence rank: error: ") and message in lines[0]
+
+
+def test_unreadable_model_file_exits_2(files, tmp_path, capsys):
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(b"not a zip")
+    code, captured = run_main(["check", "--model", broken, "--data", files / "data.npz"], capsys)
+    assert code == 2
+    assert captured.err.startswith("influence check: error: The 'model' parameter of influence check must be a Keras")
+
+
+def test_check_rejects_zero_samples(files, capsys):
+    args = ["check", "--model", files / "model.keras", "--data", files / "data.npz", "--samples", "0"]
+    code, captured = run_main(args, capsys)
+    assert code == 2
+    assert captured.err == (
+        "influence check: error: The 'samples' parameter of influence check must be a positive int. Got 0 instead.\n"
+    )
+
+
+def test_usage_error_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["rank", "--data", "x.npz"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["influence rank: error: the following arguments are required: --model (see 'influence rank --help')"]
+
+
+def test_rank_on_csv_shows_a_feature_table(files, tmp_path, capsys):
+    out = tmp_path / "csv"
+    args = [
+        "rank",
+        "--model",
+        files / "model.keras",
+        "--data",
+        files / "train.csv",
+        "--val",
+        files / "val.csv",
+        "--method",
+        "loss",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--out",
+        out,
+    ]
+    code, captured = run_main(args, capsys)
+    assert code == 0, captured.err
+    html = (out / "index.html").read_text()
+    assert '<th class="">f0</th>' in html and "sample-" not in html  # a table, no image cards
+    assert len(pd.read_parquet(out / "scores.parquet")) == 60
+
+
+def test_check_failure_exits_1(files, monkeypatch, capsys):
+    failed = GradientCheck(
+        ok=False,
+        max_rel_error=0.3,
+        rel_errors=np.array([0.3]),
+        finite_difference=np.ones(1),
+        analytic=np.ones(1),
+        steps=np.ones(1),
+        rtol=1e-6,
+    )
+    monkeypatch.setattr("influence.checks.check_input_gradient", lambda *a, **k: failed)
+    code, captured = run_main(["check", "--model", files / "model.keras", "--data", files / "data.npz"], capsys)
+    assert code == 1 and "FAILED" in captured.out
+
+
+@pytest.fixture
+def bench_dir(tmp_path):
+    folder = tmp_path / "benchmarks"
+    folder.mkdir()
+    (folder / "fast.py").write_text("import sys, pathlib\npathlib.Path('ran.txt').write_text(' '.join(sys.argv[1:]))\n")
+    (folder / "broken.py").write_text("raise SystemExit(3)\n")
+    (folder / "_helpers.py").write_text("")
+    return folder
+
+
+def test_bench_runs_named_script_with_quick(bench_dir, capsys):
+    code, captured = run_main(["bench", "--dir", bench_dir, "--quick", "fast"], capsys)
+    assert code == 0
+    assert (bench_dir.parent / "ran.txt").read_text() == "--quick"
+
+
+def test_bench_reports_failures_and_unknown_names(bench_dir, capsys):
+    code, captured = run_main(["bench", "--dir", bench_dir], capsys)
+    assert code == 1 and "failed: broken" in captured.err
+    code, captured = run_main(["bench", "--dir", bench_dir, "nope"], capsys)
+    assert code == 2 and "The 'name' parameter of influence bench must be one of broken, fast" in captured.err
+    code, captured = run_main(["bench", "--dir", bench_dir, "--list"], capsys)
+    assert code == 0 and captured.out.split() == ["broken", "fast"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_results(files, tmp_path):
+    """A real SIGKILL once the first verification shards exist, then the same command again."""
+    out, reference = tmp_path / "killed", tmp_path / "reference"
+    flags = ["--method", "unrolled", "--epochs", "3", "--batch-size", "10", "--verify", "20", "--no-progress"]
+    base = ["rank", "--model", files / "model.keras", "--data", files / "data.npz", *flags]
+    process = start(base + ["--out", out], files)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((out / "shards").glob("removal-*.npz"))) < 2:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert 2 <= len(list((out / "shards").glob("removal-*.npz"))) < 40  # killed in the middle of verification
+    assert not (out / "index.html").exists()
+    assert finish(start(base + ["--out", out], files))[0] == 0
+    assert finish(start(base + ["--out", reference], files))[0] == 0
+    for name in ("scores.csv", "verification.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(reference / name))

@@ -1,0 +1,244 @@
+"""The HTML report: sections, valid image references, saved scores, metrics and argument errors."""
+
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+import influence as inf
+from influence.report import Verification, correlations, found_at_k, per_class_table, render_report
+from influence.report.metrics import class_labels
+
+PNG = b"\x89PNG\r\n\x1a\n"
+SECTIONS = ("summary", "harmful", "helpful", "distribution", "verification", "found-at-k", "per-class", "files")
+
+
+class _Refs(HTMLParser):
+    """Collects ids, image sources and link targets of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids, self.images, self.links = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.append(attrs["id"])
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if tag == "a":
+            self.links.append(attrs["href"])
+
+
+def parse(path: Path) -> _Refs:
+    refs = _Refs()
+    refs.feed(path.read_text())
+    return refs
+
+
+def assert_valid_references(page: Path, refs: _Refs):
+    for src in refs.images:
+        assert not src.startswith(("http:", "https:", "/")), src
+        assert (page.parent / src).read_bytes()[:8] == PNG, src
+    for href in refs.links:
+        assert href.startswith("#") or (page.parent / href).is_file(), href
+
+
+def fake_table(n=40, method="unrolled", seed=0, n_classes=4):
+    """A rank table as influence.rank returns it, from random scores."""
+    rng = np.random.default_rng(seed)
+    effect = rng.normal(scale=1e-3, size=n)
+    label = rng.integers(0, n_classes, n)
+    predicted = np.where(rng.random(n) < 0.8, label, (label + 1) % n_classes)
+    table = pd.DataFrame(
+        {
+            "index": np.arange(n),
+            "score": -effect,
+            "removal_effect": effect,
+            "label": label,
+            "predicted_label": predicted,
+            "train_loss": rng.random(n),
+        }
+    )
+    table = table.sort_values("score", ascending=False).reset_index(drop=True)
+    table.insert(1, "rank", np.arange(n))
+    table.attrs.update(method=method, seconds=0.25, val_loss=0.5)
+    return table
+
+
+@pytest.fixture
+def image_report(tmp_path):
+    table = fake_table()
+    noise = np.zeros(40, bool)
+    noise[table["index"][:3]] = True  # the three most harmful are known-noisy
+    noise[table["index"].iloc[-1]] = True
+    top = table["index"][:4].to_numpy()
+    verification = Verification(
+        indices=top,
+        predicted=table["removal_effect"][:4],
+        actual=table["removal_effect"][:4] * 1.1,
+        kinds=["most harmful"] * 2 + ["random"] * 2,
+    )
+    images = np.random.default_rng(1).random((40, 5, 5))
+    path = render_report(
+        tmp_path,
+        table,
+        summary={"data": "random 5x5", "model": "none"},
+        images=images,
+        verification=verification,
+        noise_mask=noise,
+        clean_labels=np.arange(40) % 4,
+        comparison={"loss": fake_table(method="loss", seed=2)},
+        top=6,
+    )
+    return path, table, noise
+
+
+def test_report_has_every_section_and_valid_image_references(image_report):
+    path, _, _ = image_report
+    refs = parse(path)
+    for section in SECTIONS:
+        assert section in refs.ids
+    assert_valid_references(path, refs)
+    harmful = [s for s in refs.images if "harmful" in s]
+    assert len(harmful) == 6 and len([s for s in refs.images if "helpful" in s]) == 6
+    for figure in ("score_distribution.png", "removal_scatter.png", "found_at_k.png"):
+        assert any(s.endswith(figure) for s in refs.images)
+
+
+def test_report_cards_show_labels_scores_effects_and_noise(image_report):
+    path, table, _ = image_report
+    text = path.read_text()
+    index, label, predicted = (int(table[c].iloc[0]) for c in ("index", "label", "predicted_label"))
+    card = re.search(rf'<figure class="card noisy" id="sample-{index}">.*?</figure>', text, re.S).group(0)
+    assert f"label {label} → pred" in card and f">{predicted}</span>" in card
+    assert f"score {table['score'].iloc[0]:.3g}" in card and f"Δ val loss {table['removal_effect'].iloc[0]:.3g}" in card
+    assert f"flipped; true {index % 4}" in card  # the clean label of a flipped sample
+    assert "known-noisy in top 4" in text and "3 of 4 (75%)" in text
+    assert "Pearson r = 1" in text  # actual = 1.1 × predicted
+
+
+def test_scores_saved_as_csv_and_parquet(image_report):
+    path, table, noise = image_report
+    for loaded in (pd.read_csv(path.parent / "scores.csv"), pd.read_parquet(path.parent / "scores.parquet")):
+        np.testing.assert_array_equal(loaded["index"], table["index"])
+        np.testing.assert_allclose(loaded["score"], table["score"])
+        np.testing.assert_array_equal(loaded["noisy"], noise[table["index"]])
+    both = pd.read_parquet(path.parent / "all_methods.parquet")
+    assert {"score_unrolled", "score_loss", "rank_loss"} <= set(both.columns) and len(both) == 40
+    verification = pd.read_csv(path.parent / "verification.csv")
+    assert list(verification.columns) == ["index", "kind", "predicted_effect", "actual_effect"]
+
+
+def test_scores_without_a_parquet_engine_are_saved_as_csv_only(tmp_path, monkeypatch):
+    def no_engine(*args, **kwargs):
+        raise ImportError("Unable to find a usable engine")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", no_engine)
+    with pytest.warns(UserWarning, match="install pyarrow"):
+        path = render_report(tmp_path, fake_table(), summary={})
+    assert (tmp_path / "scores.csv").is_file() and not (tmp_path / "scores.parquet").exists()
+    assert_valid_references(path, parse(path))  # the Files section links only what exists
+
+
+def test_tabular_report_shows_a_table_instead_of_images(tmp_path):
+    features = np.random.default_rng(0).normal(size=(40, 3))
+    path = render_report(tmp_path, fake_table(), summary={}, features=features, feature_names=["age", "bmi", "bp"])
+    refs = parse(path)
+    assert not any("harmful" in s for s in refs.images)
+    harmful = re.search(r'<section id="harmful">.*?</section>', path.read_text()).group(0)
+    assert "<table>" in harmful and '<th class="">bmi</th>' in harmful
+    assert "No retraining was run" in path.read_text() and "No known-noisy samples" in path.read_text()
+    assert_valid_references(path, refs)
+
+
+def test_regression_table_has_no_per_class_table(tmp_path):
+    table = fake_table()
+    table["label"] = np.linspace(0.1, 3.3, 40)
+    table["predicted_label"] = np.nan
+    path = render_report(tmp_path, table, summary={})
+    per_class = re.search(r'<section id="per-class">.*?</section>', path.read_text()).group(0)
+    assert "continuous targets" in per_class and "<table" not in per_class
+
+
+def test_report_from_a_real_rank_table(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.random((30, 4)).astype(np.float32), rng.integers(0, 3, 30)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    traj = inf.fit(model, x, y, optimizer=inf.optimizers.SGD(0.5), batch_size=10, epochs=2)
+    table = inf.rank(traj, x, y, x[:10], y[:10], method="unrolled")
+    path = render_report(tmp_path, table, summary={}, images=x.reshape(30, 2, 2), top=5)
+    assert "ranked by unrolled" in path.read_text()
+    assert_valid_references(path, parse(path))
+    assert len(pd.read_parquet(tmp_path / "scores.parquet")) == 30
+
+
+def test_found_at_k_counts_noisy_samples_in_rank_order():
+    table = pd.DataFrame({"index": [3, 0, 2, 1], "rank": [0, 1, 2, 3]})
+    noise = np.array([False, True, False, True])  # samples 1 and 3
+    np.testing.assert_allclose(found_at_k(table, noise), [0.5, 0.5, 0.5, 1.0])
+    np.testing.assert_allclose(found_at_k(table, np.zeros(4, bool)), 0)
+
+
+def test_correlations_and_undefined_cases():
+    pearson, spearman = correlations([1, 2, 3, 4], [1, 4, 9, 16])
+    assert spearman == pytest.approx(1.0) and 0.95 < pearson < 1
+    assert np.isnan(correlations([1, 2], [1, 2])[0])  # too few points
+    assert np.isnan(correlations([1, 1, 1], [1, 2, 3])[1])  # constant
+
+
+def test_per_class_table_counts():
+    table = fake_table(n=40, n_classes=4)
+    noise = np.zeros(40, bool)
+    noise[:8] = True
+    out = per_class_table(table, noise)
+    assert list(out["class"]) == [0, 1, 2, 3]
+    assert out["samples"].sum() == 40 and out["noisy"].sum() == 8
+    assert out["in top 8"].sum() == 8
+    labels = table["label"].to_numpy()
+    expected = (table["predicted_label"] == table["label"])[labels == 2].mean()
+    assert out.loc[out["class"] == 2, "accuracy (given labels)"].item() == pytest.approx(expected)
+
+
+def test_class_labels_from_one_hot_and_real_targets():
+    np.testing.assert_array_equal(class_labels(pd.Series([[0, 1, 0], [1, 0, 0]])), [1, 0])
+    np.testing.assert_array_equal(class_labels(pd.Series([2.0, 1.0])), [2, 1])
+    assert class_labels(pd.Series([0.5, 1.0])) is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"table": [1, 2]}, TypeError, r"The 'table' parameter of render_report must be a pandas DataFrame"),
+        ({"table": pd.DataFrame({"index": [0]})}, ValueError, r"'table' parameter .* columns .* Got one without rank"),
+        (
+            {"images": np.zeros((3, 4, 4))},
+            ValueError,
+            r"The 'images' parameter of render_report must be an array with one entry per training sample \(40\)",
+        ),
+        ({"noise_mask": np.zeros(39, bool)}, ValueError, r"'noise_mask' parameter"),
+        ({"top": 0}, ValueError, r"The 'top' parameter of render_report must be a positive int. Got 0 instead."),
+        (
+            {"verification": (1, 2)},
+            TypeError,
+            r"The 'verification' parameter of render_report must be an influence.report.Verification",
+        ),
+    ],
+)
+def test_render_report_rejects_bad_arguments(tmp_path, kwargs, error, match):
+    arguments = {"table": fake_table(), "summary": {}} | kwargs
+    with pytest.raises(error, match=match):
+        render_report(tmp_path, **arguments)
+
+
+def test_verification_rejects_mismatched_lengths():
+    with pytest.raises(
+        ValueError,
+        match=r"The 'actual' parameter of Verification must be an array with one entry per index \(3\). Got 1 entries",
+    ):
+        Verification(indices=[1, 2, 3], predicted=[0.1, 0.2, 0.3], actual=[0.1])

@@ -1,0 +1,201 @@
+"""Atomic writes, fingerprints, the checksummed shard store and the resumable verification stage."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+import influence as inf
+from influence import runs
+from influence.report import job
+from influence.runs import RunInterrupted, ShardStore, atomic_write_bytes, fingerprint
+
+
+def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "sub" / "file.bin"
+    atomic_write_bytes(path, b"first")
+    atomic_write_bytes(path, b"second")
+    assert path.read_bytes() == b"second"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["file.bin"]
+
+
+def test_atomic_write_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "file.txt"
+    runs.atomic_write_text(path, "old")
+
+    def killed(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runs.atomic_write_text(path, "new, half written")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+def test_atomic_write_respects_umask(tmp_path):
+    path = tmp_path / "file.txt"
+    runs.atomic_write_text(path, "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_fingerprint_is_canonical_and_sensitive():
+    x = np.arange(6.0).reshape(2, 3)
+    assert fingerprint({"a": 1, "b": x}) == fingerprint({"b": x.copy(), "a": 1})
+    assert fingerprint(x) != fingerprint(x.astype(np.float32))  # dtype matters
+    assert fingerprint(x) != fingerprint(x.reshape(3, 2))  # shape matters
+    assert fingerprint([1, 2]) != fingerprint([12])
+    assert fingerprint(1) != fingerprint(1.0) != fingerprint("1")
+    with pytest.raises(TypeError, match="cannot hash"):
+        fingerprint(object())
+
+
+def test_model_fingerprint_sees_weights():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    before = runs.model_fingerprint(model)
+    assert runs.model_fingerprint(model) == before
+    model.layers[0].kernel.assign(np.zeros((3, 2)))
+    assert runs.model_fingerprint(model) != before
+
+
+def _counting(value):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"value": np.asarray(value)}
+
+    return compute, calls
+
+
+def test_store_reuses_shards_across_instances(tmp_path):
+    compute, calls = _counting([1.5, 2.5])
+    first = ShardStore(tmp_path).arrays("stage-a", compute)
+    store = ShardStore(tmp_path)
+    again = store.arrays("stage-a", compute)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(again["value"], first["value"])
+    assert (store.reused, store.computed, store.corrupted) == (1, 0, 0)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["shards"]["stage-a"]["file"] == "stage-a.npz"
+
+
+def test_store_recomputes_corrupted_shard(tmp_path):
+    compute, calls = _counting([1.0, 2.0, 3.0])
+    ShardStore(tmp_path).arrays("k", compute)
+    shard = tmp_path / "k.npz"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # same length, different bytes: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    messages = []
+    store = ShardStore(tmp_path, log=messages.append)
+    result = store.arrays("k", compute)
+    assert len(calls) == 2 and store.corrupted == 1
+    assert any("corrupted" in m for m in messages)
+    np.testing.assert_array_equal(result["value"], [1.0, 2.0, 3.0])
+    assert ShardStore(tmp_path).load("k") is not None  # rewritten, valid again
+
+
+def test_store_recomputes_a_shard_it_cannot_parse(tmp_path):
+    store = ShardStore(tmp_path)
+    store.save("k", b"valid checksum, not an npz", suffix=".npz")
+    messages = []
+    result = ShardStore(tmp_path, log=messages.append).arrays("k", lambda: {"v": np.arange(3)})
+    np.testing.assert_array_equal(result["v"], np.arange(3))
+    assert any("unreadable" in m for m in messages)
+    store.save("k", b"another format", suffix=".bin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.bin", "manifest.json"]  # the old file is gone
+
+
+def test_store_survives_unreadable_manifest(tmp_path):
+    compute, calls = _counting(3.0)
+    ShardStore(tmp_path).arrays("k", compute)
+    (tmp_path / "manifest.json").write_text("{ torn")
+    messages = []
+    store = ShardStore(tmp_path, log=messages.append)
+    store.arrays("k", compute)
+    assert len(calls) == 2 and store.computed == 1
+    assert any("unreadable" in m for m in messages)
+
+
+def test_table_shard_round_trip_keeps_values_and_attrs(tmp_path):
+    table = pd.DataFrame({"index": [2, 0, 1], "score": [0.5, 0.25, -1.0], "label": [1, 0, 1]})
+    table.attrs.update(method="loss", seconds=np.float64(0.5), val_loss=float("nan"))
+    ShardStore(tmp_path).table("rank-x", lambda: table)
+    loaded = ShardStore(tmp_path).table("rank-x", lambda: pytest.fail("should reuse the shard"))
+    pd.testing.assert_frame_equal(loaded, table)
+    assert loaded.attrs["method"] == "loss" and loaded.attrs["seconds"] == 0.5
+    assert np.isnan(loaded.attrs["val_loss"])
+
+
+def test_table_shard_keeps_one_hot_labels_and_text(tmp_path):
+    one_hot = [np.eye(3)[i] for i in (2, 0, 1)]
+    table = pd.DataFrame({"index": [0, 1, 2], "label": one_hot, "kind": ["a", "bb", "c"], "flag": [True, False, True]})
+    ShardStore(tmp_path).table("t", lambda: table)
+    loaded = ShardStore(tmp_path).table("t", lambda: pytest.fail("should reuse the shard"))
+    assert list(loaded.columns) == ["index", "label", "kind", "flag"]
+    np.testing.assert_array_equal(np.stack(loaded["label"]), np.stack(one_hot))
+    assert loaded["kind"].tolist() == ["a", "bb", "c"] and loaded["flag"].dtype == bool
+
+
+def test_stop_after_env_interrupts_after_n_shards(tmp_path, monkeypatch):
+    monkeypatch.setenv(runs.STOP_AFTER_ENV, "2")
+    store = ShardStore(tmp_path)
+    store.arrays("a", lambda: {"v": np.ones(1)})
+    with pytest.raises(RunInterrupted, match="2 shard"):
+        store.arrays("b", lambda: {"v": np.ones(2)})
+    assert (tmp_path / "b.npz").exists()  # written before stopping
+    monkeypatch.setenv(runs.STOP_AFTER_ENV, "two")
+    with pytest.raises(ValueError, match="INFLUENCE_STOP_AFTER_SHARDS"):
+        ShardStore(tmp_path)
+
+
+def test_verification_indices_are_top_then_distinct_random():
+    table = pd.DataFrame({"index": [7, 3, 5, 0, 1, 2, 4, 6], "rank": np.arange(8)})
+    indices, kinds = job.verification_indices(table, top=2, random=3, seed=0)
+    assert list(indices[:2]) == [7, 3]
+    assert len(set(indices)) == 5 and not set(indices[2:]) & {7, 3}
+    assert list(kinds) == ["most harmful"] * 2 + ["random"] * 3
+    again, _ = job.verification_indices(table, top=2, random=3, seed=0)
+    np.testing.assert_array_equal(indices, again)
+
+
+@pytest.fixture
+def tiny_run():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(24, 3)).astype(np.float32), rng.integers(0, 2, 24)
+    xv, yv = rng.normal(size=(10, 3)).astype(np.float32), rng.integers(0, 2, 10)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2, activation="softmax")]
+    )
+    traj = inf.fit(model, x, y, optimizer=inf.optimizers.SGD(0.3), batch_size=8, epochs=2, seed=0)
+    return traj, x, y, xv, yv
+
+
+def test_sharded_removal_effects_equal_actual_removal_effect(tiny_run, tmp_path):
+    traj, x, y, xv, yv = tiny_run
+    settings = job.RankingJob(
+        out_dir=tmp_path,
+        model=traj.model,
+        x_train=x,
+        y_train=y,
+        x_val=xv,
+        y_val=yv,
+        optimizer=traj.optimizer,
+        progress=False,
+    )
+    indices = np.array([3, 0, 17])
+    store = ShardStore(tmp_path)
+    effects = job.removal_effects(store, lambda: traj, settings, "run-1", indices)
+    expected = inf.actual_removal_effect(traj, x, y, xv, yv, list(indices), progress=False)
+    np.testing.assert_array_equal(effects, expected)
+    assert store.computed == 4  # the baseline and one retraining per index
+    resumed = ShardStore(tmp_path)
+    np.testing.assert_array_equal(job.removal_effects(resumed, lambda: traj, settings, "run-1", indices), effects)
+    assert (resumed.reused, resumed.computed) == (4, 0)
