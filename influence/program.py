@@ -22,6 +22,7 @@ segment with ``unsorted_segment_sum``, never with a Python loop over samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -110,12 +111,13 @@ class Program:
         self.stream_shape = stream_shape
         self.source: Any = None
         self.steps = int(schedule.batches.shape[0])
-        self._run_recording = tf.function(lambda *a: self._run(*a, record=True), reduce_retracing=True)
-        self._run_plain = tf.function(lambda *a: self._run(*a, record=False), reduce_retracing=True)
-        self.reverse = tf.function(lambda *a: self._reverse(*a, flags=False), reduce_retracing=True)
+        compile_ = partial(tf.function, reduce_retracing=True, autograph=False)
+        self._run_recording = compile_(lambda *a: self._run(*a, record=True))
+        self._run_plain = compile_(lambda *a: self._run(*a, record=False))
+        self.reverse = compile_(lambda *a: self._reverse(*a, flags=False))
         # Traced only when a segment's adjoint is not finite, to name the step where it broke.
-        self.reverse_with_flags = tf.function(lambda *a: self._reverse(*a, flags=True), reduce_retracing=True)
-        self.validation = tf.function(self._validation, reduce_retracing=True)
+        self.reverse_with_flags = compile_(lambda *a: self._reverse(*a, flags=True))
+        self.validation = compile_(self._validation)
 
     def _validation(self, w, x_val, y_val):
         """E(w) = mean validation loss (inference mode) and ∇E(w): the adjoint at the end of the run."""
@@ -185,15 +187,23 @@ class Program:
         return self.optimizer.update(w, g, s, self.schedule.learning_rates[t], t)
 
     def _run(self, w, s, start, stop, x, y, c, *, record: bool):
+        # An explicit tf.while_loop (the functions are compiled without autograph: its source
+        # conversion dominated tracing time).
         length = stop - start
-        w_hist = [tf.TensorArray(wi.dtype, size=length if record else 0, dynamic_size=not record) for wi in w]
-        s_hist = [tf.TensorArray(si.dtype, size=length if record else 0, dynamic_size=not record) for si in s]
+        w_hist = [tf.TensorArray(wi.dtype, size=length) for wi in w] if record else []
+        s_hist = [tf.TensorArray(si.dtype, size=length) for si in s] if record else []
         streamed = self._streamed_batches(start, stop, reverse=False)
-        for t in tf.range(start, stop):
+
+        def body(t, w, s, w_hist, s_hist):
             if record:
                 w_hist = [h.write(t - start, wi) for h, wi in zip(w_hist, w)]
                 s_hist = [h.write(t - start, si) for h, si in zip(s_hist, s)]
             w, s = self.step(w, s, t, x, y, c, None if streamed is None else next(streamed))
+            return t + 1, w, s, w_hist, s_hist
+
+        _, w, s, w_hist, s_hist = tf.while_loop(
+            lambda t, *_: t < stop, body, (start, list(w), list(s), w_hist, s_hist)
+        )
         if not record:
             return w, s
         return w, s, [h.stack() for h in w_hist], [h.stack() for h in s_hist]
@@ -216,19 +226,26 @@ class Program:
         dy_hist = tf.TensorArray(x.dtype if self.label_grad else tf.float32, size=length)
         finite_hist = tf.TensorArray(tf.bool, size=length)
         streamed = self._streamed_batches(start, start + length, reverse=True)
-        for i in tf.range(length - 1, -1, -1):
+        def body(i, lam_w, lam_s, dc_hist, dx_hist, dy_hist, finite_hist):
             t = start + i
             w = [h[i] for h in w_hist]
             s = [h[i] for h in s_hist]
             xb = None if streamed is None else next(streamed)
             lam_w, lam_s, dc, dx, dy = self._reverse_step(w, s, t, lam_w, lam_s, x, y, c, xb)
             if flags:  # one flag per step, so a blow-up is reported with its step number
-                finite_hist = finite_hist.write(i, tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in lam_w]))
+                finite_hist = finite_hist.write(i, tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in lam_w]))
             dc_hist = dc_hist.write(i, dc)
             if self.input_grad:
                 dx_hist = dx_hist.write(i, dx)
             if self.label_grad:
                 dy_hist = dy_hist.write(i, dy)
+            return i - 1, lam_w, lam_s, dc_hist, dx_hist, dy_hist, finite_hist
+
+        _, lam_w, lam_s, dc_hist, dx_hist, dy_hist, finite_hist = tf.while_loop(
+            lambda i, *_: i >= 0,
+            body,
+            (length - 1, list(lam_w), list(lam_s), dc_hist, dx_hist, dy_hist, finite_hist),
+        )
         idx = tf.reshape(self.schedule.batches[start : start + length], [-1])
         n = self.n_train
         dc_total = tf.math.unsorted_segment_sum(tf.reshape(dc_hist.stack(), [-1]), idx, n)
