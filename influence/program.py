@@ -268,24 +268,18 @@ class Program:
         if self.distribute is not None:
             return self._reverse_step_distributed(w, s, t, lam_w, lam_s, x, y, c, xb)
         xb, yb, cb, mask = self._batch(t, x, y, c, xb)
-        targets = self._targets(xb, yb, cb)
-        with tf.GradientTape() as outer:
-            outer.watch(w)
-            outer.watch(targets)
-            with tf.GradientTape() as inner:
-                inner.watch(w)
-                value = self.batch_loss(w, t, xb, yb, cb)
-            g = inner.gradient(value, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            with outer.stop_recording():
-                lam_w_direct, g_bar, lam_s_prev = self._update_vjp(w, g, s, t, lam_w, lam_s)
-            # Every reduction the outer tape differentiates happens inside it (DESIGN §4).
-            contracted = _tree.dot(g, g_bar)
-        grads = outer.gradient(contracted, [w, targets], unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        hess_g_bar, target_grads = grads
-        lam_w_prev = [a + b for a, b in zip(lam_w_direct, hess_g_bar)]
+        adjoints = {}
+
+        def g_bar_of(g):
+            # ḡ from the update's VJP at this very g: one forward/backward serves both.
+            adjoints["w"], g_bar, adjoints["s"] = self._update_vjp(w, g, s, t, lam_w, lam_s)
+            return g_bar
+
+        hess_g_bar, target_grads = self._second_order(w, t, xb, yb, cb, g_bar_of)
+        lam_w_prev = [a + b for a, b in zip(adjoints["w"], hess_g_bar)]
         dcb, dx, dy = self._unpack(target_grads)
         # cb = c[idx] * mask: padded entries get no credit.
-        return lam_w_prev, lam_s_prev, dcb * mask, dx, dy
+        return lam_w_prev, adjoints["s"], dcb * mask, dx, dy
 
     def _targets(self, xb, yb, cb) -> list[tf.Tensor]:
         """What the second-order call differentiates besides w: c always, x and y when asked."""
@@ -298,8 +292,12 @@ class Program:
         dy = rest.pop(0) if self.label_grad else tf.zeros([0])
         return grads[0], dx, dy
 
-    def _second_order(self, w, t, xb, yb, cb, g_bar):
-        """H_t ḡ and the per-sample terms (x, c, y) for one shard, from ∇(∇L·ḡ) with ḡ fixed."""
+    def _second_order(self, w, t, xb, yb, cb, g_bar_of):
+        """H_t ḡ and the per-sample terms (c, x, y) of a batch (or shard): ∇(∇L_t·ḡ) with ḡ held fixed.
+
+        ``g_bar_of(g)`` returns ḡ given this batch's gradient g; it runs outside the
+        outer tape's recording, so ḡ is a constant to it.
+        """
         targets = self._targets(xb, yb, cb)
         with tf.GradientTape() as outer:
             outer.watch(w)
@@ -308,6 +306,9 @@ class Program:
                 inner.watch(w)
                 value = self.batch_loss(w, t, xb, yb, cb)
             g = inner.gradient(value, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            with outer.stop_recording():
+                g_bar = g_bar_of(g)
+            # Every reduction the outer tape differentiates happens inside it (DESIGN §4).
             contracted = _tree.dot(g, g_bar)
         return outer.gradient(contracted, [w, targets], unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
@@ -319,7 +320,7 @@ class Program:
         lam_w_direct, g_bar, lam_s_prev = self._update_vjp(w, g, s, t, lam_w, lam_s)
 
         def replica(w, g_bar, xb, yb, cb):
-            hess_g_bar, target_grads = self._second_order(w, t, *self._shard(xb, yb, cb), g_bar)
+            hess_g_bar, target_grads = self._second_order(w, t, *self._shard(xb, yb, cb), lambda _: g_bar)
             hess_g_bar = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, hess_g_bar)
             return hess_g_bar, target_grads
 
