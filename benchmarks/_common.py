@@ -1,7 +1,7 @@
 """Small helpers shared by the benchmark scripts: machine information, /proc memory
 readings and writing a report as JSON + Markdown.
 
-(``one_step.py`` predates this module and keeps its own copies of similar helpers.)
+(``one_step.py`` predates this module and still writes its own report files.)
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from _common import REPO_ROOT, proc_status_kb
+
 DEFAULT_OUT_DIR = REPO_ROOT / "reports" / "benchmarks"
 QUICK_OUT_DIR = REPO_ROOT / "reports" / "_scratch" / "benchmarks"
 
@@ -98,18 +99,6 @@ def jacobian_bytes(d: int) -> int:
 
 def human_bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def proc_status_kb(pid: int | str, field: str) -> int | None:
-    """A ``kB`` field (VmRSS, VmHWM, ...) of /proc/<pid>/status, or None if unavailable."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    return None
 
 
 # --------------------------------------------------------------------------- worker
