@@ -84,7 +84,7 @@ def run_demo(out_dir: str | os.PathLike = DEFAULT_OUT, *, quick: bool = False, r
     from .report.job import RankingJob, run_ranking
 
     data = noisy_digits(n_train=300, n_val=150) if quick else noisy_digits()
-    epochs, verify = (2, 5) if quick else (8, 15)
+    epochs, verify, repair = (2, 5, 3) if quick else (8, 15, 10)
     lr, batch_size = 0.5, 50
     model = mlp()
     job = RankingJob(
@@ -102,6 +102,8 @@ def run_demo(out_dir: str | os.PathLike = DEFAULT_OUT, *, quick: bool = False, r
         methods=METHODS,
         verify_top=verify,
         verify_random=verify,
+        repair_top=repair,
+        repair_steps=2 if quick else 5,
         summary={
             "data": f"scikit-learn digits (8×8, /16): {len(data.x_train)} train / {len(data.x_val)} validation; "
             f"{int(data.flipped.sum())} train labels flipped ({data.flipped.mean():.0%}, seed {NOISE_SEED})",

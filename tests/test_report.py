@@ -242,3 +242,35 @@ def test_verification_rejects_mismatched_lengths():
         match=r"The 'actual' parameter of Verification must be an array with one entry per index \(3\). Got 1 entries",
     ):
         Verification(indices=[1, 2, 3], predicted=[0.1, 0.2, 0.3], actual=[0.1])
+
+
+def test_convergence_section_from_real_repair_curves(tmp_path):
+    from influence.report.job import REPAIR_OPTIMIZERS, RankingJob, repair_curves
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((30, 4)).astype(np.float32), rng.integers(0, 3, 30)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    traj = inf.fit(model, x, y, optimizer=inf.optimizers.SGD(0.5), batch_size=10, epochs=2)
+    table = inf.rank(traj, x, y, x[:10], y[:10], method="unrolled")
+    job = RankingJob(
+        out_dir=tmp_path,
+        model=model,
+        x_train=x,
+        y_train=y,
+        x_val=x[:10],
+        y_val=y[:10],
+        optimizer=inf.optimizers.SGD(0.5),
+        repair_steps=2,
+    )
+    curves = repair_curves(traj, job, table["index"].to_numpy()[:3])
+    assert set(curves["optimizer"]) == set(REPAIR_OPTIMIZERS) and len(curves) == 4 * 3
+    first = curves[curves["step"] == 0]["val_loss"]
+    assert np.allclose(first, first.iloc[0])  # every optimizer starts from the recorded run
+    assert (curves[curves["step"] == 2]["val_loss"].to_numpy() < first.to_numpy()).all()  # repair lowers it
+    path = render_report(tmp_path, table, summary={}, convergence=curves, top=5)
+    refs = parse(path)
+    assert "convergence" in refs.ids and "images/convergence.png" in refs.images
+    assert_valid_references(path, refs)
+    with pytest.raises(ValueError, match="'convergence' parameter of render_report must be a DataFrame with columns"):
+        render_report(tmp_path, table, summary={}, convergence=curves.drop(columns="seconds"))

@@ -120,3 +120,23 @@ def found_at_k_plot(curves: Mapping[str, np.ndarray], n_noisy: int) -> bytes:
     ax.set_title(f"found@k ({n_noisy} known-noisy samples)")
     ax.legend(frameon=False, fontsize="small", loc="lower right")
     return _png(fig)
+
+
+def convergence_plot(curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """Validation loss per outer optimizer against outer step (left) and wall time (right).
+
+    ``curves`` maps an optimizer's name to (val_loss, seconds), both of shape (steps + 1,).
+    """
+    fig = Figure(figsize=(10.0, 3.8))
+    by_step, by_time = fig.subplots(1, 2)
+    for name, (loss, seconds) in curves.items():
+        by_step.plot(np.arange(len(loss)), loss, marker="o", ms=3, label=name)
+        by_time.plot(seconds, loss, marker="o", ms=3, label=name)
+    by_step.set_xlabel("outer step (one retraining + one unrolled pass each)")
+    by_time.set_xlabel("wall time (s)")
+    for ax in (by_step, by_time):
+        ax.set_ylabel("validation loss of the retrained model")
+        ax.grid(alpha=0.3)
+    by_step.legend(frameon=False, fontsize="small")
+    fig.tight_layout()
+    return _png(fig)

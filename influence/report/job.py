@@ -39,6 +39,8 @@ class RankingJob:
     with the settings below. ``methods[0]`` is the report's method, the others are
     compared on the found@k plot. ``verify_top`` most harmful and ``verify_random``
     random other samples are each retrained without (0 and 0: no verification).
+    ``repair_top`` > 0 optimises the inputs of that many most harmful samples to lower the
+    validation loss, once per outer optimizer, for the report's convergence section.
     The remaining fields go to :func:`render_report`.
     """
 
@@ -57,6 +59,8 @@ class RankingJob:
     methods: Sequence[str] = ("unrolled",)
     verify_top: int = 0
     verify_random: int = 0
+    repair_top: int = 0
+    repair_steps: int = 5
     summary: Mapping[str, Any] = field(default_factory=dict)
     images: np.ndarray | None = None
     features: np.ndarray | None = None
@@ -211,6 +215,41 @@ def removal_effects(
     return np.asarray(effects)
 
 
+# Outer step sizes from reports/benchmarks/poisoning.md (tuned there for digits pixels in [0, 1]).
+REPAIR_OPTIMIZERS = {
+    "SGD (300)": ("SGD", {"learning_rate": 300.0}),
+    "momentum 0.9 (100)": ("SGD", {"learning_rate": 100.0, "momentum": 0.9}),
+    "RMSprop (0.1)": ("RMSprop", {"learning_rate": 0.1}),
+    "Adam (0.3)": ("Adam", {"learning_rate": 0.3}),
+}
+
+
+def repair_curves(trajectory: Any, job: RankingJob, indices: np.ndarray) -> pd.DataFrame:
+    """Validation loss per outer step of :func:`influence.optimize_training_inputs` (goal 'repair'), per optimizer."""
+    from .. import optimizers
+    from ..input_optimization import optimize_training_inputs
+
+    low, high = float(np.min(job.x_train)), float(np.max(job.x_train))
+    rows = []
+    for name, (cls, kwargs) in REPAIR_OPTIMIZERS.items():
+        result = optimize_training_inputs(
+            trajectory,
+            job.x_train,
+            job.y_train,
+            job.x_val,
+            job.y_val,
+            indices,
+            goal="repair",
+            outer_optimizer=getattr(optimizers, cls)(**kwargs),
+            steps=job.repair_steps,
+            bounds=(low, high),
+        )
+        for step, (loss, seconds) in enumerate(zip(result.val_loss, result.seconds)):
+            rows.append({"optimizer": name, "step": step, "val_loss": float(loss), "seconds": float(seconds)})
+    frame = pd.DataFrame(rows)
+    return frame
+
+
 def run_ranking(job: RankingJob) -> RankingOutcome:
     """Train, rank with each method, verify by retraining and write the report; resumes from ``out_dir/shards``."""
     from ..rank import rank
@@ -253,6 +292,16 @@ def run_ranking(job: RankingJob) -> RankingOutcome:
         predicted = main.set_index("index").loc[indices, "removal_effect"].to_numpy()
         verification = Verification(indices=indices, predicted=predicted, actual=actual, kinds=kinds)
         times["verification"] = f"{time.perf_counter() - t:.1f} s"
+    convergence = None
+    if job.repair_top:
+        job.log(f"[repair] optimising the inputs of the {job.repair_top} most harmful samples, 4 outer optimizers")
+        t = time.perf_counter()
+        harmful = main["index"].to_numpy()[: job.repair_top]
+        convergence = store.table(
+            store.key("repair", run=run, indices=harmful.tolist(), steps=job.repair_steps),
+            lambda: repair_curves(trajectory(), job, harmful),
+        )
+        times["repair"] = f"{time.perf_counter() - t:.1f} s"
     if trajectory.seconds is None:
         job.log("[train] skipped: every result is on record")
     training = "skipped" if trajectory.seconds is None else f"{trajectory.seconds:.1f} s"
@@ -277,6 +326,7 @@ def run_ranking(job: RankingJob) -> RankingOutcome:
         noise_mask=job.noise_mask,
         clean_labels=job.clean_labels,
         comparison=tables,
+        convergence=convergence,
     )
     job.log(f"[report] {report} written in {time.perf_counter() - t:.1f} s (shards: {store.summary()})")
     return RankingOutcome(report, main, tables, verification, store, time.perf_counter() - start)

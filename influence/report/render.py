@@ -192,6 +192,42 @@ def _per_class_section(ranked: pd.DataFrame, noise, n_top: int) -> Section:
     return Section("per-class", "Per class", html_table(per_class), f"Counted over the {n_top} most harmful samples.")
 
 
+def _convergence_section(convergence: pd.DataFrame | None, out: Path) -> Section | None:
+    if convergence is None:
+        return None
+    required = {"optimizer", "step", "val_loss", "seconds"}
+    if not isinstance(convergence, pd.DataFrame) or not required <= set(convergence.columns):
+        raise ValueError(
+            param_error("convergence", FUNC, f"a DataFrame with columns {sorted(required)}", describe(convergence))
+        )
+    curves = {
+        str(name): (group.sort_values("step")["val_loss"].to_numpy(), group.sort_values("step")["seconds"].to_numpy())
+        for name, group in convergence.groupby("optimizer", sort=False)
+    }
+    name = f"{IMAGE_DIR}/convergence.png"
+    atomic_write_bytes(out / name, figures.convergence_plot(curves))
+    last = convergence.sort_values("step").groupby("optimizer", sort=False).tail(1)
+    first = convergence.sort_values("step").groupby("optimizer", sort=False).head(1)
+    summary = pd.DataFrame(
+        {
+            "optimizer": last["optimizer"].to_numpy(),
+            "val loss before": first["val_loss"].to_numpy(),
+            "val loss after": last["val_loss"].to_numpy(),
+            "outer steps": last["step"].to_numpy(),
+            "seconds": last["seconds"].to_numpy(),
+        }
+    )
+    note = convergence.attrs.get(
+        "note",
+        "Training inputs optimised through the recorded run (influence.optimize_training_inputs): each outer "
+        "step retrains with the recorded schedule and follows dE/dx from the unrolled pass. Every point is a "
+        "retrained model; the curves against wall time show what each optimizer's progress costs.",
+    )
+    body = f'<div class="figs">{image(name, "validation loss per outer optimizer")}'
+    body += f"{html_table(summary, text_columns=['optimizer'])}</div>"
+    return Section("convergence", "Optimising training inputs: outer optimizers", body, esc(note))
+
+
 def render_report(
     out_dir: str | os.PathLike,
     table: pd.DataFrame,
@@ -204,6 +240,7 @@ def render_report(
     noise_mask: Any = None,
     clean_labels: Any = None,
     comparison: Mapping[str, pd.DataFrame] | None = None,
+    convergence: pd.DataFrame | None = None,
     top: int = 24,
     title: str = "influence: data-debugging report",
 ) -> Path:
@@ -221,6 +258,8 @@ def render_report(
         clean_labels: (n,) the labels before flipping, shown on noisy samples' cards.
         comparison: other methods' rank tables, drawn on the found@k plot and saved side by
             side in ``all_methods.csv/.parquet``.
+        convergence: curves of :func:`influence.optimize_training_inputs` per outer optimizer,
+            columns ``optimizer``, ``step``, ``val_loss``, ``seconds`` (``attrs["note"]`` explains them).
         top: samples per grid.
 
     Returns the path of ``index.html``. Every file is written atomically.
@@ -280,6 +319,7 @@ def render_report(
         _verification_section(verification, out),
         _found_at_k_section({method: ranked} | others, noise, n_top, out),
         _per_class_section(ranked, noise, n_top),
+        *[s for s in [_convergence_section(convergence, out)] if s is not None],
         Section(
             "files",
             "Files",
