@@ -61,8 +61,10 @@ class MemoryStrategy(ABC):
 
         ``step_buffer_bytes`` is what one reverse step keeps until its segment ends: the
         per-sample dE/dc, dE/dx (and dE/dy) of its batch, B·(1 + |x_i| + |y_i|) numbers.
+        They are counted twice: the per-step buffers and their stacked copy coexist at the
+        end of a segment (measured in reports/benchmarks/scaling.md).
         """
-        return self.states_held(steps) * state_bytes + self.longest_segment(steps) * step_buffer_bytes
+        return self.states_held(steps) * state_bytes + 2 * self.longest_segment(steps) * step_buffer_bytes
 
 
 @dataclass(frozen=True)
