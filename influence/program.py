@@ -217,6 +217,19 @@ class Program:
         args = (list(w), list(s), tf.constant(start), tf.constant(stop), x, y, c)
         return self._run_recording(*args) if record else self._run_plain(*args)
 
+    def states_at(self, w, s, steps: list[int], x, y, c) -> list[tuple[list[tf.Tensor], list[tf.Tensor]]]:
+        """(weights, optimizer state) before each of ``steps`` (increasing), replaying from step 0's (w, s).
+
+        Runs forward only as far as the last requested step.
+        """
+        states, position = [], 0
+        for t in steps:
+            if t > position:
+                w, s = self.run(w, s, position, t, x, y, c)
+                position = t
+            states.append((list(w), list(s)))
+        return states
+
     # ------------------------------------------------------------------ reverse
 
     def _reverse(self, w_hist, s_hist, start, lam_w, lam_s, x, y, c, *, flags: bool):

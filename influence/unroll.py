@@ -285,12 +285,7 @@ def _segment_starts(program, plan, segments, trajectory, w0, s0, x_t, y_t, c_t):
     """State at the start of each segment: from the stored history, or one forward pass."""
     if not plan.stores_segment_starts() or trajectory.weights_history is not None:
         return None
-    starts = []
-    w, s = w0, s0
-    for a, b in segments:
-        starts.append((w, s))
-        w, s = program.run(w, s, a, b, x_t, y_t, c_t)
-    return starts
+    return program.states_at(w0, s0, [a for a, _ in segments], x_t, y_t, c_t)
 
 
 def _segment_states(program, plan, trajectory, starts, index, a, b, w0, s0, x_t, y_t, c_t):

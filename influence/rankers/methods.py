@@ -21,7 +21,6 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from ..autodiff import gradient
 from ..trajectory import Trajectory, _data_tensors
 from ..unroll import unrolled
 from ._samples import SampleOps
@@ -32,10 +31,10 @@ Scores = tuple[np.ndarray, np.ndarray | None, dict]
 
 
 def val_gradient(ops: SampleOps, trajectory: Trajectory, w: list[tf.Tensor], x_val: np.ndarray, y_val: np.ndarray):
-    """∇E(w) for the mean validation loss."""
+    """∇E(w) for the mean validation loss (the run's compiled :meth:`Program.validation`)."""
     xv = tf.constant(x_val, dtype=ops.dtype)
     yv = tf.constant(y_val, dtype=ops.dtype if trajectory.loss.continuous_labels else tf.int32)
-    return gradient(lambda ww: trajectory.loss.mean(yv, ops.fn(ww, xv, training=False)), w)
+    return trajectory.program().validation(w, xv, yv)[1]
 
 
 def by_unrolled(trajectory, x, y, x_val, y_val, *, ops: SampleOps, progress: bool, **_) -> Scores:
@@ -70,15 +69,8 @@ def weights_at(trajectory: Trajectory, x: np.ndarray, y: np.ndarray, steps: list
     if trajectory.weights_history is not None:
         return [[tf.constant(h[t], dtype=dtype) for h in trajectory.weights_history] for t in steps]
     x_t, y_t, c_t = _data_tensors(program, x, y, trajectory.sample_weight)
-    w = [tf.constant(v, dtype=dtype) for v in trajectory.initial_weights]
-    s = trajectory.initial_state()
-    out, position = [], 0
-    for t in steps:
-        if t > position:
-            w, s = program.run(w, s, position, t, x_t, y_t, c_t)
-            position = t
-        out.append(list(w))
-    return out
+    w0 = [tf.constant(v, dtype=dtype) for v in trajectory.initial_weights]
+    return [w for w, _ in program.states_at(w0, trajectory.initial_state(), steps, x_t, y_t, c_t)]
 
 
 def visit_weights(trajectory: Trajectory, steps: list[int]) -> np.ndarray:
