@@ -86,3 +86,33 @@ def _json_default(value: Any) -> Any:
 def fmt(value: float | None, spec: str, suffix: str = "") -> str:
     """``format(value, spec) + suffix``, or an em dash for a missing value."""
     return "—" if value is None else format(value, spec) + suffix
+
+
+def run_json_worker(cmd: list[str], *, timeout: float, env: dict[str, str], stderr_lines: int) -> dict[str, Any]:
+    """Run a benchmark worker process and merge the JSON lines it prints into one record.
+
+    ``status`` is "ok", "failed (exit code N)" (with the last ``stderr_lines`` lines of stderr),
+    "timed out after T s", or the worker's own ``error``; ``worker_wall_s`` is its wall time.
+    """
+    import subprocess
+    import time
+
+    record: dict[str, Any] = {}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=env)
+    except subprocess.TimeoutExpired as exc:
+        output = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        record["status"] = f"timed out after {timeout:g} s"
+    else:
+        output = proc.stdout
+        record["status"] = "ok" if proc.returncode == 0 else f"failed (exit code {proc.returncode})"
+        if proc.returncode != 0:
+            record["stderr_tail"] = proc.stderr.strip().splitlines()[-stderr_lines:]
+    for line in output.splitlines():
+        if line.startswith("{"):
+            record.update(json.loads(line))
+    if "error" in record:
+        record["status"] = record["error"]
+    record["worker_wall_s"] = time.perf_counter() - start
+    return record

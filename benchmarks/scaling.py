@@ -96,7 +96,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import MB, REPO_ROOT, fmt, machine_info, proc_status_kb, reset_peak_rss, write_report
+from _common import MB, REPO_ROOT, fmt, machine_info, proc_status_kb, reset_peak_rss, run_json_worker, write_report
 
 DEFAULT_OUT_DIR = REPO_ROOT / "reports" / "benchmarks"
 QUICK_OUT_DIR = REPO_ROOT / "reports" / "_scratch" / "benchmarks"
@@ -399,27 +399,9 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def launch(spec: dict[str, Any], timeout: float, package_dir: Path) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    record: dict[str, Any] = {}
     python_path = os.pathsep.join(p for p in (str(package_dir), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, **WORKER_ENV, "PYTHONPATH": python_path}
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=env)
-    except subprocess.TimeoutExpired as exc:
-        output = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        record["status"] = f"timed out after {timeout:g} s"
-    else:
-        output = proc.stdout
-        record["status"] = "ok" if proc.returncode == 0 else f"failed (exit code {proc.returncode})"
-        if proc.returncode != 0:
-            record["stderr_tail"] = proc.stderr.strip().splitlines()[-15:]
-    for line in output.splitlines():
-        if line.startswith("{"):
-            record.update(json.loads(line))
-    if "error" in record:
-        record["status"] = record["error"]
-    record["worker_wall_s"] = time.perf_counter() - start
-    return record
+    return run_json_worker(cmd, timeout=timeout, env=env, stderr_lines=15)
 
 
 def scaling_points(quick: bool) -> list[tuple[str, int, int]]:

@@ -78,7 +78,6 @@ import gc
 import json
 import math
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -90,7 +89,7 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from _common import MB, REPO_ROOT, fmt, machine_info, proc_status_kb, reset_peak_rss, write_report
+from _common import MB, REPO_ROOT, fmt, machine_info, proc_status_kb, reset_peak_rss, run_json_worker, write_report
 from scipy import stats
 from sklearn.datasets import load_digits
 
@@ -485,27 +484,7 @@ def memory_worker(strategy: str, epochs: int, save: str | None) -> None:
 def launch_memory_worker(strategy: str, epochs: int, save: Path, timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", "--strategy", strategy]
     cmd += ["--epochs", str(epochs), "--save", str(save)]
-    record: dict[str, Any] = {}
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env={**os.environ, **WORKER_ENV}
-        )
-    except subprocess.TimeoutExpired as exc:
-        output = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        record["status"] = f"timed out after {timeout:g} s"
-    else:
-        output = proc.stdout
-        record["status"] = "ok" if proc.returncode == 0 else f"failed (exit code {proc.returncode})"
-        if proc.returncode != 0:
-            record["stderr_tail"] = proc.stderr.strip().splitlines()[-10:]
-    for line in output.splitlines():
-        if line.startswith("{"):
-            record.update(json.loads(line))
-    if "error" in record:
-        record["status"] = record["error"]
-    record["worker_wall_s"] = time.perf_counter() - start
-    return record
+    return run_json_worker(cmd, timeout=timeout, env={**os.environ, **WORKER_ENV}, stderr_lines=10)
 
 
 def loglog_slope(steps: list[int], values: list[float]) -> float | None:
