@@ -40,16 +40,24 @@ def validate_data(
     """Check types, finiteness, lengths, feature shapes and label ranges."""
     xt = as_array(x_train, param="x_train", func=func)
     yt = as_array(y_train, param="y_train", func=func)
+    check_same_length(func, x_train=xt, y_train=yt)
+    check_model_input(func, model, xt)
+    check_labels_for_loss(func, "y_train", yt, loss, model)
+    xv, yv = validate_validation_data(func, model, loss, xt, yt, x_val, y_val)
+    return Dataset(xt, yt, xv, yv)
+
+
+def validate_validation_data(
+    func: str, model: keras.Model, loss: Loss, x_train: np.ndarray, y_train: np.ndarray, x_val: Any, y_val: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """x_val / y_val as arrays: same length, samples shaped like the (validated) training data, valid labels."""
     xv = as_array(x_val, param="x_val", func=func)
     yv = as_array(y_val, param="y_val", func=func)
-    check_same_length(func, x_train=xt, y_train=yt)
     check_same_length(func, x_val=xv, y_val=yv)
-    check_model_input(func, model, xt)
-    check_feature_shape(func, "x_val", xv, tuple(xt.shape[1:]), "the shape of x_train's samples")
-    check_feature_shape(func, "y_val", yv, tuple(yt.shape[1:]), "the shape of y_train's samples")
-    for name, labels in (("y_train", yt), ("y_val", yv)):
-        check_labels_for_loss(func, name, labels, loss, model)
-    return Dataset(xt, yt, xv, yv)
+    check_feature_shape(func, "x_val", xv, tuple(x_train.shape[1:]), "the shape of x_train's samples")
+    check_feature_shape(func, "y_val", yv, tuple(y_train.shape[1:]), "the shape of y_train's samples")
+    check_labels_for_loss(func, "y_val", yv, loss, model)
+    return xv, yv
 
 
 def check_model_input(func: str, model: keras.Model, x: np.ndarray, param: str = "x_train") -> None:

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._inputs import check_labels_for_loss
+from ._inputs import validate_validation_data
 from ._methods import METHODS
-from ._validation import as_array, check_choice, check_feature_shape, check_same_length, describe, param_error
+from ._validation import as_array, check_choice, describe, param_error
 from .rankers import methods
 from .rankers._samples import SampleOps
 from .rankers.inverse_hvp import InverseHVP, get_solver
@@ -71,11 +71,7 @@ def rank(
     if method in NEEDS_VALIDATION or x_val is not None:
         if x_val is None or y_val is None:
             raise ValueError(param_error("x_val", func, f"validation data for method '{method}'", "None"))
-        xv = as_array(x_val, param="x_val", func=func)
-        yv = as_array(y_val, param="y_val", func=func)
-        check_same_length(func, x_val=xv, y_val=yv)
-        check_feature_shape(func, "x_val", xv, tuple(x.shape[1:]), "the shape of x_train's samples")
-        check_labels_for_loss(func, "y_val", yv, trajectory.loss, trajectory.model)
+        xv, yv = validate_validation_data(func, trajectory.model, trajectory.loss, x, y, x_val, y_val)
     if damping != "auto" and not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping >= 0):
         raise ValueError(param_error("damping", func, "'auto' or a non-negative number", describe(damping)))
     if checkpoint_every is not None and (

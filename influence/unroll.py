@@ -26,8 +26,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from ._inputs import check_labels_for_loss, check_model_input
-from ._validation import as_array, check_feature_shape, check_same_length, describe, param_error
+from ._inputs import check_model_input, validate_validation_data
+from ._validation import describe, param_error
 from .trajectory import Trajectory, _data_tensors, check_trajectory_data
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # 1 GiB for stored weights/state
@@ -188,13 +188,8 @@ def unrolled(
     """
     func = "unrolled"
     x, y = check_trajectory_data(trajectory, x_train, y_train, func)
-    xv = as_array(x_val, param="x_val", func=func)
-    yv = as_array(y_val, param="y_val", func=func)
-    check_same_length(func, x_val=xv, y_val=yv)
-    check_feature_shape(func, "x_val", xv, tuple(x.shape[1:]), "the shape of x_train's samples")
-    check_feature_shape(func, "y_val", yv, tuple(y.shape[1:]), "the shape of y_train's samples")
     check_model_input(func, trajectory.model, x)
-    check_labels_for_loss(func, "y_val", yv, trajectory.loss, trajectory.model)
+    xv, yv = validate_validation_data(func, trajectory.model, trajectory.loss, x, y, x_val, y_val)
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(param_error("x_train", func, "floating-point inputs to differentiate", str(x.dtype)))
 

@@ -122,6 +122,7 @@ def test_group_effect_is_the_sum_of_members_and_is_verified_by_retraining(run):
         ({"method": "shapley"}, "'method' parameter of rank must be one of 'unrolled', 'influence_function'"),
         ({"x_val": None}, "'x_val' parameter of rank must be validation data for method 'unrolled'"),
         ({"damping": -1}, "'damping' parameter of rank must be 'auto' or a non-negative number"),
+        ({"y_val": np.zeros((20, 2), int)}, r"'y_val' parameter of rank must be samples of shape \(\) \(the shape of y_train's"),
         ({"method": "influence_function", "solver": "svd"}, "'solver' parameter of rank must be 'exact', 'cg', 'lissa'"),
         ({"method": "tracin", "checkpoint_every": 0}, "'checkpoint_every' parameter of rank must be a positive int or None"),
         ({"method": "influence_function", "solver": Exact(max_parameters=10)}, "'solver' parameter of rank must be 'cg' or 'lissa' for models over 10"),
