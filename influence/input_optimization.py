@@ -91,14 +91,16 @@ def _evaluate(trajectory: Trajectory, weights: list[np.ndarray], x_val: np.ndarr
     w = [tf.constant(v, dtype=fn.dtype) for v in weights]
     out = fn(w, tf.constant(x_val, dtype=fn.dtype))
     yv = tf.constant(y_val, dtype=fn.dtype if trajectory.loss.continuous_labels else tf.int32)
-    loss = float(trajectory.loss.mean(yv, out))
-    if trajectory.loss.integer_labels:
-        error = float(np.mean(np.argmax(out.numpy(), -1) != y_val))
-    elif trajectory.loss.name == "categorical_crossentropy":
-        error = float(np.mean(np.argmax(out.numpy(), -1) != np.argmax(y_val, -1)))
-    else:
-        error = float("nan")
-    return loss, error
+    return float(trajectory.loss.mean(yv, out)), classification_error(trajectory.loss, out, y_val)
+
+
+def classification_error(loss: Any, outputs: tf.Tensor, labels: np.ndarray) -> float:
+    """Fraction of argmax predictions that miss the class (class indices or one-hot/soft labels); NaN otherwise."""
+    if loss.integer_labels:
+        return float(np.mean(np.argmax(np.asarray(outputs), -1) != labels))
+    if loss.name == "categorical_crossentropy":
+        return float(np.mean(np.argmax(np.asarray(outputs), -1) != np.argmax(labels, -1)))
+    return float("nan")
 
 
 def _check_common(func: str, outer_optimizer: Any, steps: Any, bounds: Any, budget: Any) -> Optimizer:
@@ -269,9 +271,7 @@ def adversarial_examples(
             out = fn(w, params[0])
             value = per_sample.mean(yt, out)
         losses.append(float(value))
-        errors.append(
-            float(np.mean(np.argmax(out.numpy(), -1) != labels)) if per_sample.integer_labels else float("nan")
-        )
+        errors.append(classification_error(per_sample, out, labels))
         times.append(time.perf_counter() - start)
         if step == int(steps):
             break
