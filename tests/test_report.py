@@ -165,13 +165,19 @@ def test_regression_table_has_no_per_class_table(tmp_path):
     assert "continuous targets" in per_class and "<table" not in per_class
 
 
-def test_report_from_a_real_rank_table(tmp_path):
+@pytest.fixture(scope="module")
+def small_run():
+    """A real recorded run on 30 random samples and its unrolled ranking (neither is mutated by the tests)."""
     rng = np.random.default_rng(0)
     x, y = rng.random((30, 4)).astype(np.float32), rng.integers(0, 3, 30)
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
     traj = inf.fit(model, x, y, optimizer=inf.optimizers.SGD(0.5), batch_size=10, epochs=2)
-    table = inf.rank(traj, x, y, x[:10], y[:10], method="unrolled")
+    return model, traj, x, y, inf.rank(traj, x, y, x[:10], y[:10], method="unrolled")
+
+
+def test_report_from_a_real_rank_table(tmp_path, small_run):
+    model, traj, x, y, table = small_run
     path = render_report(tmp_path, table, summary={}, images=x.reshape(30, 2, 2), top=5)
     assert "ranked by unrolled" in path.read_text()
     assert_valid_references(path, parse(path))
@@ -244,15 +250,10 @@ def test_verification_rejects_mismatched_lengths():
         Verification(indices=[1, 2, 3], predicted=[0.1, 0.2, 0.3], actual=[0.1])
 
 
-def test_convergence_section_from_real_repair_curves(tmp_path):
+def test_convergence_section_from_real_repair_curves(tmp_path, small_run):
     from influence.report.job import REPAIR_OPTIMIZERS, RankingJob, repair_curves
 
-    rng = np.random.default_rng(0)
-    x, y = rng.random((30, 4)).astype(np.float32), rng.integers(0, 3, 30)
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
-    traj = inf.fit(model, x, y, optimizer=inf.optimizers.SGD(0.5), batch_size=10, epochs=2)
-    table = inf.rank(traj, x, y, x[:10], y[:10], method="unrolled")
+    model, traj, x, y, table = small_run
     job = RankingJob(
         out_dir=tmp_path,
         model=model,
