@@ -32,16 +32,6 @@ def axpy(alpha: float | tf.Tensor, x: Sequence[tf.Tensor], y: Sequence[tf.Tensor
     return [alpha * xi + yi for xi, yi in zip(x, y)]
 
 
-def cast(tensors: Sequence[tf.Tensor], dtype: tf.DType) -> Weights:
-    """Cast every tensor to ``dtype``."""
-    return [tf.cast(t, dtype) for t in tensors]
-
-
-def to_numpy(tensors: Sequence[tf.Tensor]) -> list[np.ndarray]:
-    """Convert to numpy arrays."""
-    return [np.asarray(t) for t in tensors]
-
-
 def size(tensors: Sequence[tf.Tensor]) -> int:
     """Total number of entries."""
     return int(sum(np.prod(t.shape) for t in tensors))

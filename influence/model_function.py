@@ -68,11 +68,6 @@ class ModelFunction:
     def weights(self) -> list[tf.Tensor]:
         return [tf.convert_to_tensor(v.value) for v in self.model.trainable_variables]
 
-    @property
-    def has_randomness(self) -> bool:
-        """True when some layer draws random numbers in training mode (dropout, noise)."""
-        return bool(self._seed_slots)
-
     def state_for_seed(self, seed: int | tf.Tensor | None) -> list[tf.Tensor]:
         """Non-trainable state with every random layer's seed set from ``seed``.
 

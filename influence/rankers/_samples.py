@@ -14,7 +14,6 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
-from .. import _tree
 from ..autodiff import hessian
 from ..trajectory import Trajectory
 
@@ -59,7 +58,6 @@ class SampleOps:
         self._dots = tf.function(self._dots_impl, reduce_retracing=True)
         self._sq_norms = tf.function(self._sq_norms_impl, reduce_retracing=True)
         self._hvp = tf.function(self._hvp_impl, reduce_retracing=True)
-        self._grad = tf.function(self._grad_impl, reduce_retracing=True)
 
     def chunks(self, count: int | None = None) -> Iterator[slice]:
         """Slices of ``chunk`` samples over ``count`` rows (default: the selected samples)."""
@@ -119,10 +117,6 @@ class SampleOps:
         """‖∇ℓ_i(w)‖² for every selected sample, shape (m,)."""
         return np.concatenate([self._sq_norms(w, self.xs[s], self.ys[s]).numpy() for s in self.chunks()])
 
-    def mean_gradient(self, w: list[tf.Tensor], indices: np.ndarray | None = None) -> list[tf.Tensor]:
-        """∇ of the weighted mean training loss (over ``indices`` or all samples)."""
-        return self._accumulate(lambda xb, yb, cb: self._grad(w, xb, yb, cb), indices)
-
     def hvp(self, w: list[tf.Tensor], v: list[tf.Tensor], indices: np.ndarray | None = None) -> list[tf.Tensor]:
         """H·v for the weighted mean training loss (over ``indices`` or all samples)."""
         return self._accumulate(lambda xb, yb, cb: self._hvp(w, v, xb, yb, cb), indices)
@@ -151,7 +145,3 @@ class SampleOps:
             count = len(indices)
         total = parts[0] if len(parts) == 1 else [tf.add_n(list(p)) for p in zip(*parts)]
         return [t / count for t in total]
-
-
-def flat_size(w: list[tf.Tensor]) -> int:
-    return _tree.size(w)
