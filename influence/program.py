@@ -201,9 +201,7 @@ class Program:
             w, s = self.step(w, s, t, x, y, c, None if streamed is None else next(streamed))
             return t + 1, w, s, w_hist, s_hist
 
-        _, w, s, w_hist, s_hist = tf.while_loop(
-            lambda t, *_: t < stop, body, (start, list(w), list(s), w_hist, s_hist)
-        )
+        _, w, s, w_hist, s_hist = tf.while_loop(lambda t, *_: t < stop, body, (start, list(w), list(s), w_hist, s_hist))
         if not record:
             return w, s
         return w, s, [h.stack() for h in w_hist], [h.stack() for h in s_hist]
@@ -239,6 +237,7 @@ class Program:
         dy_hist = tf.TensorArray(x.dtype if self.label_grad else tf.float32, size=length)
         finite_hist = tf.TensorArray(tf.bool, size=length)
         streamed = self._streamed_batches(start, start + length, reverse=True)
+
         def body(i, lam_w, lam_s, dc_hist, dx_hist, dy_hist, finite_hist):
             t = start + i
             w = [h[i] for h in w_hist]
