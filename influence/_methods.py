@@ -1,3 +1,3 @@
 """Names of the ranking methods (kept free of heavy imports: the command line reads them for --help)."""
 
-METHODS = ("unrolled", "influence_function", "tracin", "self_influence", "loss")
+METHODS = ("unrolled", "influence_function", "tracin", "self_influence", "margin", "loss")

@@ -159,3 +159,40 @@ def get_loss(loss: object, *, func: str = "get_loss", from_logits: bool = False)
         name = getattr(loss, "__name__", "custom")
         return Loss(name, loss, continuous_labels=True)  # type: ignore[arg-type]
     raise TypeError(param_error("loss", func, "a loss name, Keras loss or callable", describe(loss)))
+
+
+# Losses whose outputs are class scores, so that a sample has a margin (:func:`label_margin`).
+MARGIN_LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy")
+
+
+def label_margin(loss: Loss, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    """Margin of the assigned label, shape (B,): its logit minus the largest other class's logit.
+
+    Negative when the model prefers another class. For probability outputs the logits are
+    log-probabilities floored like the loss (for a softmax, log p_y − log p_j is exactly the logit
+    difference z_y − z_j). The assigned label is the class index (sparse categorical
+    cross-entropy), the argmax of one-hot or soft labels (categorical cross-entropy), or
+    ``y ≥ 0.5`` for one sigmoid output of shape (B,) or (B, 1) (binary cross-entropy, where the
+    other class's logit is 0). ``loss.name`` must be one of :data:`MARGIN_LOSSES`.
+    """
+    floor = tf.cast(_PROBABILITY_FLOOR, y_pred.dtype)
+    if loss.name == "binary_crossentropy":
+        score = tf.reshape(y_pred, [-1])
+        if not loss.from_logits:
+            p = tf.clip_by_value(score, floor, 1 - floor)
+            score = tf.math.log(p) - tf.math.log(1 - p)
+        positive = tf.reshape(tf.cast(y_true, y_pred.dtype), [-1]) >= 0.5
+        return tf.where(positive, score, -score)
+    if loss.name == "sparse_categorical_crossentropy":
+        labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+    elif loss.name == "categorical_crossentropy":
+        labels = tf.cast(tf.argmax(y_true, axis=-1), tf.int32)
+    else:
+        raise AssertionError(loss.name)  # guarded by the caller (rank)
+    logits = y_pred
+    if not loss.from_logits:
+        logits = tf.math.log(tf.maximum(y_pred / tf.reduce_sum(y_pred, axis=-1, keepdims=True), floor))
+    assigned = tf.one_hot(labels, tf.shape(logits)[-1], on_value=True, off_value=False)
+    lowest = tf.fill(tf.shape(logits), tf.constant(-float("inf"), logits.dtype))
+    other = tf.reduce_max(tf.where(assigned, lowest, logits), axis=-1)
+    return tf.reduce_sum(tf.where(assigned, logits, tf.zeros_like(logits)), axis=-1) - other

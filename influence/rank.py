@@ -12,6 +12,7 @@ import pandas as pd
 from ._inputs import validate_validation_data
 from ._methods import METHODS
 from ._validation import as_array, check_choice, describe, param_error
+from .losses import MARGIN_LOSSES
 from .rankers import methods
 from .rankers._samples import SampleOps
 from .rankers.inverse_hvp import InverseHVP, get_solver
@@ -39,16 +40,18 @@ def rank(
     Args:
         trajectory: from :func:`influence.fit`.
         x_train, y_train: the data the trajectory was recorded on.
-        x_val, y_val: validation data (required except for ``self_influence`` and ``loss``).
+        x_val, y_val: validation data (required except for ``self_influence``, ``margin`` and ``loss``).
         method: ``"unrolled"`` (exact removal effect through the recorded run),
-            ``"influence_function"``, ``"tracin"``, ``"self_influence"`` or ``"loss"``.
+            ``"influence_function"``, ``"tracin"``, ``"self_influence"``, ``"margin"``
+            (area under the margin over the run's checkpoints, for mislabel detection;
+            classification losses) or ``"loss"``.
         solver: inverse-Hessian solver for ``influence_function``: ``"exact"``,
             ``"cg"``, ``"lissa"``, an :class:`~influence.rankers.inverse_hvp.InverseHVP`,
             or ``"auto"`` (exact up to 1000 parameters, else CG).
         damping: λ added to the Hessian for ``influence_function``; ``"auto"``
             shifts by the estimated most negative eigenvalue (non-convex nets)
             and keeps the condition number ≤ 100 (recorded in ``attrs["damping"]``).
-        checkpoint_every: steps between TracIn / self-influence checkpoints
+        checkpoint_every: steps between TracIn / self-influence / margin checkpoints
             (default: one per epoch).
         progress: show progress bars on long stages.
         samples: score only these training indices (a shard; see
@@ -67,6 +70,8 @@ def rank(
     func = "rank"
     check_choice(method, METHODS, param="method", func=func)
     x, y = check_trajectory_data(trajectory, x_train, y_train, func)
+    if method == "margin":
+        _check_margin_loss(trajectory, func)
     xv = yv = None
     if method in NEEDS_VALIDATION or x_val is not None:
         if x_val is None or y_val is None:
@@ -94,6 +99,7 @@ def rank(
         "influence_function": methods.by_influence_function,
         "tracin": methods.by_tracin,
         "self_influence": methods.by_self_influence,
+        "margin": methods.by_margin,
         "loss": methods.by_loss,
     }[method]
     kwargs: dict[str, Any] = {"ops": ops, "checkpoint_every": checkpoint_every, "progress": progress}
@@ -125,6 +131,23 @@ def rank(
         val_loss = validation_loss(trajectory, trajectory.final_weights, xv, yv)
     table.attrs.update(method=method, seconds=seconds, val_loss=val_loss, **extra)
     return table
+
+
+def _check_margin_loss(trajectory: Trajectory, func: str) -> None:
+    """A margin needs class scores: a cross-entropy loss, and one sigmoid output for binary cross-entropy."""
+    loss = trajectory.loss
+    single_output = int(np.prod(trajectory.model.output_shape[1:])) == 1
+    if loss.name not in MARGIN_LOSSES or (loss.name == "binary_crossentropy" and not single_output):
+        raise ValueError(
+            param_error(
+                "method",
+                func,
+                f"a method other than 'margin' for loss '{loss.name}' ('margin' needs class scores: loss "
+                "'sparse_categorical_crossentropy', 'categorical_crossentropy', or 'binary_crossentropy' "
+                "with one output)",
+                "'margin'",
+            )
+        )
 
 
 def _predicted_labels(trajectory: Trajectory, outputs: np.ndarray) -> np.ndarray:

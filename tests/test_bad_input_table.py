@@ -78,7 +78,7 @@ CASES = [
     ("unknown memory strategy", lambda: inf.unrolled(_traj(), X, Y, XV, YV, strategy="fast"), ValueError,
      "The 'strategy' parameter of unrolled must be 'auto', 'store_all', 'checkpointed', 'replay' or a MemoryStrategy."),
     ("unknown ranking method", lambda: inf.rank(_traj(), X, Y, XV, YV, method="shapley"), ValueError,
-     "The 'method' parameter of rank must be one of 'unrolled', 'influence_function', 'tracin', 'self_influence', 'loss'."),
+     "The 'method' parameter of rank must be one of 'unrolled', 'influence_function', 'tracin', 'self_influence', 'margin', 'loss'."),
     ("ranking without validation data", lambda: inf.rank(_traj(), X, Y), ValueError,
      "The 'x_val' parameter of rank must be validation data for method 'unrolled'. Got None instead."),
     ("too little damping for the exact solver",

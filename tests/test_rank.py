@@ -1,5 +1,6 @@
 """rank: every method, cross-method agreement, solvers, group effects and errors."""
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,11 +24,13 @@ def run():
     xv = centers[yv] + rng.normal(size=(20, 4))
     y_noisy = y.copy()
     y_noisy[:4] = (y[:4] + 1) % 3  # four flipped labels
-    traj = inf.fit(mlp(4, 3, out_activation="softmax"), x, y_noisy, loss=LOSS, optimizer=SGD(0.3), batch_size=8, epochs=6)
+    traj = inf.fit(
+        mlp(4, 3, out_activation="softmax"), x, y_noisy, loss=LOSS, optimizer=SGD(0.3), batch_size=8, epochs=6
+    )
     return traj, x, y_noisy, xv, yv
 
 
-@pytest.mark.parametrize("method", ["unrolled", "influence_function", "tracin", "self_influence", "loss"])
+@pytest.mark.parametrize("method", ["unrolled", "influence_function", "tracin", "self_influence", "margin", "loss"])
 def test_every_method_returns_the_documented_table(method, run):
     traj, x, y, xv, yv = run
     table = inf.rank(traj, x, y, xv, yv, method=method)
@@ -96,7 +99,9 @@ def test_tracin_with_one_checkpoint_per_step_equals_an_explicit_loop_over_visits
         w = [tf.constant(h[t]) for h in traj.weights_history]
         grad_val = gradient(lambda ww: traj.loss.mean(tf.constant(yv), fn(ww, tf.constant(xv))), w)
         for i in (i for i in batch if i < 6):  # six samples keep the explicit loop cheap
-            g_i = gradient(lambda ww, i=i: traj.loss.mean(tf.constant(y[i : i + 1]), fn(ww, tf.constant(x[i : i + 1]))), w)
+            g_i = gradient(
+                lambda ww, i=i: traj.loss.mean(tf.constant(y[i : i + 1]), fn(ww, tf.constant(x[i : i + 1]))), w
+            )
             dot = sum(float(tf.reduce_sum(a * b)) for a, b in zip(g_i, grad_val))
             expected[i] += traj.learning_rates[t] / len(batch) * dot
     got = table.sort_values("index")["removal_effect"].to_numpy()[:6]
@@ -112,7 +117,9 @@ def test_group_effect_is_the_sum_of_members_and_is_verified_by_retraining(run):
     assert np.allclose(predicted, [effect[[0, 1]].sum(), effect[[5, 6, 7]].sum()])
     actual = inf.actual_removal_effect(traj, x, y, xv, yv, groups, progress=False)
     assert np.all(np.sign(actual) == np.sign(predicted))
-    with pytest.raises(ValueError, match="'table_or_effect' parameter of predicted_group_effect must be a table with removal effects"):
+    with pytest.raises(
+        ValueError, match="'table_or_effect' parameter of predicted_group_effect must be a table with removal effects"
+    ):
         inf.predicted_group_effect(inf.rank(traj, x, y, method="loss"), groups)
 
 
@@ -122,10 +129,22 @@ def test_group_effect_is_the_sum_of_members_and_is_verified_by_retraining(run):
         ({"method": "shapley"}, "'method' parameter of rank must be one of 'unrolled', 'influence_function'"),
         ({"x_val": None}, "'x_val' parameter of rank must be validation data for method 'unrolled'"),
         ({"damping": -1}, "'damping' parameter of rank must be 'auto' or a non-negative number"),
-        ({"y_val": np.zeros((20, 2), int)}, r"'y_val' parameter of rank must be samples of shape \(\) \(the shape of y_train's"),
-        ({"method": "influence_function", "solver": "svd"}, "'solver' parameter of rank must be 'exact', 'cg', 'lissa'"),
-        ({"method": "tracin", "checkpoint_every": 0}, "'checkpoint_every' parameter of rank must be a positive int or None"),
-        ({"method": "influence_function", "solver": Exact(max_parameters=10)}, "'solver' parameter of rank must be 'cg' or 'lissa' for models over 10"),
+        (
+            {"y_val": np.zeros((20, 2), int)},
+            r"'y_val' parameter of rank must be samples of shape \(\) \(the shape of y_train's",
+        ),
+        (
+            {"method": "influence_function", "solver": "svd"},
+            "'solver' parameter of rank must be 'exact', 'cg', 'lissa'",
+        ),
+        (
+            {"method": "tracin", "checkpoint_every": 0},
+            "'checkpoint_every' parameter of rank must be a positive int or None",
+        ),
+        (
+            {"method": "influence_function", "solver": Exact(max_parameters=10)},
+            "'solver' parameter of rank must be 'cg' or 'lissa' for models over 10",
+        ),
     ],
 )
 def test_rank_rejects_bad_input(kwargs, match, run):
@@ -135,7 +154,94 @@ def test_rank_rejects_bad_input(kwargs, match, run):
         inf.rank(traj, x, y, **args)
 
 
-def test_rank_needs_no_validation_data_for_self_influence_and_loss(run):
+@pytest.mark.parametrize("method", ["self_influence", "margin", "loss"])
+def test_rank_needs_no_validation_data_for_self_influence_margin_and_loss(method, run):
     traj, x, y, _, _ = run
-    table = inf.rank(traj, x, y, method="self_influence")
+    table = inf.rank(traj, x, y, method=method)
     assert isinstance(table, pd.DataFrame) and np.isnan(table.attrs["val_loss"])
+
+
+def _keras_margins(traj, weights, x, y):
+    """Assigned-label logit margin from the Keras model's own call, one sample at a time (reference).
+
+    (``model.predict`` rounds float64 outputs to ~1e-8 here; calling the model does not.)
+    """
+    model = keras.models.clone_model(traj.model)
+    model.set_weights(weights)
+    logits = np.log(np.maximum(np.asarray(model(x, training=False)), 1e-7))
+    return np.array([logits[i, y[i]] - np.delete(logits[i], y[i]).max() for i in range(len(x))])
+
+
+@pytest.mark.parametrize("every", [None, 7])
+def test_margin_equals_a_loop_over_checkpoints_with_keras_predictions(every, run):
+    traj, x, y, _, _ = run
+    per_epoch = 5  # 40 samples, batch 8
+    ends = list(range(every or per_epoch, traj.steps, every or per_epoch)) + [traj.steps]
+    assert traj.weights_history is not None and traj.steps == 30
+    expected = np.zeros(len(x))
+    for t in ends:  # after each checkpoint interval; the last at the final weights
+        weights = traj.final_weights if t == traj.steps else [h[t] for h in traj.weights_history]
+        expected += _keras_margins(traj, weights, x, y) / len(ends)
+    table = inf.rank(traj, x, y, method="margin", checkpoint_every=every)
+    assert table.attrs["checkpoints"] == len(ends)
+    assert np.allclose(table.sort_values("index")["score"].to_numpy(), -expected, rtol=1e-9, atol=1e-10)
+    # Without a stored weight history the checkpoints come from one forward replay: same scores.
+    replayed = inf.fit(
+        mlp(4, 3, out_activation="softmax"),
+        x,
+        y,
+        loss=LOSS,
+        optimizer=SGD(0.3),
+        batch_size=8,
+        epochs=6,
+        record_budget_bytes=0,
+    )
+    assert replayed.weights_history is None
+    again = inf.rank(replayed, x, y, method="margin", checkpoint_every=every)
+    assert np.allclose(again.sort_values("index")["score"], table.sort_values("index")["score"], rtol=1e-9, atol=1e-10)
+
+
+def test_label_margin_for_one_hot_and_binary_labels():
+    import tensorflow as tf
+
+    from influence.losses import get_loss, label_margin
+
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+    sparse = label_margin(get_loss(LOSS), tf.constant([0, 0]), tf.constant(p)).numpy()
+    assert np.allclose(sparse, [np.log(0.7 / 0.2), np.log(0.1 / 0.6)], rtol=1e-12)
+    one_hot = label_margin(get_loss("categorical_crossentropy"), tf.constant(np.eye(3)[[0, 0]]), tf.constant(p))
+    assert np.allclose(one_hot.numpy(), sparse, rtol=1e-12)
+    logits = label_margin(get_loss(LOSS, from_logits=True), tf.constant([2]), tf.constant([[1.0, 3.0, 0.5]]))
+    assert np.allclose(logits.numpy(), [-2.5])
+    q = np.array([[0.8], [0.8], [0.25]])  # one sigmoid output: the other class's logit is 0
+    binary = label_margin(get_loss("binary_crossentropy"), tf.constant([[1.0], [0.0], [0.0]]), tf.constant(q))
+    assert np.allclose(binary.numpy(), [np.log(4.0), -np.log(4.0), np.log(3.0)], rtol=1e-12)
+
+
+def test_margin_finds_flipped_labels_far_better_than_random():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(5)
+    centers = rng.normal(size=(4, 6)) * 2.5
+    y_true = rng.integers(0, 4, 400)
+    x = centers[y_true] + rng.normal(size=(400, 6))
+    flipped = rng.permutation(400)[:40]  # 10 %
+    y = y_true.copy()
+    y[flipped] = (y[flipped] + rng.integers(1, 4, 40)) % 4
+    traj = inf.fit(
+        mlp(6, 4, hidden=(16,), out_activation="softmax"), x, y, loss=LOSS, optimizer=SGD(0.3), batch_size=40, epochs=8
+    )
+    table = inf.rank(traj, x, y, method="margin")
+    found = np.isin(table["index"].to_numpy()[:40], flipped).mean()  # random: 0.1
+    mask = np.isin(np.arange(400), flipped)
+    assert found >= 0.75
+    assert roc_auc_score(mask, table.sort_values("index")["score"]) > 0.95
+
+
+def test_margin_refuses_a_regression_run(regressor, reg_data):
+    x, y, _, _ = reg_data
+    traj = inf.fit(regressor, x, y, loss="mse", optimizer=SGD(0.1), batch_size=3, epochs=1)
+    with pytest.raises(
+        ValueError, match="'method' parameter of rank must be a method other than 'margin' for loss 'mse'"
+    ):
+        inf.rank(traj, x, y, method="margin")

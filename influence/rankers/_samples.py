@@ -2,9 +2,9 @@
 
 All functions evaluate the trajectory's model in inference mode (dropout off,
 moving statistics) at given weights, in chunks of ``chunk`` samples, each
-chunk one compiled call: per-sample losses, predictions, ∇ℓ_i·v for a fixed v
-(one forward-mode pass per chunk), squared per-sample gradient norms, and
-the Hessian-vector product of the mean training loss.
+chunk one compiled call: per-sample losses, predictions, assigned-label
+margins, ∇ℓ_i·v for a fixed v (one forward-mode pass per chunk), squared
+per-sample gradient norms, and the Hessian-vector product of the mean training loss.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..autodiff import hessian
+from ..losses import label_margin
 from ..trajectory import Trajectory
 
 DEFAULT_CHUNK = 512
@@ -55,6 +56,7 @@ class SampleOps:
         self.ys = tf.gather(self.y, self.samples)
         self.chunk = chunk
         self._losses = tf.function(self._losses_impl, reduce_retracing=True)
+        self._margins = tf.function(self._margins_impl, reduce_retracing=True)
         self._dots = tf.function(self._dots_impl, reduce_retracing=True)
         self._sq_norms = tf.function(self._sq_norms_impl, reduce_retracing=True)
         self._hvp = tf.function(self._hvp_impl, reduce_retracing=True)
@@ -73,6 +75,9 @@ class SampleOps:
     def _losses_impl(self, w, xb, yb):
         out = self.fn(w, xb, training=False)
         return self.loss(yb, out), out
+
+    def _margins_impl(self, w, xb, yb):
+        return label_margin(self.loss, yb, self.fn(w, xb, training=False))
 
     def _dots_impl(self, w, v, xb, yb):
         with tf.autodiff.ForwardAccumulator(w, v) as acc:
@@ -108,6 +113,10 @@ class SampleOps:
             losses.append(value.numpy())
             outputs.append(out.numpy())
         return np.concatenate(losses), np.concatenate(outputs)
+
+    def margins(self, w: list[tf.Tensor]) -> np.ndarray:
+        """Assigned-label margin (:func:`influence.losses.label_margin`) of every selected sample, shape (m,)."""
+        return np.concatenate([self._margins(w, self.xs[s], self.ys[s]).numpy() for s in self.chunks()])
 
     def gradient_dots(self, w: list[tf.Tensor], v: list[tf.Tensor]) -> np.ndarray:
         """∇ℓ_i(w)·v for every selected sample, shape (m,)."""

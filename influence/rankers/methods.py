@@ -12,6 +12,12 @@
   with retraining (reports/benchmarks/data_debugging.md). Use it as a score.
 - self_influence: Σ_k η̄_k ‖∇ℓ_i(w_k)‖² (TracIn self-influence), for mislabel detection
   without validation data.
+- margin (area under the margin, Pleiss et al. 2020, "Identifying mislabeled data using the
+  area under the margin ranking", NeurIPS): the mean over checkpoints of the assigned label's
+  logit minus the largest other logit, taken after each checkpoint interval (one per epoch by
+  default, the last at the final weights); score = −mean margin. Mislabeled samples keep a low
+  or negative margin through training while the network learns their true class. No validation
+  data; classification losses only.
 - loss: per-sample training loss at the final weights (baseline).
 """
 
@@ -62,15 +68,32 @@ def checkpoint_steps(trajectory: Trajectory, every: int | None) -> list[int]:
     return list(range(0, trajectory.steps, every))
 
 
+def margin_steps(trajectory: Trajectory, every: int | None) -> list[int]:
+    """Steps before which margins are taken: the end of each checkpoint interval, the last = T (final weights).
+
+    The same intervals as TracIn's (:func:`checkpoint_steps`), read at their ends: the first
+    margin comes after one interval of training (the initial weights say nothing about the
+    labels) and the last at the final weights, so with one interval it is the final margin.
+    """
+    return [*checkpoint_steps(trajectory, every)[1:], trajectory.steps]
+
+
 def weights_at(trajectory: Trajectory, x: np.ndarray, y: np.ndarray, steps: list[int]) -> list[list[tf.Tensor]]:
-    """Trainable weights before each of ``steps`` (from the stored history or one forward replay)."""
+    """Trainable weights before each of ``steps`` (increasing; T = ``trajectory.steps`` gives the final weights).
+
+    From the stored history, or one forward replay as far as the last step below T.
+    """
     program = trajectory.program()
     dtype = program.fn.dtype
+    final = [tf.constant(v, dtype=dtype) for v in trajectory.final_weights]
+    inner = [t for t in steps if t < trajectory.steps]
     if trajectory.weights_history is not None:
-        return [[tf.constant(h[t], dtype=dtype) for h in trajectory.weights_history] for t in steps]
-    x_t, y_t, c_t = _data_tensors(program, x, y, trajectory.sample_weight)
-    w0 = [tf.constant(v, dtype=dtype) for v in trajectory.initial_weights]
-    return [w for w, _ in program.states_at(w0, trajectory.initial_state(), steps, x_t, y_t, c_t)]
+        before = [[tf.constant(h[t], dtype=dtype) for h in trajectory.weights_history] for t in inner]
+    else:
+        x_t, y_t, c_t = _data_tensors(program, x, y, trajectory.sample_weight)
+        w0 = [tf.constant(v, dtype=dtype) for v in trajectory.initial_weights]
+        before = [w for w, _ in program.states_at(w0, trajectory.initial_state(), inner, x_t, y_t, c_t)]
+    return before + [final] * (len(steps) - len(inner))
 
 
 def visit_weights(trajectory: Trajectory, steps: list[int]) -> np.ndarray:
@@ -104,6 +127,14 @@ def by_self_influence(trajectory, x, y, *, ops: SampleOps, checkpoint_every: int
         rate = float(np.mean(trajectory.learning_rates[bounds[k] : bounds[k + 1]]))
         score += rate * ops.squared_gradient_norms(w)
     return score, None, {"checkpoints": len(steps)}
+
+
+def by_margin(trajectory, x, y, *, ops: SampleOps, checkpoint_every: int | None, progress: bool, **_) -> Scores:
+    steps = margin_steps(trajectory, checkpoint_every)
+    total = np.zeros(len(ops.samples))
+    for w in tqdm(weights_at(trajectory, x, y, steps), desc="margin checkpoints", disable=not progress):
+        total += ops.margins(w)
+    return -total / len(steps), None, {"checkpoints": len(steps)}
 
 
 def by_loss(trajectory, x, y, *, ops: SampleOps, **_) -> Scores:
