@@ -9,6 +9,7 @@ float64 end to end. Keras loss objects and names are translated to these.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ def _mse(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
     return tf.reduce_mean(tf.reshape(diff * diff, [tf.shape(diff)[0], -1]), axis=1)
 
 
+@functools.cache  # one function per setting: equal Loss objects share compiled programs
 def _sparse_ce(from_logits: bool) -> PerSampleLoss:
     def loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
@@ -42,6 +44,7 @@ def _sparse_ce(from_logits: bool) -> PerSampleLoss:
     return loss
 
 
+@functools.cache  # one function per setting: equal Loss objects share compiled programs
 def _categorical_ce(from_logits: bool) -> PerSampleLoss:
     def loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         target = tf.cast(y_true, y_pred.dtype)
@@ -55,6 +58,7 @@ def _categorical_ce(from_logits: bool) -> PerSampleLoss:
     return loss
 
 
+@functools.cache  # one function per setting: equal Loss objects share compiled programs
 def _binary_ce(from_logits: bool) -> PerSampleLoss:
     def loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         target = tf.cast(tf.reshape(y_true, tf.shape(y_pred)), y_pred.dtype)

@@ -56,6 +56,7 @@ def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
         "optimizer": type(optimizer).__name__,
         "optimizer_config": config,
         "training": trajectory.training,
+        "jit_compile": trajectory.jit_compile,
         "n_train": trajectory.n_train,
         "input_shape": list(trajectory.input_shape),
         "seconds": trajectory.seconds,
@@ -135,4 +136,5 @@ def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] |
         weights_history=[arrays[f"history_{i}"] for i in range(count)] if meta["history"] else None,
         state_history=[arrays[f"state_{i}"] for i in range(meta["state"])] if meta["history"] else None,
         seconds=meta["seconds"],
+        jit_compile=meta.get("jit_compile", True),
     )

@@ -15,7 +15,7 @@ from ._validation import as_array, check_positive, check_same_length, describe, 
 from .losses import Loss
 from .model_function import ModelFunction, require_independent_samples
 from .optimizers import Optimizer, get_optimizer
-from .program import Program, Schedule
+from .program import BoundProgram, Program, Schedule, shared_program
 
 # Keep every step's weights when they fit in this many bytes (DESIGN §1 "keep all").
 DEFAULT_RECORD_BUDGET = 256 * 2**20
@@ -45,6 +45,8 @@ class Trajectory:
             Set it to another strategy (or None) to replay or unroll the same run elsewhere.
         streamed: inputs stream from a host array (e.g. ``np.memmap``) through ``tf.data``
             instead of living in memory as one tensor.
+        jit_compile: its steps are XLA-compiled (see :mod:`influence.program`); replays and
+            reverse passes use the same setting, so they reproduce the recorded numbers exactly.
     """
 
     model: keras.Model
@@ -64,6 +66,7 @@ class Trajectory:
     seconds: float = 0.0
     distribute: tf.distribute.Strategy | None = None
     streamed: bool = False
+    jit_compile: bool = True
     _program_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -71,25 +74,37 @@ class Trajectory:
         """Number of recorded steps T."""
         return len(self.batches)
 
-    def program(self, *, label_grad: bool = False, input_grad: bool = True) -> Program:
-        """The compiled forward/reverse program of this run (cached: tracing is the main cost)."""
-        key = (bool(label_grad), bool(input_grad), id(self.distribute), self.streamed)
+    def program(self, *, label_grad: bool = False, input_grad: bool = True) -> BoundProgram:
+        """The compiled forward/reverse program of this run, with its schedule bound.
+
+        Tracing and compiling are the main cost for small models, so the compiled
+        :class:`Program` is shared by every run of the same model object, loss,
+        optimizer and flags (a refit, the runs of an outer optimisation loop), except
+        streamed runs, whose program reads this run's host array.
+        """
+        key = (bool(label_grad), bool(input_grad), id(self.distribute), self.streamed, self.jit_compile)
         if key not in self._program_cache:
-            fn = ModelFunction(self.model, func="Trajectory")
             replicas = 1 if self.distribute is None else int(self.distribute.num_replicas_in_sync)
-            schedule = Schedule.build(self.batches, self.learning_rates, self.seeds, fn.dtype, replicas)
-            self._program_cache[key] = Program(
-                fn,
-                self.loss,
-                self.optimizer,
-                schedule,
-                training=self.training,
-                n_train=self.n_train,
-                label_grad=bool(label_grad),
-                input_grad=bool(input_grad),
-                distribute=self.distribute,
-                stream_shape=self.input_shape if self.streamed else None,
-            )
+
+            def make() -> Program:
+                return Program(
+                    ModelFunction(self.model, func="Trajectory"),
+                    self.loss,
+                    self.optimizer,
+                    training=self.training,
+                    n_train=self.n_train,
+                    label_grad=bool(label_grad),
+                    input_grad=bool(input_grad),
+                    distribute=self.distribute,
+                    stream_shape=self.input_shape if self.streamed else None,
+                    jit_compile=self.jit_compile,
+                )
+
+            shared_key = (self.loss, self.optimizer, self.training, self.n_train, *key)
+            program = make() if self.streamed else shared_program(self.model, make, shared_key)
+            dtype = tf.as_dtype(self.model.trainable_variables[0].dtype)
+            schedule = Schedule.build(self.batches, self.learning_rates, self.seeds, dtype, replicas)
+            self._program_cache[key] = program.bind(schedule)
         return self._program_cache[key]
 
     def initial_state(self) -> list[tf.Tensor]:
@@ -98,7 +113,7 @@ class Trajectory:
         return self.optimizer.init([tf.constant(w, dtype=dtype) for w in self.initial_weights])
 
 
-def _data_tensors(program: Program, x: np.ndarray, y: np.ndarray, c: np.ndarray):
+def _data_tensors(program: BoundProgram, x: np.ndarray, y: np.ndarray, c: np.ndarray):
     dtype = program.fn.dtype
     if program.stream_shape is not None:
         # The inputs stay on the host; the program's tf.data pipeline gathers each batch.
@@ -136,6 +151,7 @@ def fit(
     record_budget_bytes: int = DEFAULT_RECORD_BUDGET,
     distribute: tf.distribute.Strategy | None = None,
     stream: bool | None = None,
+    jit_compile: bool = True,
 ) -> Trajectory:
     """Train ``model`` with explicit recorded steps and return the :class:`Trajectory`.
 
@@ -162,6 +178,10 @@ def fit(
             instead of holding x_train as one tensor (default: when x_train is a
             ``np.memmap``, e.g. ``np.load(path, mmap_mode="r")``). Memory then stays
             bounded by the batch and the reverse pass's segment length.
+        jit_compile: XLA-compile the training and reverse steps (default). Small
+            models run several times faster; the first call compiles (about a
+            second). Models with an op XLA cannot compile fall back to plain graphs
+            with a warning. Ignored (off) for streamed and distributed runs.
     """
     func = "fit"
     fn, per_sample = prepare(func, model, loss, from_logits)
@@ -214,6 +234,7 @@ def fit(
         input_shape=tuple(x.shape[1:]),
         distribute=distribute,
         streamed=isinstance(x_train, np.memmap) if stream is None else bool(stream),
+        jit_compile=bool(jit_compile),
     )
     start = time.perf_counter()
     program = trajectory.program()
@@ -224,6 +245,8 @@ def fit(
     x_t, y_t, c_t = _data_tensors(program, x, y, c)
     outputs = program.run(w0, s0, 0, steps, x_t, y_t, c_t, record=record)
     final = [np.asarray(w) for w in outputs[0]]
+    # XLA refused the model: replays must use plain graphs too, to reproduce these numbers.
+    trajectory.jit_compile = trajectory.jit_compile and program.jit_compile
     _check_finite_weights(final, func)
     if record:
         trajectory.weights_history = [np.asarray(h) for h in outputs[2]]

@@ -1,0 +1,118 @@
+"""Compiled programs: XLA by default, shared across runs of one model, plain-graph fallback."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import mlp
+
+import influence as inf
+from influence.optimizers import SGD, Adam
+from influence.unroll import Checkpointed
+
+FIT = {"loss": "sparse_categorical_crossentropy", "batch_size": 6, "epochs": 2, "seed": 0}
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(24, 4)), rng.integers(0, 3, 24), rng.normal(size=(8, 4)), rng.integers(0, 3, 8)
+
+
+def test_xla_and_plain_graphs_give_the_same_hypergradients(data):
+    x, y, xv, yv = data
+    compiled = inf.fit(mlp(4, 3, out_activation="softmax"), x, y, optimizer=Adam(0.05), **FIT)
+    plain = inf.fit(mlp(4, 3, out_activation="softmax"), x, y, optimizer=Adam(0.05), jit_compile=False, **FIT)
+    assert compiled.program().jit_compile and not plain.program().jit_compile
+    a, b = (inf.unrolled(t, x, y, xv, yv) for t in (compiled, plain))
+    np.testing.assert_allclose(a.removal_effect, b.removal_effect, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(a.input_grad, b.input_grad, rtol=1e-9, atol=1e-14)
+    # Replays use the run's own compiled steps: bit for bit.
+    assert all(np.array_equal(w, v) for w, v in zip(inf.retrain(compiled, x, y), compiled.final_weights))
+
+
+def test_a_refit_of_the_same_model_reuses_its_compiled_program(data):
+    x, y, xv, yv = data
+    model = mlp(4, 3, out_activation="softmax")
+    initial = model.get_weights()
+    first = inf.fit(model, x, y, optimizer=SGD(0.3), **FIT)
+    model.set_weights(initial)
+    second = inf.fit(model, x, y, optimizer=SGD(0.3), **FIT)
+    assert second.program().program is first.program().program
+    assert all(np.array_equal(a, b) for a, b in zip(first.final_weights, second.final_weights))
+    model.set_weights(initial)
+    other = inf.fit(model, x, y, optimizer=SGD(0.3, weight_decay=0.01), **FIT)
+    assert other.program().program is not first.program().program
+    # Another schedule (batch size, epochs) runs through the same compiled functions.
+    model.set_weights(initial)
+    longer = inf.fit(model, x, y, optimizer=SGD(0.3), **{**FIT, "epochs": 3, "batch_size": 5})
+    assert longer.program().program is first.program().program
+    fresh = mlp(4, 3, out_activation="softmax")
+    fresh.set_weights(initial)
+    expected = inf.fit(fresh, x, y, optimizer=SGD(0.3), **{**FIT, "epochs": 3, "batch_size": 5})
+    np.testing.assert_array_equal(
+        inf.unrolled(longer, x, y, xv, yv).removal_effect, inf.unrolled(expected, x, y, xv, yv).removal_effect
+    )
+
+
+def test_changed_frozen_weights_get_a_new_program(data):
+    x, y, xv, yv = data
+    keras.utils.set_random_seed(1)
+    frozen = keras.layers.Dense(5, activation="tanh", trainable=False, dtype="float64")
+    model = keras.Sequential(
+        [keras.Input((4,), dtype="float64"), frozen, keras.layers.Dense(3, activation="softmax", dtype="float64")]
+    )
+    initial = model.get_weights()
+    first = inf.fit(model, x, y, **FIT)
+    model.set_weights(initial)
+    frozen.kernel.assign(2.0 * frozen.kernel)
+    second = inf.fit(model, x, y, **FIT)
+    assert second.program().program is not first.program().program
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    clone.set_weights([*model.get_weights()[:2], *initial[2:]])
+    expected = inf.fit(clone, x, y, **FIT)
+    assert all(np.array_equal(a, b) for a, b in zip(second.final_weights, expected.final_weights))
+
+
+class HostIdentity(keras.layers.Layer):
+    """Identity plus 0 × a string op's result: differentiable (twice), but XLA has no string kernels."""
+
+    def call(self, z):
+        lengths = tf.strings.length(tf.strings.as_string(z))
+        return z + 0.0 * tf.stop_gradient(tf.cast(lengths, z.dtype))
+
+
+def test_a_model_xla_cannot_compile_falls_back_to_plain_graphs(data):
+    x, y, xv, yv = data
+
+    def build():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential(
+            [
+                keras.Input((4,), dtype="float64"),
+                keras.layers.Dense(5, activation="tanh", dtype="float64"),
+                HostIdentity(dtype="float64"),
+                keras.layers.Dense(3, activation="softmax", dtype="float64"),
+            ]
+        )
+
+    with pytest.warns(RuntimeWarning, match="XLA cannot compile this model's steps; using plain TensorFlow graphs"):
+        traj = inf.fit(build(), x, y, **FIT)
+    assert not traj.jit_compile
+    plain = inf.fit(build(), x, y, jit_compile=False, **FIT)
+    assert all(np.array_equal(a, b) for a, b in zip(traj.final_weights, plain.final_weights))
+    assert all(np.array_equal(a, b) for a, b in zip(inf.retrain(traj, x, y), traj.final_weights))
+    np.testing.assert_array_equal(
+        inf.unrolled(traj, x, y, xv, yv).removal_effect, inf.unrolled(plain, x, y, xv, yv).removal_effect
+    )
+
+
+@pytest.mark.parametrize("steps", [160, 640, 2560, 997])
+def test_checkpoint_interval_prefers_equal_segments_at_little_extra_memory(steps):
+    strategy = Checkpointed()
+    lengths = {b - a for a, b in strategy.segments(steps)}
+    root = int(np.ceil(np.sqrt(steps)))
+    assert strategy.states_held(steps) <= 1.25 * (int(np.ceil(steps / root)) + root)
+    assert len(lengths) == (2 if steps == 997 else 1)  # 997 is prime: ⌈√T⌉ and a shorter last segment
+    assert sum(b - a for a, b in strategy.segments(steps)) == steps
