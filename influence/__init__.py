@@ -47,6 +47,7 @@ _EXPORTS = {
     "check_unrolled": "verify",
     "rank": "rank",
     "predicted_group_effect": "rank",
+    "greedy_removal": "cleansing",
     "rank_in_processes": "sharding",
     "save_trajectory": "persist",
     "load_trajectory": "persist",
