@@ -5,7 +5,7 @@ The data ship with scikit-learn (no download): 1797 8×8 digits scaled to
 test, and 10% of the training labels flipped to another class at a fixed
 seed. An MLP 64-32-10 (tanh, softmax, float32) is trained with plain SGD
 (lr 0.5, batch 50, 8 epochs) by :func:`influence.fit`; the samples are ranked
-by the unrolled removal effect (and four other methods for comparison); the
+by the unrolled removal effect (and five other methods for comparison); the
 15 most harmful and 15 random samples are verified by retraining without
 each; the report goes to ``reports/demo/index.html``. Reruns resume from
 ``reports/demo/shards``.
@@ -22,7 +22,7 @@ import numpy as np
 DATA_SEED, NOISE_SEED, MODEL_SEED, TRAIN_SEED = 0, 1, 0, 0
 N_TRAIN, N_VAL, NOISE_FRACTION = 1000, 400, 0.1
 DEFAULT_OUT = os.path.join("reports", "demo")
-METHODS = ("unrolled", "influence_function", "tracin", "self_influence", "loss")
+METHODS = ("unrolled", "influence_function", "tracin", "self_influence", "margin", "loss")
 
 
 @dataclass(frozen=True)

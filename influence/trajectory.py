@@ -178,10 +178,10 @@ def fit(
             instead of holding x_train as one tensor (default: when x_train is a
             ``np.memmap``, e.g. ``np.load(path, mmap_mode="r")``). Memory then stays
             bounded by the batch and the reverse pass's segment length.
-        jit_compile: XLA-compile the training and reverse steps (default). Small
-            models run several times faster; the first call compiles (about a
-            second). Models with an op XLA cannot compile fall back to plain graphs
-            with a warning. Ignored (off) for streamed and distributed runs.
+        jit_compile: XLA-compile the training and reverse steps (default): about
+            1.6× faster loops on the digits MLP, while the first call compiles
+            (about a second). Models with an op XLA cannot compile fall back to
+            plain graphs with a warning. Ignored (off) for streamed and distributed runs.
     """
     func = "fit"
     fn, per_sample = prepare(func, model, loss, from_logits)
