@@ -24,8 +24,8 @@ argument, so every run of the same set-up (a refit, the runs of an outer
 optimisation loop) reuses one trace (:func:`shared_program`). The functions are
 XLA-compiled (``jit_compile``) when the run allows it: XLA fuses the many small
 ops of a step, which is where time goes for small models (on the digits MLP of
-``benchmarks/unrolled.py`` the training and reverse loops run 1.6–1.7× faster
-than plain graphs; the first call compiles). A model with an op XLA cannot compile
+``benchmarks/unrolled.py`` the training and reverse loops run 1.6–2.5× faster
+than plain graphs, depending on the run; the first call compiles). A model with an op XLA cannot compile
 falls back to plain graphs, with a warning. Streamed and distributed runs use
 plain graphs (``tf.data`` iterators and replica calls do not compile).
 """

@@ -178,8 +178,8 @@ def fit(
             instead of holding x_train as one tensor (default: when x_train is a
             ``np.memmap``, e.g. ``np.load(path, mmap_mode="r")``). Memory then stays
             bounded by the batch and the reverse pass's segment length.
-        jit_compile: XLA-compile the training and reverse steps (default): about
-            1.6× faster loops on the digits MLP, while the first call compiles
+        jit_compile: XLA-compile the training and reverse steps (default): loops
+            1.6–2.5× faster on the digits MLP, while the first call compiles
             (about a second). Models with an op XLA cannot compile fall back to
             plain graphs with a warning. Ignored (off) for streamed and distributed runs.
     """

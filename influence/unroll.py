@@ -209,7 +209,7 @@ def unrolled(
     dtype = program.fn.dtype
     steps = trajectory.steps
     w0 = [tf.constant(w, dtype=dtype) for w in trajectory.initial_weights]
-    s0 = trajectory.initial_state()
+    s0 = trajectory.optimizer.init(w0)  # = trajectory.initial_state(), without converting w_0 twice
     state_bytes = sum(int(np.prod(t.shape)) * t.dtype.size for t in w0 + s0)
     per_sample = 1 + (int(np.prod(x.shape[1:])) if input_grad else 0) + (int(np.prod(y.shape[1:])) if label_grad else 0)
     step_buffer_bytes = int(program.schedule.batches.shape[1]) * per_sample * dtype.size
@@ -226,10 +226,10 @@ def unrolled(
 
     segments = plan.segments(steps)
     starts = _segment_starts(program, plan, segments, trajectory, w0, s0, x_t, y_t, c_t)
-    dc = tf.zeros([trajectory.n_train], dtype)
+    dc: Any = None  # per-segment sums; the first segment's are taken as they are
     host_dx = input_grad and (program.stream_shape is not None or input_grad_path is not None)
-    dx: Any = _input_grad_array(input_grad_path, (trajectory.n_train, *x.shape[1:]), dtype) if host_dx else 0
-    dy = tf.zeros_like(y_t) if label_grad else None
+    dx: Any = _input_grad_array(input_grad_path, (trajectory.n_train, *x.shape[1:]), dtype) if host_dx else None
+    dy: Any = None
     show = len(segments) > 1 if progress is None else progress
     for index in tqdm(range(len(segments) - 1, -1, -1), desc="reverse pass", unit="segment", disable=not show):
         a, b = segments[index]
@@ -238,18 +238,18 @@ def unrolled(
         lam_w, lam_s, seg_dc, seg_dx, seg_dy, finite = program.reverse(*args)
         if not bool(finite):  # rerun the segment with per-step flags to name the step
             _check_adjoint(np.asarray(program.reverse_with_flags(*args)[-1]), a, trajectory.learning_rates)
-        dc = dc + seg_dc
+        dc = seg_dc if dc is None else dc + seg_dc
         if not input_grad:
             pass
         elif not host_dx:
-            dx = dx + seg_dx
+            dx = seg_dx if dx is None else dx + seg_dx
         elif program.stream_shape is not None:  # per-step terms of this segment, added on the host
             rows = np.asarray(program.schedule.batches[a:b]).reshape(-1)
             np.add.at(dx, rows, np.asarray(seg_dx).reshape(len(rows), *x.shape[1:]))
         else:
             dx += np.asarray(seg_dx)
         if label_grad:
-            dy = dy + seg_dy
+            dy = seg_dy if dy is None else dy + seg_dy
     sample_weight_grad = np.asarray(dc)
     return UnrolledResult(
         removal_effect=-sample_weight_grad,
