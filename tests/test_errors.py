@@ -143,7 +143,9 @@ def test_per_sample_trick_finds_unknown_coupling_numerically():
 
     keras.utils.set_random_seed(0)
     model = inf.as_float64(keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)]))
-    coupled = keras.Sequential([keras.Input((3,), dtype="float64"), model.layers[0], BatchCentering(dtype="float64"), model.layers[1]])
+    coupled = keras.Sequential(
+        [keras.Input((3,), dtype="float64"), model.layers[0], BatchCentering(dtype="float64"), model.layers[1]]
+    )
     x, y = np.random.default_rng(0).normal(size=(4, 3)), np.zeros((4, 2))
     v = [np.ones(w.shape) for w in coupled.trainable_variables]
     with pytest.raises(ValueError, match="found numerically: one sample's input changes other samples' outputs"):
