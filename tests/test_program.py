@@ -68,8 +68,7 @@ def test_changed_frozen_weights_get_a_new_program(data):
     frozen.kernel.assign(2.0 * frozen.kernel)
     second = inf.fit(model, x, y, **FIT)
     assert second.program().program is not first.program().program
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
+    clone = keras.models.clone_model(model)  # the doubled frozen kernel, the other weights as before the first fit
     clone.set_weights([*model.get_weights()[:2], *initial[2:]])
     expected = inf.fit(clone, x, y, **FIT)
     assert all(np.array_equal(a, b) for a, b in zip(second.final_weights, expected.final_weights))
