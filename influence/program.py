@@ -98,7 +98,7 @@ class _GraphFunction:
         if self.program.jit_compile:
             try:
                 return self.xla(*args)
-            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
+            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.InternalError) as error:
                 if not _xla_refused(error):
                     raise
                 warnings.warn(
