@@ -898,12 +898,13 @@ def speed_memory_notes(speed: dict, memory: dict) -> list[str]:
     rows = [r for r in memory["rows"] if r["strategy"] == "store_all" and r.get("warm_peak_growth_mb")]
     if rows:
         r = rows[-1]
-        model = r["held_mb"] + r["reverse_buffer_mb"]
+        model = r["held_mb"] + 2 * r["reverse_buffer_mb"]
         out.append(
             f"store_all at T = {r['steps']}: measured warm peak growth {r['warm_peak_growth_mb']:.1f} MB vs held "
-            f"states {r['held_mb']:.1f} MB + reverse buffers {r['reverse_buffer_mb']:.1f} MB = {model:.1f} MB. The "
-            "per-step dE/dx stack (B·d values per step of a segment) is not counted by `states_held` (nor by "
-            "`auto`'s memory budget) and here is larger than the held weights."
+            f"states {r['held_mb']:.1f} MB + 2 × reverse buffers {r['reverse_buffer_mb']:.1f} MB = {model:.1f} MB, "
+            "the accounting of `UnrolledResult.memory_bytes` and of `auto`'s budget (the per-step dE/dx, dE/dc "
+            "buffers and their stacked copy coexist at the end of a segment). At this T the buffers outweigh "
+            "the held weights."
         )
     return out
 
