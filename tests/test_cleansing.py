@@ -18,8 +18,13 @@ def run():
     y[:4] = (y[:4] + 1) % 3  # a few flipped labels
     xv = rng.normal(size=(30, 4))
     yv = (xv[:, 0] + xv[:, 1] > 0).astype(int) + (xv[:, 2] > 0.8)
-    traj = inf.fit(mlp(4, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=SGD(0.5), batch_size=8, epochs=6)
-    return traj, x, y, xv, yv
+    return _fit(x, y), x, y, xv, yv
+
+
+def _fit(x, y, **kwargs):
+    return inf.fit(
+        mlp(4, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=SGD(0.5), batch_size=8, epochs=6, **kwargs
+    )
 
 
 def test_one_round_is_the_one_shot_top_k_and_its_loss_is_verified(run):
@@ -47,16 +52,7 @@ def test_later_rounds_differentiate_the_run_without_earlier_removals(run):
     # Round 1 = the top 2 of the run retrained with the first two samples' weight 0, excluding them.
     c = np.ones(len(x))
     c[first] = 0.0
-    without = inf.fit(
-        mlp(4, 3, out_activation="softmax"),
-        x,
-        y,
-        loss=LOSS,
-        optimizer=SGD(0.5),
-        batch_size=8,
-        epochs=6,
-        sample_weight=c,
-    )
+    without = _fit(x, y, sample_weight=c)
     effect = inf.unrolled(without, x, y, xv, yv).removal_effect
     effect[first] = np.inf
     assert list(table["index"][2:]) == list(np.argsort(effect)[:2])
