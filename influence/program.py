@@ -25,9 +25,10 @@ optimisation loop) reuses one trace (:func:`shared_program`). The functions are
 XLA-compiled (``jit_compile``) when the run allows it: XLA fuses the many small
 ops of a step, which is where time goes for small models (on the digits MLP of
 ``benchmarks/unrolled.py`` the training and reverse loops run 1.6–2.5× faster
-than plain graphs, depending on the run; the first call compiles). A model with an op XLA cannot compile
-falls back to plain graphs, with a warning. Streamed and distributed runs use
-plain graphs (``tf.data`` iterators and replica calls do not compile).
+than plain graphs, depending on the run; the first call compiles). A model
+with an op XLA cannot compile falls back to plain graphs, with a warning.
+Streamed and distributed runs use plain graphs (``tf.data`` iterators and
+replica calls do not compile).
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ class Program:
         self.jit_compile = bool(jit_compile) and distribute is None and stream_shape is None
         self._run_plain = _GraphFunction(self, self._run)
         self._run_recording = _GraphFunction(self, self._run_and_record)
-        self._reverse_plain = _GraphFunction(self, lambda *a: self._reverse(*a, flags=False))
+        self._reverse_unflagged = _GraphFunction(self, lambda *a: self._reverse(*a, flags=False))
         # Traced only when a segment's adjoint is not finite, to name the step where it broke.
         self._reverse_flags = _GraphFunction(self, lambda *a: self._reverse(*a, flags=True))
         # Called once per reverse pass: XLA's compilation (≈0.4 s for the digits MLP) would
@@ -312,7 +313,7 @@ class Program:
         (n, ...) or its per-step terms (L, Bmax, ...) when streaming, dE/dy, and
         whether λ_w stayed finite (per step when ``flags``).
         """
-        function = self._reverse_flags if flags else self._reverse_plain
+        function = self._reverse_flags if flags else self._reverse_unflagged
         return function(schedule, list(w_hist), list(s_hist), tf.constant(start), list(lam_w), list(lam_s), x, y, c)
 
     def _reverse(self, schedule: Schedule, w_hist, s_hist, start, lam_w, lam_s, x, y, c, *, flags: bool):
@@ -485,7 +486,10 @@ class BoundProgram:
 
 
 class _Programs:
-    """Programs of one model object, keyed by set-up (stored on the model: no strong cache outside it)."""
+    """Programs of one model object, keyed by set-up (stored on the model: no strong cache outside it).
+
+    A plain object rather than a dict: Keras's saving walks dict and list attributes as containers.
+    """
 
     def __init__(self) -> None:
         self.by_key: dict[tuple, Program] = {}
