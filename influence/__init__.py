@@ -43,6 +43,7 @@ _EXPORTS = {
     "Replay": "unroll",
     "validation_loss": "verify",
     "actual_removal_effect": "verify",
+    "removal_curve": "verify",
     "as_float64_trajectory": "verify",
     "check_unrolled": "verify",
     "rank": "rank",
@@ -88,4 +89,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .sharding import rank_in_processes  # noqa: F401
     from .trajectory import Trajectory, fit, retrain  # noqa: F401
     from .unroll import Checkpointed, MemoryStrategy, Replay, StoreAll, UnrolledResult, unrolled  # noqa: F401
-    from .verify import actual_removal_effect, as_float64_trajectory, check_unrolled, validation_loss  # noqa: F401
+    from .verify import (  # noqa: F401
+        actual_removal_effect,
+        as_float64_trajectory,
+        check_unrolled,
+        removal_curve,
+        validation_loss,
+    )

@@ -4,6 +4,9 @@
 - :func:`actual_removal_effect`: retrain without a sample (or a group) and
   measure the real change of validation loss — the ground truth that
   ``removal_effect`` predicts to first order.
+- :func:`removal_curve`: the same change as a sample's weight is scaled from
+  its recorded value down to 0, next to the first-order straight line: shows
+  whether the response is linear enough for ``removal_effect`` to rank it.
 - :func:`check_unrolled`: the end-to-end float64 check (DESIGN §2): perturb
   one training input (or its sample weight) along random directions,
   retrain the recorded trajectory, and compare with the unrolled gradient.
@@ -16,6 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 from tqdm.auto import tqdm
 
@@ -54,19 +58,99 @@ def actual_removal_effect(
     """
     func = "actual_removal_effect"
     x, y = check_trajectory_data(trajectory, x_train, y_train, func)
-    groups = [np.atleast_1d(np.asarray(g, dtype=np.int64)) for g in indices]
-    for g in groups:
-        if g.size == 0 or g.min() < 0 or g.max() >= trajectory.n_train:
-            raise ValueError(
-                param_error("indices", func, f"sample indices in [0, {trajectory.n_train - 1}]", describe(g))
-            )
-    baseline = validation_loss(trajectory, retrain(trajectory, x, y), x_val, y_val)
-    effects = []
-    for g in tqdm(groups, desc="retraining", unit="run", disable=not progress):
-        c = trajectory.sample_weight.copy()
-        c[g] = 0.0
-        effects.append(validation_loss(trajectory, retrain(trajectory, x, y, sample_weight=c), x_val, y_val) - baseline)
-    return np.asarray(effects)
+    groups = [_sample_group(trajectory, g, func) for g in indices]
+    change = _RetrainedChange(trajectory, x, y, x_val, y_val)
+    return np.asarray([change(g, 0.0) for g in tqdm(groups, desc="retraining", unit="run", disable=not progress)])
+
+
+def removal_curve(
+    trajectory: Trajectory,
+    x_train: Any,
+    y_train: Any,
+    x_val: Any,
+    y_val: Any,
+    indices: int | Sequence[int],
+    *,
+    scales: Sequence[float] = (1.0, 0.75, 0.5, 0.25, 0.0),
+    removal_effect: Any = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Validation-loss change as a sample's weight is scaled from its recorded value to 0, against first order.
+
+    ``removal_effect`` predicts the change at c_i = 0 from the slope at the recorded
+    weight; the prediction at any scale s is the straight line
+    (1 − s) · Σ_{i∈G} c_i · removal_effect_i. This retrains the recorded run with
+    the weights of ``indices`` multiplied by each scale and measures the real
+    change. A curved response (large learning rates, a sample the run depends on)
+    is where a first-order ranking can misorder samples: check the top candidates
+    with it before acting on small differences between them.
+
+    Args:
+        indices: one sample index, or a group whose weights are scaled together.
+        scales: multipliers of the recorded weights (1 = as recorded, 0 = removed;
+            values above 1 up-weight). One retraining per scale other than 1.
+        removal_effect: (n,) from :func:`unrolled` or ``rank(method="unrolled")``
+            for the prediction; computed with ``unrolled(..., input_grad=False)`` if None.
+        progress: show a progress bar over the retrainings.
+
+    Returns:
+        DataFrame, one row per scale: ``scale``, ``actual_change`` (E(scaled) − E(recorded)),
+        ``predicted_change`` (first order). ``attrs``: ``indices``, ``val_loss``
+        (E of the recorded run, replayed).
+    """
+    func = "removal_curve"
+    x, y = check_trajectory_data(trajectory, x_train, y_train, func)
+    group = _sample_group(trajectory, indices, func)
+    scale_values = as_array(scales, param="scales", func=func).astype(np.float64).reshape(-1)  # finite, non-empty
+    if removal_effect is None:
+        from .unroll import unrolled
+
+        removal_effect = unrolled(trajectory, x, y, x_val, y_val, input_grad=False, progress=False).removal_effect
+    effect = as_array(removal_effect, param="removal_effect", func=func).reshape(-1)
+    if effect.shape != (trajectory.n_train,):
+        raise ValueError(param_error("removal_effect", func, f"shape ({trajectory.n_train},)", f"shape {effect.shape}"))
+    slope = float(np.sum(trajectory.sample_weight[group] * effect[group]))  # change per unit of (1 − s)
+    change = _RetrainedChange(trajectory, x, y, x_val, y_val)
+    actual = [
+        0.0 if s == 1.0 else change(group, s)
+        for s in tqdm(scale_values, desc="retraining", unit="run", disable=not progress)
+    ]
+    table = pd.DataFrame(
+        {"scale": scale_values, "actual_change": actual, "predicted_change": (1.0 - scale_values) * slope}
+    )
+    table.attrs.update(indices=group.tolist(), val_loss=change.baseline)
+    return table
+
+
+class _RetrainedChange:
+    """E(run retrained with the weights of a group scaled) − E(recorded run, replayed).
+
+    The baseline is the replayed run, not the stored final weights, so replay round-off cancels.
+    """
+
+    def __init__(self, trajectory: Trajectory, x: np.ndarray, y: np.ndarray, x_val: Any, y_val: Any) -> None:
+        self.trajectory, self.x, self.y, self.x_val, self.y_val = trajectory, x, y, x_val, y_val
+        self.baseline = self._val_loss(trajectory.sample_weight)
+
+    def _val_loss(self, c: np.ndarray) -> float:
+        weights = retrain(self.trajectory, self.x, self.y, sample_weight=c)
+        return validation_loss(self.trajectory, weights, self.x_val, self.y_val)
+
+    def __call__(self, group: np.ndarray, scale: float) -> float:
+        c = self.trajectory.sample_weight.copy()
+        c[group] = c[group] * scale
+        return self._val_loss(c) - self.baseline
+
+
+def _sample_group(trajectory: Trajectory, indices: Any, func: str) -> np.ndarray:
+    """One index or a list of indices, as a non-empty int array of valid sample indices."""
+    group = np.atleast_1d(np.asarray(indices))
+    valid = group.size > 0 and group.ndim == 1 and np.issubdtype(group.dtype, np.integer)
+    if not valid or group.min() < 0 or group.max() >= trajectory.n_train:
+        raise ValueError(
+            param_error("indices", func, f"sample indices in [0, {trajectory.n_train - 1}]", describe(indices))
+        )
+    return group.astype(np.int64)
 
 
 def as_float64_trajectory(trajectory: Trajectory, x_train: np.ndarray, y_train: np.ndarray) -> Trajectory:

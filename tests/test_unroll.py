@@ -183,6 +183,31 @@ def test_actual_removal_effect_is_predicted_to_first_order(data):
     assert abs(group[0] - predicted[:2].sum()) < 0.2 * abs(predicted[:2].sum()) + 1e-6
 
 
+def test_removal_curve_ends_at_the_actual_removal_effect_and_follows_the_slope_near_one(data):
+    x, y, xv, yv = data
+    model = inf.as_float64(mlp(5, 3, out_activation="softmax"))
+    traj = inf.fit(model, x, y, loss=LOSS, optimizer=SGD(0.3), batch_size=5, epochs=2)
+    res = inf.unrolled(traj, x, y, xv, yv)
+    eps = 1e-4
+    curve = inf.removal_curve(traj, x, y, xv, yv, 5, scales=(1.0, 1 - eps, 0.5, 0.0))
+    assert list(curve.columns) == ["scale", "actual_change", "predicted_change"]
+    assert curve.attrs["indices"] == [5]
+    # the prediction is the first-order straight line through the recorded weight
+    assert np.allclose(curve["predicted_change"], (1 - curve["scale"]) * res.removal_effect[5], rtol=1e-12)
+    assert curve["actual_change"][0] == 0.0
+    # near the recorded weight the real change follows the slope (float64: to ~eps relative)
+    assert abs(curve["actual_change"][1] - curve["predicted_change"][1]) <= 1e-3 * abs(curve["predicted_change"][1])
+    # at scale 0 it is the removal retraining
+    removed = inf.actual_removal_effect(traj, x, y, xv, yv, [5], progress=False)[0]
+    assert curve["actual_change"][3] == pytest.approx(removed, rel=1e-12, abs=1e-15)
+    # a group's weights move together; its prediction is the sum of the members' effects
+    group = inf.removal_curve(traj, x, y, xv, yv, [0, 5], scales=(0.0,), removal_effect=res.removal_effect)
+    assert group["predicted_change"][0] == pytest.approx(res.removal_effect[[0, 5]].sum(), rel=1e-12)
+    assert group["actual_change"][0] == pytest.approx(
+        inf.actual_removal_effect(traj, x, y, xv, yv, [[0, 5]], progress=False)[0], rel=1e-12, abs=1e-15
+    )
+
+
 def test_batchnorm_in_training_mode_is_refused_with_a_hint(data):
     x, y, _, _ = data
     model = inf.as_float64(
@@ -252,6 +277,26 @@ def test_batchnorm_in_training_mode_is_refused_with_a_hint(data):
             lambda t, d: inf.actual_removal_effect(t, *d, [20]),
             ValueError,
             r"'indices' parameter of actual_removal_effect must be sample indices",
+        ),
+        (
+            lambda t, d: inf.removal_curve(t, *d, 2.5),
+            ValueError,
+            r"'indices' parameter of removal_curve must be sample indices in \[0, 12\]",
+        ),
+        (
+            lambda t, d: inf.removal_curve(t, *d, 1, scales=[0.5, np.nan]),
+            ValueError,
+            r"'scales' parameter of removal_curve must be finite \(no NaN or Inf\)",
+        ),
+        (
+            lambda t, d: inf.removal_curve(t, *d, 1, scales=[]),
+            ValueError,
+            "'scales' parameter of removal_curve must be a non-empty array",
+        ),
+        (
+            lambda t, d: inf.removal_curve(t, *d, 1, removal_effect=np.zeros(3)),
+            ValueError,
+            r"'removal_effect' parameter of removal_curve must be shape \(13,\)",
         ),
     ],
 )
