@@ -29,7 +29,9 @@ Setup
     Remove the top-k (k = 10, 20, 50, 100) of each ranking by retraining the *recorded* run with
     c_i = 0 for those samples (``influence.retrain``: same batches, same |B_t|, same learning rates),
     and measure the held-out *test* loss and accuracy. Baselines: no removal (the same replay with
-    c = 1) and random removal of k samples (mean ± std over 5 draws, seed 2).
+    c = 1) and random removal of k samples (mean ± std over 5 draws, seed 2). Diagnostic for target 2
+    (not a method: it reads the test set): unrolled's top-k with the test loss itself as its
+    objective, next to the validation loss each method's removal reaches.
 
 3. Linear datamodeling score (LDS)
     50 random halves of the training set (seed 3; a subset keeps n // 2 samples and removes the
@@ -376,6 +378,12 @@ def run_case(spec: Spec, noise: float, ks: tuple[int, ...], n_subsets: int, seed
             flush=True,
         )
 
+    # Diagnostic for target 2, not a method (it reads the test set): unrolled with the test loss itself
+    # as its objective. It separates the removal estimates from the gap between validation and test.
+    oracle = inf.rank(trajectory, x, y, data.x_test, data.y_test, method="unrolled", progress=False)
+    oracle_order = oracle["index"].to_numpy()
+    diagnostics = {"unrolled_test_objective": {str(k): removal_metrics(oracle_order[:k]) for k in ks}}
+
     return {
         "dataset": spec.name,
         "seed": seed,
@@ -396,6 +404,7 @@ def run_case(spec: Spec, noise: float, ks: tuple[int, ...], n_subsets: int, seed
         "lds_keep_fraction": 0.5,
         "lds_retrain_s": lds_retrain_s,
         "methods": methods,
+        "diagnostics": diagnostics,
     }
 
 
@@ -453,7 +462,23 @@ def target_cleansing(cases: list[dict[str, Any]], ks: tuple[int, ...]) -> dict[s
             }
             beats = {name: bool(unrolled < value) for name, value in others.items()}
             met &= all(beats.values())
-            rows.append({"case": case_key(case), "k": k, "unrolled": unrolled, **others, "beats": beats})
+            # What unrolled optimizes: the validation loss after removal, lowest of the four?
+            val = {m: case["methods"][m]["cleansing"][str(k)]["val_loss"] for m in ("unrolled", "loss", "tracin")}
+            val["random"] = case["random_removal"][str(k)]["val_loss"]["mean"]
+            oracle = case["diagnostics"]["unrolled_test_objective"][str(k)]["test_loss"]
+            rows.append(
+                {
+                    "case": case_key(case),
+                    "k": k,
+                    "unrolled": unrolled,
+                    **others,
+                    "beats": beats,
+                    "val_loss": val,
+                    "unrolled_val_lowest": bool(val["unrolled"] < min(v for m, v in val.items() if m != "unrolled")),
+                    "unrolled_test_objective": oracle,
+                    "test_objective_beats": bool(oracle < min(others.values())),
+                }
+            )
     return {"met": bool(met), "rows": rows}
 
 
@@ -794,12 +819,37 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['case']} | {r['budget']:.0%} | `{r['best_method']}` | {r['best_found']:.3f} | "
             f"{r['loss_found']:.3f} | {'yes' if r['met'] else 'no'} |"
         )
+    rows = t["cleansing"]["rows"]
     out += ["", "Target 2 in detail (test loss after removing the top-k):", ""]
-    out += ["| case | k | unrolled | loss | tracin | random (mean) | met |", "|---|---|---|---|---|---|---|"]
-    for r in t["cleansing"]["rows"]:
+    out += [
+        "| case | k | unrolled | loss | tracin | random (mean) | met | val loss: unrolled / best other "
+        "| unrolled, test loss as objective (diagnostic) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        missed = ", ".join(n for n, b in r["beats"].items() if not b)
+        best_other = min(v for m, v in r["val_loss"].items() if m != "unrolled")
         out.append(
             f"| {r['case']} | {r['k']} | {r['unrolled']:.4f} | {r['loss']:.4f} | {r['tracin']:.4f} | "
-            f"{r['random']:.4f} | {'yes' if all(r['beats'].values()) else 'no (' + ', '.join(n for n, b in r['beats'].items() if not b) + ')'} |"  # noqa: E501
+            f"{r['random']:.4f} | {'yes' if not missed else f'no ({missed})'} | "
+            f"{r['val_loss']['unrolled']:.4f} / {best_other:.4f} | {r['unrolled_test_objective']:.4f} |"
+        )
+    out += [
+        "",
+        f"Unrolled removes the samples whose removal lowers the *validation* loss most, and it has the lowest "
+        f"validation loss after removal (of unrolled, loss, TracIn, random) in "
+        f"{sum(r['unrolled_val_lowest'] for r in rows)} of {len(rows)} cells. The last column is a diagnostic, "
+        "not a method (it reads the test set): the same unrolled ranking with the *test* loss as its objective "
+        f"is below loss, TracIn and random in {sum(r['test_objective_beats'] for r in rows)} of {len(rows)} "
+        "cells.",
+    ]
+    missed_rows = [r for r in rows if not all(r["beats"].values())]
+    explained = [r for r in missed_rows if r["unrolled_val_lowest"] and r["test_objective_beats"]]
+    if missed_rows:
+        out[-1] += (
+            f" In {len(explained)} of the {len(missed_rows)} missed cells both hold, so there the miss lies "
+            "between what the validation split rewards and what the test split measures, not in the removal "
+            "estimates."
         )
 
     # detection
