@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT_DIR = REPO_ROOT / "reports" / "benchmarks"  # committed reports
+QUICK_OUT_DIR = REPO_ROOT / "reports" / "_scratch" / "benchmarks"  # --quick runs (ignored by git)
 MB = 2**20
 
 

@@ -94,7 +94,7 @@ import keras
 import matplotlib
 import numpy as np
 import tensorflow as tf
-from _common import REPO_ROOT, fmt, machine_info, write_report
+from _common import DEFAULT_OUT_DIR, QUICK_OUT_DIR, fmt, machine_info, write_report
 from scipy import stats
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.metrics import roc_auc_score
@@ -105,8 +105,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")
-DEFAULT_OUT_DIR = REPO_ROOT / "reports" / "benchmarks"
-QUICK_OUT_DIR = REPO_ROOT / "reports" / "_scratch" / "benchmarks"
 NAME = "data_debugging"
 
 SPLIT_SEED, FLIP_SEED, RANDOM_REMOVAL_SEED, LDS_SEED, BOOTSTRAP_SEED = 0, 1, 2, 3, 4

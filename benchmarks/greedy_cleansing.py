@@ -40,14 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import REPO_ROOT, machine_info, write_report
+from _common import DEFAULT_OUT_DIR, QUICK_OUT_DIR, machine_info, write_report
 from data_debugging import LOSS, NOISES, QUICK_TRAINING_SEEDS, SPECS, TRAINING_SEEDS, Evaluator, load
 
 import influence as inf
 
 NAME = "greedy_cleansing"
-DEFAULT_OUT_DIR = REPO_ROOT / "reports" / "benchmarks"
-QUICK_OUT_DIR = REPO_ROOT / "reports" / "_scratch" / "benchmarks"
 KS = (10, 20)
 RANDOM_DRAWS, RANDOM_SEED = 5, 2
 ONE_SHOT = ("unrolled", "loss", "tracin")

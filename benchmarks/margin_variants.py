@@ -26,7 +26,7 @@ Outputs
 
 Usage (from the repository root)::
 
-    python benchmarks/margin_variants.py           # about 4 minutes on 2 cores
+    python benchmarks/margin_variants.py           # 1 to 4 minutes on 2 cores, with the load
     python benchmarks/margin_variants.py --quick
 """
 
@@ -44,15 +44,13 @@ from typing import Any
 import data_debugging as dd
 import numpy as np
 import tensorflow as tf
-from _common import REPO_ROOT, machine_info, write_report
+from _common import DEFAULT_OUT_DIR, QUICK_OUT_DIR, machine_info, write_report
 from sklearn.metrics import roc_auc_score
 
 import influence as inf
 from influence.losses import label_margin
 
 NAME = "margin_variants"
-DEFAULT_OUT_DIR = REPO_ROOT / "reports" / "benchmarks"
-QUICK_OUT_DIR = REPO_ROOT / "reports" / "_scratch" / "benchmarks"
 FLIP_SEEDS, TRAINING_SEEDS = (11, 12, 13, 14, 15), (11, 12)
 VARIANTS = ("loss", "margin", "aum_visit", "aum_all_steps")
 

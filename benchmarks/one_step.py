@@ -60,10 +60,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO_ROOT, proc_status_kb
-
-DEFAULT_OUT_DIR = REPO_ROOT / "reports" / "benchmarks"
-QUICK_OUT_DIR = REPO_ROOT / "reports" / "_scratch" / "benchmarks"
+from _common import DEFAULT_OUT_DIR, QUICK_OUT_DIR, REPO_ROOT, proc_status_kb
 
 FEATURES = (64, 256, 784)
 METHODS = ("hvp", "jacobian")

@@ -73,7 +73,7 @@ import keras
 import matplotlib
 import numpy as np
 import tensorflow as tf
-from _common import REPO_ROOT, fmt, machine_info, write_report
+from _common import DEFAULT_OUT_DIR, QUICK_OUT_DIR, fmt, machine_info, write_report
 from sklearn.datasets import load_digits
 
 import influence as inf
@@ -84,8 +84,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")
-DEFAULT_OUT_DIR = REPO_ROOT / "reports" / "benchmarks"
-QUICK_OUT_DIR = REPO_ROOT / "reports" / "_scratch" / "benchmarks"
 NAME = "poisoning"
 
 SPLIT_SEED, FLIP_SEED, POISON_SEED, CONTROL_SEED, NOISE_SEED, MODEL_SEED = 0, 1, 2, 3, 4, 0

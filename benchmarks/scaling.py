@@ -96,10 +96,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import MB, REPO_ROOT, fmt, machine_info, proc_status_kb, reset_peak_rss, run_json_worker, write_report
-
-DEFAULT_OUT_DIR = REPO_ROOT / "reports" / "benchmarks"
-QUICK_OUT_DIR = REPO_ROOT / "reports" / "_scratch" / "benchmarks"
+from _common import (
+    DEFAULT_OUT_DIR,
+    MB,
+    QUICK_OUT_DIR,
+    REPO_ROOT,
+    fmt,
+    machine_info,
+    proc_status_kb,
+    reset_peak_rss,
+    run_json_worker,
+    write_report,
+)
 
 SEED = 0
 CLASSES, FEATURES, HIDDEN = 10, 64, 64

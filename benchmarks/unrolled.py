@@ -93,7 +93,17 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from _common import MB, REPO_ROOT, fmt, machine_info, proc_status_kb, reset_peak_rss, run_json_worker, write_report
+from _common import (
+    DEFAULT_OUT_DIR,
+    MB,
+    QUICK_OUT_DIR,
+    fmt,
+    machine_info,
+    proc_status_kb,
+    reset_peak_rss,
+    run_json_worker,
+    write_report,
+)
 from scipy import stats
 from sklearn.datasets import load_digits
 
@@ -104,8 +114,6 @@ from influence.demo import mlp as demo_mlp
 # "triggered tf.function retracing" warnings about that would only clutter the output.
 tf.get_logger().setLevel("ERROR")
 
-DEFAULT_OUT_DIR = REPO_ROOT / "reports" / "benchmarks"
-QUICK_OUT_DIR = REPO_ROOT / "reports" / "_scratch" / "benchmarks"
 
 SEED = 0
 N_TRAIN, N_VAL = 1000, 400
