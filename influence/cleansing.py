@@ -28,7 +28,7 @@ from ._inputs import validate_validation_data
 from ._validation import check_positive, describe, param_error
 from .trajectory import Trajectory, check_trajectory_data, retrain
 from .unroll import unrolled
-from .verify import validation_loss
+from .verify import retrained_val_loss, validation_loss
 
 
 def greedy_removal(
@@ -75,7 +75,7 @@ def greedy_removal(
     weights = np.asarray(trajectory.sample_weight, dtype=np.float64).copy()
     removable = weights > 0  # samples with weight 0 are already out of the run
     current = trajectory
-    before = validation_loss(trajectory, retrain(trajectory, x, y), xv, yv)
+    before = retrained_val_loss(trajectory, x, y, xv, yv)
     rows: list[dict[str, Any]] = []
     rounds = math.ceil(k / per_round)
     show = rounds > 3 if progress is None else progress

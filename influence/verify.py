@@ -39,6 +39,13 @@ def validation_loss(trajectory: Trajectory, weights: Sequence[Any], x_val: Any, 
     return float(trajectory.loss.mean(yv_t, fn(w, xv, training=False)))
 
 
+def retrained_val_loss(
+    trajectory: Trajectory, x: np.ndarray, y: np.ndarray, x_val: Any, y_val: Any, sample_weight: Any = None
+) -> float:
+    """E after replaying the recorded run with ``sample_weight`` (default: the recorded weights)."""
+    return validation_loss(trajectory, retrain(trajectory, x, y, sample_weight=sample_weight), x_val, y_val)
+
+
 def actual_removal_effect(
     trajectory: Trajectory,
     x_train: Any,
@@ -133,8 +140,7 @@ class _RetrainedChange:
         self.baseline = self._val_loss(trajectory.sample_weight)
 
     def _val_loss(self, c: np.ndarray) -> float:
-        weights = retrain(self.trajectory, self.x, self.y, sample_weight=c)
-        return validation_loss(self.trajectory, weights, self.x_val, self.y_val)
+        return retrained_val_loss(self.trajectory, self.x, self.y, self.x_val, self.y_val, c)
 
     def __call__(self, group: np.ndarray, scale: float) -> float:
         c = self.trajectory.sample_weight.copy()

@@ -195,8 +195,7 @@ def removal_effects(
     """
     from tqdm.auto import tqdm
 
-    from ..trajectory import retrain
-    from ..verify import validation_loss
+    from ..verify import retrained_val_loss
 
     def val_loss(remove: int | None) -> dict[str, float]:
         traj = trajectory()
@@ -204,8 +203,7 @@ def removal_effects(
         if remove is not None:
             c = traj.sample_weight.copy()
             c[remove] = 0.0
-        weights = retrain(traj, job.x_train, job.y_train, sample_weight=c)
-        return {"val_loss": validation_loss(traj, weights, job.x_val, job.y_val)}
+        return {"val_loss": retrained_val_loss(traj, job.x_train, job.y_train, job.x_val, job.y_val, c)}
 
     baseline = float(store.arrays(store.key("baseline", run=run), lambda: val_loss(None))["val_loss"])
     effects = []
