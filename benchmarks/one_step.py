@@ -60,7 +60,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import DEFAULT_OUT_DIR, QUICK_OUT_DIR, REPO_ROOT, proc_status_kb
+from _common import DEFAULT_OUT_DIR, QUICK_OUT_DIR, REPO_ROOT, proc_status_kb, write_report
 
 FEATURES = (64, 256, 784)
 METHODS = ("hvp", "jacobian")
@@ -475,10 +475,8 @@ def run_parent(args: argparse.Namespace) -> None:
         "comparisons": comparisons,
         "targets": targets,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "one_step.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "one_step.md").write_text(markdown(report))
-    print(f"wrote {out_dir / 'one_step.json'} and {out_dir / 'one_step.md'}")
+    json_path, md_path = write_report(out_dir, "one_step", report, markdown(report))
+    print(f"wrote {json_path} and {md_path}")
 
 
 def main() -> None:
