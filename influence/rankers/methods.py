@@ -44,8 +44,9 @@ def val_gradient(ops: SampleOps, trajectory: Trajectory, w: list[tf.Tensor], x_v
 
 
 def by_unrolled(trajectory, x, y, x_val, y_val, *, ops: SampleOps, progress: bool, **_) -> Scores:
-    # One reverse pass yields every sample's effect; a shard just keeps its part.
-    effect = unrolled(trajectory, x, y, x_val, y_val, progress=progress)
+    # One reverse pass yields every sample's effect; a shard just keeps its part. The ranking
+    # needs no dE/dx_i, so the pass skips it (same removal effects, less time and memory).
+    effect = unrolled(trajectory, x, y, x_val, y_val, progress=progress, input_grad=False)
     chosen = effect.removal_effect[ops.samples]
     return -chosen, chosen, {"strategy": effect.strategy}
 
