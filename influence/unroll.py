@@ -20,6 +20,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -208,9 +209,11 @@ def unrolled(
     program = trajectory.program(label_grad=label_grad, input_grad=input_grad)
     dtype = program.fn.dtype
     steps = trajectory.steps
-    w0 = [tf.constant(w, dtype=dtype) for w in trajectory.initial_weights]
-    s0 = trajectory.optimizer.init(w0)  # = trajectory.initial_state(), without converting w_0 twice
-    state_bytes = sum(int(np.prod(t.shape)) * t.dtype.size for t in w0 + s0)
+    initial = _InitialState(trajectory, dtype)
+    state_shapes = initial.state_shapes()
+    state_bytes = dtype.size * sum(
+        int(np.prod(shape)) for shape in [w.shape for w in trajectory.initial_weights] + state_shapes
+    )
     per_sample = 1 + (int(np.prod(x.shape[1:])) if input_grad else 0) + (int(np.prod(y.shape[1:])) if label_grad else 0)
     step_buffer_bytes = int(program.schedule.batches.shape[1]) * per_sample * dtype.size
     plan = _resolve_strategy(strategy, steps, state_bytes, step_buffer_bytes, memory_budget_bytes, func)
@@ -221,19 +224,20 @@ def unrolled(
     xv_t = tf.constant(xv, dtype=dtype)
     yv_t = tf.constant(yv, dtype=dtype if trajectory.loss.continuous_labels else tf.int32)
     val_value, lam_w = program.validation(w_final, xv_t, yv_t)
-    lam_s = [tf.zeros_like(s) for s in s0]
+    lam_s = [tf.zeros(shape, dtype=dtype) for shape in state_shapes]
     val = float(val_value)
 
     segments = plan.segments(steps)
-    starts = _segment_starts(program, plan, segments, trajectory, w0, s0, x_t, y_t, c_t)
+    starts = _segment_starts(program, plan, segments, trajectory, initial, x_t, y_t, c_t)
     dc: Any = None  # per-segment sums; the first segment's are taken as they are
     host_dx = input_grad and (program.stream_shape is not None or input_grad_path is not None)
     dx: Any = _input_grad_array(input_grad_path, (trajectory.n_train, *x.shape[1:]), dtype) if host_dx else None
     dy: Any = None
     show = len(segments) > 1 if progress is None else progress
-    for index in tqdm(range(len(segments) - 1, -1, -1), desc="reverse pass", unit="segment", disable=not show):
+    order = range(len(segments) - 1, -1, -1)
+    for index in tqdm(order, desc="reverse pass", unit="segment") if show else order:
         a, b = segments[index]
-        w_hist, s_hist = _segment_states(program, plan, trajectory, starts, index, a, b, w0, s0, x_t, y_t, c_t)
+        w_hist, s_hist = _segment_states(program, plan, trajectory, starts, index, a, b, initial, x_t, y_t, c_t)
         args = (w_hist, s_hist, tf.constant(a), lam_w, lam_s, x_t, y_t, c_t)
         lam_w, lam_s, seg_dc, seg_dx, seg_dy, finite = program.reverse(*args)
         if not bool(finite):  # rerun the segment with per-step flags to name the step
@@ -263,6 +267,24 @@ def unrolled(
     )
 
 
+class _InitialState:
+    """(w_0, s_0) as tensors, converted on first use: a pass over a stored history needs neither."""
+
+    def __init__(self, trajectory: Trajectory, dtype: tf.DType) -> None:
+        self.trajectory, self.dtype = trajectory, dtype
+
+    @cached_property
+    def tensors(self) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+        w0 = [tf.constant(w, dtype=self.dtype) for w in self.trajectory.initial_weights]
+        return w0, self.trajectory.optimizer.init(w0)  # = trajectory.initial_state(), converting w_0 once
+
+    def state_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of the optimizer-state tensors (empty for plain SGD)."""
+        if self.trajectory.state_history is not None:
+            return [tuple(h.shape[1:]) for h in self.trajectory.state_history]
+        return [tuple(s.shape) for s in self.tensors[1]]
+
+
 def _input_grad_array(path: str | None, shape: tuple[int, ...], dtype: tf.DType) -> np.ndarray:
     if path is None:
         return np.zeros(shape, dtype.as_numpy_dtype)
@@ -286,14 +308,14 @@ def _resolve_strategy(
     )
 
 
-def _segment_starts(program, plan, segments, trajectory, w0, s0, x_t, y_t, c_t):
+def _segment_starts(program, plan, segments, trajectory, initial, x_t, y_t, c_t):
     """State at the start of each segment: from the stored history, or one forward pass."""
     if not plan.stores_segment_starts() or trajectory.weights_history is not None:
         return None
-    return program.states_at(w0, s0, [a for a, _ in segments], x_t, y_t, c_t)
+    return program.states_at(*initial.tensors, [a for a, _ in segments], x_t, y_t, c_t)
 
 
-def _segment_states(program, plan, trajectory, starts, index, a, b, w0, s0, x_t, y_t, c_t):
+def _segment_states(program, plan, trajectory, starts, index, a, b, initial, x_t, y_t, c_t):
     """Stacked states before steps a … b−1: sliced from the stored history or recomputed."""
     if trajectory.weights_history is not None and plan.stores_segment_starts():
         dtype = program.fn.dtype
@@ -303,6 +325,7 @@ def _segment_states(program, plan, trajectory, starts, index, a, b, w0, s0, x_t,
     if starts is not None:
         w, s = starts[index]
     else:  # Replay: from w_0 every time.
+        w0, s0 = initial.tensors
         w, s = program.run(w0, s0, 0, a, x_t, y_t, c_t) if a > 0 else (w0, s0)
     _, _, w_hist, s_hist = program.run(w, s, a, b, x_t, y_t, c_t, record=True)
     return w_hist, s_hist
