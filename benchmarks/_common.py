@@ -1,11 +1,9 @@
-"""Small helpers shared by the benchmark scripts: machine information, /proc memory
-readings and writing a report as JSON + Markdown.
-
-(``one_step.py`` predates this module and still writes its own report files.)
-"""
+"""Small helpers shared by the benchmark scripts: their common options, machine
+information, /proc memory readings and writing a report as JSON + Markdown."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -16,6 +14,26 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = REPO_ROOT / "reports" / "benchmarks"  # committed reports
 QUICK_OUT_DIR = REPO_ROOT / "reports" / "_scratch" / "benchmarks"  # --quick runs (ignored by git)
 MB = 2**20
+
+
+def benchmark_parser(doc: str, quick_help: str, writes: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: ``--quick`` (a smoke run) and ``--out-dir``.
+
+    ``doc`` is the script's docstring (its first paragraph describes the command);
+    ``writes`` names what lands in the output folder.
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument(
+        "--out-dir", help=f"where to write {writes} (default {DEFAULT_OUT_DIR.relative_to(REPO_ROOT)}; "
+        f"with --quick {QUICK_OUT_DIR.relative_to(REPO_ROOT)})"
+    )  # fmt: skip
+    return parser
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """``--out-dir`` if given, else the committed reports (or the scratch folder for ``--quick``)."""
+    return Path(args.out_dir) if args.out_dir else (QUICK_OUT_DIR if args.quick else DEFAULT_OUT_DIR)
 
 
 def proc_status_kb(pid: int | str, field: str) -> int | None:

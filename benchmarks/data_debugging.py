@@ -94,7 +94,7 @@ import keras
 import matplotlib
 import numpy as np
 import tensorflow as tf
-from _common import DEFAULT_OUT_DIR, QUICK_OUT_DIR, fmt, machine_info, write_report
+from _common import benchmark_parser, fmt, machine_info, output_dir, write_report
 from scipy import stats
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.metrics import roc_auc_score
@@ -1056,7 +1056,7 @@ def run(args: argparse.Namespace) -> None:
     n_subsets = QUICK_LDS_SUBSETS if quick else LDS_SUBSETS
     seeds = QUICK_TRAINING_SEEDS if quick else TRAINING_SEEDS
     grid = [("digits", 0.1)] if quick else [(name, noise) for name in SPECS for noise in NOISES]
-    out_dir = Path(args.out_dir) if args.out_dir else (QUICK_OUT_DIR if quick else DEFAULT_OUT_DIR)
+    out_dir = output_dir(args)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     runs = [run_case(SPECS[name], noise, ks, n_subsets, seed) for seed in seeds for name, noise in grid]
@@ -1123,9 +1123,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: digits 10 %% only, 10 LDS subsets, k=10,20")
-    parser.add_argument("--out-dir", help="where to write data_debugging.{json,md} and the plots")
+    parser = benchmark_parser(
+        __doc__, "smoke run: digits 10 %% only, 10 LDS subsets, k=10,20", "data_debugging.{json,md} and the plots"
+    )
     args = parser.parse_args()
     run(args)
 

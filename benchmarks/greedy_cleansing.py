@@ -34,13 +34,11 @@ import os
 
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 
-import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import DEFAULT_OUT_DIR, QUICK_OUT_DIR, machine_info, write_report
+from _common import benchmark_parser, machine_info, output_dir, write_report
 from data_debugging import LOSS, NOISES, QUICK_TRAINING_SEEDS, SPECS, TRAINING_SEEDS, Evaluator, load
 
 import influence as inf
@@ -160,9 +158,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out-dir", default=None)
+    parser = benchmark_parser(__doc__, "smoke run: digits 10 %% only, one training seed", "greedy_cleansing.{json,md}")
     args = parser.parse_args()
     started = time.perf_counter()
     seeds = QUICK_TRAINING_SEEDS if args.quick else TRAINING_SEEDS
@@ -187,7 +183,7 @@ def main() -> None:
         "mean_seconds": {name: float(np.mean([s[name] for s in all_seconds])) for name in all_seconds[0]},
         "total_s": time.perf_counter() - started,
     }
-    out_dir = Path(args.out_dir) if args.out_dir else (QUICK_OUT_DIR if args.quick else DEFAULT_OUT_DIR)
+    out_dir = output_dir(args)
     paths = write_report(out_dir, NAME, report, markdown(report))
     print("wrote", *paths)
 

@@ -36,7 +36,6 @@ import os
 
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 
-import argparse
 import itertools
 import time
 from typing import Any
@@ -44,7 +43,7 @@ from typing import Any
 import data_debugging as dd
 import numpy as np
 import tensorflow as tf
-from _common import DEFAULT_OUT_DIR, QUICK_OUT_DIR, machine_info, write_report
+from _common import benchmark_parser, machine_info, output_dir, write_report
 from sklearn.metrics import roc_auc_score
 
 import influence as inf
@@ -180,8 +179,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="digits 10 %%, one flip seed and one training seed")
+    parser = benchmark_parser(__doc__, "digits 10 %%, one flip seed and one training seed", "margin_variants.{json,md}")
     args = parser.parse_args()
     start = time.perf_counter()
     if args.quick:
@@ -211,7 +209,7 @@ def main() -> None:
         "summary": summarize(runs),
     }
     report["total_wall_s"] = time.perf_counter() - start
-    out_dir = QUICK_OUT_DIR if args.quick else DEFAULT_OUT_DIR
+    out_dir = output_dir(args)
     paths = write_report(out_dir, NAME, report, markdown(report))
     print("wrote", *paths)
 

@@ -60,7 +60,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import DEFAULT_OUT_DIR, QUICK_OUT_DIR, REPO_ROOT, proc_status_kb, write_report
+from _common import REPO_ROOT, benchmark_parser, output_dir, proc_status_kb, write_report
 
 FEATURES = (64, 256, 784)
 METHODS = ("hvp", "jacobian")
@@ -430,7 +430,7 @@ def run_parent(args: argparse.Namespace) -> None:
 
     features = (64,) if args.quick else FEATURES
     load_before = os.getloadavg()
-    out_dir = Path(args.out_dir) if args.out_dir else (QUICK_OUT_DIR if args.quick else DEFAULT_OUT_DIR)
+    out_dir = output_dir(args)
     records = []
     with tempfile.TemporaryDirectory() as scratch:
         for d in features:
@@ -480,9 +480,7 @@ def run_parent(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="d=64 only (smoke test)")
-    parser.add_argument("--out-dir", help="where to write one_step.json and one_step.md")
+    parser = benchmark_parser(__doc__, "d=64 only (smoke test)", "one_step.{json,md}")
     parser.add_argument("--repeats", type=int, default=3, help="warm calls per measurement (median reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a worker is killed")

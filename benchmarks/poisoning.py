@@ -73,7 +73,7 @@ import keras
 import matplotlib
 import numpy as np
 import tensorflow as tf
-from _common import DEFAULT_OUT_DIR, QUICK_OUT_DIR, fmt, machine_info, write_report
+from _common import benchmark_parser, fmt, machine_info, output_dir, write_report
 from sklearn.datasets import load_digits
 
 import influence as inf
@@ -1067,7 +1067,7 @@ def strip(obj: Any) -> Any:
 def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     quick = args.quick
-    out_dir = Path(args.out_dir) if args.out_dir else (QUICK_OUT_DIR if quick else DEFAULT_OUT_DIR)
+    out_dir = output_dir(args)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load()
 
@@ -1166,9 +1166,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2-point step-size grids, a few outer steps")
-    parser.add_argument("--out-dir", help="where to write poisoning.{json,md} and the plots")
+    parser = benchmark_parser(
+        __doc__, "smoke run: 2-point step-size grids, a few outer steps", "poisoning.{json,md} and the plots"
+    )
     args = parser.parse_args()
     run(args)
 

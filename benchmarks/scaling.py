@@ -97,12 +97,12 @@ from typing import Any
 
 import numpy as np
 from _common import (
-    DEFAULT_OUT_DIR,
     MB,
-    QUICK_OUT_DIR,
     REPO_ROOT,
+    benchmark_parser,
     fmt,
     machine_info,
+    output_dir,
     proc_status_kb,
     reset_peak_rss,
     run_json_worker,
@@ -485,7 +485,7 @@ def run(args: argparse.Namespace) -> None:
     tf.get_logger().setLevel("ERROR")
     load_start = os.getloadavg()
     started = time.perf_counter()
-    out_dir = Path(args.out_dir) if args.out_dir else (QUICK_OUT_DIR if args.quick else DEFAULT_OUT_DIR)
+    out_dir = output_dir(args)
     device_n = DEVICE_N_QUICK if args.quick else DEVICE_N
     with tempfile.TemporaryDirectory(prefix="scaling_") as tmp:
         data_dir, scratch, package_dir = Path(tmp) / "data", Path(tmp) / "scratch", Path(tmp) / "package"
@@ -811,9 +811,7 @@ def interpretation(report: dict[str, Any]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: n up to 5k, epochs 1 and 4")
-    parser.add_argument("--out-dir", help="output folder (default reports/benchmarks, --quick: reports/_scratch/...)")
+    parser = benchmark_parser(__doc__, "smoke run: n up to 5k, epochs 1 and 4", "scaling.{json,md}")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per worker process")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -94,11 +94,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 from _common import (
-    DEFAULT_OUT_DIR,
     MB,
-    QUICK_OUT_DIR,
+    benchmark_parser,
     fmt,
     machine_info,
+    output_dir,
     proc_status_kb,
     reset_peak_rss,
     run_json_worker,
@@ -938,7 +938,7 @@ def speed_memory_notes(speed: dict, memory: dict) -> list[str]:
 def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     load_before = os.getloadavg()
-    out_dir = Path(args.out_dir) if args.out_dir else (QUICK_OUT_DIR if args.quick else DEFAULT_OUT_DIR)
+    out_dir = output_dir(args)
     n_harmful, n_random = (5, 5) if args.quick else (N_HARMFUL, N_RANDOM)
     repeats = 1 if args.quick else args.repeats
     data = load_data()
@@ -1004,9 +1004,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 10 samples, T=160 only, no diagnostics")
-    parser.add_argument("--out-dir", help="where to write unrolled.json and unrolled.md")
+    parser = benchmark_parser(__doc__, "smoke run: 10 samples, T=160 only, no diagnostics", "unrolled.{json,md}")
     parser.add_argument("--repeats", type=int, default=11, help="warm fit+unrolled repetitions (median ratio reported)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a memory worker is killed")
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
