@@ -107,10 +107,15 @@ class Trajectory:
             self._program_cache[key] = program.bind(schedule)
         return self._program_cache[key]
 
+    def initial_tensors(self) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+        """(w_0, s_0): the trainable weights and the optimizer state before step 0, as tensors."""
+        dtype = tf.as_dtype(self.model.trainable_variables[0].dtype)
+        w0 = [tf.constant(w, dtype=dtype) for w in self.initial_weights]
+        return w0, self.optimizer.init(w0)
+
     def initial_state(self) -> list[tf.Tensor]:
         """Optimizer state before step 0."""
-        dtype = tf.as_dtype(self.model.trainable_variables[0].dtype)
-        return self.optimizer.init([tf.constant(w, dtype=dtype) for w in self.initial_weights])
+        return self.initial_tensors()[1]
 
 
 def _data_tensors(program: BoundProgram, x: np.ndarray, y: np.ndarray, c: np.ndarray):
@@ -238,8 +243,7 @@ def fit(
     )
     start = time.perf_counter()
     program = trajectory.program()
-    w0 = fn.weights
-    s0 = trajectory.initial_state()
+    w0, s0 = trajectory.initial_tensors()
     per_step_bytes = sum(int(np.prod(t.shape)) * t.dtype.size for t in w0 + s0)
     record = steps * per_step_bytes <= record_budget_bytes
     x_t, y_t, c_t = _data_tensors(program, x, y, c)
@@ -277,10 +281,9 @@ def retrain(trajectory: Trajectory, x_train: Any, y_train: Any, *, sample_weight
     c = trajectory.sample_weight if sample_weight is None else as_array(sample_weight, param="sample_weight", func=func)
     check_same_length(func, x_train=x, sample_weight=c)
     program = trajectory.program()
-    dtype = program.fn.dtype
-    w0 = [tf.constant(w, dtype=dtype) for w in trajectory.initial_weights]
+    w0, s0 = trajectory.initial_tensors()
     x_t, y_t, c_t = _data_tensors(program, x, y, c)
-    w, _ = program.run(w0, trajectory.initial_state(), 0, trajectory.steps, x_t, y_t, c_t)
+    w, _ = program.run(w0, s0, 0, trajectory.steps, x_t, y_t, c_t)
     return [np.asarray(wi) for wi in w]
 
 

@@ -209,7 +209,7 @@ def unrolled(
     program = trajectory.program(label_grad=label_grad, input_grad=input_grad)
     dtype = program.fn.dtype
     steps = trajectory.steps
-    initial = _InitialState(trajectory, dtype)
+    initial = _InitialState(trajectory)
     state_shapes = initial.state_shapes()
     state_bytes = dtype.size * sum(
         int(np.prod(shape)) for shape in [w.shape for w in trajectory.initial_weights] + state_shapes
@@ -270,13 +270,12 @@ def unrolled(
 class _InitialState:
     """(w_0, s_0) as tensors, converted on first use: a pass over a stored history needs neither."""
 
-    def __init__(self, trajectory: Trajectory, dtype: tf.DType) -> None:
-        self.trajectory, self.dtype = trajectory, dtype
+    def __init__(self, trajectory: Trajectory) -> None:
+        self.trajectory = trajectory
 
     @cached_property
     def tensors(self) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
-        w0 = [tf.constant(w, dtype=self.dtype) for w in self.trajectory.initial_weights]
-        return w0, self.trajectory.optimizer.init(w0)  # = trajectory.initial_state(), converting w_0 once
+        return self.trajectory.initial_tensors()
 
     def state_shapes(self) -> list[tuple[int, ...]]:
         """Shapes of the optimizer-state tensors (empty for plain SGD)."""

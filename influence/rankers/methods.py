@@ -92,8 +92,7 @@ def weights_at(trajectory: Trajectory, x: np.ndarray, y: np.ndarray, steps: list
         before = [[tf.constant(h[t], dtype=dtype) for h in trajectory.weights_history] for t in inner]
     else:
         x_t, y_t, c_t = _data_tensors(program, x, y, trajectory.sample_weight)
-        w0 = [tf.constant(v, dtype=dtype) for v in trajectory.initial_weights]
-        before = [w for w, _ in program.states_at(w0, trajectory.initial_state(), inner, x_t, y_t, c_t)]
+        before = [w for w, _ in program.states_at(*trajectory.initial_tensors(), inner, x_t, y_t, c_t)]
     return before + [final] * (len(steps) - len(inner))
 
 
