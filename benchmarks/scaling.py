@@ -240,6 +240,16 @@ def build_mlp(keras: Any) -> Any:
     )
 
 
+def fit_without_history(model: Any, x: Any, y: Any, epochs: int, **kwargs: Any) -> Any:
+    """The benchmark's recorded run (SGD, batch, seed) with no weight history kept: every strategy recomputes."""
+    import influence as inf  # in the worker: TensorFlow loads only there
+
+    return inf.fit(
+        model, x, y, loss=LOSS, optimizer=inf.optimizers.SGD(LEARNING_RATE), batch_size=BATCH, epochs=epochs,
+        seed=SEED, record_budget_bytes=0, **kwargs,
+    )  # fmt: skip
+
+
 def scaling_worker(spec: dict[str, Any]) -> None:
     """One (variant, n, epochs) point: load data, fit, unrolled; emit times and memory readings."""
     import keras
@@ -263,17 +273,7 @@ def scaling_worker(spec: dict[str, Any]) -> None:
     x_path = data_dir / f"x_{n}.npy"
     x = np.load(x_path, mmap_mode="r") if variant["stream"] else np.load(x_path)
     y = np.load(data_dir / f"y_{n}.npy")
-    traj = inf.fit(
-        model,
-        x,
-        y,
-        loss=LOSS,
-        optimizer=inf.optimizers.SGD(LEARNING_RATE),
-        batch_size=BATCH,
-        epochs=epochs,
-        seed=SEED,
-        record_budget_bytes=0,
-    )
+    traj = fit_without_history(model, x, y, epochs)
     fit_hwm_kb = proc_status_kb("self", "VmHWM") or 0
     fit_peaks = sampler.read()
     assert traj.weights_history is None
@@ -343,18 +343,7 @@ def device_worker(spec: dict[str, Any]) -> None:
     results: dict[str, Any] = {}
     rows = []
     for name, (x_train, distribute, dx_path) in runs.items():
-        traj = inf.fit(
-            build_mlp(keras),
-            x_train,
-            y,
-            loss=LOSS,
-            optimizer=inf.optimizers.SGD(LEARNING_RATE),
-            batch_size=BATCH,
-            epochs=DEVICE_EPOCHS,
-            seed=SEED,
-            record_budget_bytes=0,
-            distribute=distribute,
-        )
+        traj = fit_without_history(build_mlp(keras), x_train, y, DEVICE_EPOCHS, distribute=distribute)
         kwargs = {"strategy": "checkpointed", "progress": False, "input_grad_path": dx_path}
         res = inf.unrolled(traj, x_train, y, xv, yv, **kwargs)
         warm_fit, warm_unrolled = [], []
