@@ -244,8 +244,7 @@ def repair_curves(trajectory: Any, job: RankingJob, indices: np.ndarray) -> pd.D
         )
         for step, (loss, seconds) in enumerate(zip(result.val_loss, result.seconds)):
             rows.append({"optimizer": name, "step": step, "val_loss": float(loss), "seconds": float(seconds)})
-    frame = pd.DataFrame(rows)
-    return frame
+    return pd.DataFrame(rows)
 
 
 def run_ranking(job: RankingJob) -> RankingOutcome:

@@ -200,14 +200,11 @@ def _convergence_section(convergence: pd.DataFrame | None, out: Path) -> Section
         raise ValueError(
             param_error("convergence", FUNC, f"a DataFrame with columns {sorted(required)}", describe(convergence))
         )
-    curves = {
-        str(name): (group.sort_values("step")["val_loss"].to_numpy(), group.sort_values("step")["seconds"].to_numpy())
-        for name, group in convergence.groupby("optimizer", sort=False)
-    }
+    by_optimizer = convergence.sort_values("step", kind="stable").groupby("optimizer", sort=False)
+    curves = {str(name): (group["val_loss"].to_numpy(), group["seconds"].to_numpy()) for name, group in by_optimizer}
     name = f"{IMAGE_DIR}/convergence.png"
     atomic_write_bytes(out / name, figures.convergence_plot(curves))
-    last = convergence.sort_values("step").groupby("optimizer", sort=False).tail(1)
-    first = convergence.sort_values("step").groupby("optimizer", sort=False).head(1)
+    last, first = by_optimizer.tail(1), by_optimizer.head(1)
     summary = pd.DataFrame(
         {
             "optimizer": last["optimizer"].to_numpy(),
