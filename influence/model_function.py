@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ._exact_ops import exact_ops
 from ._validation import describe, param_error
 
 # Layers whose training-mode output for one sample depends on the other samples.
@@ -91,8 +92,13 @@ class ModelFunction:
         training: bool = False,
         seed: int | tf.Tensor | None = None,
     ) -> tf.Tensor:
-        """Model outputs for inputs ``x`` (B, ...) under ``weights``."""
-        outputs, _ = self.model.stateless_call(list(weights), self.state_for_seed(seed), x, training=training)
+        """Model outputs for inputs ``x`` (B, ...) under ``weights``.
+
+        Normalization statistics and dropout masks come from :mod:`influence._exact_ops`
+        (exact second derivatives; the same masks in every dtype and graph mode).
+        """
+        with exact_ops():
+            outputs, _ = self.model.stateless_call(list(weights), self.state_for_seed(seed), x, training=training)
         return outputs
 
 

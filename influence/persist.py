@@ -28,7 +28,8 @@ from .optimizers import SGD, Adam, Optimizer, RMSprop
 from .trajectory import Trajectory
 
 _OPTIMIZERS: dict[str, type[Optimizer]] = {"SGD": SGD, "RMSprop": RMSprop, "Adam": Adam}
-FORMAT_VERSION = 1
+# 2: random layers draw from influence._exact_ops' portable generator (format 1: TensorFlow's).
+FORMAT_VERSION = 2
 
 
 def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
@@ -111,9 +112,24 @@ def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] |
         )
     with open(needed[2]) as fh:
         meta = json.load(fh)
-    if meta.get("format") != FORMAT_VERSION:
+    if meta.get("format") not in (1, FORMAT_VERSION):
         raise ValueError(param_error("path", func, f"a trajectory of format {FORMAT_VERSION}", meta.get("format")))
     model = keras.saving.load_model(needed[0], custom_objects=custom_objects, compile=False)
+    if (
+        meta["format"] == 1
+        and meta["training"]
+        and any(v.path.endswith("seed_generator_state") for v in model.variables)
+    ):
+        # Format 1 drew dropout/noise with TensorFlow's generator, whose numbers this version no longer uses.
+        raise ValueError(
+            param_error(
+                "path",
+                func,
+                f"a trajectory of format {FORMAT_VERSION} (or format 1 without random layers)",
+                "a format-1 run with dropout or noise layers, whose random numbers this version cannot replay; "
+                "fit it again",
+            )
+        )
     with np.load(needed[1]) as data:
         arrays = {k: data[k] for k in data.files}
     offsets = arrays["offsets"]

@@ -177,7 +177,29 @@ def as_float64_trajectory(trajectory: Trajectory, x_train: np.ndarray, y_train: 
         _program_cache={},
     )
     traj64.final_weights = retrain(traj64, x_train, y_train)
+    _check_same_run(trajectory, traj64.final_weights)
     return traj64
+
+
+# float32 round-off moves the digits MLP's final weights by ~4e-7 over 160 steps at lr 0.5;
+# other dropout masks move them by ~0.1–0.5.
+_REPLAY_TOLERANCE = 1e-3
+
+
+def _check_same_run(trajectory: Trajectory, replayed: list[np.ndarray]) -> None:
+    """Refuse a float64 replay that ends elsewhere than the recorded run: a check on it would check another run."""
+    gap = max(
+        float(np.max(np.abs(np.asarray(a, np.float64) - b)) / max(1.0, float(np.max(np.abs(b)))))
+        for a, b in zip(replayed, trajectory.final_weights)
+    )
+    if gap > _REPLAY_TOLERANCE:
+        raise ValueError(
+            f"as_float64_trajectory: the float64 replay ends {gap:.2g} (relative) from the recorded "
+            f"{trajectory.final_weights[0].dtype} run, more than round-off ({_REPLAY_TOLERANCE:g}), so a float64 "
+            "check of it would check another run. Hint: a layer may draw random numbers in the model's dtype "
+            "(e.g. GaussianNoise), or round-off grows through this run; record the run in float64 "
+            "(fit(influence.as_float64(model), ...)) and check that."
+        )
 
 
 def check_unrolled(

@@ -1,5 +1,8 @@
 """A saved trajectory reloads into the same run: same replay, same hypergradients."""
 
+import json
+
+import keras
 import numpy as np
 import pytest
 from conftest import mlp
@@ -48,3 +51,28 @@ def test_saving_replaces_atomically_and_errors_are_clear(tmp_path):
         ValueError, match="'trajectory' parameter of save_trajectory must be a run with a built-in loss"
     ):
         inf.save_trajectory(custom, tmp_path / "custom")
+
+
+def _as_format_1(folder) -> None:
+    meta_path = folder / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format"] = 1
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_format_1_runs_load_unless_their_random_numbers_changed(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 4)), rng.integers(0, 3, 8)
+    plain = inf.fit(mlp(4, 3, out_activation="softmax"), x, y, optimizer=SGD(0.1), batch_size=4)
+    inf.save_trajectory(plain, tmp_path / "plain")
+    _as_format_1(tmp_path / "plain")
+    assert inf.load_trajectory(tmp_path / "plain").steps == plain.steps
+
+    keras.utils.set_random_seed(0)
+    dropout = inf.as_float64(
+        keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.2), keras.layers.Dense(3, activation="softmax")])
+    )
+    inf.save_trajectory(inf.fit(dropout, x, y, optimizer=SGD(0.1), batch_size=4), tmp_path / "dropout")
+    _as_format_1(tmp_path / "dropout")
+    with pytest.raises(ValueError, match="format-1 run with dropout or noise layers"):
+        inf.load_trajectory(tmp_path / "dropout")
