@@ -149,7 +149,8 @@ class UnrolledResult:
 
     Attributes:
         removal_effect: (n,) predicted change of validation loss if sample i
-            were removed (first order, −dE/dc_i). Negative = harmful.
+            were removed, i.e. its weight taken from c_i to 0: first order,
+            −c_i·dE/dc_i (−dE/dc_i for the default c_i = 1). Negative = harmful.
         sample_weight_grad: (n,) dE/dc_i.
         input_grad: (n, ...) dE/dx_i through the whole run (None when not requested).
         label_grad: dE/dy_i (shaped like y_train) for continuous labels, else None.
@@ -256,7 +257,7 @@ def unrolled(
             dy = seg_dy if dy is None else dy + seg_dy
     sample_weight_grad = np.asarray(dc)
     return UnrolledResult(
-        removal_effect=-sample_weight_grad,
+        removal_effect=-trajectory.sample_weight * sample_weight_grad,
         sample_weight_grad=sample_weight_grad,
         input_grad=None if not input_grad else dx if host_dx else np.asarray(dx),
         label_grad=np.asarray(dy) if label_grad else None,

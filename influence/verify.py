@@ -86,7 +86,7 @@ def removal_curve(
 
     ``removal_effect`` predicts the change at c_i = 0 from the slope at the recorded
     weight; the prediction at any scale s is the straight line
-    (1 − s) · Σ_{i∈G} c_i · removal_effect_i. This retrains the recorded run with
+    (1 − s) · Σ_{i∈G} removal_effect_i. This retrains the recorded run with
     the weights of ``indices`` multiplied by each scale and measures the real
     change. A curved response (large learning rates, a sample the run depends on)
     is where a first-order ranking can misorder samples: check the top candidates
@@ -116,7 +116,7 @@ def removal_curve(
     effect = as_array(removal_effect, param="removal_effect", func=func).reshape(-1)
     if effect.shape != (trajectory.n_train,):
         raise ValueError(param_error("removal_effect", func, f"shape ({trajectory.n_train},)", f"shape {effect.shape}"))
-    slope = float(np.sum(trajectory.sample_weight[group] * effect[group]))  # change per unit of (1 − s)
+    slope = float(np.sum(effect[group]))  # change per unit of (1 − s): the removal effects are for s = 0
     change = _RetrainedChange(trajectory, x, y, x_val, y_val)
     actual = [
         0.0 if s == 1.0 else change(group, s)

@@ -183,6 +183,36 @@ def test_actual_removal_effect_is_predicted_to_first_order(data):
     assert abs(group[0] - predicted[:2].sum()) < 0.2 * abs(predicted[:2].sum()) + 1e-6
 
 
+def test_removal_effect_of_a_weighted_sample_removes_its_whole_weight(data):
+    x, y, xv, yv = data
+    c = np.ones(len(x))
+    c[[0, 1]], c[[2, 3]], c[4] = 3.0, 0.5, 0.0
+    traj = inf.fit(
+        mlp(5, 3, out_activation="softmax"),
+        x,
+        y,
+        loss=LOSS,
+        optimizer=SGD(0.05),
+        batch_size=5,
+        epochs=2,
+        sample_weight=c,
+    )
+    res = inf.unrolled(traj, x, y, xv, yv)
+    # Removal takes c_i to 0: to first order −c_i·dE/dc_i, and nothing for a sample already out.
+    np.testing.assert_array_equal(res.removal_effect, -c * res.sample_weight_grad)
+    assert res.removal_effect[4] == 0.0 and res.sample_weight_grad[4] != 0.0
+    actual = inf.actual_removal_effect(traj, x, y, xv, yv, [0, 2, 5], progress=False)
+    predicted = res.removal_effect[[0, 2, 5]]
+    # First order (13 samples, a finite removal): within 20 % of the largest effect. −dE/dc_i alone,
+    # the slope per unit of weight, would predict a third of the c = 3 sample's effect.
+    assert np.max(np.abs(actual - predicted)) < 0.2 * np.max(np.abs(predicted))
+    assert abs(actual[0] + res.sample_weight_grad[0]) > 0.5 * abs(actual[0])
+    table = inf.rank(traj, x, y, xv, yv)
+    assert np.allclose(table.sort_values("index")["removal_effect"], res.removal_effect)
+    curve = inf.removal_curve(traj, x, y, xv, yv, 0, scales=(0.0,), removal_effect=res.removal_effect)
+    assert curve["predicted_change"][0] == pytest.approx(res.removal_effect[0], rel=1e-12)
+
+
 def test_removal_curve_ends_at_the_actual_removal_effect_and_follows_the_slope_near_one(data):
     x, y, xv, yv = data
     model = inf.as_float64(mlp(5, 3, out_activation="softmax"))
