@@ -38,7 +38,7 @@ def validate_data(
     func: str, model: keras.Model, loss: Loss, x_train: Any, y_train: Any, x_val: Any, y_val: Any
 ) -> Dataset:
     """Check types, finiteness, lengths, feature shapes and label ranges."""
-    xt = as_array(x_train, param="x_train", func=func)
+    xt = as_model_inputs(model, as_array(x_train, param="x_train", func=func))
     yt = as_array(y_train, param="y_train", func=func)
     check_same_length(func, x_train=xt, y_train=yt)
     check_model_input(func, model, xt)
@@ -51,13 +51,31 @@ def validate_validation_data(
     func: str, model: keras.Model, loss: Loss, x_train: np.ndarray, y_train: np.ndarray, x_val: Any, y_val: Any
 ) -> tuple[np.ndarray, np.ndarray]:
     """x_val / y_val as arrays: same length, samples shaped like the (validated) training data, valid labels."""
-    xv = as_array(x_val, param="x_val", func=func)
+    xv = as_model_inputs(model, as_array(x_val, param="x_val", func=func))
     yv = as_array(y_val, param="y_val", func=func)
     check_same_length(func, x_val=xv, y_val=yv)
     check_feature_shape(func, "x_val", xv, tuple(x_train.shape[1:]), "the shape of x_train's samples")
     check_feature_shape(func, "y_val", yv, tuple(y_train.shape[1:]), "the shape of y_train's samples")
     check_labels_for_loss(func, "y_val", yv, loss, model)
     return xv, yv
+
+
+def as_model_inputs(model: keras.Model, x: np.ndarray) -> np.ndarray:
+    """Integer data for a model whose ``keras.Input`` is floating point, in that dtype (pixels stored as ints).
+
+    So every function sees the same floating-point inputs and ``unrolled`` can give dE/dx for them.
+    Integer inputs of an integer Input (token ids into an Embedding) and host-streamed arrays stay as they are.
+    """
+    if not (np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_) or isinstance(x, np.memmap):
+        return x
+    try:
+        inputs = list(model.inputs)
+    except (AttributeError, ValueError):  # subclassed models declare no inputs
+        return x
+    if len(inputs) != 1:
+        return x
+    dtype = np.dtype(keras.backend.standardize_dtype(inputs[0].dtype))
+    return x.astype(dtype) if np.issubdtype(dtype, np.floating) else x
 
 
 def check_model_input(func: str, model: keras.Model, x: np.ndarray, param: str = "x_train") -> None:

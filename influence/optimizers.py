@@ -124,30 +124,45 @@ class SGD(Optimizer):
 
 @dataclass(frozen=True)
 class RMSprop(Optimizer):
-    """RMSprop (Keras form): v ← ρv + (1−ρ)g²; w ← w − η g / (√v + ε); optional momentum."""
+    """RMSprop as Keras 3 computes it: v ← ρv + (1−ρ)g²; w ← w − η g / √(v + ε).
+
+    ``centered`` subtracts the square of a running mean gradient a ← ρa + (1−ρ)g
+    from v (√(v − a² + ε)); ``momentum`` accumulates the increments. ε sits inside
+    the square root, so it is never taken at 0.
+    """
 
     rho: float = 0.9
     momentum: float = 0.0
     epsilon: float = 1e-7
+    centered: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _in_unit_interval(self.rho, "rho", "RMSprop")
         _in_unit_interval(self.momentum, "momentum", "RMSprop")
         _positive(self.epsilon, "epsilon", "RMSprop")
+        if not isinstance(self.centered, bool):
+            raise ValueError(param_error("centered", "RMSprop", "True or False", describe(self.centered)))
 
     def init(self, weights: list[tf.Tensor]) -> State:
-        second = [tf.zeros_like(w) for w in weights]
-        return second + ([tf.zeros_like(w) for w in weights] if self.momentum else [])
+        """State: [v…] + ([a…] if centered) + ([velocity…] if momentum)."""
+        parts = 1 + int(self.centered) + int(bool(self.momentum))
+        return [tf.zeros_like(w) for _ in range(parts) for w in weights]
 
     def _step(self, weights, grads, state, lr, step):
         k = len(weights)
         second = [self.rho * v + (1 - self.rho) * g * g for v, g in zip(state[:k], grads)]
-        increments = [lr * g / (safe_sqrt(v) + self.epsilon) for g, v in zip(grads, second)]
+        new_state = list(second)
+        denominators = [v + self.epsilon for v in second]
+        if self.centered:
+            mean = [self.rho * a + (1 - self.rho) * g for a, g in zip(state[k : 2 * k], grads)]
+            denominators = [d - a * a for d, a in zip(denominators, mean)]
+            new_state += mean
+        increments = [lr * g / tf.sqrt(d) for g, d in zip(grads, denominators)]
         if not self.momentum:
-            return [w - inc for w, inc in zip(weights, increments)], second
-        velocity = [self.momentum * m + inc for m, inc in zip(state[k:], increments)]
-        return [w - m for w, m in zip(weights, velocity)], second + velocity
+            return [w - inc for w, inc in zip(weights, increments)], new_state
+        velocity = [self.momentum * m + inc for m, inc in zip(state[len(new_state) :], increments)]
+        return [w - m for w, m in zip(weights, velocity)], new_state + velocity
 
 
 @dataclass(frozen=True)

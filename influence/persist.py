@@ -58,6 +58,7 @@ def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
         "optimizer_config": config,
         "training": trajectory.training,
         "jit_compile": trajectory.jit_compile,
+        "data_fingerprint": trajectory.data_fingerprint,
         "n_train": trajectory.n_train,
         "input_shape": list(trajectory.input_shape),
         "seconds": trajectory.seconds,
@@ -153,4 +154,5 @@ def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] |
         state_history=[arrays[f"state_{i}"] for i in range(meta["state"])] if meta["history"] else None,
         seconds=meta["seconds"],
         jit_compile=meta.get("jit_compile", True),
+        data_fingerprint=meta.get("data_fingerprint"),
     )

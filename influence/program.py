@@ -112,6 +112,11 @@ class _GraphFunction:
         return self.plain(*args)
 
 
+def _dense(grads: list[Any]) -> list[tf.Tensor]:
+    """Gradients as dense tensors: an Embedding's arrives as IndexedSlices, which the optimizers and tapes reject."""
+    return [tf.convert_to_tensor(g) for g in grads]
+
+
 def _xla_refused(error: Exception) -> bool:
     text = str(error)
     return "XLA" in text or "compil" in text.lower()
@@ -186,7 +191,7 @@ class Program:
         with tf.GradientTape() as tape:
             tape.watch(w)
             value = self.loss.mean(y_val, self.fn(w, x_val, training=False))
-        return value, tape.gradient(value, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return value, _dense(tape.gradient(value, w, unconnected_gradients=tf.UnconnectedGradients.ZERO))
 
     # ------------------------------------------------------------------ forward
 
@@ -223,7 +228,7 @@ class Program:
             with tf.GradientTape() as tape:
                 tape.watch(w)
                 value = self.batch_loss(schedule, w, t, xb, yb, cb)
-            return tape.gradient(value, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return _dense(tape.gradient(value, w, unconnected_gradients=tf.UnconnectedGradients.ZERO))
 
         if self.distribute is None:
             return shard_gradient(w, xb, yb, cb)
@@ -319,9 +324,9 @@ class Program:
     def _reverse(self, schedule: Schedule, w_hist, s_hist, start, lam_w, lam_s, x, y, c, *, flags: bool):
         length = tf.shape(w_hist[0])[0]
         steps = start + tf.range(length)
-        dc_hist = tf.TensorArray(x.dtype, size=length)
+        dc_hist = tf.TensorArray(c.dtype, size=length)  # c: the model's dtype, also for integer inputs
         dx_hist = tf.TensorArray(x.dtype, size=length)
-        dy_hist = tf.TensorArray(x.dtype if self.label_grad else tf.float32, size=length)
+        dy_hist = tf.TensorArray(c.dtype if self.label_grad else tf.float32, size=length)
         finite_hist = tf.TensorArray(tf.bool, size=length)
         streamed = self._streamed_batches(schedule, tf.reverse(steps, [0]))
 
@@ -404,12 +409,15 @@ class Program:
             with tf.GradientTape() as inner:
                 inner.watch(w)
                 value = self.batch_loss(schedule, w, t, xb, yb, cb)
-            g = inner.gradient(value, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            g = _dense(inner.gradient(value, w, unconnected_gradients=tf.UnconnectedGradients.ZERO))
             with outer.stop_recording():
                 g_bar = g_bar_of(g)
             # Every reduction the outer tape differentiates happens inside it (DESIGN §4).
             contracted = _tree.dot(g, g_bar)
-        return outer.gradient(contracted, [w, targets], unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        hess_g_bar, target_grads = outer.gradient(
+            contracted, [w, targets], unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        return _dense(hess_g_bar), _dense(target_grads)
 
     def _reverse_step_distributed(self, schedule: Schedule, w, s, t, lam_w, lam_s, x, y, c, xb=None):
         # ḡ needs the full-batch gradient first (Adam/RMSprop adjoints depend on it), so the
@@ -444,7 +452,7 @@ class Program:
             output_gradients=list(lam_w) + list(lam_s),
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
-        return grads[0], grads[1], grads[2]
+        return _dense(grads[0]), _dense(grads[1]), _dense(grads[2])
 
 
 class BoundProgram:

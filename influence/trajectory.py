@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ._inputs import check_labels_for_loss, check_model_input, prepare
+from ._inputs import as_model_inputs, check_labels_for_loss, check_model_input, prepare
 from ._validation import as_array, check_positive, check_same_length, describe, param_error
 from .losses import Loss
 from .model_function import ModelFunction, require_independent_samples
@@ -47,6 +48,8 @@ class Trajectory:
             instead of living in memory as one tensor.
         jit_compile: its steps are XLA-compiled (see :mod:`influence.program`); replays and
             reverse passes use the same setting, so they reproduce the recorded numbers exactly.
+        data_fingerprint: :func:`data_fingerprint` of the recorded (x_train, y_train), so the
+            functions that analyse this run refuse other data (None: not checked).
     """
 
     model: keras.Model
@@ -67,6 +70,7 @@ class Trajectory:
     distribute: tf.distribute.Strategy | None = None
     streamed: bool = False
     jit_compile: bool = True
+    data_fingerprint: str | None = None
     _program_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -130,6 +134,25 @@ def _data_tensors(program: BoundProgram, x: np.ndarray, y: np.ndarray, c: np.nda
     return x_t, y_t, tf.constant(c, dtype=dtype)
 
 
+# Rows read for the fingerprint: enough that a shuffle or relabelling is caught, few enough for any data size.
+_FINGERPRINT_ROWS = 256
+
+
+def data_fingerprint(x: np.ndarray, y: np.ndarray) -> str:
+    """A hash of up to 256 evenly spaced rows of (x, y), as float32 values.
+
+    float32 so that the same data in another precision or container (float64 copies, pandas,
+    integer pixels, boolean one-hot labels) has the same fingerprint, while shuffled rows or
+    changed labels get another one.
+    """
+    rows = np.unique(np.linspace(0, len(x) - 1, min(len(x), _FINGERPRINT_ROWS)).astype(np.int64))
+    digest = hashlib.sha256()
+    for array in (x, y):
+        part = np.asarray(array[rows]).astype(np.float32).reshape(len(rows), -1)
+        digest.update(np.ascontiguousarray(part).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def make_batches(n: int, batch_size: int, epochs: int, rng: np.random.Generator, shuffle: bool) -> list[np.ndarray]:
     """Index arrays, one per step: each epoch a permutation split into batches (last may be short)."""
     batches = []
@@ -191,7 +214,7 @@ def fit(
     func = "fit"
     fn, per_sample = prepare(func, model, loss, from_logits)
     opt = get_optimizer(optimizer, func=func)
-    x = as_array(x_train, param="x_train", func=func)
+    x = as_model_inputs(model, as_array(x_train, param="x_train", func=func))
     y = as_array(y_train, param="y_train", func=func)
     check_same_length(func, x_train=x, y_train=y)
     check_positive(batch_size, param="batch_size", func=func, kind=int)
@@ -240,6 +263,7 @@ def fit(
         distribute=distribute,
         streamed=isinstance(x_train, np.memmap) if stream is None else bool(stream),
         jit_compile=bool(jit_compile),
+        data_fingerprint=data_fingerprint(x, y),
     )
     start = time.perf_counter()
     program = trajectory.program()
@@ -277,7 +301,7 @@ def retrain(trajectory: Trajectory, x_train: Any, y_train: Any, *, sample_weight
     the original data and weights this reproduces ``trajectory.final_weights``.
     """
     func = "retrain"
-    x, y = check_trajectory_data(trajectory, x_train, y_train, func)
+    x, y = check_trajectory_data(trajectory, x_train, y_train, func, recorded=False)
     c = trajectory.sample_weight if sample_weight is None else as_array(sample_weight, param="sample_weight", func=func)
     check_same_length(func, x_train=x, sample_weight=c)
     program = trajectory.program()
@@ -287,8 +311,15 @@ def retrain(trajectory: Trajectory, x_train: Any, y_train: Any, *, sample_weight
     return [np.asarray(wi) for wi in w]
 
 
-def check_trajectory_data(trajectory: Any, x_train: Any, y_train: Any, func: str) -> tuple[np.ndarray, np.ndarray]:
-    """The training data must match what the trajectory was recorded on."""
+def check_trajectory_data(
+    trajectory: Any, x_train: Any, y_train: Any, func: str, *, recorded: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """The training data must match what the trajectory was recorded on.
+
+    Always its sample count and shape; with ``recorded`` also its values (the fingerprint),
+    so shuffled or relabelled data is not analysed as if it were the recorded run.
+    ``retrain`` passes ``recorded=False``: replaying the run on other data is what it is for.
+    """
     if not isinstance(trajectory, Trajectory):
         raise TypeError(
             param_error("trajectory", func, "an influence.Trajectory (from influence.fit)", describe(trajectory))
@@ -306,4 +337,14 @@ def check_trajectory_data(trajectory: Any, x_train: Any, y_train: Any, func: str
                 f"{len(x)} samples of shape {tuple(x.shape[1:])}",
             )
         )
-    return x, y
+    if recorded and trajectory.data_fingerprint is not None and data_fingerprint(x, y) != trajectory.data_fingerprint:
+        raise ValueError(
+            param_error(
+                "x_train",
+                func,
+                "the data the trajectory was recorded on, in its order",
+                "other values (rows or labels differ from the recorded ones: shuffled, relabelled or "
+                "preprocessed differently?). To replay the recorded run on other data use influence.retrain",
+            )
+        )
+    return as_model_inputs(trajectory.model, x), y

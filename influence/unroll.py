@@ -181,7 +181,7 @@ def unrolled(
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     progress: bool | None = None,
     input_grad_path: str | None = None,
-    input_grad: bool = True,
+    input_grad: bool | None = None,
 ) -> UnrolledResult:
     """Differentiate the validation loss through every recorded step (DESIGN §1).
 
@@ -195,15 +195,19 @@ def unrolled(
         progress: show a progress bar over segments (default: when > 1 segment).
         input_grad_path: write ``input_grad`` to this ``.npy`` file as a memory map
             instead of holding it in memory (for streamed, larger-than-memory data).
-        input_grad: compute dE/dx_i (default). ``False`` skips it when only
-            removal effects are wanted: less time and B·|x_i| less memory per step.
+        input_grad: compute dE/dx_i. Default (None): when the inputs are
+            floating-point (integer inputs, e.g. token ids into an Embedding, have
+            none). ``False`` skips it when only removal effects are wanted: less
+            time and B·|x_i| less memory per step.
     """
     func = "unrolled"
     x, y = check_trajectory_data(trajectory, x_train, y_train, func)
     check_model_input(func, trajectory.model, x)
     xv, yv = validate_validation_data(func, trajectory.model, trajectory.loss, x, y, x_val, y_val)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(param_error("x_train", func, "floating-point inputs to differentiate", str(x.dtype)))
+    if input_grad is None:
+        input_grad = bool(np.issubdtype(x.dtype, np.floating))
+    elif input_grad and not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(param_error("x_train", func, "floating-point inputs for input_grad=True", f"{x.dtype} inputs"))
 
     start_time = time.perf_counter()
     label_grad = trajectory.loss.continuous_labels and np.issubdtype(y.dtype, np.floating)

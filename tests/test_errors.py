@@ -86,11 +86,25 @@ def test_one_step_rejects_bad_input(setup, overrides, error, match):
         call(setup, **overrides)
 
 
-def test_one_step_rejects_integer_inputs_to_differentiate():
+def test_integer_data_for_a_float_input_is_differentiated_as_floats_and_token_ids_are_refused():
     model = mlp(3, 1)
-    x = np.ones((4, 3), dtype=int)
+    x = np.arange(12).reshape(4, 3) % 5  # e.g. pixels stored as ints
+    as_ints = inf.one_step(model, "mse", x, np.ones((4, 1)), x.astype(float), np.ones((4, 1)))
+    as_floats = inf.one_step(model, "mse", x.astype(float), np.ones((4, 1)), x.astype(float), np.ones((4, 1)))
+    np.testing.assert_array_equal(as_ints, as_floats)
+    keras.utils.set_random_seed(0)
+    tokens = inf.as_float64(
+        keras.Sequential(
+            [
+                keras.Input((3,), dtype="int32"),
+                keras.layers.Embedding(5, 2),
+                keras.layers.Flatten(),
+                keras.layers.Dense(1),
+            ]
+        )
+    )
     with pytest.raises(TypeError, match="'x_train' parameter of one_step must be floating-point inputs"):
-        inf.one_step(model, "mse", x, np.ones((4, 1)), x.astype(float), np.ones((4, 1)))
+        inf.one_step(tokens, "mse", x, np.ones((4, 1)), x, np.ones((4, 1)))
 
 
 def test_unbuilt_model_is_rejected():

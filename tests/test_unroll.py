@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import mlp
 
@@ -23,6 +24,7 @@ OPTIMIZERS = {
     "momentum": SGD(0.1, momentum=0.9),
     "nesterov_weight_decay": SGD(0.1, momentum=0.8, nesterov=True, weight_decay=0.01),
     "rmsprop": RMSprop(0.01, momentum=0.5),
+    "rmsprop_centered": RMSprop(0.01, centered=True),
     "adam": Adam(0.02, weight_decay=0.004),
 }
 
@@ -429,3 +431,43 @@ def test_removal_effect_alone_skips_input_grads_and_the_budget_counts_segment_bu
     assert inf.StoreAll().held_bytes(6, state, buffer) == full.memory_bytes
     # A budget that fits the states alone but not the buffers no longer picks store_all.
     assert inf.unrolled(traj, x, y, xv, yv, memory_budget_bytes=traj.steps * (state + buffer)).strategy != "store_all"
+
+
+def test_token_inputs_into_an_embedding_get_removal_effects_and_no_input_grad():
+    rng = np.random.default_rng(5)
+    x, y = rng.integers(0, 20, size=(13, 6)), rng.integers(0, 3, 13)
+    xv, yv = rng.integers(0, 20, size=(7, 6)), rng.integers(0, 3, 7)
+    keras.utils.set_random_seed(1)
+    model = inf.as_float64(
+        keras.Sequential(
+            [
+                keras.Input((6,), dtype="int32"),
+                keras.layers.Embedding(20, 4),
+                keras.layers.GlobalAveragePooling1D(),
+                keras.layers.Dense(3, activation="softmax"),
+            ]
+        )
+    )
+    traj = inf.fit(model, x, y, loss=LOSS, optimizer=Adam(0.05), batch_size=5, epochs=2)
+    res = inf.unrolled(traj, x, y, xv, yv)  # the Embedding's gradient arrives as IndexedSlices
+    assert res.input_grad is None and np.all(np.isfinite(res.removal_effect))
+    assert inf.check_unrolled(traj, x, y, xv, yv, 3, wrt="sample_weights").ok
+    assert inf.rank(traj, x, y, xv, yv).shape[0] == 13
+    with pytest.raises(TypeError, match="floating-point inputs for input_grad=True"):
+        inf.unrolled(traj, x, y, xv, yv, input_grad=True)
+
+
+def test_data_other_than_the_recorded_is_refused_but_the_same_data_in_another_form_is_not(data):
+    x, y, xv, yv = data
+    traj = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=SGD(0.3), batch_size=5, epochs=2)
+    order = np.random.default_rng(0).permutation(len(x))
+    for other_x, other_y in [(x[order], y[order]), (x, (y + 1) % 3), (x * 2, y)]:
+        with pytest.raises(ValueError, match="must be the data the trajectory was recorded on, in its order"):
+            inf.unrolled(traj, other_x, other_y, xv, yv)
+    with pytest.raises(ValueError, match="parameter of rank must be the data the trajectory was recorded on"):
+        inf.rank(traj, x[order], y[order], xv, yv, method="loss")
+    # The same values as float32, a DataFrame, float class labels: accepted.
+    same = inf.unrolled(traj, pd.DataFrame(x.astype("float32").astype(float)), y.astype(float), xv, yv)
+    assert same.removal_effect.shape == (len(x),)
+    # retrain replays the recorded run on whatever data it is given.
+    assert not np.allclose(inf.retrain(traj, x * 2, y)[0], traj.final_weights[0])
