@@ -12,6 +12,8 @@ Main entry points: :func:`fit` → :class:`Trajectory`; :func:`unrolled`;
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -73,7 +75,28 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+    public = {name for name in globals() if not name.startswith("_") and name not in _PRIVATE_GLOBALS}
+    return sorted(public | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The package object, keeping :func:`one_step` and :func:`rank` callable once their modules load.
+
+    Both live in modules of the same name, and the import system sets
+    ``influence.rank = <module influence.rank>`` when that module is first imported
+    (``from influence.rank import …`` anywhere): ``inf.rank(...)`` then failed with
+    "'module' object is not callable". Such an assignment stores the function instead.
+    ``from influence.rank import X`` still reaches the module (through ``sys.modules``).
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+_PRIVATE_GLOBALS = {"annotations", "importlib", "sys", "types", "Any", "TYPE_CHECKING"}
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
