@@ -4,7 +4,10 @@ float32 central differences cannot check these gradients: with h = 1e-3 the
 difference quotient is quantized, with h = 1e-4 it is noise. Every check here
 runs in float64, uses central differences with Richardson extrapolation
 (step h and h/2) along random unit directions (optionally every coordinate
-of a small tile), and explains a failure instead of just printing a number.
+of a small tile), and explains a failure instead of just printing a number:
+float32 round-off, randomness, a function that is not smooth at the point
+(ReLU kinks, max-pool ties) or, when the differences are consistent, a wrong
+gradient.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from .losses import get_loss
 from .model_function import ModelFunction
 
 DEFAULT_RTOL = 1e-6
+# One-sided slopes of a smooth f differ by s·f'' (halving with s); across a kink they
+# differ by the jump in slope at any small s. A ratio above this at s → s/2 is a kink.
+KINK_RATIO = 0.75
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,23 @@ def _scalar(f: Callable[[np.ndarray], Any], x: np.ndarray) -> tuple[float, bool]
     return float(array.reshape(())), low_precision
 
 
+def _one_sided_gap(plus: float, minus: float, base: float, step: float) -> float:
+    """Forward minus backward difference quotient at ``step``: (f(x+sd) − 2f(x) + f(x−sd)) / s."""
+    return (plus - 2 * base + minus) / step
+
+
+def _is_kink(gaps: list[tuple[float, float]], scale: float, base: float, step: float, rtol: float) -> bool:
+    """Whether the one-sided gaps (at s and s/2, per refinement) show a kink at or right next to x.
+
+    For smooth f the gap halves with the step; at a kink (slope jump J) it stays ≈ J. The gap
+    must also stand above the tolerance and the round-off of f (≈ 1e-13·|f| / step).
+    """
+    noise = 1e-13 * max(abs(base), 1e-300) / step
+    return any(
+        abs(half) >= KINK_RATIO * abs(full) and abs(half) > max(10 * rtol * scale, 100 * noise) for full, half in gaps
+    )
+
+
 def check_gradient(
     f: Callable[[np.ndarray], Any],
     x: Any,
@@ -126,6 +149,12 @@ def check_gradient(
     (4·D(h/2) − D(h)) / 3 (error O(h⁴)), and compared with ⟨grad, d⟩. The
     relative error divides by max(|fd|, |analytic|, 1e-8·‖grad‖) so directions
     along which the derivative nearly vanishes do not blow up.
+
+    A failure is explained. When the forward and backward quotients along a failing
+    direction disagree by about as much at s/2 as at s (a smooth f's disagreement
+    halves with s), f is not differentiable at x along it (a ReLU kink or max-pool
+    tie, e.g. at inputs that are exactly 0), and the explanation says so instead of
+    blaming the gradient; the verdict is unchanged.
     """
     func = "check_gradient"
     if not callable(f):
@@ -155,17 +184,21 @@ def check_gradient(
         return np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), floor)
 
     fd, spread, steps_used = np.empty(len(dirs)), np.empty(len(dirs)), np.empty(len(dirs))
+    kinked = np.zeros(len(dirs), dtype=bool)
     for i, d in enumerate(dirs):
         # Adaptive step: when a direction fails, shrink the step while the truncation
         # estimate |D(s) - D(s/2)| says curvature, not round-off, dominates.
         candidates = []
+        one_sided: list[tuple[float, float]] = []
         for level in range(refinements + 1):
             step = h / 10**level
-            quotients = []
+            quotients, sides = [], []
             for s_ in (step, step / 2):
                 plus, _ = _scalar(f, x64 + s_ * d)
                 minus, _ = _scalar(f, x64 - s_ * d)
                 quotients.append((plus - minus) / (2 * s_))
+                sides.append(_one_sided_gap(plus, minus, base, s_))
+            one_sided.append((sides[0], sides[1]))
             estimate = (4 * quotients[1] - quotients[0]) / 3
             gap = float(relative(quotients[0], quotients[1]))
             candidates.append((gap, estimate, step))
@@ -173,9 +206,12 @@ def check_gradient(
                 break
         gap, estimate, step = candidates[-1] if len(candidates) == 1 else min(candidates)
         fd[i], spread[i], steps_used[i] = estimate, gap, step
+        scale = max(abs(estimate), abs(float(analytic[i])), floor)
+        kinked[i] = _is_kink(one_sided, scale, base, h / 10 ** (len(one_sided) - 1), rtol)
     rel = relative(fd, analytic)
     max_rel = float(np.max(rel))
     ok = bool(max_rel <= rtol)
+    failing = rel > rtol
 
     notes = []
     if again != base:
@@ -189,6 +225,16 @@ def check_gradient(
             f"step of {h:g} swamps the difference quotient; rebuild the model with as_float64() "
             "and keep the loss in float64."
         )
+    # Every failing direction crosses a kink at x: the finite differences cannot judge grad there.
+    if not ok and not notes and np.all(kinked[failing]):
+        worst = int(np.argmax(np.where(failing, rel, -np.inf)))
+        notes.append(
+            f"the function is not smooth at this point: along {int(np.sum(failing))} failing direction(s) the "
+            "forward and backward differences disagree and the disagreement does not shrink with the step "
+            f"(direction {worst}: finite differences {fd[worst]:.6e}, grad {analytic[worst]:.6e}); a ReLU kink "
+            "or max-pool tie is likely (e.g. inputs exactly 0), where the gradient is one of several valid "
+            "one-sided slopes; check at a point with a little noise added (x + 1e-3·noise)."
+        )
     # A large gap between the quotients at s and s/2 after refinement points at
     # round-off or non-smoothness rather than at the gradient.
     if not ok and not notes and float(np.max(spread)) > 10 * rtol:
@@ -198,7 +244,8 @@ def check_gradient(
             "try another h or check for randomness."
         )
     if not ok and not notes:
-        worst = int(np.argmax(rel))
+        smooth_failing = failing & ~kinked
+        worst = int(np.argmax(np.where(smooth_failing, rel, -np.inf)))
         notes.append(
             f"finite differences are consistent but disagree with grad: direction {worst} gives "
             f"{fd[worst]:.6e} by finite differences and {analytic[worst]:.6e} from grad; "

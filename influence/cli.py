@@ -65,6 +65,35 @@ def _methods(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(methods))
 
 
+def _validation_data(data: dict[str, np.ndarray], methods: Sequence[str], verify: int) -> bool:
+    """Whether validation data was given; a usage error when a method or --verify needs it and it is missing."""
+    from .rank import NEEDS_VALIDATION
+
+    given = [key for key in ("x_val", "y_val") if key in data]
+    if len(given) == 1:
+        raise _usage("val", "rank", "a file with both x_val and y_val (or both in --data)", f"only {given[0]}")
+    if given:
+        return True
+    needing = [m for m in methods if m in NEEDS_VALIDATION]
+    if needing:
+        free = ", ".join(m for m in METHODS if m not in NEEDS_VALIDATION)
+        raise _usage(
+            "val",
+            "rank",
+            f"a file with x_val and y_val (or those arrays in --data) for method {', '.join(needing)} "
+            f"(methods {free} need none)",
+            "no validation data",
+        )
+    if verify:
+        raise _usage(
+            "verify",
+            "rank",
+            "0 without validation data (verification compares validation losses; give --val or x_val/y_val in --data)",
+            verify,
+        )
+    return False
+
+
 def cmd_rank(args: argparse.Namespace) -> int:
     from .report.job import RankingJob, run_ranking
 
@@ -75,7 +104,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
     if args.verify < 0:
         raise _usage("verify", "rank", "a non-negative int", args.verify)
     shape = _image_shape(args.image_shape, "rank")
-    data = load_data(args, "rank", need_val=True)
+    data = load_data(args, "rank", need_val=False)
+    has_val = _validation_data(data, methods, args.verify)
     model = load_model(args.model, "rank")
     x = data["x_train"]
     images = None
@@ -96,8 +126,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
         model=model,
         x_train=x,
         y_train=data["y_train"],
-        x_val=data["x_val"],
-        y_val=data["y_val"],
+        x_val=data.get("x_val"),
+        y_val=data.get("y_val"),
         optimizer=optimizer,
         loss=args.loss,
         from_logits=args.from_logits,
@@ -108,8 +138,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
         verify_top=args.verify,
         verify_random=args.verify,
         summary={
-            "data": f"{args.data}{' + ' + args.val if args.val else ''}: {len(x)} train / {len(data['x_val'])} "
-            f"validation samples of shape {tuple(x.shape[1:])}",
+            "data": f"{args.data}{' + ' + args.val if args.val else ''}: {len(x)} train / "
+            + (f"{len(data['x_val'])} validation" if has_val else "no validation")
+            + f" samples of shape {tuple(x.shape[1:])}",
             "model": f"{args.model} ({describe_model(model)})",
             "training": f"influence.fit: {args.optimizer} {optimizer!r}, batch {args.batch_size}, "
             f"{args.epochs} epoch(s), seed {args.seed}, loss {args.loss}{' (logits)' if args.from_logits else ''}",
@@ -208,7 +239,9 @@ def _data_flags(parser: argparse.ArgumentParser, *, val: bool) -> None:
     parser.add_argument("--data", required=True, help="training data: .npz (x_train, y_train) or .csv")
     if val:
         parser.add_argument(
-            "--val", help="validation data: .npz (x_val, y_val) or .csv; default: x_val/y_val in --data"
+            "--val",
+            help="validation data: .npz (x_val, y_val) or .csv; default: x_val/y_val in --data "
+            "(needed by unrolled, influence_function, tracin and --verify)",
         )
     parser.add_argument("--label-column", help="CSV column holding the label (default: the last column)")
 
@@ -240,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="rank your training samples, most harmful first, and write an HTML report",
         description="Train the model in --model on --data with influence.fit (recording the run), rank the "
         "training samples by --method, optionally verify by retraining, and write DIR/index.html, "
-        "DIR/scores.csv and DIR/scores.parquet. Rerunning the same command resumes from DIR/shards.",
+        "DIR/scores.csv and DIR/scores.parquet. Validation data is needed by unrolled, influence_function, "
+        "tracin and --verify, not by loss, margin or self_influence. Rerunning the same command resumes from "
+        "DIR/shards; each run replaces the report files of the previous one (other files in DIR are kept).",
         epilog=DATA_FORMATS,
         formatter_class=fmt,
     )

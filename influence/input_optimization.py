@@ -15,6 +15,8 @@ Soft labels are kept on the probability simplex by Euclidean projection after
 each step (a softmax parameterisation would start saturated at one-hot labels,
 where its gradient vanishes); inputs are projected onto a box (pixel range)
 and, optionally, an L∞ ball of radius ``budget`` around the original inputs.
+Starting inputs outside the box are refused rather than clipped into it: that
+clip would silently damage data that is not pixels (e.g. standardized features).
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from tqdm.auto import tqdm
 
 from ._inputs import prepare
 from ._validation import as_array, check_choice, check_positive, describe, param_error
-from .optimizers import Adam, Optimizer, get_optimizer
+from .optimizers import SGD, Adam, Optimizer, RMSprop
 from .trajectory import Trajectory, check_trajectory_data, retrain
 from .unroll import unrolled
 
 GOALS = ("poison", "repair")
 TARGETS = ("inputs", "labels", "both")
+# The outer step size of the default (Adam) and of every optimizer given by name.
+OUTER_LEARNING_RATE = 0.1
 
 
 @dataclass(frozen=True)
@@ -103,8 +107,55 @@ def classification_error(loss: Any, outputs: tf.Tensor, labels: np.ndarray) -> f
     return float("nan")
 
 
+def outer_optimizer_named(outer_optimizer: Any, func: str) -> Optimizer:
+    """The outer optimizer: an instance as given; None → Adam; a name → that rule; all at ``OUTER_LEARNING_RATE``.
+
+    The outer step sizes suit inputs in [0, 1] (Adam and RMSprop move each coordinate by
+    about the rate); plain SGD scales with the hypergradient and usually needs an instance
+    with a larger rate.
+    """
+    if isinstance(outer_optimizer, Optimizer):
+        return outer_optimizer
+    rate = OUTER_LEARNING_RATE
+    names = {"sgd": SGD(rate), "momentum": SGD(rate, momentum=0.9), "rmsprop": RMSprop(rate), "adam": Adam(rate)}
+    if outer_optimizer is None:
+        return names["adam"]
+    if isinstance(outer_optimizer, str) and outer_optimizer in names:
+        return names[outer_optimizer]
+    keras_optimizer = hasattr(outer_optimizer, "get_config")
+    raise ValueError(
+        param_error(
+            "outer_optimizer",
+            func,
+            "None, an influence.optimizers optimizer (SGD, RMSprop, Adam) or one of 'sgd', 'momentum', 'rmsprop', "
+            "'adam'",
+            f"{type(outer_optimizer).__name__} (a Keras optimizer)" if keras_optimizer else describe(outer_optimizer),
+        )
+    )
+
+
+def check_inside_bounds(x: np.ndarray, bounds: tuple[float, float] | None, func: str) -> None:
+    """Refuse starting inputs outside ``bounds``: the first projection would clip them silently.
+
+    ``x``: (k, ...) the inputs that will be optimised (and projected onto the box).
+    """
+    if bounds is None:
+        return
+    low, high = float(np.min(x)), float(np.max(x))
+    if low < bounds[0] or high > bounds[1]:
+        raise ValueError(
+            param_error(
+                "bounds",
+                func,
+                f"a (low, high) box that holds the starting inputs, which lie in [{low:.4g}, {high:.4g}] (the "
+                "first step would clip them into the box); pass bounds=None for no box, or a wider range",
+                describe(bounds),
+            )
+        )
+
+
 def _check_common(func: str, outer_optimizer: Any, steps: Any, bounds: Any, budget: Any) -> Optimizer:
-    opt = get_optimizer(outer_optimizer, func=func)
+    opt = outer_optimizer_named(outer_optimizer, func)
     check_positive(steps, param="steps", func=func, kind=int)
     if bounds is not None and (not isinstance(bounds, (tuple, list)) or len(bounds) != 2 or not bounds[0] < bounds[1]):
         raise ValueError(param_error("bounds", func, "None or a (low, high) pair with low < high", describe(bounds)))
@@ -140,14 +191,22 @@ def optimize_training_inputs(
         indices: training samples to change (int array).
         goal: ``"poison"`` raises E, ``"repair"`` lowers it.
         target: ``"inputs"``, ``"labels"`` or ``"both"``.
-        outer_optimizer: :mod:`influence.optimizers` instance or name; its
-            learning rate is the outer step size. Default ``Adam(0.1)``: Adam moves
-            each coordinate by about its step size, which suits pixels in [0, 1]
-            (hypergradients are tiny and unevenly scaled, so plain SGD needs step
-            sizes of 10–1000; see reports/benchmarks/poisoning.md).
+        outer_optimizer: :mod:`influence.optimizers` instance, or one of ``"sgd"``,
+            ``"momentum"``, ``"rmsprop"``, ``"adam"``; its learning rate is the outer
+            step size. Default ``Adam(0.1)``; a name gets the same rate, 0.1
+            (``OUTER_LEARNING_RATE``). Adam and RMSprop move each coordinate by about
+            their rate, which suits pixels in [0, 1]; hypergradients are tiny and
+            unevenly scaled, so plain SGD needs an instance with a step size of
+            10–1000 (see reports/benchmarks/poisoning.md).
         steps: outer steps (each: one retraining + one unrolled pass).
-        bounds: box for inputs, e.g. the pixel range; None for no box.
+        bounds: (low, high) box the inputs are projected onto after each step, e.g.
+            the pixel range (default (0, 1), for images scaled to [0, 1]); None for
+            no box. The starting inputs of ``indices`` must lie inside it (a
+            ValueError otherwise): pass None, or a wider box, for data such as
+            standardized features.
         budget: optional L∞ radius around the original inputs.
+
+    ``predicted_change`` is ⟨∇, Δ⟩ with the step Δ taken after the projection.
     """
     func = "optimize_training_inputs"
     x, y = check_trajectory_data(trajectory, x_train, y_train, func)
@@ -155,7 +214,7 @@ def optimize_training_inputs(
     yv = as_array(y_val, param="y_val", func=func)
     check_choice(goal, GOALS, param="goal", func=func)
     check_choice(target, TARGETS, param="target", func=func)
-    opt = _check_common(func, Adam(0.1) if outer_optimizer is None else outer_optimizer, steps, bounds, budget)
+    opt = _check_common(func, outer_optimizer, steps, bounds, budget)
     idx = as_array(indices, param="indices", func=func)
     if not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0 or idx.max() >= len(x):
         raise ValueError(param_error("indices", func, f"integer sample indices in [0, {len(x) - 1}]", describe(idx)))
@@ -171,6 +230,8 @@ def optimize_training_inputs(
             )
         )
     wants_inputs = target in ("inputs", "both")
+    if wants_inputs:
+        check_inside_bounds(x[idx], bounds, func)
     sign = 1.0 if goal == "repair" else -1.0  # the outer optimizer minimises sign·E
 
     dtype = tf.as_dtype(trajectory.model.trainable_variables[0].dtype)
@@ -187,8 +248,12 @@ def optimize_training_inputs(
     losses, errors, times, predicted = [], [], [], []
     start = time.perf_counter()
     for step in tqdm(range(int(steps) + 1), desc=f"{goal} ({type(opt).__name__})", disable=not progress):
-        run = replace(
-            trajectory, final_weights=retrain(trajectory, x_cur, y_cur), weights_history=None, state_history=None
+        run = replace(  # the recorded schedule on the current inputs: no longer the recorded data
+            trajectory,
+            final_weights=retrain(trajectory, x_cur, y_cur),
+            weights_history=None,
+            state_history=None,
+            data_fingerprint=None,
         )
         loss, error = _evaluate(run, run.final_weights, xv, yv)
         losses.append(loss)
@@ -240,7 +305,7 @@ def adversarial_examples(
     x: Any,
     y: Any,
     *,
-    outer_optimizer: Any = "adam",
+    outer_optimizer: Any = None,
     steps: int = 10,
     bounds: tuple[float, float] | None = (0.0, 1.0),
     budget: float | None = None,
@@ -249,13 +314,15 @@ def adversarial_examples(
 ) -> InputOptimization:
     """Raise a frozen model's loss on inputs ``x`` by optimising the inputs (test-time attack).
 
-    Same outer optimizers, box and L∞ budget as :func:`optimize_training_inputs`;
+    Same outer optimizers (default ``Adam(0.1)``, names at the same rate), box and L∞
+    budget as :func:`optimize_training_inputs`; ``x`` must lie inside ``bounds``.
     ``val_loss`` holds the loss on the attacked inputs per step.
     """
     func = "adversarial_examples"
     fn, per_sample = prepare(func, model, loss, from_logits)
     opt = _check_common(func, outer_optimizer, steps, bounds, budget)
     x0 = as_array(x, param="x", func=func).astype(fn.dtype.as_numpy_dtype)
+    check_inside_bounds(x0, bounds, func)
     labels = as_array(y, param="y", func=func)
     yt = tf.constant(labels, dtype=fn.dtype if per_sample.continuous_labels else tf.int32)
     w = fn.weights

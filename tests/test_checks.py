@@ -154,3 +154,54 @@ def test_check_gradient_rejects_bad_arguments(kwargs, match):
 def test_check_gradient_rejects_a_non_scalar_function():
     with pytest.raises(ValueError, match="'f' parameter of check_gradient must be a function returning one number"):
         inf.check_gradient(lambda z: z, np.zeros(3), np.zeros(3))
+
+
+def test_explains_a_relu_kink_and_a_max_tie_instead_of_blaming_the_gradient():
+    # Exact zeros sit on ReLU kinks and ties of a max: f has no gradient there, only one-sided slopes.
+    x = np.array([0.0, 0.0, 1.0, -1.0, 0.5, 0.5])
+    chk = inf.check_gradient(lambda z: np.sum(np.maximum(z, 0)) + max(z[4], z[5]), x, np.r_[0, 0, 1, 0, 1, 0.0])
+    assert not chk.ok  # the verdict stays a failure
+    assert "not smooth at this point" in chk.explanation and "ReLU kink or max-pool tie" in chk.explanation
+    assert "gradient itself is likely wrong" not in chk.explanation
+
+
+def digits_cnn_case():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = (digits.images[:16] / 16.0)[..., None], digits.target[:16]  # many pixels exactly 0
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    return model, x, y
+
+
+def test_relu_maxpool_cnn_at_exact_zeros_is_explained_as_not_smooth():
+    model, x, y = digits_cnn_case()
+    chk = inf.check_input_gradient(model, "sparse_categorical_crossentropy", x, y)
+    assert not chk.ok
+    assert "not smooth at this point" in chk.explanation and "a little noise" in chk.explanation
+    assert "gradient itself is likely wrong" not in chk.explanation
+    noisy = x + 1e-3 * np.random.default_rng(0).normal(size=x.shape)  # the suggested remedy
+    assert inf.check_input_gradient(model, "sparse_categorical_crossentropy", noisy, y).ok
+
+
+def test_wrong_gradient_of_a_relu_cnn_off_the_kinks_is_still_blamed_on_the_gradient():
+    model, x, y = digits_cnn_case()
+    noisy = x + 1e-3 * np.random.default_rng(0).normal(size=x.shape)
+    model64 = inf.as_float64(model)
+    xt = tf.constant(noisy)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        value = get_loss("sparse_categorical_crossentropy").mean(tf.constant(y), model64(xt))
+    wrong = 1.01 * tape.gradient(value, xt).numpy()
+    chk = inf.check_input_gradient(model, "sparse_categorical_crossentropy", noisy, y, grad=wrong)
+    assert not chk.ok
+    assert "gradient itself is likely wrong" in chk.explanation and "not smooth" not in chk.explanation

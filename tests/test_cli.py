@@ -273,6 +273,15 @@ def run_main(args, capsys):
         ),
         (["--data", "{f}/data.npz", "--image-shape", "5x5"], "must be a shape with 16 values. Got '5x5' instead."),
         (["--data", "{f}/train.csv"], "The 'val' parameter of influence rank must be a file with x_val and y_val"),
+        (
+            ["--data", "{f}/train.csv", "--method", "loss,tracin"],
+            "must be a file with x_val and y_val (or those arrays in --data) for method tracin (methods "
+            "self_influence, margin, loss need none). Got no validation data instead.",
+        ),
+        (
+            ["--data", "{f}/train.csv", "--method", "margin", "--verify", "2"],
+            "The 'verify' parameter of influence rank must be 0 without validation data",
+        ),
         (["--data", "{f}/train.csv", "--val", "{f}/val.csv", "--label-column", "y"], "The 'label-column' parameter"),
         (
             ["--data", "{f}/data.npz", "--epochs", "0"],
@@ -340,6 +349,47 @@ def test_rank_on_csv_shows_a_feature_table(files, tmp_path, capsys):
     html = (out / "index.html").read_text()
     assert '<th class="">f0</th>' in html and "sample-" not in html  # a table, no image cards
     assert len(pd.read_parquet(out / "scores.parquet")) == 60
+
+
+def test_rank_without_validation_data_for_methods_that_need_none(files, tmp_path, capsys):
+    out = tmp_path / "no-val"
+    args = ["rank", "--model", files / "model.keras", "--data", files / "train.csv", "--out", out, "--no-progress"]
+    code, captured = run_main(args + ["--method", "loss,margin,self_influence"], capsys)
+    assert code == 0, captured.err
+    html = (out / "index.html").read_text()
+    assert "60 train / no validation samples" in html and "— (no validation data)" in html
+    assert len(pd.read_csv(out / "all_methods.csv")) == 60 and not (out / "verification.csv").exists()
+
+
+def report_files(out: Path) -> set[str]:
+    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and "shards" not in p.parts}
+
+
+def test_rerun_with_other_settings_replaces_the_previous_report_and_keeps_other_files(cli_runs, files, tmp_path):
+    out = tmp_path / "rerun"
+    shutil.copytree(files / "reference", out)  # unrolled, verified, image grids
+    (out / "notes.txt").write_text("mine")
+    (out / "images" / "mine.png").write_bytes(PNG)
+    base = ["rank", "--model", files / "model.keras", "--data", files / "data.npz", "--out", out]
+    loss_only = ["--method", "loss", "--epochs", "2", "--batch-size", "10", "--lr", "0.5", "--no-progress"]
+    mine = {"notes.txt", "images/mine.png", ".report-files.json"}
+    only_loss = {"index.html", "scores.csv", "scores.parquet", "images/score_distribution.png", "images/found_at_k.png"}
+
+    code, _, err = in_process(base + loss_only)
+    assert code == 0, err
+    assert report_files(out) == only_loss | mine  # no verification.csv, removal plot or image grids left over
+    assert "[train] loaded the recorded run" in err  # the shards still serve the new settings
+
+    code, _, err = in_process(base + RANK_FLAGS)  # back to the first settings: resumed, nothing recomputed
+    assert code == 0 and "[train] skipped: every result is on record" in err and "0 computed" in err
+    assert report_files(out) == report_files(files / "reference") | {"notes.txt", "images/mine.png"}
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "verification.csv"), pd.read_csv(files / "reference" / "verification.csv")
+    )
+
+    (out / ".report-files.json").unlink()  # a folder reported before the job kept a list of its files
+    assert in_process(base + loss_only)[0] == 0
+    assert report_files(out) == only_loss | mine
 
 
 def test_check_failure_exits_1(files, monkeypatch, capsys):

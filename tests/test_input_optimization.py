@@ -133,6 +133,12 @@ def test_adversarial_examples_raise_the_frozen_models_loss_within_the_budget(blo
         ({"steps": 0}, "'steps' parameter of optimize_training_inputs must be a positive int"),
         ({"bounds": (1, 0)}, "'bounds' parameter of optimize_training_inputs must be None or a"),
         ({"budget": -0.1}, "'budget' parameter of optimize_training_inputs must be a positive number"),
+        (
+            {"outer_optimizer": keras.optimizers.Adam()},
+            r"^The 'outer_optimizer' parameter of optimize_training_inputs must be None, an influence.optimizers "
+            r"optimizer .* Got Adam \(a Keras optimizer\) instead.$",
+        ),
+        ({"outer_optimizer": "nadam"}, "'outer_optimizer' parameter of optimize_training_inputs must be None, an"),
     ],
 )
 def test_optimize_training_inputs_rejects_bad_input(kwargs, match, blobs):
@@ -183,3 +189,33 @@ def test_soft_label_repair_runs_on_a_float32_model_and_numpy_step_sizes_are_acce
     from influence.input_optimization import project_to_simplex
 
     assert project_to_simplex(np.ones((2, 3), np.float32)).dtype == np.float32
+
+
+def test_standardized_inputs_are_refused_by_the_default_box_and_kept_whole_without_one(blobs):
+    _, y, xv, yv = blobs
+    rng = np.random.default_rng(3)
+    standardized = rng.normal(size=(30, 4))  # features, not pixels: outside [0, 1]
+    traj = inf.fit(mlp(4, 3, out_activation="softmax"), standardized, y, loss="sparse_categorical_crossentropy")
+    refused = (
+        r"^The 'bounds' parameter of optimize_training_inputs must be a \(low, high\) box that holds the starting "
+        r"inputs, which lie in \[-.*pass bounds=None for no box, or a wider range. Got \(0.0, 1.0\) instead.$"
+    )
+    with pytest.raises(ValueError, match=refused):
+        inf.optimize_training_inputs(traj, standardized, y, xv, yv, [0, 1], steps=1)
+    res = inf.optimize_training_inputs(traj, standardized, y, xv, yv, [0, 1], steps=1, bounds=None)
+    assert np.array_equal(res.x[2:], standardized[2:]) and not np.array_equal(res.x[:2], standardized[:2])
+    assert np.abs(res.x[:2] - standardized[:2]).max() <= 0.1 + 1e-9  # one Adam(0.1) step, no clipping into [0, 1]
+    with pytest.raises(ValueError, match="'bounds' parameter of adversarial_examples must be a"):
+        inf.adversarial_examples(traj.model, "sparse_categorical_crossentropy", standardized, y, steps=1)
+
+
+def test_optimizer_names_take_the_default_outer_step_size(blobs, blob_run):
+    from influence.input_optimization import OUTER_LEARNING_RATE, outer_optimizer_named
+
+    assert OUTER_LEARNING_RATE == 0.1
+    for name in ("sgd", "momentum", "rmsprop", "adam"):
+        assert outer_optimizer_named(name, "f").learning_rate == OUTER_LEARNING_RATE, name
+    x, y, xv, yv = blobs
+    by_name = inf.optimize_training_inputs(blob_run, x, y, xv, yv, [0, 1], outer_optimizer="adam", steps=1)
+    default = inf.optimize_training_inputs(blob_run, x, y, xv, yv, [0, 1], steps=1)
+    np.testing.assert_array_equal(by_name.x, default.x)

@@ -11,6 +11,9 @@ shard is missing; it is saved (:func:`influence.save_trajectory`) beside the
 shards with a ``fit`` shard holding the fingerprint of its final weights, so a
 resumed run loads it instead of training again. A run that must train again
 and gets other weights stops instead of mixing the results of two trainings.
+
+The report is published by :mod:`influence.report.publish`: a rerun with other
+settings replaces the previous report's files without touching anything else.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .._validation import param_error
 from ..runs import ShardStore, fingerprint, log_to_stderr, model_fingerprint
 from .metrics import Verification
+from .publish import previous_report_files, publish_report
 from .render import render_report
 
 
@@ -37,7 +42,9 @@ class RankingJob:
 
     ``model`` holds the *initial* weights; it is trained by :func:`influence.fit`
     with the settings below. ``methods[0]`` is the report's method, the others are
-    compared on the found@k plot. ``verify_top`` most harmful and ``verify_random``
+    compared on the found@k plot. ``x_val``/``y_val`` may be None when every method
+    ranks without validation data (``loss``, ``margin``, ``self_influence``) and there is
+    no verification or repair. ``verify_top`` most harmful and ``verify_random``
     random other samples are each retrained without (0 and 0: no verification).
     ``repair_top`` > 0 optimises the inputs of that many most harmful samples to lower the
     validation loss, once per outer optimizer, for the report's convergence section.
@@ -48,8 +55,8 @@ class RankingJob:
     model: Any
     x_train: np.ndarray
     y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
+    x_val: np.ndarray | None
+    y_val: np.ndarray | None
     optimizer: Any
     loss: str = "sparse_categorical_crossentropy"
     from_logits: bool = False
@@ -247,11 +254,26 @@ def repair_curves(trajectory: Any, job: RankingJob, indices: np.ndarray) -> pd.D
     return pd.DataFrame(rows)
 
 
+def _check_validation_data(job: RankingJob) -> None:
+    """Without validation data only the methods that need none can run, with no verification or repair."""
+    from ..rank import NEEDS_VALIDATION
+
+    if job.x_val is not None and job.y_val is not None:
+        return
+    needs = [f"method '{m}'" for m in job.methods if m in NEEDS_VALIDATION]
+    needs += ["verification"] if job.verify_top or job.verify_random else []
+    needs += ["repair"] if job.repair_top else []
+    if needs:
+        raise ValueError(param_error("x_val", "RankingJob", f"validation data for {', '.join(needs)}", "None"))
+
+
 def run_ranking(job: RankingJob) -> RankingOutcome:
     """Train, rank with each method, verify by retraining and write the report; resumes from ``out_dir/shards``."""
     from ..rank import rank
 
+    _check_validation_data(job)
     start = time.perf_counter()
+    previous = previous_report_files(Path(job.out_dir))
     shards = Path(job.out_dir) / "shards"
     if job.restart and shards.exists():
         shutil.rmtree(shards)
@@ -308,22 +330,26 @@ def run_ranking(job: RankingJob) -> RankingOutcome:
     t = time.perf_counter()
     summary = dict(job.summary)
     summary["methods"] = ", ".join(job.methods)
-    summary["validation loss"] = main.attrs.get("val_loss")
+    summary["validation loss"] = main.attrs.get("val_loss") if job.x_val is not None else "— (no validation data)"
     stage_times = ", ".join(f"{k} {v}" for k, v in times.items())
     summary["time"] = f"{time.perf_counter() - start:.1f} s before the report ({stage_times})"
     summary["shards"] = f"{store.summary()} in {store.directory}"
-    report = render_report(
-        job.out_dir,
-        main,
-        summary=summary,
-        images=job.images,
-        features=job.features,
-        feature_names=job.feature_names,
-        verification=verification,
-        noise_mask=job.noise_mask,
-        clean_labels=job.clean_labels,
-        comparison=tables,
-        convergence=convergence,
+    report = publish_report(
+        Path(job.out_dir),
+        lambda folder: render_report(
+            folder,
+            main,
+            summary=summary,
+            images=job.images,
+            features=job.features,
+            feature_names=job.feature_names,
+            verification=verification,
+            noise_mask=job.noise_mask,
+            clean_labels=job.clean_labels,
+            comparison=tables,
+            convergence=convergence,
+        ),
+        previous,
     )
     job.log(f"[report] {report} written in {time.perf_counter() - t:.1f} s (shards: {store.summary()})")
     return RankingOutcome(report, main, tables, verification, store, time.perf_counter() - start)
