@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,16 @@ def check_labels_for_loss(func: str, name: str, labels: np.ndarray, loss: Loss, 
 
 
 def _check_class_labels(func: str, name: str, labels: np.ndarray, model: keras.Model) -> None:
+    if labels.ndim > 1 and labels.shape[1:] != (1,):
+        raise ValueError(
+            param_error(
+                name,
+                func,
+                "class indices, one per sample, for a sparse (integer-label) loss",
+                f"labels of shape {labels.shape[1:]} per sample; one-hot or soft targets need "
+                "loss='categorical_crossentropy' (or take labels.argmax(axis=1))",
+            )
+        )
     if not (np.issubdtype(labels.dtype, np.integer) or np.all(labels == np.round(labels))):
         raise TypeError(param_error(name, func, "integer class labels for this loss", "non-integer values"))
     try:
@@ -135,4 +146,19 @@ def _check_class_labels(func: str, name: str, labels: np.ndarray, model: keras.M
 def prepare(func: str, model: Any, loss: Any, from_logits: bool = False) -> tuple[ModelFunction, Loss]:
     """Wrap the model and resolve the loss, with the public function's name in errors."""
     fn = ModelFunction(model, func=func)
-    return fn, get_loss(loss, func=func, from_logits=from_logits)
+    per_sample = get_loss(loss, func=func, from_logits=from_logits)
+    _warn_logits_after_probabilities(model, per_sample, func)
+    return fn, per_sample
+
+
+def _warn_logits_after_probabilities(model: keras.Model, loss: Loss, func: str) -> None:
+    """from_logits=True on a softmax/sigmoid output trains on probabilities as if they were logits (Keras warns too)."""
+    last = model.layers[-1] if getattr(model, "layers", None) else None
+    activation = getattr(getattr(last, "activation", None), "__name__", "")
+    if loss.from_logits and activation in ("softmax", "sigmoid"):
+        warnings.warn(
+            f"{func}: the loss has from_logits=True but the model's output layer applies {activation}; "
+            "the loss then treats probabilities as logits. Use from_logits=False or a linear output layer.",
+            UserWarning,
+            stacklevel=3,
+        )

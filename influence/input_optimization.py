@@ -31,6 +31,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from ._inputs import prepare
+from ._summary import compact_repr
 from ._validation import as_array, check_choice, check_positive, describe, param_error
 from .optimizers import SGD, Adam, Optimizer, RMSprop
 from .trajectory import Trajectory, check_trajectory_data, retrain
@@ -66,6 +67,9 @@ class InputOptimization:
     seconds: np.ndarray
     predicted_change: np.ndarray
     optimizer: str
+
+    def __repr__(self) -> str:  # arrays as shape and dtype, not every number
+        return compact_repr(self)
 
 
 def _project(x: tf.Tensor, original: tf.Tensor, bounds: tuple[float, float] | None, budget: float | None) -> tf.Tensor:

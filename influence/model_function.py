@@ -59,6 +59,7 @@ class ModelFunction:
             )
         if not self.dtype.is_floating:
             raise TypeError(param_error("model", func, "floating-point weights", self.dtype.name))
+        _check_single_input_and_output(model, func)
         _check_input_precision(model, self.dtype, func)
         self.non_trainable = [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables]
         self._seed_slots = [
@@ -100,6 +101,25 @@ class ModelFunction:
         with exact_ops():
             outputs, _ = self.model.stateless_call(list(weights), self.state_for_seed(seed), x, training=training)
         return outputs
+
+
+def _check_single_input_and_output(model: keras.Model, func: str) -> None:
+    """Per-sample losses and input gradients assume one input tensor and one output tensor."""
+    for kind in ("inputs", "outputs"):
+        try:
+            tensors = getattr(model, kind)
+        except (AttributeError, ValueError):  # subclassed models declare neither
+            continue
+        if isinstance(tensors, (list, tuple)) and len(tensors) > 1:
+            raise ValueError(
+                param_error(
+                    "model",
+                    func,
+                    "a model with one input and one output",
+                    f"a model with {len(tensors)} {kind}; concatenate them into one tensor (e.g. "
+                    "keras.layers.Concatenate) or wrap the model so it takes and returns one",
+                )
+            )
 
 
 def _check_input_precision(model: keras.Model, dtype: tf.DType, func: str) -> None:

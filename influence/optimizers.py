@@ -53,7 +53,7 @@ class Optimizer(ABC):
     def __post_init__(self) -> None:
         name = type(self).__name__
         if not callable(self.learning_rate):
-            _positive(self.learning_rate, "learning_rate", name)
+            _positive(self.learning_rate, "learning_rate", name, "a positive number or a schedule (step -> rate)")
         if not isinstance(self.weight_decay, (int, float, np.integer, np.floating)) or self.weight_decay < 0:
             raise ValueError(param_error("weight_decay", name, "a non-negative number", describe(self.weight_decay)))
 
@@ -85,10 +85,10 @@ class Optimizer(ABC):
         return self._step(weights, grads, state, lr, step)
 
 
-def _positive(value: Any, param: str, name: str) -> None:
+def _positive(value: Any, param: str, name: str, expected: str = "a positive number") -> None:
     real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
     if not real or not value > 0 or not np.isfinite(value):
-        raise ValueError(param_error(param, name, "a positive number", describe(value)))
+        raise ValueError(param_error(param, name, expected, describe(value)))
 
 
 def _in_unit_interval(value: Any, param: str, name: str) -> None:
@@ -193,17 +193,24 @@ class Adam(Optimizer):
 
 
 def get_optimizer(optimizer: Any, *, func: str) -> Optimizer:
-    """Accept an :class:`Optimizer`, or a name ('sgd', 'momentum', 'rmsprop', 'adam') with defaults."""
+    """An :class:`Optimizer` as given, or one named 'sgd', 'momentum', 'nesterov', 'rmsprop', 'adam' (any case)."""
     if isinstance(optimizer, Optimizer):
         return optimizer
-    names = {"sgd": SGD(0.1), "momentum": SGD(0.1, momentum=0.9), "rmsprop": RMSprop(0.001), "adam": Adam(0.001)}
-    if isinstance(optimizer, str) and optimizer in names:
-        return names[optimizer]
+    names = {
+        "sgd": SGD(0.1),
+        "momentum": SGD(0.1, momentum=0.9),
+        "nesterov": SGD(0.1, momentum=0.9, nesterov=True),
+        "rmsprop": RMSprop(0.001),
+        "adam": Adam(0.001),
+    }
+    if isinstance(optimizer, str) and optimizer.lower() in names:
+        return names[optimizer.lower()]
     raise ValueError(
         param_error(
             "optimizer",
             func,
-            "an influence.optimizers optimizer (SGD, RMSprop, Adam) or one of 'sgd', 'momentum', 'rmsprop', 'adam'",
+            "an influence.optimizers optimizer (SGD, RMSprop, Adam) or one of 'sgd', 'momentum', 'nesterov', "
+            "'rmsprop', 'adam'",
             describe(optimizer)
             if not hasattr(optimizer, "get_config")
             else f"{type(optimizer).__name__} (a Keras optimizer)",

@@ -158,15 +158,17 @@ def _predicted_labels(trajectory: Trajectory, outputs: np.ndarray) -> np.ndarray
     return np.full(len(outputs), np.nan)
 
 
-def predicted_group_effect(table_or_effect: pd.DataFrame | np.ndarray, groups: Sequence[Sequence[int]]) -> np.ndarray:
+def predicted_group_effect(table_or_effect: Any, groups: Sequence[Sequence[int]]) -> np.ndarray:
     """First-order effect of removing each group: the sum of its members' removal effects.
 
-    ``table_or_effect`` is a :func:`rank` table (with ``removal_effect``) or the
-    (n,) removal-effect array. Verify with :func:`influence.actual_removal_effect`
-    on the same groups.
+    ``table_or_effect`` is a :func:`rank` table (with ``removal_effect``), an
+    :class:`~influence.UnrolledResult` or the (n,) removal-effect array. Verify with
+    :func:`influence.actual_removal_effect` on the same groups.
     """
     if isinstance(table_or_effect, pd.DataFrame):
         effect = table_or_effect.sort_values("index")["removal_effect"].to_numpy()
+    elif hasattr(table_or_effect, "removal_effect"):  # an UnrolledResult
+        effect = np.asarray(table_or_effect.removal_effect)
     else:
         effect = as_array(table_or_effect, param="table_or_effect", func="predicted_group_effect")
     if np.any(np.isnan(effect)):

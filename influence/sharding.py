@@ -61,6 +61,10 @@ def rank_in_processes(
 
     Returns the same table as :func:`influence.rank` (most harmful first), with
     ``attrs`` ``method``, ``seconds`` (wall time) and ``processes``.
+
+    The workers are started with ``spawn``: they import the calling script, so a script
+    must call this under ``if __name__ == "__main__":`` (else each worker runs the
+    script again and TensorFlow refuses to set its thread counts).
     """
     func = "rank_in_processes"
     check_positive(processes, param="processes", func=func, kind=int)

@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from ._inputs import as_model_inputs, check_labels_for_loss, check_model_input, prepare
+from ._summary import compact_repr
 from ._validation import as_array, check_positive, check_same_length, describe, param_error
 from .losses import Loss
 from .model_function import ModelFunction, require_independent_samples
@@ -72,6 +73,9 @@ class Trajectory:
     jit_compile: bool = True
     data_fingerprint: str | None = None
     _program_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __repr__(self) -> str:  # arrays as shape and dtype, not every number
+        return compact_repr(self)
 
     @property
     def steps(self) -> int:

@@ -28,6 +28,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from ._inputs import check_model_input, validate_validation_data
+from ._summary import compact_repr
 from ._validation import describe, param_error
 from .trajectory import Trajectory, _data_tensors, check_trajectory_data
 
@@ -168,6 +169,9 @@ class UnrolledResult:
     strategy: str
     seconds: float
     memory_bytes: int = 0
+
+    def __repr__(self) -> str:  # arrays as shape and dtype, not every number
+        return compact_repr(self)
 
 
 def unrolled(

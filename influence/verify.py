@@ -52,20 +52,22 @@ def actual_removal_effect(
     y_train: Any,
     x_val: Any,
     y_val: Any,
-    indices: Sequence[int] | Sequence[Sequence[int]],
+    indices: int | Sequence[int] | Sequence[Sequence[int]],
     *,
     progress: bool = True,
 ) -> np.ndarray:
     """Real change of validation loss when each sample (or each group) is removed.
 
-    ``indices`` is a list of ints (one retraining per sample) or a list of
+    ``indices`` is one int, a list of ints (one retraining per sample) or a list of
     index lists (one retraining per group). Removal sets c_i = 0 in the
     replayed run; the baseline is the replayed run with the recorded weights,
     so replay round-off cancels. Returns shape (len(indices),).
     """
     func = "actual_removal_effect"
     x, y = check_trajectory_data(trajectory, x_train, y_train, func)
-    groups = [_sample_group(trajectory, g, func) for g in indices]
+    # One int is one sample, as removal_curve takes it (a bool is refused by _sample_group).
+    listed: Sequence[Any] = [indices] if isinstance(indices, (int, np.integer)) else indices
+    groups = [_sample_group(trajectory, g, func) for g in listed]
     change = _RetrainedChange(trajectory, x, y, x_val, y_val)
     return np.asarray([change(g, 0.0) for g in tqdm(groups, desc="retraining", unit="run", disable=not progress)])
 

@@ -181,3 +181,42 @@ def test_per_sample_gradient_dots_rejects_a_misshaped_vector(setup):
 def test_as_float64_rejects_non_models():
     with pytest.raises(TypeError, match="'model' parameter of as_float64 must be a keras.Model"):
         inf.as_float64(object())
+
+
+def test_one_hot_labels_with_a_sparse_loss_and_multi_input_models_get_clear_errors():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 3)), rng.integers(0, 3, 6)
+    model = mlp(3, 3, out_activation="softmax")
+    with pytest.raises(ValueError, match=r"one-hot or soft targets need loss='categorical_crossentropy'"):
+        inf.fit(model, x, np.eye(3)[y], loss="sparse_categorical_crossentropy")
+    a, b = keras.Input((2,), dtype="float64"), keras.Input((1,), dtype="float64")
+    joined = keras.layers.Concatenate()([a, b])
+    two_inputs = keras.Model([a, b], keras.layers.Dense(3, activation="softmax", dtype="float64")(joined))
+    with pytest.raises(ValueError, match="a model with one input and one output. Got a model with 2 inputs"):
+        inf.fit(two_inputs, x, y)
+    inp = keras.Input((3,), dtype="float64")
+    two_outputs = keras.Model(
+        inp, [keras.layers.Dense(3, dtype="float64")(inp), keras.layers.Dense(1, dtype="float64")(inp)]
+    )
+    with pytest.raises(ValueError, match="Got a model with 2 outputs"):
+        inf.fit(two_outputs, x, y)
+
+
+def test_small_conveniences_of_the_api():
+    assert inf.optimizers.get_optimizer("Nesterov", func="fit") == inf.optimizers.SGD(0.1, momentum=0.9, nesterov=True)
+    with pytest.raises(ValueError, match="must be a positive number or a schedule"):
+        inf.optimizers.SGD(learning_rate=[0.1, 0.2])
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 3)), rng.integers(0, 3, 8)
+    traj = inf.fit(mlp(3, 3, out_activation="softmax"), x, y, optimizer=inf.optimizers.SGD(0.1), batch_size=4)
+    res = inf.unrolled(traj, x, y, x, y)
+    assert np.allclose(inf.predicted_group_effect(res, [[0, 1]]), res.removal_effect[:2].sum())
+    one = inf.actual_removal_effect(traj, x, y, x, y, 3, progress=False)
+    assert one.shape == (1,) and one[0] == inf.actual_removal_effect(traj, x, y, x, y, [3], progress=False)[0]
+
+
+def test_logits_loss_on_a_softmax_output_warns():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 3)), rng.integers(0, 3, 6)
+    with pytest.warns(UserWarning, match="from_logits=True but the model's output layer applies softmax"):
+        inf.fit(mlp(3, 3, out_activation="softmax"), x, y, from_logits=True)

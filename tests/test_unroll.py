@@ -471,3 +471,13 @@ def test_data_other_than_the_recorded_is_refused_but_the_same_data_in_another_fo
     assert same.removal_effect.shape == (len(x),)
     # retrain replays the recorded run on whatever data it is given.
     assert not np.allclose(inf.retrain(traj, x * 2, y)[0], traj.final_weights[0])
+
+
+def test_reprs_summarise_arrays_instead_of_printing_them(data):
+    x, y, xv, yv = data
+    traj = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=SGD(0.3), batch_size=5, epochs=2)
+    res = inf.unrolled(traj, x, y, xv, yv)
+    for text in (repr(traj), repr(res)):
+        assert len(text) < 1000 and "\n" not in text, text
+    assert "loss='sparse_categorical_crossentropy'" in repr(traj) and "final_weights=[4 arrays]" in repr(traj)
+    assert "input_grad=array(shape=(13, 5), dtype=float64)" in repr(res)
