@@ -22,7 +22,7 @@ clip would silently damage data that is not pixels (e.g. standardized features).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -34,7 +34,7 @@ from ._inputs import prepare
 from ._summary import compact_repr
 from ._validation import as_array, check_choice, check_positive, describe, param_error
 from .optimizers import SGD, Adam, Optimizer, RMSprop
-from .trajectory import Trajectory, check_trajectory_data, retrain
+from .trajectory import Trajectory, check_trajectory_data
 from .unroll import unrolled
 
 GOALS = ("poison", "repair")
@@ -252,13 +252,7 @@ def optimize_training_inputs(
     losses, errors, times, predicted = [], [], [], []
     start = time.perf_counter()
     for step in tqdm(range(int(steps) + 1), desc=f"{goal} ({type(opt).__name__})", disable=not progress):
-        run = replace(  # the recorded schedule on the current inputs: no longer the recorded data
-            trajectory,
-            final_weights=retrain(trajectory, x_cur, y_cur),
-            weights_history=None,
-            state_history=None,
-            data_fingerprint=None,
-        )
+        run = trajectory.replayed_on(x_cur, y_cur)
         loss, error = _evaluate(run, run.final_weights, xv, yv)
         losses.append(loss)
         errors.append(error)

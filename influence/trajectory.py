@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import keras
@@ -124,6 +124,24 @@ class Trajectory:
     def initial_state(self) -> list[tf.Tensor]:
         """Optimizer state before step 0."""
         return self.initial_tensors()[1]
+
+    def replayed_on(self, x_train: Any, y_train: Any) -> Trajectory:
+        """This run's schedule (initial weights, batches, rates, seeds, sample weights) replayed on other data.
+
+        The result is the run that training on ``x_train``/``y_train`` would have been:
+        its final weights are :func:`retrain`'s, its data fingerprint that data's, and it
+        keeps no weight history (the reverse pass recomputes it). Use it to ask
+        :func:`influence.unrolled` about modified data (poisoned inputs, repaired labels);
+        the recorded trajectory itself refuses data other than its own.
+        """
+        x, y = check_trajectory_data(self, x_train, y_train, "Trajectory.replayed_on", recorded=False)
+        return replace(
+            self,
+            final_weights=retrain(self, x, y),
+            weights_history=None,
+            state_history=None,
+            data_fingerprint=data_fingerprint(x, y),
+        )
 
 
 def _data_tensors(program: BoundProgram, x: np.ndarray, y: np.ndarray, c: np.ndarray):
@@ -348,7 +366,7 @@ def check_trajectory_data(
                 func,
                 "the data the trajectory was recorded on, in its order",
                 "other values (rows or labels differ from the recorded ones: shuffled, relabelled or "
-                "preprocessed differently?). To replay the recorded run on other data use influence.retrain",
+                "preprocessed differently?). For the recorded schedule on other data use trajectory.replayed_on(x, y)",
             )
         )
     return as_model_inputs(trajectory.model, x), y

@@ -265,7 +265,7 @@ def unrolled(
             dy = seg_dy if dy is None else dy + seg_dy
     sample_weight_grad = np.asarray(dc)
     return UnrolledResult(
-        removal_effect=-trajectory.sample_weight * sample_weight_grad,
+        removal_effect=-trajectory.sample_weight.astype(sample_weight_grad.dtype) * sample_weight_grad,
         sample_weight_grad=sample_weight_grad,
         input_grad=None if not input_grad else dx if host_dx else np.asarray(dx),
         label_grad=np.asarray(dy) if label_grad else None,

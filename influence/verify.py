@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ._validation import as_array, check_choice, describe, param_error
 from .checks import GradientCheck, as_float64, check_gradient
 from .model_function import ModelFunction
-from .trajectory import Trajectory, check_trajectory_data, retrain
+from .trajectory import Trajectory, check_trajectory_data, data_fingerprint, retrain
 
 
 def validation_loss(trajectory: Trajectory, weights: Sequence[Any], x_val: Any, y_val: Any) -> float:
@@ -164,10 +164,13 @@ def _sample_group(trajectory: Trajectory, indices: Any, func: str) -> np.ndarray
 def as_float64_trajectory(trajectory: Trajectory, x_train: np.ndarray, y_train: np.ndarray) -> Trajectory:
     """The same recorded run (batches, rates, seeds, initial weights) replayed on a float64 copy of the model.
 
-    Returns ``trajectory`` itself when it already runs in float64.
+    Returns ``trajectory`` itself when it already runs in float64. On the recorded data the
+    replay must end where the recorded run ended, up to round-off (else ValueError: a float64
+    check of it would check another run); on other data it is the recorded schedule replayed there.
     """
     if trajectory.model.trainable_variables[0].dtype == "float64":
-        return trajectory
+        same_data = trajectory.data_fingerprint == data_fingerprint(x_train, y_train)
+        return trajectory if same_data else trajectory.replayed_on(x_train, y_train)
     initial = [np.asarray(w, np.float64) for w in trajectory.initial_weights]
     traj64 = replace(
         trajectory,
@@ -179,7 +182,10 @@ def as_float64_trajectory(trajectory: Trajectory, x_train: np.ndarray, y_train: 
         _program_cache={},
     )
     traj64.final_weights = retrain(traj64, x_train, y_train)
-    _check_same_run(trajectory, traj64.final_weights)
+    if trajectory.data_fingerprint == data_fingerprint(x_train, y_train):
+        _check_same_run(trajectory, traj64.final_weights)
+    else:  # the recorded schedule on other data: a run on that data
+        traj64.data_fingerprint = data_fingerprint(x_train, y_train)
     return traj64
 
 

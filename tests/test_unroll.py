@@ -481,3 +481,17 @@ def test_reprs_summarise_arrays_instead_of_printing_them(data):
         assert len(text) < 1000 and "\n" not in text, text
     assert "loss='sparse_categorical_crossentropy'" in repr(traj) and "final_weights=[4 arrays]" in repr(traj)
     assert "input_grad=array(shape=(13, 5), dtype=float64)" in repr(res)
+
+
+def test_the_recorded_schedule_replayed_on_modified_data_is_a_run_on_that_data(data):
+    x, y, xv, yv = data
+    traj = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=SGD(0.3), batch_size=5, epochs=2)
+    poisoned = x.copy()
+    poisoned[[1, 4]] += 0.5
+    run = traj.replayed_on(poisoned, y)
+    assert all(np.array_equal(a, b) for a, b in zip(run.final_weights, inf.retrain(traj, poisoned, y)))
+    assert run.weights_history is None and traj.weights_history is not None
+    res = inf.unrolled(run, poisoned, y, xv, yv)  # the recorded trajectory refuses these inputs
+    assert res.input_grad.shape == x.shape
+    assert inf.check_unrolled(run, poisoned, y, xv, yv, 4).ok
+    assert inf.as_float64_trajectory(traj, poisoned, y).data_fingerprint == run.data_fingerprint
