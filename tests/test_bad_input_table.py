@@ -45,6 +45,12 @@ def _bn_model():
     )
 
 
+def _two_input_model():
+    a, b = keras.Input((3,), dtype="float64"), keras.Input((2,), dtype="float64")
+    joined = keras.layers.Concatenate()([a, b])
+    return keras.Model([a, b], keras.layers.Dense(3, activation="softmax", dtype="float64")(joined))
+
+
 # (what the user did, call, exception type, the message's distinctive part)
 CASES = [
     (
@@ -151,6 +157,24 @@ CASES = [
         "The 'x_train' parameter of unrolled must be the data the trajectory was recorded on (8 samples of shape (5,)).",
     ),
     (
+        "shuffled or relabelled training data",
+        lambda: inf.unrolled(_traj(), X[::-1], Y[::-1], XV, YV),
+        ValueError,
+        "The 'x_train' parameter of unrolled must be the data the trajectory was recorded on, in its order.",
+    ),
+    (
+        "one-hot labels with a sparse loss",
+        lambda: inf.fit(_model(), X, np.eye(3)[Y], loss=LOSS),
+        ValueError,
+        "The 'y_train' parameter of fit must be class indices, one per sample, for a sparse (integer-label) loss.",
+    ),
+    (
+        "two-input model",
+        lambda: inf.fit(_two_input_model(), X, Y, loss=LOSS),
+        ValueError,
+        "The 'model' parameter of fit must be a model with one input and one output. Got a model with 2 inputs;",
+    ),
+    (
         "unknown memory strategy",
         lambda: inf.unrolled(_traj(), X, Y, XV, YV, strategy="fast"),
         ValueError,
@@ -185,6 +209,12 @@ CASES = [
         lambda: inf.optimize_training_inputs(_traj(), X, Y, XV, YV, [0], target="labels"),
         ValueError,
         "The 'target' parameter of optimize_training_inputs must be 'inputs' for a run on class-index labels",
+    ),
+    (
+        "standardized inputs in the default [0, 1] box",
+        lambda: inf.optimize_training_inputs(_traj(), X, Y, XV, YV, [0]),
+        ValueError,
+        "The 'bounds' parameter of optimize_training_inputs must be a (low, high) box that holds the starting inputs",
     ),
     (
         "missing saved trajectory",
