@@ -62,9 +62,7 @@ class ModelFunction:
         _check_single_input_and_output(model, func)
         _check_input_precision(model, self.dtype, func)
         self.non_trainable = [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables]
-        self._seed_slots = [
-            i for i, v in enumerate(model.non_trainable_variables) if v.path.endswith(_SEED_STATE_SUFFIX)
-        ]
+        self._seed_slots = seed_state_slots(model)
 
     @property
     def weights(self) -> list[tf.Tensor]:
@@ -101,6 +99,11 @@ class ModelFunction:
         with exact_ops():
             outputs, _ = self.model.stateless_call(list(weights), self.state_for_seed(seed), x, training=training)
         return outputs
+
+
+def seed_state_slots(model: keras.Model) -> list[int]:
+    """Positions in ``model.non_trainable_variables`` of the random layers' seed states (dropout, noise)."""
+    return [i for i, v in enumerate(model.non_trainable_variables) if v.path.endswith(_SEED_STATE_SUFFIX)]
 
 
 def _check_single_input_and_output(model: keras.Model, func: str) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from ._validation import describe, param_error
 from .losses import BUILT_IN, get_loss
+from .model_function import seed_state_slots
 from .optimizers import SGD, Adam, Optimizer, RMSprop
 from .trajectory import Trajectory
 
@@ -116,11 +117,7 @@ def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] |
     if meta.get("format") not in (1, FORMAT_VERSION):
         raise ValueError(param_error("path", func, f"a trajectory of format {FORMAT_VERSION}", meta.get("format")))
     model = keras.saving.load_model(needed[0], custom_objects=custom_objects, compile=False)
-    if (
-        meta["format"] == 1
-        and meta["training"]
-        and any(v.path.endswith("seed_generator_state") for v in model.variables)
-    ):
+    if meta["format"] == 1 and meta["training"] and seed_state_slots(model):
         # Format 1 drew dropout/noise with TensorFlow's generator, whose numbers this version no longer uses.
         raise ValueError(
             param_error(
