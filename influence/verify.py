@@ -164,28 +164,19 @@ def _sample_group(trajectory: Trajectory, indices: Any, func: str) -> np.ndarray
 def as_float64_trajectory(trajectory: Trajectory, x_train: np.ndarray, y_train: np.ndarray) -> Trajectory:
     """The same recorded run (batches, rates, seeds, initial weights) replayed on a float64 copy of the model.
 
-    Returns ``trajectory`` itself when it already runs in float64. On the recorded data the
-    replay must end where the recorded run ended, up to round-off (else ValueError: a float64
-    check of it would check another run); on other data it is the recorded schedule replayed there.
+    Returns ``trajectory`` itself when it already runs in float64 on its recorded data. On the
+    recorded data the replay must end where the recorded run ended, up to round-off (else
+    ValueError: a float64 check of it would check another run); on other data it is the recorded
+    schedule replayed there (:meth:`Trajectory.replayed_on`).
     """
+    same_data = trajectory.data_fingerprint == data_fingerprint(x_train, y_train)
     if trajectory.model.trainable_variables[0].dtype == "float64":
-        same_data = trajectory.data_fingerprint == data_fingerprint(x_train, y_train)
         return trajectory if same_data else trajectory.replayed_on(x_train, y_train)
     initial = [np.asarray(w, np.float64) for w in trajectory.initial_weights]
-    traj64 = replace(
-        trajectory,
-        model=as_float64(trajectory.model),
-        initial_weights=initial,
-        final_weights=initial,
-        weights_history=None,
-        state_history=None,
-        _program_cache={},
-    )
-    traj64.final_weights = retrain(traj64, x_train, y_train)
-    if trajectory.data_fingerprint == data_fingerprint(x_train, y_train):
+    float64_run = replace(trajectory, model=as_float64(trajectory.model), initial_weights=initial, _program_cache={})
+    traj64 = float64_run.replayed_on(x_train, y_train)
+    if same_data:
         _check_same_run(trajectory, traj64.final_weights)
-    else:  # the recorded schedule on other data: a run on that data
-        traj64.data_fingerprint = data_fingerprint(x_train, y_train)
     return traj64
 
 
