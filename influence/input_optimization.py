@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ._inputs import prepare
 from ._summary import compact_repr
 from ._validation import as_array, check_choice, check_positive, describe, param_error
-from .optimizers import SGD, Adam, Optimizer, RMSprop
+from .optimizers import Adam, Optimizer, get_optimizer
 from .trajectory import Trajectory, check_trajectory_data
 from .unroll import unrolled
 
@@ -118,23 +118,10 @@ def outer_optimizer_named(outer_optimizer: Any, func: str) -> Optimizer:
     about the rate); plain SGD scales with the hypergradient and usually needs an instance
     with a larger rate.
     """
-    if isinstance(outer_optimizer, Optimizer):
-        return outer_optimizer
-    rate = OUTER_LEARNING_RATE
-    names = {"sgd": SGD(rate), "momentum": SGD(rate, momentum=0.9), "rmsprop": RMSprop(rate), "adam": Adam(rate)}
     if outer_optimizer is None:
-        return names["adam"]
-    if isinstance(outer_optimizer, str) and outer_optimizer in names:
-        return names[outer_optimizer]
-    keras_optimizer = hasattr(outer_optimizer, "get_config")
-    raise ValueError(
-        param_error(
-            "outer_optimizer",
-            func,
-            "None, an influence.optimizers optimizer (SGD, RMSprop, Adam) or one of 'sgd', 'momentum', 'rmsprop', "
-            "'adam'",
-            f"{type(outer_optimizer).__name__} (a Keras optimizer)" if keras_optimizer else describe(outer_optimizer),
-        )
+        return Adam(OUTER_LEARNING_RATE)
+    return get_optimizer(
+        outer_optimizer, func=func, param="outer_optimizer", learning_rate=OUTER_LEARNING_RATE, also="None, "
     )
 
 
@@ -195,8 +182,9 @@ def optimize_training_inputs(
         indices: training samples to change (int array).
         goal: ``"poison"`` raises E, ``"repair"`` lowers it.
         target: ``"inputs"``, ``"labels"`` or ``"both"``.
-        outer_optimizer: :mod:`influence.optimizers` instance, or one of ``"sgd"``,
-            ``"momentum"``, ``"rmsprop"``, ``"adam"``; its learning rate is the outer
+        outer_optimizer: :mod:`influence.optimizers` instance, or a name as for
+            :func:`influence.fit` (``"sgd"``, ``"momentum"``, ``"nesterov"``, ``"rmsprop"``,
+            ``"adam"``); its learning rate is the outer
             step size. Default ``Adam(0.1)``; a name gets the same rate, 0.1
             (``OUTER_LEARNING_RATE``). Adam and RMSprop move each coordinate by about
             their rate, which suits pixels in [0, 1]; hypergradients are tiny and

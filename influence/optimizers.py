@@ -192,25 +192,35 @@ class Adam(Optimizer):
         return new, first + second
 
 
-def get_optimizer(optimizer: Any, *, func: str) -> Optimizer:
-    """An :class:`Optimizer` as given, or one named 'sgd', 'momentum', 'nesterov', 'rmsprop', 'adam' (any case)."""
+# Optimizers by name: the rule and its default learning rate.
+_NAMED: dict[str, tuple[Callable[[float], Optimizer], float]] = {
+    "sgd": (lambda rate: SGD(rate), 0.1),
+    "momentum": (lambda rate: SGD(rate, momentum=0.9), 0.1),
+    "nesterov": (lambda rate: SGD(rate, momentum=0.9, nesterov=True), 0.1),
+    "rmsprop": (lambda rate: RMSprop(rate), 0.001),
+    "adam": (lambda rate: Adam(rate), 0.001),
+}
+
+
+def get_optimizer(
+    optimizer: Any, *, func: str, param: str = "optimizer", learning_rate: float | None = None, also: str = ""
+) -> Optimizer:
+    """An :class:`Optimizer` as given, or one named 'sgd', 'momentum', 'nesterov', 'rmsprop', 'adam' (any case).
+
+    ``learning_rate`` sets the rate of a named one (default: 0.1 for SGD, 0.001 for RMSprop and
+    Adam); ``param`` and ``also`` (other accepted values, e.g. "None, ") shape the error message.
+    """
     if isinstance(optimizer, Optimizer):
         return optimizer
-    names = {
-        "sgd": SGD(0.1),
-        "momentum": SGD(0.1, momentum=0.9),
-        "nesterov": SGD(0.1, momentum=0.9, nesterov=True),
-        "rmsprop": RMSprop(0.001),
-        "adam": Adam(0.001),
-    }
-    if isinstance(optimizer, str) and optimizer.lower() in names:
-        return names[optimizer.lower()]
+    if isinstance(optimizer, str) and optimizer.lower() in _NAMED:
+        make, default_rate = _NAMED[optimizer.lower()]
+        return make(default_rate if learning_rate is None else learning_rate)
     raise ValueError(
         param_error(
-            "optimizer",
+            param,
             func,
-            "an influence.optimizers optimizer (SGD, RMSprop, Adam) or one of 'sgd', 'momentum', 'nesterov', "
-            "'rmsprop', 'adam'",
+            f"{also}an influence.optimizers optimizer (SGD, RMSprop, Adam) or one of "
+            + ", ".join(f"'{name}'" for name in _NAMED),
             describe(optimizer)
             if not hasattr(optimizer, "get_config")
             else f"{type(optimizer).__name__} (a Keras optimizer)",
