@@ -40,6 +40,7 @@ import tensorflow as tf
 _state = threading.local()
 _install_lock = threading.Lock()
 _ORIGINALS: dict[str, Callable[..., Any]] = {}
+_installed = False
 
 
 def exact_moments(x, axes, shift=None, keepdims=False, name=None):
@@ -144,13 +145,16 @@ def _dispatcher(key: str) -> Callable[..., Any]:
 
 def _install() -> None:
     """Put the dispatchers in place once; outside :func:`exact_ops` they call TensorFlow's originals."""
+    global _installed
+    if _installed:  # every model call enters exact_ops: no lock once installed
+        return
     with _install_lock:
-        if _ORIGINALS:
+        if _installed:
             return
         for key, (module, attribute, _replacement) in _REPLACEMENTS.items():
             _ORIGINALS[key] = getattr(module, attribute)
-        for key, (module, attribute, _replacement) in _REPLACEMENTS.items():
             setattr(module, attribute, _dispatcher(key))
+        _installed = True  # only now: another thread must not skip a half-done installation
 
 
 @contextlib.contextmanager
