@@ -62,20 +62,29 @@ def read_npz(path: Path, param: str, command: str) -> dict[str, np.ndarray]:
         raise _usage(param, command, "a readable .npz file (numpy.savez)", f"{str(path)!r} ({exc})") from exc
 
 
-def _clean(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _clean(arrays: dict[str, np.ndarray], class_labels: bool) -> dict[str, np.ndarray]:
+    """Integer inputs as float32; integral float labels as ints where the loss takes class indices.
+
+    A CSV reads every column as float. Regression targets that happen to be integral (counts,
+    scores) stay floats for the other losses, so dE/dy (``label_grad``) exists for them.
+    """
     out = dict(arrays)
     for key in ("x_train", "x_val"):
         if key in out and np.issubdtype(out[key].dtype, np.integer):
             out[key] = out[key].astype(np.float32)
     for key in ("y_train", "y_val"):
         y = out.get(key)
-        if y is not None and np.issubdtype(y.dtype, np.floating) and y.ndim == 1 and np.all(y == np.round(y)):
+        integral = y is not None and np.issubdtype(y.dtype, np.floating) and y.ndim == 1 and np.all(y == np.round(y))
+        if class_labels and integral:
             out[key] = y.astype(np.int64)
     return out
 
 
 def load_data(args: argparse.Namespace, command: str, *, need_val: bool) -> dict[str, np.ndarray]:
-    """``x_train``, ``y_train`` (and ``x_val``, ``y_val``, optional ``noisy``, ``columns``) from --data / --val."""
+    """``x_train``, ``y_train`` (and ``x_val``, ``y_val``, optional ``noisy``, ``columns``) from --data / --val.
+
+    Integral float labels become ints for ``--loss sparse_categorical_crossentropy`` only.
+    """
     data_path = _existing(args.data, "data", command, (".npz", ".csv"))
     if data_path.suffix.lower() == ".csv":
         table = read_table_file(str(data_path), "data", command, args.label_column)
@@ -97,7 +106,7 @@ def load_data(args: argparse.Namespace, command: str, *, need_val: bool) -> dict
             arrays.update(x_val=val["x_val"], y_val=val["y_val"])
     if need_val and ("x_val" not in arrays or "y_val" not in arrays):
         raise _usage("val", command, "a file with x_val and y_val (or those arrays in --data)", "no validation data")
-    return _clean(arrays)
+    return _clean(arrays, class_labels=getattr(args, "loss", None) == "sparse_categorical_crossentropy")
 
 
 def load_model(path: str, command: str) -> Any:

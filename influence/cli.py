@@ -23,7 +23,15 @@ from ._validation import describe
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
-LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "mse")
+LOSSES = (
+    "sparse_categorical_crossentropy",
+    "categorical_crossentropy",
+    "binary_crossentropy",
+    "mse",
+    "mae",
+    "huber",
+    "log_cosh",
+)
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "rmsprop": 0.001, "adam": 0.001}
 NOT_BENCHMARKS = {"screenshot"}  # helper scripts under benchmarks/ that `bench` runs only by name
 DATA_FORMATS = """data files:
@@ -33,7 +41,8 @@ DATA_FORMATS = """data files:
   .csv: a header row, numeric columns, one sample per row; the label is the last
        column unless --label-column NAME names another; validation data in --val
        (same columns).
-  Integer inputs are cast to float32; integral float labels are cast to int. Inputs of
+  Integer inputs are cast to float32; integral float labels are cast to int for
+  sparse_categorical_crossentropy (regression targets stay floats). Inputs of
   shape (n, H, W) or (n, H, W, C), or --image-shape, give an image grid in the report."""
 
 

@@ -10,6 +10,7 @@ float64 end to end. Keras loss objects and names are translated to these.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,9 +25,42 @@ _PROBABILITY_FLOOR = 1e-7
 PerSampleLoss = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 
+def _per_sample_mean(per_output: tf.Tensor) -> tf.Tensor:
+    """Mean over every axis but the batch axis: (B, ...) -> (B,)."""
+    return tf.reduce_mean(tf.reshape(per_output, [tf.shape(per_output)[0], -1]), axis=1)
+
+
+def _residual(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    return y_pred - tf.cast(tf.reshape(y_true, tf.shape(y_pred)), y_pred.dtype)
+
+
 def _mse(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-    diff = y_pred - tf.cast(tf.reshape(y_true, tf.shape(y_pred)), y_pred.dtype)
-    return tf.reduce_mean(tf.reshape(diff * diff, [tf.shape(diff)[0], -1]), axis=1)
+    diff = _residual(y_true, y_pred)
+    return _per_sample_mean(diff * diff)
+
+
+def _mae(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    # Not differentiable where a residual is exactly 0 (TensorFlow takes sign(0) = 0 there);
+    # its second derivative is 0 elsewhere, so H·v comes from the model alone.
+    return _per_sample_mean(tf.abs(_residual(y_true, y_pred)))
+
+
+def _log_cosh(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    # log cosh d = d + softplus(−2d) − log 2: no overflow of cosh for large |d| (Keras's form).
+    diff = _residual(y_true, y_pred)
+    return _per_sample_mean(diff + tf.nn.softplus(-2.0 * diff) - tf.cast(math.log(2.0), diff.dtype))
+
+
+@functools.cache  # one function per delta: equal Loss objects share compiled programs
+def _huber(delta: float) -> PerSampleLoss:
+    def loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        # ½d² inside |d| ≤ δ, δ(|d| − ½δ) outside: once differentiable at |d| = δ, where the
+        # second derivative jumps from 1 to 0 (finite differences straddling it disagree).
+        size = tf.abs(_residual(y_true, y_pred))
+        d = tf.cast(delta, size.dtype)
+        return _per_sample_mean(tf.where(size <= d, 0.5 * size * size, d * size - 0.5 * d * d))
+
+    return loss
 
 
 @functools.cache  # one function per setting: equal Loss objects share compiled programs
@@ -68,7 +102,7 @@ def _binary_ce(from_logits: bool) -> PerSampleLoss:
             floor = tf.cast(_PROBABILITY_FLOOR, y_pred.dtype)
             p = tf.clip_by_value(y_pred, floor, 1 - floor)
             per_output = -(target * tf.math.log(p) + (1 - target) * tf.math.log(1 - p))
-        return tf.reduce_mean(tf.reshape(per_output, [tf.shape(per_output)[0], -1]), axis=1)
+        return _per_sample_mean(per_output)
 
     return loss
 
@@ -103,15 +137,25 @@ class Loss:
 BUILT_IN = (
     "mse",
     "mean_squared_error",
+    "mae",
+    "mean_absolute_error",
+    "huber",
+    "log_cosh",
     "sparse_categorical_crossentropy",
     "categorical_crossentropy",
     "binary_crossentropy",
 )
 
 
-def _by_name(name: str, from_logits: bool) -> Loss:
+def _by_name(name: str, from_logits: bool, delta: float = 1.0) -> Loss:
     if name in ("mse", "mean_squared_error"):
         return Loss("mse", _mse, continuous_labels=True)
+    if name in ("mae", "mean_absolute_error"):
+        return Loss("mae", _mae, continuous_labels=True)
+    if name == "huber":
+        return Loss("huber", _huber(float(delta)), continuous_labels=True)
+    if name == "log_cosh":
+        return Loss(name, _log_cosh, continuous_labels=True)
     if name == "sparse_categorical_crossentropy":
         return Loss(
             name, _sparse_ce(from_logits), continuous_labels=False, integer_labels=True, from_logits=from_logits
@@ -125,6 +169,9 @@ def _by_name(name: str, from_logits: bool) -> Loss:
 
 _KERAS_CLASSES = {
     "MeanSquaredError": "mse",
+    "MeanAbsoluteError": "mae",
+    "Huber": "huber",
+    "LogCosh": "log_cosh",
     "SparseCategoricalCrossentropy": "sparse_categorical_crossentropy",
     "CategoricalCrossentropy": "categorical_crossentropy",
     "BinaryCrossentropy": "binary_crossentropy",
@@ -134,9 +181,10 @@ _KERAS_CLASSES = {
 def get_loss(loss: object, *, func: str = "get_loss", from_logits: bool = False) -> Loss:
     """Translate a loss given by the user into a dtype-preserving :class:`Loss`.
 
-    Accepts a :class:`Loss`, a name (``"mse"``, ``"sparse_categorical_crossentropy"``,
-    ``"categorical_crossentropy"``, ``"binary_crossentropy"``), a Keras 3 loss
-    object of those classes (its ``from_logits`` is honoured), or a callable
+    Accepts a :class:`Loss`, a name (``"mse"``, ``"mae"``, ``"huber"`` (δ = 1),
+    ``"log_cosh"``, ``"sparse_categorical_crossentropy"``, ``"categorical_crossentropy"``,
+    ``"binary_crossentropy"``), a Keras 3 loss object of those classes (its
+    ``from_logits`` and Huber's ``delta`` are honoured), or a callable
     ``(y_true, y_pred) -> per-sample losses (B,)`` that the caller guarantees
     keeps its input's dtype.
     """
@@ -157,8 +205,10 @@ def get_loss(loss: object, *, func: str = "get_loss", from_logits: bool = False)
                     f"keras.losses.{cls}",
                 )
             )
-        logits = bool(getattr(loss, "from_logits", False) or loss.get_config().get("from_logits"))
-        return _by_name(_KERAS_CLASSES[cls], logits)
+        # Keras 3 keeps a LossFunctionWrapper's options (Huber's delta) in _fn_kwargs, not in its config.
+        options = {**getattr(loss, "_fn_kwargs", {}), **loss.get_config()}
+        logits = bool(getattr(loss, "from_logits", False) or options.get("from_logits"))
+        return _by_name(_KERAS_CLASSES[cls], logits, delta=options.get("delta", 1.0))
     if callable(loss):
         name = getattr(loss, "__name__", "custom")
         return Loss(name, loss, continuous_labels=True)  # type: ignore[arg-type]

@@ -451,3 +451,16 @@ def test_killed_run_resumes_to_identical_results(files, tmp_path):
     assert finish(start(base + ["--out", reference], files))[0] == 0
     for name in ("scores.csv", "verification.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(reference / name))
+
+
+@pytest.mark.parametrize(
+    ("loss", "label_dtype"), [("sparse_categorical_crossentropy", np.int64), ("mse", np.float64), ("huber", np.float64)]
+)
+def test_integral_csv_labels_are_class_indices_only_for_the_sparse_loss(tmp_path, loss, label_dtype):
+    # A CSV reads every column as float: integral regression targets (counts, scores) must stay floats.
+    pd.DataFrame({"a": [0.5, 1.5, 2.5], "target": [3.0, 140.0, 25.0]}).to_csv(tmp_path / "d.csv", index=False)
+    args = cli.build_parser().parse_args(
+        ["rank", "--model", "m.keras", "--data", str(tmp_path / "d.csv"), "--loss", loss]
+    )
+    data = cli.load_data(args, "rank", need_val=False)
+    assert data["y_train"].dtype == label_dtype and data["y_train"].tolist() == [3, 140, 25]

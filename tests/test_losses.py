@@ -1,0 +1,55 @@
+"""Built-in per-sample losses: Keras's values, float64 kept, exact hypergradients through them."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import mlp
+
+import influence as inf
+from influence.losses import get_loss
+from influence.optimizers import SGD
+
+REGRESSION = {
+    "mse": keras.losses.MeanSquaredError,
+    "mae": keras.losses.MeanAbsoluteError,
+    "huber": keras.losses.Huber,
+    "log_cosh": keras.losses.LogCosh,
+}
+
+
+@pytest.mark.parametrize("name", list(REGRESSION))
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_regression_losses_equal_keras_per_sample_and_stay_float64(name, outputs):
+    rng = np.random.default_rng(0)
+    # Residuals up to ±4 cross Huber's δ = 1 on both sides.
+    y_true, y_pred = rng.normal(size=(6, outputs)), 2.0 * rng.normal(size=(6, outputs))
+    keras_loss = REGRESSION[name](reduction=None, dtype="float64")
+    expected = keras_loss(y_true, y_pred).numpy()
+    for spelled in (name, REGRESSION[name]()):
+        got = get_loss(spelled)(tf.constant(y_true), tf.constant(y_pred))
+        assert got.dtype == tf.float64 and got.shape == (6,)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_huber_delta_is_honoured():
+    y_true, y_pred = np.zeros((4, 1)), np.array([[0.2], [0.9], [1.5], [-3.0]])
+    for delta in (0.5, 2.0):
+        expected = keras.losses.Huber(delta=delta, reduction=None, dtype="float64")(y_true, y_pred).numpy()
+        got = get_loss(keras.losses.Huber(delta=delta))(tf.constant(y_true), tf.constant(y_pred)).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert get_loss(keras.losses.Huber(delta=0.5)) != get_loss(keras.losses.Huber(delta=2.0))
+
+
+@pytest.mark.parametrize("loss", ["huber", "log_cosh"])
+def test_unrolled_through_robust_regression_losses_matches_retraining(loss):
+    rng = np.random.default_rng(3)
+    x, xv = rng.normal(size=(10, 4)), rng.normal(size=(6, 4))
+    # Targets of scale 2: some residuals beyond Huber's δ = 1 (its linear part is exercised).
+    y, yv = 2.0 * rng.normal(size=(10, 2)), 2.0 * rng.normal(size=(6, 2))
+    traj = inf.fit(mlp(4, 2), x, y, loss=loss, optimizer=SGD(0.1, momentum=0.5), batch_size=4, epochs=2, seed=0)
+    res = inf.unrolled(traj, x, y, xv, yv)
+    assert res.label_grad is not None and res.label_grad.shape == y.shape
+    for wrt in ("inputs", "labels", "sample_weights"):
+        chk = inf.check_unrolled(traj, x, y, xv, yv, 1, wrt=wrt, h=1e-4)
+        assert chk.ok and chk.max_rel_error <= 1e-5, (wrt, chk)
