@@ -74,8 +74,9 @@ def _clean(arrays: dict[str, np.ndarray], class_labels: bool) -> dict[str, np.nd
             out[key] = out[key].astype(np.float32)
     for key in ("y_train", "y_val"):
         y = out.get(key)
-        integral = y is not None and np.issubdtype(y.dtype, np.floating) and y.ndim == 1 and np.all(y == np.round(y))
-        if class_labels and integral:
+        if y is None or not class_labels:
+            continue
+        if np.issubdtype(y.dtype, np.floating) and y.ndim == 1 and np.all(y == np.round(y)):
             out[key] = y.astype(np.int64)
     return out
 
