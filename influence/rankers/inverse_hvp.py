@@ -7,7 +7,8 @@ Strategy objects (add a class to add a solver):
 - :class:`LiSSA` (Agarwal et al. 2017, as used by Koh & Liang 2017): the
   stochastic Neumann series h ← b + (I − (H + λI)/scale) h on mini-batches,
   result h / scale. ``scale=None`` picks it automatically from the largest
-  eigenvalue of H + λI (power iteration), so that the series converges.
+  eigenvalue (Lanczos) of H + λI and of a few mini-batch Hessians, whose spectra
+  are wider than the full one's, so that the series converges.
 """
 
 from __future__ import annotations
@@ -23,15 +24,26 @@ from .. import _tree
 from .._validation import describe, param_error
 from ._samples import SampleOps
 
+MAX_CONDITION = 100.0
+
 
 def auto_damping(lowest: float, highest: float) -> float:
-    """Damping that makes H + λI positive definite with a condition number ≤ 100:
-    λ = max(0.01·λ_max, 1.1·max(0, −λ_min))  (non-convex nets have λ_min < 0)."""
-    return max(0.01 * abs(highest), 1.1 * max(0.0, -lowest), 1e-12)
+    """Damping that makes H + λI positive definite with a condition number ≤ 100.
+
+    (λ_max + λ)/(λ_min + λ) ≤ 100 needs λ ≥ (λ_max − 100·λ_min)/99; non-convex nets have
+    λ_min < 0, and λ ≥ 1.1·(−λ_min) keeps a margin where Lanczos' λ_min (a Ritz value, never
+    below the true one) is not yet converged. (With λ_max ≤ 8.9·|λ_min| that margin decides,
+    and the condition number is then 10·λ_max/|λ_min| + 11 ≤ 100.)
+    """
+    needed = (highest - MAX_CONDITION * lowest) / (MAX_CONDITION - 1.0)
+    return max(needed, 1.1 * max(0.0, -lowest), 1e-12)
 
 
-def extreme_eigenvalues(ops: SampleOps, w: list[tf.Tensor], steps: int = 40, seed: int = 0) -> tuple[float, float]:
-    """(λ_min, λ_max) of H from a Lanczos run with full reorthogonalisation.
+def extreme_eigenvalues(
+    ops: SampleOps, w: list[tf.Tensor], steps: int = 40, seed: int = 0, indices: np.ndarray | None = None
+) -> tuple[float, float]:
+    """(λ_min, λ_max) of H (of the samples ``indices``, default all) from a Lanczos run with full
+    reorthogonalisation.
 
     Lanczos' Ritz values converge fastest at both ends of the spectrum, which is
     what damping needs; power iteration on H − μI converges far too slowly there.
@@ -46,7 +58,8 @@ def extreme_eigenvalues(ops: SampleOps, w: list[tf.Tensor], steps: int = 40, see
     alphas, betas = [], []
     for k in range(steps):
         basis[k] = q
-        hq = _tree.flatten(ops.hvp(w, _tree.unflatten(tf.constant(q, ops.dtype), w))).numpy().astype(np.float64)
+        v = _tree.unflatten(tf.constant(q, ops.dtype), w)
+        hq = _tree.flatten(ops.hvp(w, v, indices=indices)).numpy().astype(np.float64)
         alphas.append(float(q @ hq))
         hq -= basis[: k + 1].T @ (basis[: k + 1] @ hq)  # full reorthogonalisation
         beta = float(np.linalg.norm(hq))
@@ -58,6 +71,10 @@ def extreme_eigenvalues(ops: SampleOps, w: list[tf.Tensor], steps: int = 40, see
         np.diag(alphas) + np.diag(betas[: len(alphas) - 1], 1) + np.diag(betas[: len(alphas) - 1], -1)
     )
     return float(ritz[0]), float(ritz[-1])
+
+
+def _indefinite(lowest: float, damping: float) -> ValueError:
+    return ValueError(param_error("damping", "rank", f"above {-lowest:.3g} (H has negative eigenvalues)", damping))
 
 
 class InverseHVP(ABC):
@@ -108,9 +125,7 @@ class Exact(InverseHVP):
         values, vectors = self._eigen(ops, w)
         shifted = values + damping
         if np.any(shifted <= 0):
-            raise ValueError(
-                param_error("damping", "rank", f"above {-values.min():.3g} (H has negative eigenvalues)", damping)
-            )
+            raise _indefinite(float(values.min()), damping)
         rhs = _tree.flatten(b).numpy()
         solution = vectors @ ((vectors.T @ rhs) / shifted)
         return _tree.unflatten(tf.constant(solution, ops.dtype), w)
@@ -160,18 +175,39 @@ class ConjugateGradient(InverseHVP):
 
 @dataclass(frozen=True)
 class LiSSA(InverseHVP):
-    """Stochastic Neumann series on mini-batches; ``scale=None`` chooses it by power iteration."""
+    """Stochastic Neumann series on mini-batches; ``scale=None`` chooses it from Lanczos spectra.
+
+    The automatic scale is 1.1 × the largest eigenvalue of H + λI over the full Hessian and
+    ``scale_batches`` mini-batch Hessians (20 Lanczos steps each): a mini-batch Hessian's
+    spectrum is wider than the full one's, and a scale from the full one alone let the series
+    blow up for small batches. The result is still a stochastic estimate: average ``repeats``
+    runs, or use ``Exact``/``ConjugateGradient`` where they fit.
+    """
 
     depth: int = 1000
     batch_size: int = 100
     scale: float | None = None
     repeats: int = 1
     seed: int = 0
+    scale_batches: int = 5
     name = "lissa"
 
+    def automatic_scale(self, ops: SampleOps, w: list[tf.Tensor], damping: float, highest: float) -> float:
+        """1.1 × the largest eigenvalue of H + λI (``highest`` + λ) and of ``scale_batches`` mini-batch H_B + λI."""
+        if self.batch_size < ops.n:
+            rng = np.random.default_rng(self.seed + 1)  # not the series' own draws
+            for k in range(self.scale_batches):
+                batch = rng.choice(ops.n, size=self.batch_size, replace=False)
+                highest = max(highest, extreme_eigenvalues(ops, w, steps=20, seed=k, indices=batch)[1])
+        return 1.1 * (highest + damping)
+
     def solve(self, ops, w, b, damping):
-        # The series converges when the spectrum of (H + λI)/scale lies in (0, 2).
-        scale = self.scale if self.scale is not None else 1.1 * (extreme_eigenvalues(ops, w)[1] + damping)
+        # The series converges when the spectrum of (H_B + λI)/scale lies in (0, 2) for the batches drawn:
+        # not at all where H + λI has a negative eigenvalue (it would return numbers of any size).
+        lowest, highest = extreme_eigenvalues(ops, w)
+        if lowest + damping <= 0:
+            raise _indefinite(lowest, damping)
+        scale = self.scale if self.scale is not None else self.automatic_scale(ops, w, damping, highest)
         rng = np.random.default_rng(self.seed)
         estimates = []
         for _ in range(self.repeats):
