@@ -210,6 +210,8 @@ def optimize_training_inputs(
     idx = as_array(indices, param="indices", func=func)
     if not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0 or idx.max() >= len(x):
         raise ValueError(param_error("indices", func, f"integer sample indices in [0, {len(x) - 1}]", describe(idx)))
+    if len(np.unique(idx)) != idx.size:  # a repeated row would count its predicted change twice
+        raise ValueError(param_error("indices", func, "distinct sample indices", describe(idx)))
     wants_labels = target in ("labels", "both")
     if wants_labels and not (trajectory.loss.continuous_labels and np.issubdtype(y.dtype, np.floating)):
         raise ValueError(

@@ -161,31 +161,38 @@ def _predicted_labels(trajectory: Trajectory, outputs: np.ndarray) -> np.ndarray
 def predicted_group_effect(table_or_effect: Any, groups: Sequence[Sequence[int]]) -> np.ndarray:
     """First-order effect of removing each group: the sum of its members' removal effects.
 
-    ``table_or_effect`` is a :func:`rank` table (with ``removal_effect``), an
-    :class:`~influence.UnrolledResult` or the (n,) removal-effect array. Verify with
-    :func:`influence.actual_removal_effect` on the same groups.
+    ``table_or_effect`` is a :func:`rank` table (with ``removal_effect``; its ``index``
+    column names the samples, so a shard's or a filtered table works for the samples it
+    holds), an :class:`~influence.UnrolledResult` or the (n,) removal-effect array. Groups
+    are lists of distinct sample indices. Verify with :func:`influence.actual_removal_effect`
+    on the same groups.
     """
+    func = "predicted_group_effect"
     if isinstance(table_or_effect, pd.DataFrame):
-        effect = table_or_effect.sort_values("index")["removal_effect"].to_numpy()
-    elif hasattr(table_or_effect, "removal_effect"):  # an UnrolledResult
-        effect = np.asarray(table_or_effect.removal_effect)
+        if not {"index", "removal_effect"} <= set(table_or_effect.columns):
+            raise ValueError(param_error("table_or_effect", func, "a rank table", "a DataFrame without them"))
+        effect_of = dict(zip(table_or_effect["index"].astype(np.int64), table_or_effect["removal_effect"]))
+        known = f"indices of the table's 'index' column ({len(effect_of)} samples)"
     else:
-        effect = as_array(table_or_effect, param="table_or_effect", func="predicted_group_effect")
-    if np.any(np.isnan(effect)):
+        if hasattr(table_or_effect, "removal_effect"):  # an UnrolledResult
+            effect = np.asarray(table_or_effect.removal_effect)
+        else:
+            effect = as_array(table_or_effect, param="table_or_effect", func=func).reshape(-1)
+        effect_of = dict(enumerate(effect))
+        known = f"indices in [0, {len(effect) - 1}]"
+    if any(np.isnan(v) for v in effect_of.values()):
         raise ValueError(
             param_error(
-                "table_or_effect",
-                "predicted_group_effect",
-                "a table with removal effects",
-                "a table without them (self_influence or loss)",
+                "table_or_effect", func, "a table with removal effects", "a table without them (self_influence or loss)"
             )
         )
     out = []
     for g in groups:
-        idx = np.atleast_1d(np.asarray(g, dtype=np.int64))
-        if idx.size == 0 or idx.min() < 0 or idx.max() >= len(effect):
-            raise ValueError(
-                param_error("groups", "predicted_group_effect", f"indices in [0, {len(effect) - 1}]", describe(idx))
-            )
-        out.append(float(effect[idx].sum()))
+        idx = np.atleast_1d(np.asarray(g))
+        valid = idx.size > 0 and idx.ndim == 1 and np.issubdtype(idx.dtype, np.integer)
+        if not valid or any(int(i) not in effect_of for i in idx):
+            raise ValueError(param_error("groups", func, known, describe(g)))
+        if len(np.unique(idx)) != idx.size:  # removing a sample twice is removing it once
+            raise ValueError(param_error("groups", func, "distinct sample indices in each group", describe(g)))
+        out.append(float(sum(effect_of[int(i)] for i in idx)))
     return np.asarray(out)

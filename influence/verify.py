@@ -158,6 +158,8 @@ def _sample_group(trajectory: Trajectory, indices: Any, func: str) -> np.ndarray
         raise ValueError(
             param_error("indices", func, f"sample indices in [0, {trajectory.n_train - 1}]", describe(indices))
         )
+    if len(np.unique(group)) != group.size:  # predicted_group_effect would count a repeat twice
+        raise ValueError(param_error("indices", func, "distinct sample indices in each group", describe(indices)))
     return group.astype(np.int64)
 
 

@@ -130,6 +130,7 @@ def test_adversarial_examples_raise_the_frozen_models_loss_within_the_budget(blo
             {"indices": [100]},
             r"'indices' parameter of optimize_training_inputs must be integer sample indices in \[0, 29\]",
         ),
+        ({"indices": [3, 3]}, "'indices' parameter of optimize_training_inputs must be distinct sample indices"),
         ({"steps": 0}, "'steps' parameter of optimize_training_inputs must be a positive int"),
         ({"bounds": (1, 0)}, "'bounds' parameter of optimize_training_inputs must be None or a"),
         ({"budget": -0.1}, "'budget' parameter of optimize_training_inputs must be a positive number"),

@@ -155,6 +155,22 @@ def test_group_effect_is_the_sum_of_members_and_is_verified_by_retraining(run):
         inf.predicted_group_effect(inf.rank(traj, x, y, method="loss"), groups)
 
 
+def test_group_effect_reads_sample_indices_from_a_shard_or_filtered_table(run):
+    traj, x, y, xv, yv = run
+    effect = inf.rank(traj, x, y, xv, yv).sort_values("index")["removal_effect"].to_numpy()
+    shard = inf.rank(traj, x, y, xv, yv, samples=[5, 10, 15])
+    assert np.allclose(inf.predicted_group_effect(shard, [[10], [5, 15]]), [effect[10], effect[5] + effect[15]])
+    top = inf.rank(traj, x, y, xv, yv).head(5)
+    first = int(top["index"].iloc[0])
+    assert inf.predicted_group_effect(top, [[first]])[0] == pytest.approx(effect[first])
+    with pytest.raises(ValueError, match="'groups' parameter of predicted_group_effect must be indices of the table"):
+        inf.predicted_group_effect(shard, [[1]])  # not in the shard (was read as the shard's row 1)
+    with pytest.raises(ValueError, match="must be distinct sample indices in each group"):
+        inf.predicted_group_effect(effect, [[3, 3]])
+    with pytest.raises(ValueError, match="'indices' parameter of actual_removal_effect must be distinct"):
+        inf.actual_removal_effect(traj, x, y, xv, yv, [[3, 3]], progress=False)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
