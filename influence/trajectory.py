@@ -251,8 +251,7 @@ def fit(
         raise ValueError(param_error("seed", func, "an int", describe(seed)))
     check_model_input(func, model, x)
     check_labels_for_loss(func, "y_train", y, per_sample, model)
-    c = np.ones(len(x)) if sample_weight is None else as_array(sample_weight, param="sample_weight", func=func)
-    check_same_length(func, x_train=x, sample_weight=c)
+    c = np.ones(len(x)) if sample_weight is None else per_sample_weights(sample_weight, len(x), func)
     training = True if training is None else bool(training)
     if distribute is not None and not isinstance(distribute, tf.distribute.Strategy):
         raise TypeError(param_error("distribute", func, "a tf.distribute.Strategy or None", describe(distribute)))
@@ -315,6 +314,20 @@ def _check_finite_weights(weights: list[np.ndarray], func: str) -> None:
         )
 
 
+def per_sample_weights(sample_weight: Any, n: int, func: str) -> np.ndarray:
+    """c as an (n,) array: (n,) or Keras's (n, 1) accepted, any other shape refused.
+
+    An (n, 1) array kept as it is would broadcast against the (B,) per-sample losses into a
+    (B, B) matrix and train another run silently.
+    """
+    c = as_array(sample_weight, param="sample_weight", func=func)
+    if c.shape not in ((n,), (n, 1)):
+        raise ValueError(
+            param_error("sample_weight", func, f"shape ({n},) (one weight per sample)", f"shape {c.shape}")
+        )
+    return c.reshape(n)
+
+
 def retrain(trajectory: Trajectory, x_train: Any, y_train: Any, *, sample_weight: Any = None) -> list[np.ndarray]:
     """Replay the recorded run (same batches, learning rates, dropout seeds) with other data or sample weights.
 
@@ -324,8 +337,7 @@ def retrain(trajectory: Trajectory, x_train: Any, y_train: Any, *, sample_weight
     """
     func = "retrain"
     x, y = check_trajectory_data(trajectory, x_train, y_train, func, recorded=False)
-    c = trajectory.sample_weight if sample_weight is None else as_array(sample_weight, param="sample_weight", func=func)
-    check_same_length(func, x_train=x, sample_weight=c)
+    c = trajectory.sample_weight if sample_weight is None else per_sample_weights(sample_weight, len(x), func)
     program = trajectory.program()
     w0, s0 = trajectory.initial_tensors()
     x_t, y_t, c_t = _data_tensors(program, x, y, c)

@@ -100,7 +100,7 @@ CASES = [
         "unknown loss",
         lambda: inf.fit(_model(), X, Y, loss="hinge"),
         ValueError,
-        "The 'loss' parameter of fit must be one of 'mse', 'mean_squared_error', 'sparse_categorical_crossentropy'",
+        "The 'loss' parameter of fit must be one of 'mse', 'mean_squared_error', 'mae', 'mean_absolute_error'",
     ),
     (
         "Keras optimizer instead of a pure one",

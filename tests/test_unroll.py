@@ -495,3 +495,18 @@ def test_the_recorded_schedule_replayed_on_modified_data_is_a_run_on_that_data(d
     assert res.input_grad.shape == x.shape
     assert inf.check_unrolled(run, poisoned, y, xv, yv, 4).ok
     assert inf.as_float64_trajectory(traj, poisoned, y).data_fingerprint == run.data_fingerprint
+
+
+def test_sample_weight_of_shape_n_by_1_is_one_weight_per_sample(data):
+    # Kept as (n, 1), it broadcast against the (B,) losses into a (B, B) matrix: another run, silently.
+    x, y, _, _ = data
+    runs = [
+        inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, batch_size=5, sample_weight=c)
+        for c in (np.linspace(0.5, 1.5, 13), np.linspace(0.5, 1.5, 13)[:, None])
+    ]
+    assert all(np.array_equal(a, b) for a, b in zip(runs[0].final_weights, runs[1].final_weights))
+    assert runs[1].sample_weight.shape == (13,)
+    with pytest.raises(ValueError, match=r"'sample_weight' parameter of fit must be shape \(13,\)"):
+        inf.fit(mlp(5, 3), x, y, loss=LOSS, batch_size=5, sample_weight=np.ones((13, 2)))
+    with pytest.raises(ValueError, match=r"'sample_weight' parameter of retrain must be shape \(13,\)"):
+        inf.retrain(runs[0], x, y, sample_weight=np.ones(12))
