@@ -118,6 +118,8 @@ class Loss:
             labels), so dE/dy exists (``label_grad``); False for integer labels.
         integer_labels: True when ``y`` holds class indices.
         from_logits: whether the model's outputs are logits (built-in losses).
+        options: the loss's other settings as (name, value) pairs, e.g.
+            ``(("delta", 0.3),)`` for Huber: what :func:`get_loss` needs to rebuild it.
     """
 
     name: str
@@ -125,6 +127,7 @@ class Loss:
     continuous_labels: bool
     integer_labels: bool = False
     from_logits: bool = False
+    options: tuple[tuple[str, float], ...] = ()
 
     def __call__(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         return self.per_sample(y_true, y_pred)
@@ -153,7 +156,7 @@ def _by_name(name: str, from_logits: bool, delta: float = 1.0) -> Loss:
     if name in ("mae", "mean_absolute_error"):
         return Loss("mae", _mae, continuous_labels=True)
     if name == "huber":
-        return Loss("huber", _huber(float(delta)), continuous_labels=True)
+        return Loss("huber", _huber(float(delta)), continuous_labels=True, options=(("delta", float(delta)),))
     if name == "log_cosh":
         return Loss(name, _log_cosh, continuous_labels=True)
     if name == "sparse_categorical_crossentropy":
@@ -178,13 +181,23 @@ _KERAS_CLASSES = {
 }
 
 
-def get_loss(loss: object, *, func: str = "get_loss", from_logits: bool = False) -> Loss:
+# Settings of Keras loss objects that the translated losses do not implement: refused, not dropped.
+_UNSUPPORTED_KERAS_OPTIONS = {
+    "label_smoothing": (0, 0.0, None),
+    "ignore_class": (None,),
+    "axis": (-1, None),
+    "reduction": ("sum_over_batch_size", "mean", None),  # 'sum' would scale the learning rate by the batch size
+}
+
+
+def get_loss(loss: object, *, func: str = "get_loss", from_logits: bool = False, delta: float = 1.0) -> Loss:
     """Translate a loss given by the user into a dtype-preserving :class:`Loss`.
 
     Accepts a :class:`Loss`, a name (``"mse"``, ``"mae"``, ``"huber"`` (δ = 1),
     ``"log_cosh"``, ``"sparse_categorical_crossentropy"``, ``"categorical_crossentropy"``,
     ``"binary_crossentropy"``), a Keras 3 loss object of those classes (its
-    ``from_logits`` and Huber's ``delta`` are honoured), or a callable
+    ``from_logits`` and Huber's ``delta`` are honoured; ``label_smoothing``, ``ignore_class``,
+    another ``axis`` or ``reduction="sum"`` are refused), or a callable
     ``(y_true, y_pred) -> per-sample losses (B,)`` that the caller guarantees
     keeps its input's dtype.
     """
@@ -193,7 +206,7 @@ def get_loss(loss: object, *, func: str = "get_loss", from_logits: bool = False)
     if isinstance(loss, str):
         if loss not in BUILT_IN:
             raise ValueError(param_error("loss", func, "one of " + ", ".join(repr(n) for n in BUILT_IN), repr(loss)))
-        return _by_name(loss, from_logits)
+        return _by_name(loss, from_logits, delta=delta)
     if isinstance(loss, keras.losses.Loss):
         cls = type(loss).__name__
         if cls not in _KERAS_CLASSES:
@@ -207,6 +220,16 @@ def get_loss(loss: object, *, func: str = "get_loss", from_logits: bool = False)
             )
         # Keras 3 keeps a LossFunctionWrapper's options (Huber's delta) in _fn_kwargs, not in its config.
         options = {**getattr(loss, "_fn_kwargs", {}), **loss.get_config()}
+        for option, supported in _UNSUPPORTED_KERAS_OPTIONS.items():
+            if option in options and options[option] not in supported:
+                raise ValueError(
+                    param_error(
+                        "loss",
+                        func,
+                        f"a Keras loss without {option} (influence's losses do not implement it)",
+                        f"keras.losses.{cls}({option}={options[option]!r})",
+                    )
+                )
         logits = bool(getattr(loss, "from_logits", False) or options.get("from_logits"))
         return _by_name(_KERAS_CLASSES[cls], logits, delta=options.get("delta", 1.0))
     if callable(loss):

@@ -55,6 +55,7 @@ def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
         "format": FORMAT_VERSION,
         "loss": trajectory.loss.name,
         "from_logits": trajectory.loss.from_logits,
+        "loss_options": dict(trajectory.loss.options),  # e.g. Huber's delta
         "optimizer": type(optimizer).__name__,
         "optimizer_config": config,
         "training": trajectory.training,
@@ -136,7 +137,7 @@ def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] |
     optimizer = _OPTIMIZERS[meta["optimizer"]](**meta["optimizer_config"])
     return Trajectory(
         model=model,
-        loss=get_loss(meta["loss"], from_logits=meta["from_logits"]),
+        loss=get_loss(meta["loss"], from_logits=meta["from_logits"], **meta.get("loss_options", {})),
         optimizer=optimizer,
         initial_weights=[arrays[f"initial_{i}"] for i in range(count)],
         final_weights=[arrays[f"final_{i}"] for i in range(count)],

@@ -53,3 +53,28 @@ def test_unrolled_through_robust_regression_losses_matches_retraining(loss):
     for wrt in ("inputs", "labels", "sample_weights"):
         chk = inf.check_unrolled(traj, x, y, xv, yv, 1, wrt=wrt, h=1e-4)
         assert chk.ok and chk.max_rel_error <= 1e-5, (wrt, chk)
+
+
+def test_huber_delta_survives_saving_and_loading_a_run(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y, xv, yv = rng.normal(size=(8, 4)), rng.normal(size=(8, 2)), rng.normal(size=(5, 4)), rng.normal(size=(5, 2))
+    traj = inf.fit(mlp(4, 2), x, y, loss=keras.losses.Huber(delta=0.3), batch_size=4, epochs=1)
+    inf.save_trajectory(traj, tmp_path / "run")
+    loaded = inf.load_trajectory(tmp_path / "run")
+    assert loaded.loss == traj.loss and loaded.loss.options == (("delta", 0.3),)
+    assert inf.unrolled(loaded, x, y, xv, yv).val_loss == inf.unrolled(traj, x, y, xv, yv).val_loss
+
+
+@pytest.mark.parametrize(
+    "loss, option",
+    [
+        (keras.losses.CategoricalCrossentropy(label_smoothing=0.2), "label_smoothing"),
+        (keras.losses.BinaryCrossentropy(label_smoothing=0.1), "label_smoothing"),
+        (keras.losses.SparseCategoricalCrossentropy(ignore_class=3), "ignore_class"),
+        (keras.losses.CategoricalCrossentropy(axis=0), "axis"),
+        (keras.losses.MeanSquaredError(reduction="sum"), "reduction"),
+    ],
+)
+def test_keras_loss_settings_the_translation_lacks_are_refused_not_dropped(loss, option):
+    with pytest.raises(ValueError, match=f"'loss' parameter of get_loss must be a Keras loss without {option}"):
+        get_loss(loss)
