@@ -215,6 +215,8 @@ def fit(
         batch_size, epochs: each epoch visits a permutation of the data in
             batches of ``batch_size`` (the last one may be shorter).
         seed: seeds the batch order and the per-step dropout seeds.
+        shuffle: a new permutation every epoch (default); False visits the
+            samples in their order every epoch.
         sample_weight: c_j per training sample, shape (n,); ones by default.
         training: run the model in training mode (dropout on, masks replayable
             from recorded seeds). Default: True. Models that mix samples in
@@ -249,6 +251,9 @@ def fit(
         raise ValueError(param_error("record_budget_bytes", func, "a non-negative int", describe(record_budget_bytes)))
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise ValueError(param_error("seed", func, "an int", describe(seed)))
+    if not isinstance(shuffle, (bool, np.bool_)):
+        raise ValueError(param_error("shuffle", func, "True or False", describe(shuffle)))
+    _check_no_regularization(model, func)
     check_model_input(func, model, x)
     check_labels_for_loss(func, "y_train", y, per_sample, model)
     c = np.ones(len(x)) if sample_weight is None else per_sample_weights(sample_weight, len(x), func)
@@ -311,6 +316,32 @@ def _check_finite_weights(weights: list[np.ndarray], func: str) -> None:
     if not all(np.all(np.isfinite(w)) for w in weights):
         raise FloatingPointError(
             f"{func}: training diverged (NaN/Inf weights); lower the learning rate or check the data."
+        )
+
+
+def _check_no_regularization(model: keras.Model, func: str) -> None:
+    """Refuse models whose Keras training loss has terms beyond the per-sample loss.
+
+    kernel/bias/activity regularizers and ``add_loss`` terms are part of Keras's training loss,
+    not of the per-sample losses fit trains on and differentiates: the run would silently not be
+    the one the model describes.
+    """
+    layers = [layer for layer in model._flatten_layers(include_self=True, recursive=True)]
+    regularized = [
+        f"{layer.name}.{kind}"
+        for layer in layers
+        for kind in ("kernel_regularizer", "bias_regularizer", "activity_regularizer")
+        if getattr(layer, kind, None) is not None
+    ]
+    if regularized or model.losses:
+        raise ValueError(
+            param_error(
+                "model",
+                func,
+                "a model without regularization losses (fit trains on the per-sample loss only; for L2, "
+                "use the optimizer's weight_decay)",
+                "regularizers on " + ", ".join(regularized) if regularized else "a model with add_loss terms",
+            )
         )
 
 

@@ -510,3 +510,20 @@ def test_sample_weight_of_shape_n_by_1_is_one_weight_per_sample(data):
         inf.fit(mlp(5, 3), x, y, loss=LOSS, batch_size=5, sample_weight=np.ones((13, 2)))
     with pytest.raises(ValueError, match=r"'sample_weight' parameter of retrain must be shape \(13,\)"):
         inf.retrain(runs[0], x, y, sample_weight=np.ones(12))
+
+
+@pytest.mark.parametrize("kind", ["kernel_regularizer", "bias_regularizer", "activity_regularizer"])
+def test_models_with_regularization_losses_are_refused_by_fit(kind, data):
+    # fit trains on the per-sample loss only: Keras's penalty would be dropped silently.
+    x, y, _, _ = data
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(3, activation="softmax", **{kind: keras.regularizers.L2(0.1)})]
+    )
+    with pytest.raises(ValueError, match=f"'model' parameter of fit must be a model without regularization.*{kind}"):
+        inf.fit(model, x, y, loss=LOSS, batch_size=5)
+
+
+def test_shuffle_must_be_a_bool(data):
+    x, y, _, _ = data
+    with pytest.raises(ValueError, match="'shuffle' parameter of fit must be True or False"):
+        inf.fit(mlp(5, 3), x, y, loss=LOSS, batch_size=5, shuffle="no")
