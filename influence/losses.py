@@ -234,8 +234,39 @@ def get_loss(loss: object, *, func: str = "get_loss", from_logits: bool = False,
         return _by_name(_KERAS_CLASSES[cls], logits, delta=options.get("delta", 1.0))
     if callable(loss):
         name = getattr(loss, "__name__", "custom")
-        return Loss(name, loss, continuous_labels=True)  # type: ignore[arg-type]
+        return Loss(name, _checked(loss), continuous_labels=True)
     raise TypeError(param_error("loss", func, "a loss name, Keras loss or callable", describe(loss)))
+
+
+@functools.cache  # one wrapper per callable: equal Loss objects share compiled programs
+def _checked(per_sample: Callable[..., object]) -> PerSampleLoss:
+    """A user's per-sample loss, refused (when traced) unless it returns (B,) values in the prediction's dtype.
+
+    A Keras loss object called inside returns float32 on float64 predictions: a float64 check through
+    it would be quantized (DESIGN §4), and the training step would fail on mixed dtypes.
+    """
+
+    def loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        values = tf.convert_to_tensor(per_sample(y_true, y_pred))
+        if values.dtype != y_pred.dtype:
+            raise TypeError(
+                param_error(
+                    "loss",
+                    "get_loss",
+                    f"a per-sample loss returning the predictions' dtype ({y_pred.dtype.name})",
+                    f"one returning {values.dtype.name} (e.g. a Keras loss object called inside it: pass the "
+                    "object itself, which is translated, or build it with dtype=...)",
+                )
+            )
+        if values.shape.rank is not None and values.shape.rank != 1:
+            raise ValueError(
+                param_error(
+                    "loss", "get_loss", "a per-sample loss returning shape (B,)", f"shape {values.shape} (reduction?)"
+                )
+            )
+        return values
+
+    return loss
 
 
 # Losses whose outputs are class scores, so that a sample has a margin (:func:`label_margin`).

@@ -78,3 +78,17 @@ def test_huber_delta_survives_saving_and_loading_a_run(tmp_path):
 def test_keras_loss_settings_the_translation_lacks_are_refused_not_dropped(loss, option):
     with pytest.raises(ValueError, match=f"'loss' parameter of get_loss must be a Keras loss without {option}"):
         get_loss(loss)
+
+
+def test_callable_losses_must_return_per_sample_values_in_the_predictions_dtype():
+    y, p = tf.constant([0, 1], tf.int64), tf.constant([[2.0, 0.5], [0.1, 1.0]], tf.float64)
+    float32 = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    with pytest.raises(TypeError, match=r"must be a per-sample loss returning the predictions' dtype \(float64\)"):
+        get_loss(lambda yt, yp: float32(yt, yp))(y, p)
+    with pytest.raises(ValueError, match=r"must be a per-sample loss returning shape \(B,\)"):
+        get_loss(lambda yt, yp: tf.reduce_mean(yp))(y, p)
+    def summed(yt, yp):
+        return tf.reduce_sum(yp, axis=1)
+
+    assert get_loss(summed)(y, p).dtype == tf.float64
+    assert get_loss(summed) == get_loss(summed)  # one wrapper per callable: runs share compiled programs
