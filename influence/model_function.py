@@ -63,6 +63,9 @@ class ModelFunction:
         _check_input_precision(model, self.dtype, func)
         self.non_trainable = [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables]
         self._seed_slots = seed_state_slots(model)
+        # stateless_call hands ``training`` to ``call`` as it is; a subclassed ``call(self, x)``
+        # without it raised TypeError (``model(x, training=...)`` drops it for such models).
+        self._takes_training = bool(getattr(model, "_call_has_training_arg", True))
 
     @property
     def weights(self) -> list[tf.Tensor]:
@@ -96,8 +99,9 @@ class ModelFunction:
         Normalization statistics and dropout masks come from :mod:`influence._exact_ops`
         (exact second derivatives; the same masks in every dtype and graph mode).
         """
+        mode = {"training": training} if self._takes_training else {}
         with exact_ops():
-            outputs, _ = self.model.stateless_call(list(weights), self.state_for_seed(seed), x, training=training)
+            outputs, _ = self.model.stateless_call(list(weights), self.state_for_seed(seed), x, **mode)
         return outputs
 
 

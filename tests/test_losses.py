@@ -87,6 +87,7 @@ def test_callable_losses_must_return_per_sample_values_in_the_predictions_dtype(
         get_loss(lambda yt, yp: float32(yt, yp))(y, p)
     with pytest.raises(ValueError, match=r"must be a per-sample loss returning shape \(B,\)"):
         get_loss(lambda yt, yp: tf.reduce_mean(yp))(y, p)
+
     def summed(yt, yp):
         return tf.reduce_sum(yp, axis=1)
 

@@ -527,3 +527,25 @@ def test_shuffle_must_be_a_bool(data):
     x, y, _, _ = data
     with pytest.raises(ValueError, match="'shuffle' parameter of fit must be True or False"):
         inf.fit(mlp(5, 3), x, y, loss=LOSS, batch_size=5, shuffle="no")
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class _NoTrainingArgument(keras.Model):
+    """A subclassed model whose call takes no ``training`` argument (Keras accepts it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(4, activation="tanh")
+        self.out = keras.layers.Dense(3, activation="softmax")
+
+    def call(self, z):
+        return self.out(self.hidden(z))
+
+
+def test_subclassed_model_whose_call_takes_no_training_argument(data):
+    x, y, xv, yv = data
+    model = _NoTrainingArgument()
+    model(x[:1])
+    traj = inf.fit(model, x, y, loss=LOSS, batch_size=5, epochs=2)
+    chk = inf.check_unrolled(traj, x, y, xv, yv, 2, wrt="sample_weights")
+    assert chk.ok and chk.max_rel_error <= 1e-5, chk
