@@ -533,10 +533,11 @@ def test_shuffle_must_be_a_bool(data):
 class _NoTrainingArgument(keras.Model):
     """A subclassed model whose call takes no ``training`` argument (Keras accepts it)."""
 
-    def __init__(self):
-        super().__init__()
-        self.hidden = keras.layers.Dense(4, activation="tanh")
-        self.out = keras.layers.Dense(3, activation="softmax")
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # The layers follow the model's dtype, so that as_float64 can rebuild it in float64.
+        self.hidden = keras.layers.Dense(4, activation="tanh", dtype=self.dtype_policy)
+        self.out = keras.layers.Dense(3, activation="softmax", dtype=self.dtype_policy)
 
     def call(self, z):
         return self.out(self.hidden(z))
