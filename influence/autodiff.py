@@ -114,18 +114,25 @@ def hessian(loss_fn: ScalarFn, weights: Sequence[tf.Tensor]) -> tf.Tensor:
 def newton_step(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], *, damping: float = 0.0) -> list[tf.Tensor]:
     """One Newton step ``w − (H + damping·I)⁻¹ ∇L``, for small models.
 
-    Raises ValueError when the (damped) Hessian is singular.
+    Raises ValueError when the (damped) Hessian is singular, or numerically so: a condition
+    number above 1/(1000·machine ε) (≈ 4.5e12 in float64, 8.4e3 in float32), where the solve
+    would return an arbitrary null-space component (e.g. a softmax regression's Hessian, which
+    is singular along the direction that shifts every logit together).
     """
     weights = list(weights)
     h = hessian(loss_fn, weights)
     g = _tree.flatten(gradient(loss_fn, weights))
-    h = h + tf.cast(damping, h.dtype) * tf.eye(tf.shape(h)[0], dtype=h.dtype)
+    # tf.constant, not tf.cast: a Python float cast to float64 goes through float32 (0.1 -> 0.10000000149).
+    h = h + tf.constant(damping, h.dtype) * tf.eye(tf.shape(h)[0], dtype=h.dtype)
+    singular = ValueError(param_error("damping", "newton_step", "large enough to make the Hessian invertible", damping))
+    singular_values = np.linalg.svd(h.numpy(), compute_uv=False)
+    limit = 1.0 / (1000.0 * np.finfo(h.dtype.as_numpy_dtype).eps)
+    if singular_values[-1] <= singular_values[0] / limit:
+        raise singular
     try:
         step = tf.linalg.solve(h, g[:, None])[:, 0]
     except tf.errors.InvalidArgumentError as exc:
-        raise ValueError(
-            param_error("damping", "newton_step", "large enough to make the Hessian invertible", damping)
-        ) from exc
+        raise singular from exc
     return _tree.axpy(-1.0, _tree.unflatten(step, weights), weights)
 
 

@@ -48,7 +48,7 @@ def _mae(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
 def _log_cosh(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
     # log cosh d = d + softplus(−2d) − log 2: no overflow of cosh for large |d| (Keras's form).
     diff = _residual(y_true, y_pred)
-    return _per_sample_mean(diff + tf.nn.softplus(-2.0 * diff) - tf.cast(math.log(2.0), diff.dtype))
+    return _per_sample_mean(diff + tf.nn.softplus(-2.0 * diff) - tf.constant(math.log(2.0), diff.dtype))
 
 
 @functools.cache  # one function per delta: equal Loss objects share compiled programs
@@ -57,7 +57,7 @@ def _huber(delta: float) -> PerSampleLoss:
         # ½d² inside |d| ≤ δ, δ(|d| − ½δ) outside: once differentiable at |d| = δ, where the
         # second derivative jumps from 1 to 0 (finite differences straddling it disagree).
         size = tf.abs(_residual(y_true, y_pred))
-        d = tf.cast(delta, size.dtype)
+        d = tf.constant(delta, size.dtype)  # tf.cast of a Python float would round it to float32
         return _per_sample_mean(tf.where(size <= d, 0.5 * size * size, d * size - 0.5 * d * d))
 
     return loss

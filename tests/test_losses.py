@@ -29,7 +29,9 @@ def test_regression_losses_equal_keras_per_sample_and_stay_float64(name, outputs
     for spelled in (name, REGRESSION[name]()):
         got = get_loss(spelled)(tf.constant(y_true), tf.constant(y_pred))
         assert got.dtype == tf.float64 and got.shape == (6,)
-        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-15)
+        # Keras subtracts log 2 rounded to float32 (1.9e-9 off) even in float64; influence does not.
+        atol = 2e-9 if name == "log_cosh" else 1e-15
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=atol)
 
 
 def test_huber_delta_is_honoured():
