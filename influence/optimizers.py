@@ -167,7 +167,13 @@ class RMSprop(Optimizer):
 
 @dataclass(frozen=True)
 class Adam(Optimizer):
-    """Adam (Keras form, bias correction folded into the step size)."""
+    """Adam (Keras form, bias correction folded into the step size).
+
+    ``epsilon`` defaults to Keras's 1e-7. For data attribution prefer 1e-5: on the digits MLP
+    (``benchmarks/fidelity_seeds.py``) runs with 1e-7 gave exact hypergradients whose removal
+    predictions fell to Pearson 0.16–0.73 in 3 of 10 seeds, while 1e-5 reached the same
+    validation loss with Pearson ≥ 0.98 in all ten.
+    """
 
     beta_1: float = 0.9
     beta_2: float = 0.999
