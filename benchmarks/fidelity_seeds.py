@@ -79,14 +79,20 @@ def correlations(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
     }
 
 
+def fit_seed(seed: int, optimizer: str) -> tuple[inf.Trajectory, Any]:
+    """unrolled.py's data, MLP and fit with every seed set to ``seed``."""
+    data = load_data(seed)
+    trajectory = inf.fit(
+        build_mlp(seed), data.x_train, data.y_train, loss=LOSS, optimizer=OPTIMIZERS[optimizer](),
+        batch_size=BATCH, epochs=EPOCHS, seed=seed,
+    )  # fmt: skip
+    return trajectory, data
+
+
 def run_seed(seed: int, optimizer: str, n_harmful: int, n_random: int) -> dict[str, Any]:
     """unrolled.py's fidelity measurement with every seed set to ``seed``."""
-    data = load_data(seed)
+    trajectory, data = fit_seed(seed, optimizer)
     x, y, xv, yv = data.x_train, data.y_train, data.x_val, data.y_val
-    trajectory = inf.fit(
-        build_mlp(seed), x, y, loss=LOSS, optimizer=OPTIMIZERS[optimizer](), batch_size=BATCH, epochs=EPOCHS,
-        seed=seed,
-    )  # fmt: skip
     effect = inf.unrolled(trajectory, x, y, xv, yv, input_grad=False, progress=False).removal_effect
     harmful = np.argsort(effect)[:n_harmful]
     others = np.random.default_rng(seed).choice(np.setdiff1d(np.arange(len(x)), harmful), n_random, replace=False)
@@ -124,12 +130,8 @@ LINEAR_RANGE_SCALES = (1 - 1e-6, 1 - 1e-4, 1 - 1e-3, 0.99, 0.9, 0.5, 0.0)
 def linear_range(seed: int, optimizer: str, index: int) -> dict[str, Any]:
     """Float64 validation-loss change with sample ``index``'s weight at each of LINEAR_RANGE_SCALES,
     against the straight line of its removal effect: how far from c_i = 1 first order holds."""
-    data = load_data(seed)
+    trajectory, data = fit_seed(seed, optimizer)
     x, y, xv, yv = data.x_train, data.y_train, data.x_val, data.y_val
-    trajectory = inf.fit(
-        build_mlp(seed), x, y, loss=LOSS, optimizer=OPTIMIZERS[optimizer](), batch_size=BATCH, epochs=EPOCHS,
-        seed=seed,
-    )  # fmt: skip
     run64 = inf.as_float64_trajectory(trajectory, x, y)
     x64 = x.astype(np.float64)
     effect64 = inf.unrolled(run64, x64, y, xv, yv, input_grad=False, progress=False).removal_effect
