@@ -256,7 +256,7 @@ def fit(
     _check_no_regularization(model, func)
     check_model_input(func, model, x)
     check_labels_for_loss(func, "y_train", y, per_sample, model)
-    c = np.ones(len(x)) if sample_weight is None else per_sample_weights(sample_weight, len(x), func)
+    c = np.ones(len(x)) if sample_weight is None else per_sample_weights(sample_weight, x, func)
     training = True if training is None else bool(training)
     if distribute is not None and not isinstance(distribute, tf.distribute.Strategy):
         raise TypeError(param_error("distribute", func, "a tf.distribute.Strategy or None", describe(distribute)))
@@ -345,13 +345,15 @@ def _check_no_regularization(model: keras.Model, func: str) -> None:
         )
 
 
-def per_sample_weights(sample_weight: Any, n: int, func: str) -> np.ndarray:
-    """c as an (n,) array: (n,) or Keras's (n, 1) accepted, any other shape refused.
+def per_sample_weights(sample_weight: Any, x: np.ndarray, func: str) -> np.ndarray:
+    """c as an (n,) array for the n samples of ``x``: (n,) or Keras's (n, 1) accepted, other shapes refused.
 
     An (n, 1) array kept as it is would broadcast against the (B,) per-sample losses into a
     (B, B) matrix and train another run silently.
     """
     c = as_array(sample_weight, param="sample_weight", func=func)
+    check_same_length(func, x_train=x, sample_weight=c)
+    n = len(x)
     if c.shape not in ((n,), (n, 1)):
         raise ValueError(
             param_error("sample_weight", func, f"shape ({n},) (one weight per sample)", f"shape {c.shape}")
@@ -368,7 +370,7 @@ def retrain(trajectory: Trajectory, x_train: Any, y_train: Any, *, sample_weight
     """
     func = "retrain"
     x, y = check_trajectory_data(trajectory, x_train, y_train, func, recorded=False)
-    c = trajectory.sample_weight if sample_weight is None else per_sample_weights(sample_weight, len(x), func)
+    c = trajectory.sample_weight if sample_weight is None else per_sample_weights(sample_weight, x, func)
     program = trajectory.program()
     w0, s0 = trajectory.initial_tensors()
     x_t, y_t, c_t = _data_tensors(program, x, y, c)
