@@ -14,7 +14,9 @@ Strategy objects (add a class to add a solver):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -88,7 +90,20 @@ class InverseHVP(ABC):
 
     def auto_damping(self, ops: SampleOps, w: list[tf.Tensor]) -> float:
         """Damping from the estimated spectrum of H (see :func:`auto_damping`)."""
-        return auto_damping(*extreme_eigenvalues(ops, w))
+        return auto_damping(*self.spectrum(ops, w))
+
+    def spectrum(self, ops: SampleOps, w: list[tf.Tensor]) -> tuple[float, float]:
+        """(λ_min, λ_max) of H from :func:`extreme_eigenvalues`, computed once per (ops, w)."""
+        return self._cached("spectrum", ops, w, lambda: extreme_eigenvalues(ops, w))
+
+    def _cached(self, what: str, ops: SampleOps, w: list[tf.Tensor], compute: Callable[[], Any]) -> Any:
+        """``compute()`` for these ops and weights, kept until other ones come: ``rank`` asks the
+        solver for the damping and then solves, both from the same spectrum or decomposition."""
+        key = (id(ops), tuple(float(tf.reduce_sum(t)) for t in w))
+        memo = self.__dict__.setdefault("_memo", {})  # a frozen dataclass: kept outside its fields
+        if what not in memo or memo[what][0] != key:
+            memo[what] = (key, compute())
+        return memo[what][1]
 
 
 @dataclass(frozen=True)
@@ -109,13 +124,12 @@ class Exact(InverseHVP):
                     f"'exact' with {count} parameters",
                 )
             )
-        key = (id(ops), tuple(float(tf.reduce_sum(t)) for t in w))
-        if getattr(self, "_cache_key", None) != key:
+
+        def decompose() -> tuple[np.ndarray, np.ndarray]:
             hessian = ops.dense_hessian(w)
-            # A frozen dataclass: cache the decomposition outside its fields.
-            object.__setattr__(self, "_cache", np.linalg.eigh((hessian + hessian.T) / 2))
-            object.__setattr__(self, "_cache_key", key)
-        return self._cache  # type: ignore[attr-defined,no-any-return]
+            return np.linalg.eigh((hessian + hessian.T) / 2)
+
+        return self._cached("eigen", ops, w, decompose)  # type: ignore[no-any-return]
 
     def auto_damping(self, ops, w):
         values, _ = self._eigen(ops, w)
@@ -204,7 +218,7 @@ class LiSSA(InverseHVP):
     def solve(self, ops, w, b, damping):
         # The series converges when the spectrum of (H_B + λI)/scale lies in (0, 2) for the batches drawn:
         # not at all where H + λI has a negative eigenvalue (it would return numbers of any size).
-        lowest, highest = extreme_eigenvalues(ops, w)
+        lowest, highest = self.spectrum(ops, w)  # the one auto damping used, if it did
         if lowest + damping <= 0:
             raise _indefinite(lowest, damping)
         scale = self.scale if self.scale is not None else self.automatic_scale(ops, w, damping, highest)
