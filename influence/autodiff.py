@@ -120,19 +120,14 @@ def newton_step(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], *, damping: flo
     is singular along the direction that shifts every logit together).
     """
     weights = list(weights)
-    h = hessian(loss_fn, weights)
-    g = _tree.flatten(gradient(loss_fn, weights))
-    # tf.constant, not tf.cast: a Python float cast to float64 goes through float32 (0.1 -> 0.10000000149).
-    h = h + tf.constant(damping, h.dtype) * tf.eye(tf.shape(h)[0], dtype=h.dtype)
-    singular = ValueError(param_error("damping", "newton_step", "large enough to make the Hessian invertible", damping))
-    singular_values = np.linalg.svd(h.numpy(), compute_uv=False)
-    limit = 1.0 / (1000.0 * np.finfo(h.dtype.as_numpy_dtype).eps)
-    if singular_values[-1] <= singular_values[0] / limit:
-        raise singular
-    try:
-        step = tf.linalg.solve(h, g[:, None])[:, 0]
-    except tf.errors.InvalidArgumentError as exc:
-        raise singular from exc
+    h = hessian(loss_fn, weights).numpy()
+    g = _tree.flatten(gradient(loss_fn, weights)).numpy()
+    # One symmetric eigendecomposition both tells a numerically singular H and solves with it.
+    values, vectors = np.linalg.eigh((h + h.T) / 2 + damping * np.eye(len(h)))
+    size = np.abs(values)
+    if size.min() <= size.max() * 1000.0 * np.finfo(h.dtype).eps:
+        raise ValueError(param_error("damping", "newton_step", "large enough to make the Hessian invertible", damping))
+    step = tf.constant(vectors @ ((vectors.T @ g) / values), dtype=weights[0].dtype)
     return _tree.axpy(-1.0, _tree.unflatten(step, weights), weights)
 
 
