@@ -57,6 +57,13 @@ def as_array(
     return array
 
 
+def check_distinct(indices: np.ndarray, *, param: str, func: str, expected: str, given: Any) -> None:
+    """Refuse repeated sample indices: removing (or changing) a sample twice is doing it once,
+    while a sum of per-sample predictions would count it twice."""
+    if len(np.unique(indices)) != np.size(indices):
+        raise ValueError(param_error(param, func, expected, describe(given)))
+
+
 def check_same_length(func: str, **arrays: np.ndarray) -> None:
     """All arrays must have the same number of samples (first axis)."""
     lengths = {name: len(a) for name, a in arrays.items()}

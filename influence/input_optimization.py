@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ._inputs import prepare
 from ._summary import compact_repr
-from ._validation import as_array, check_choice, check_positive, describe, param_error
+from ._validation import as_array, check_choice, check_distinct, check_positive, describe, param_error
 from .optimizers import Adam, Optimizer, get_optimizer
 from .trajectory import Trajectory, check_trajectory_data
 from .unroll import unrolled
@@ -210,8 +210,7 @@ def optimize_training_inputs(
     idx = as_array(indices, param="indices", func=func)
     if not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0 or idx.max() >= len(x):
         raise ValueError(param_error("indices", func, f"integer sample indices in [0, {len(x) - 1}]", describe(idx)))
-    if len(np.unique(idx)) != idx.size:  # a repeated row would count its predicted change twice
-        raise ValueError(param_error("indices", func, "distinct sample indices", describe(idx)))
+    check_distinct(idx, param="indices", func=func, expected="distinct sample indices", given=idx)
     wants_labels = target in ("labels", "both")
     if wants_labels and not (trajectory.loss.continuous_labels and np.issubdtype(y.dtype, np.floating)):
         raise ValueError(

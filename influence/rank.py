@@ -11,7 +11,7 @@ import pandas as pd
 
 from ._inputs import validate_validation_data
 from ._methods import METHODS
-from ._validation import as_array, check_choice, describe, param_error
+from ._validation import as_array, check_choice, check_distinct, describe, param_error
 from .losses import MARGIN_LOSSES
 from .rankers import methods
 from .rankers._samples import SampleOps
@@ -192,7 +192,6 @@ def predicted_group_effect(table_or_effect: Any, groups: Sequence[Sequence[int]]
         valid = idx.size > 0 and idx.ndim == 1 and np.issubdtype(idx.dtype, np.integer)
         if not valid or any(int(i) not in effect_of for i in idx):
             raise ValueError(param_error("groups", func, known, describe(g)))
-        if len(np.unique(idx)) != idx.size:  # removing a sample twice is removing it once
-            raise ValueError(param_error("groups", func, "distinct sample indices in each group", describe(g)))
+        check_distinct(idx, param="groups", func=func, expected="distinct sample indices in each group", given=g)
         out.append(float(sum(effect_of[int(i)] for i in idx)))
     return np.asarray(out)

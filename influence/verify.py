@@ -23,7 +23,7 @@ import pandas as pd
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from ._validation import as_array, check_choice, describe, param_error
+from ._validation import as_array, check_choice, check_distinct, describe, param_error
 from .checks import GradientCheck, as_float64, check_gradient
 from .model_function import ModelFunction
 from .trajectory import Trajectory, check_trajectory_data, data_fingerprint, retrain
@@ -158,8 +158,7 @@ def _sample_group(trajectory: Trajectory, indices: Any, func: str) -> np.ndarray
         raise ValueError(
             param_error("indices", func, f"sample indices in [0, {trajectory.n_train - 1}]", describe(indices))
         )
-    if len(np.unique(group)) != group.size:  # predicted_group_effect would count a repeat twice
-        raise ValueError(param_error("indices", func, "distinct sample indices in each group", describe(indices)))
+    check_distinct(group, param="indices", func=func, expected="distinct sample indices in each group", given=indices)
     return group.astype(np.int64)
 
 
