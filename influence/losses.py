@@ -198,8 +198,8 @@ def get_loss(loss: object, *, func: str = "get_loss", from_logits: bool = False,
     ``"binary_crossentropy"``), a Keras 3 loss object of those classes (its
     ``from_logits`` and Huber's ``delta`` are honoured; ``label_smoothing``, ``ignore_class``,
     another ``axis`` or ``reduction="sum"`` are refused), or a callable
-    ``(y_true, y_pred) -> per-sample losses (B,)`` that the caller guarantees
-    keeps its input's dtype.
+    ``(y_true, y_pred) -> per-sample losses (B,)``, refused when traced unless it returns
+    shape (B,) in the predictions' dtype.
     """
     if isinstance(loss, Loss):
         return loss

@@ -326,10 +326,9 @@ def _check_no_regularization(model: keras.Model, func: str) -> None:
     not of the per-sample losses fit trains on and differentiates: the run would silently not be
     the one the model describes.
     """
-    layers = [layer for layer in model._flatten_layers(include_self=True, recursive=True)]
     regularized = [
         f"{layer.name}.{kind}"
-        for layer in layers
+        for layer in model._flatten_layers(include_self=True, recursive=True)
         for kind in ("kernel_regularizer", "bias_regularizer", "activity_regularizer")
         if getattr(layer, kind, None) is not None
     ]
