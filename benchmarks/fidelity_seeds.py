@@ -25,7 +25,7 @@ Outputs
 
 Usage (from the repository root)::
 
-    python benchmarks/fidelity_seeds.py          # about 3 minutes on 2 cores
+    python benchmarks/fidelity_seeds.py          # about 4 minutes on 2 cores (252 s)
     python benchmarks/fidelity_seeds.py --quick
 """
 
