@@ -27,6 +27,7 @@ _EXPORTS = {
     "GradientCheck": "checks",
     "ModelFunction": "model_function",
     "coupling_layers": "model_function",
+    "GradientOverrideWarning": "model_function",
     "hvp": "autodiff",
     "mixed_product": "autodiff",
     "per_sample_dots": "autodiff",
@@ -104,7 +105,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .autodiff import hessian, hvp, mixed_product, newton_step, per_sample_dots, vjp_chain  # noqa: F401
     from .checks import GradientCheck, as_float64, check_gradient, check_input_gradient  # noqa: F401
     from .input_optimization import InputOptimization, adversarial_examples, optimize_training_inputs  # noqa: F401
-    from .model_function import ModelFunction, coupling_layers  # noqa: F401
+    from .model_function import GradientOverrideWarning, ModelFunction, coupling_layers  # noqa: F401
     from .one_step import one_step  # noqa: F401
     from .per_sample import per_sample_gradient_dots  # noqa: F401
     from .persist import load_trajectory, save_trajectory  # noqa: F401

@@ -9,6 +9,8 @@ never touched. This module also knows which models mix samples within a batch
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Sequence
 
 import keras
@@ -22,6 +24,9 @@ from ._validation import describe, param_error
 COUPLING_LAYER_CLASSES = ("BatchNormalization", "SyncBatchNormalization")
 
 _SEED_STATE_SUFFIX = "seed_generator_state"
+# Name scopes of TensorFlow ops whose internal stop_gradient leaves every derivative exact:
+# logsumexp subtracts a stopped max that cancels algebraically, whatever its value.
+_EXACT_STOP_GRADIENT_SCOPES = ("ReduceLogSumExp",)
 # Spread seeds of different dropout layers apart so their masks differ.
 _SEED_STRIDE = 1_000_003
 
@@ -189,3 +194,120 @@ def require_independent_samples(fn: ModelFunction, x: tf.Tensor | None, *, train
                 "(moving statistics) or replace BatchNormalization by LayerNormalization",
             )
         )
+
+
+class GradientOverrideWarning(UserWarning):
+    """The model's forward pass contains ``stop_gradient`` or a custom gradient.
+
+    Hypergradients then follow the overridden gradient, not the true derivative of
+    retraining, unless the override happens to be exact; :func:`influence.check_unrolled`
+    measures whether it is. Silence it with
+    ``warnings.simplefilter("ignore", influence.GradientOverrideWarning)``.
+    """
+
+
+# Models already inspected, per training mode: the inspection traces the forward pass once.
+_inspected: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def gradient_overrides(fn: ModelFunction, input_spec: tf.TensorSpec, *, training: bool) -> dict[str, list[str]]:
+    """Ops of the traced forward pass whose gradient is not autodiff's derivative of their value.
+
+    Returns ``{"stop_gradient": [op names], "custom_gradient": [op names]}``. Op names
+    carry the layer's name scope (e.g. ``"detached_scale/StopGradient"``). Left out:
+    TensorFlow's own exact uses (logsumexp's stopped max), and overrides whose input
+    does not depend on the weights or inputs along floating-point tensors. Ops inside
+    loop bodies (recurrent cells) are not inspected.
+    """
+
+    def forward(weights: list[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
+        return fn(weights, x, training=training, seed=0)
+
+    weight_specs = [tf.TensorSpec(w.shape, w.dtype) for w in fn.weights]
+    graph = tf.function(forward).get_concrete_function(weight_specs, input_spec).graph
+    # The explicit arguments come first among the graph's inputs, captured constants after them.
+    differentiable = {t.name for t in graph.inputs[: len(weight_specs) + 1]}
+    found: dict[str, list[str]] = {"stop_gradient": [], "custom_gradient": []}
+    for op in graph.get_operations():
+        if op.type in ("StopGradient", "PreventGradient"):
+            kind = "stop_gradient"
+            if any(f"/{scope}/" in f"/{op.name}" for scope in _EXACT_STOP_GRADIENT_SCOPES):
+                continue
+        elif op.type == "IdentityN" and _has_custom_gradient(op):
+            kind = "custom_gradient"
+        else:
+            continue
+        if any(_depends_on(t, differentiable) for t in op.inputs):
+            found[kind].append(op.name)
+    return found
+
+
+def _depends_on(tensor: tf.Tensor, sources: set[str]) -> bool:
+    """Whether ``tensor`` is computed from ``sources`` along floating-point tensors.
+
+    Integer tensors carry no derivative, so a stop_gradient on, say, a cast of a
+    string length changes nothing and is not reported.
+    """
+    stack, seen = [tensor], set()
+    while stack:
+        t = stack.pop()
+        if not t.dtype.is_floating or t.name in seen:
+            continue
+        if t.name in sources:
+            return True
+        seen.add(t.name)
+        stack.extend(t.op.inputs)
+    return False
+
+
+def _has_custom_gradient(op: tf.Operation) -> bool:
+    try:
+        return bool(op.get_attr("_gradient_op_type"))
+    except ValueError:  # no such attribute: an ordinary IdentityN
+        return False
+
+
+def warn_gradient_overrides(fn: ModelFunction, x: np.ndarray | tf.Tensor, *, training: bool, func: str) -> None:
+    """Warn once per model and mode when hypergradients would follow an overridden gradient (DESIGN §4).
+
+    ``stop_gradient`` inside the model makes training's gradient a function of weights
+    and inputs that autodiff does not differentiate through, at any order: H·v, the
+    validation gradient and input gradients then miss those terms, and the results can
+    differ from retraining by tens of percent. A custom gradient is exact only when its
+    gradient function is the derivative of its value and is itself differentiable.
+    """
+    model = fn.model
+    try:
+        seen = _inspected.setdefault(model, set())
+    except TypeError:  # an unhashable model: inspect every time
+        seen = set()
+    if training in seen:
+        return
+    seen.add(training)
+    x = tf.convert_to_tensor(x)
+    found = gradient_overrides(fn, tf.TensorSpec([None, *x.shape[1:]], x.dtype), training=training)
+    parts = []
+    if found["stop_gradient"]:
+        parts.append(
+            f"stop_gradient at {_listed(found['stop_gradient'])}: derivatives through it are taken as zero, "
+            "so removal effects and input gradients miss every term that passes through the stopped value"
+        )
+    if found["custom_gradient"]:
+        parts.append(
+            f"a custom gradient at {_listed(found['custom_gradient'])}: the results are exact only if its "
+            "gradient function is the true derivative of its value and is itself differentiable (H·v "
+            "differentiates it again)"
+        )
+    if parts:
+        warnings.warn(
+            f"{func}: the model overrides autodiff with {'; and '.join(parts)}. Hypergradients then follow "
+            "these gradients, not the derivative of retraining; verify them with influence.check_unrolled "
+            "(float64 finite differences through retraining) before trusting them.",
+            GradientOverrideWarning,
+            stacklevel=3,
+        )
+
+
+def _listed(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"

@@ -26,6 +26,7 @@ from . import _tree
 from ._inputs import prepare, validate_data
 from ._validation import as_array, check_choice, check_positive, check_same_length, param_error
 from .autodiff import gradient, mixed_product
+from .model_function import warn_gradient_overrides
 
 METHODS = ("hvp", "jacobian")
 TARGETS = ("inputs", "sample_weights", "labels")
@@ -90,6 +91,7 @@ def one_step(
 
     dtype = fn.dtype
     x = tf.constant(data.x_train, dtype=dtype)
+    warn_gradient_overrides(fn, x, training=training, func=func)
     c = tf.constant(weights_c, dtype=dtype)
     y = tf.constant(data.y_train, dtype=dtype if per_sample.continuous_labels else None)
     xv = tf.constant(data.x_val, dtype=dtype)

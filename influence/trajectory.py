@@ -15,7 +15,7 @@ from ._inputs import as_model_inputs, check_labels_for_loss, check_model_input, 
 from ._summary import compact_repr
 from ._validation import as_array, check_positive, check_same_length, describe, param_error
 from .losses import Loss
-from .model_function import ModelFunction, require_independent_samples
+from .model_function import ModelFunction, require_independent_samples, warn_gradient_overrides
 from .optimizers import Optimizer, get_optimizer
 from .program import BoundProgram, Program, Schedule, shared_program
 
@@ -260,13 +260,9 @@ def fit(
     training = True if training is None else bool(training)
     if distribute is not None and not isinstance(distribute, tf.distribute.Strategy):
         raise TypeError(param_error("distribute", func, "a tf.distribute.Strategy or None", describe(distribute)))
-    require_independent_samples(
-        fn,
-        tf.constant(x[: min(len(x), 4)], dtype=fn.dtype if np.issubdtype(x.dtype, np.floating) else None),
-        training=training,
-        func=func,
-        why="per-sample hypergradients",
-    )
+    x_probe = tf.constant(x[: min(len(x), 4)], dtype=fn.dtype if np.issubdtype(x.dtype, np.floating) else None)
+    require_independent_samples(fn, x_probe, training=training, func=func, why="per-sample hypergradients")
+    warn_gradient_overrides(fn, x_probe, training=training, func=func)
 
     rng = np.random.default_rng(seed)
     batches = make_batches(len(x), int(batch_size), int(epochs), rng, shuffle)

@@ -1,7 +1,10 @@
 """custom_gradient and stop_gradient inside models work end to end through the unrolled pass (S4)."""
 
+import warnings
+
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import influence as inf
@@ -61,7 +64,9 @@ def test_custom_gradient_layer_unrolled_matches_retraining_finite_differences():
             keras.layers.Dense(3, activation="softmax", dtype="float64"),
         ]
     )
-    traj = inf.fit(model, x, y, loss="sparse_categorical_crossentropy", optimizer=SGD(0.3), batch_size=4, epochs=2)
+    # A custom gradient is trusted only after a check: fit says so, naming the op.
+    with pytest.warns(inf.GradientOverrideWarning, match=r"custom gradient at '[^']*smooth_abs[^']*/IdentityN'"):
+        traj = inf.fit(model, x, y, loss="sparse_categorical_crossentropy", optimizer=SGD(0.3), batch_size=4, epochs=2)
     chk = inf.check_unrolled(traj, x, y, xv, yv, 5, wrt="inputs")
     assert chk.ok, chk
 
@@ -70,7 +75,12 @@ def test_stop_gradient_is_honoured_and_finite_differences_expose_it():
     # stop_gradient makes the autodiff gradient differ from the true derivative of the
     # retrained loss: the float64 check must say so instead of passing silently.
     x, y, xv, yv = _data()
-    traj = inf.fit(_model(), x, y, loss="sparse_categorical_crossentropy", optimizer=SGD(0.3), batch_size=4, epochs=2)
+    model = _model()
+    with pytest.warns(inf.GradientOverrideWarning, match=r"stop_gradient at '[^']*detached_scale[^']*/StopGradient'"):
+        traj = inf.fit(model, x, y, loss="sparse_categorical_crossentropy", optimizer=SGD(0.3), batch_size=4, epochs=2)
+    with warnings.catch_warnings():  # once per model and mode: a refit does not repeat it
+        warnings.simplefilter("error", inf.GradientOverrideWarning)
+        inf.fit(model, x, y, loss="sparse_categorical_crossentropy", optimizer=SGD(0.3), batch_size=4, epochs=1)
     res = inf.unrolled(traj, x, y, xv, yv)
     assert np.all(np.isfinite(res.input_grad))
     chk = inf.check_unrolled(traj, x, y, xv, yv, 5, wrt="inputs")
@@ -110,3 +120,40 @@ def test_float64_weights_behind_a_float32_input_are_refused():
         "precise as its float64 weights. Got a float32 Input",
     ):
         inf.fit(model, x, y, loss="sparse_categorical_crossentropy")
+
+
+class LogSoftmaxByLogsumexp(keras.layers.Layer):
+    """x − logsumexp(x): TensorFlow stops the gradient of its internal max, exactly."""
+
+    def call(self, inputs):
+        return inputs - keras.ops.logsumexp(inputs, axis=-1, keepdims=True)
+
+
+class IntegerSideChannel(keras.layers.Layer):
+    """stop_gradient on a value computed from an integer tensor: no derivative passes anyway."""
+
+    def call(self, inputs):
+        return inputs + 0.0 * tf.stop_gradient(tf.cast(tf.argmax(inputs, axis=-1)[:, None], inputs.dtype))
+
+
+@pytest.mark.parametrize("layer", [LogSoftmaxByLogsumexp, IntegerSideChannel, lambda: keras.layers.Dropout(0.3)])
+def test_exact_uses_of_stop_gradient_do_not_warn(layer):
+    x, y, _, _ = _data()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4,), dtype="float64"),
+            keras.layers.Dense(6, activation="tanh", dtype="float64"),
+            layer(dtype="float64") if isinstance(layer, type) else layer(),
+            keras.layers.Dense(3, activation="softmax", dtype="float64"),
+        ]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", inf.GradientOverrideWarning)
+        inf.fit(model, x, y, loss="sparse_categorical_crossentropy", optimizer=SGD(0.3), batch_size=4, epochs=1)
+
+
+def test_one_step_warns_about_a_stop_gradient_too():
+    x, y, xv, yv = _data()
+    with pytest.warns(inf.GradientOverrideWarning, match="one_step: the model overrides autodiff with stop_gradient"):
+        inf.one_step(_model(), "sparse_categorical_crossentropy", x, y, xv, yv, learning_rate=0.1)
