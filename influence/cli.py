@@ -22,7 +22,7 @@ from ._methods import METHODS
 from ._validation import describe
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam")
 LOSSES = (
     "sparse_categorical_crossentropy",
     "categorical_crossentropy",
@@ -32,7 +32,7 @@ LOSSES = (
     "huber",
     "log_cosh",
 )
-DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "rmsprop": 0.001, "adam": 0.001}
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.1, "rmsprop": 0.001, "adam": 0.001}
 NOT_BENCHMARKS = {"screenshot"}  # helper scripts under benchmarks/ that `bench` runs only by name
 DATA_FORMATS = """data files:
   .npz (numpy.savez): x_train (n, ...) and y_train (n,) or (n, k); validation data as
@@ -59,11 +59,18 @@ def _optimizer(args: argparse.Namespace) -> Any:
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     if not lr > 0:
         raise _usage("lr", "rank", "a positive number", lr)
+    if args.epsilon is not None and args.optimizer not in ("rmsprop", "adam"):
+        raise _usage(
+            "epsilon", "rank", "given only with --optimizer rmsprop or adam", f"{args.epsilon} with {args.optimizer}"
+        )
+    if args.epsilon is not None and not args.epsilon > 0:
+        raise _usage("epsilon", "rank", "a positive number", args.epsilon)
     if args.optimizer == "sgd":
         return optimizers.SGD(lr)
-    if args.optimizer == "momentum":
-        return optimizers.SGD(lr, momentum=args.momentum)
-    return optimizers.RMSprop(lr) if args.optimizer == "rmsprop" else optimizers.Adam(lr)
+    if args.optimizer in ("momentum", "nesterov"):
+        return optimizers.SGD(lr, momentum=args.momentum, nesterov=args.optimizer == "nesterov")
+    adaptive = optimizers.RMSprop if args.optimizer == "rmsprop" else optimizers.Adam
+    return adaptive(lr) if args.epsilon is None else adaptive(lr, epsilon=args.epsilon)
 
 
 def _methods(text: str) -> tuple[str, ...]:
@@ -218,7 +225,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    outcome = run_demo(args.out, quick=args.quick, restart=args.restart)
+    outcome = run_demo(args.out, quick=args.quick, restart=args.restart, progress=not args.no_progress)
     print(f"{outcome.report}")
     return EXIT_OK
 
@@ -234,7 +241,15 @@ def _training_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--lr", type=float, default=None, help="learning rate (default 0.1 for sgd/momentum, 0.001 for rmsprop/adam)"
     )
-    group.add_argument("--momentum", type=float, default=0.9, help="momentum for --optimizer momentum (default 0.9)")
+    group.add_argument(
+        "--momentum", type=float, default=0.9, help="momentum for --optimizer momentum/nesterov (default 0.9)"
+    )
+    group.add_argument(
+        "--epsilon",
+        type=float,
+        default=None,
+        help="epsilon of rmsprop/adam (default 1e-7, as Keras); 1e-5 gives more faithful rankings under adam",
+    )
     group.add_argument("--seed", type=int, default=0, help="seed of the batch order and dropout masks (default 0)")
 
 
@@ -275,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=demo_module.DEFAULT_OUT, help="report folder (default reports/demo)")
     demo.add_argument("--quick", action="store_true", help="a small smoke run (300 samples, 2 epochs)")
     demo.add_argument("--restart", action="store_true", help="discard saved shards instead of resuming")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(handler=cmd_demo)
 
     rank = commands.add_parser(

@@ -74,7 +74,9 @@ def mlp(seed: int = MODEL_SEED):
     )
 
 
-def run_demo(out_dir: str | os.PathLike = DEFAULT_OUT, *, quick: bool = False, restart: bool = False):
+def run_demo(
+    out_dir: str | os.PathLike = DEFAULT_OUT, *, quick: bool = False, restart: bool = False, progress: bool = True
+):
     """Run the demo and return the :class:`~influence.report.job.RankingOutcome`.
 
     ``quick`` is a small smoke run for tests (300 training samples, 2 epochs,
@@ -114,5 +116,6 @@ def run_demo(out_dir: str | os.PathLike = DEFAULT_OUT, *, quick: bool = False, r
         noise_mask=data.flipped,
         clean_labels=data.clean_labels,
         restart=restart,
+        progress=progress,
     )
     return run_ranking(job)

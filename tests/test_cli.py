@@ -20,8 +20,10 @@ import pandas as pd
 import pytest
 
 from influence import cli, runs
+from influence._files import UsageError
 from influence.checks import GradientCheck
 from influence.demo import noisy_digits
+from influence.optimizers import SGD, Adam, RMSprop
 
 PNG = b"\x89PNG\r\n\x1a\n"
 RANK_FLAGS = [
@@ -247,6 +249,35 @@ def test_help_exits_0_and_documents_flags(command, capsys):
     out = capsys.readouterr().out
     expected = {"rank": "--label-column", "check": "--directions", "bench": "--quick", "demo": "--restart"}
     assert expected.get(command[0] if command else "", "Exit codes") in out
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--optimizer", "nesterov", "--lr", "0.2"], SGD(0.2, momentum=0.9, nesterov=True)),
+        (["--optimizer", "momentum", "--momentum", "0.5"], SGD(0.1, momentum=0.5)),
+        (["--optimizer", "adam", "--epsilon", "1e-5"], Adam(0.001, epsilon=1e-5)),
+        (["--optimizer", "rmsprop"], RMSprop(0.001)),
+    ],
+)
+def test_optimizer_flags_build_the_named_update_rule(flags, expected):
+    args = cli.build_parser().parse_args(["rank", "--model", "m.keras", "--data", "d.npz", *flags])
+    assert cli._optimizer(args) == expected
+
+
+def test_epsilon_without_an_adaptive_optimizer_is_a_usage_error():
+    args = cli.build_parser().parse_args(["rank", "--model", "m.keras", "--data", "d.npz", "--epsilon", "1e-5"])
+    with pytest.raises(
+        UsageError,
+        match=r"'epsilon' parameter of influence rank must be given only with "
+        r"--optimizer rmsprop or adam. Got 1e-05 with sgd instead",
+    ):
+        cli._optimizer(args)
+
+
+def test_demo_accepts_no_progress():
+    args = cli.build_parser().parse_args(["demo", "--quick", "--no-progress"])
+    assert args.no_progress and args.handler is cli.cmd_demo
 
 
 def test_methods_are_comma_separated_and_deduplicated():
