@@ -73,6 +73,9 @@ class Trajectory:
     jit_compile: bool = True
     data_fingerprint: str | None = None
     _program_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    # Validation losses of replays (influence.verify), by exact hashes of the data: not carried
+    # over by dataclasses.replace, whose copies may replay another model or schedule.
+    _replay_losses: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __repr__(self) -> str:  # arrays as shape and dtype, not every number
         return compact_repr(self)

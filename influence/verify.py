@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -139,7 +140,15 @@ class _RetrainedChange:
 
     def __init__(self, trajectory: Trajectory, x: np.ndarray, y: np.ndarray, x_val: Any, y_val: Any) -> None:
         self.trajectory, self.x, self.y, self.x_val, self.y_val = trajectory, x, y, x_val, y_val
-        self.baseline = self._val_loss(trajectory.sample_weight)
+        # One replay per (run, data): removal_curve called sample by sample paid it every call.
+        key = (
+            _exact_hash(x, y, x_val, y_val, trajectory.sample_weight),
+            id(trajectory.distribute),
+            trajectory.jit_compile,
+        )
+        if key not in trajectory._replay_losses:
+            trajectory._replay_losses[key] = self._val_loss(trajectory.sample_weight)
+        self.baseline = trajectory._replay_losses[key]
 
     def _val_loss(self, c: np.ndarray) -> float:
         return retrained_val_loss(self.trajectory, self.x, self.y, self.x_val, self.y_val, c)
@@ -148,6 +157,16 @@ class _RetrainedChange:
         c = self.trajectory.sample_weight.copy()
         c[group] = c[group] * scale
         return self._val_loss(c) - self.baseline
+
+
+def _exact_hash(*arrays: Any) -> str:
+    """sha256 of the arrays' dtypes, shapes and bytes (unlike data_fingerprint, every value counts)."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        a = np.ascontiguousarray(np.asarray(array))
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
 
 
 def _sample_group(trajectory: Trajectory, indices: Any, func: str) -> np.ndarray:
@@ -270,4 +289,27 @@ def check_unrolled(
             return val_after(x64, yy, c)
 
         point, grad = y64[index], result.label_grad[index]  # type: ignore[index]
-    return check_gradient(f, point, grad, directions=directions, h=h, rtol=rtol, seed=seed)
+    check = check_gradient(f, point, grad, directions=directions, h=h, rtol=rtol, seed=seed)
+    return check if check.ok else replace(check, explanation=check.explanation + _epsilon_hint(trajectory, h))
+
+
+def _epsilon_hint(trajectory: Trajectory, h: float) -> str:
+    """Why an Adam/RMSprop check can fail at a sound gradient: ε bounds the linear range.
+
+    A weight whose gradient stays (nearly) 0 through training, e.g. one fed by an input
+    feature that is 0 in every sample, is divided by √v + ε with √v ≲ ε: the retrained loss
+    is then linear only for perturbations far below ε, and its derivative is ~1/ε large.
+    Measured (a 5-8-3 MLP, one feature always 0, Adam 0.01, 6 steps): relative error 5e-2 at
+    h = 1e-3, 5e-5 at 1e-6, 5e-6 at 1e-9 with ε = 1e-7.
+    """
+    epsilon = getattr(trajectory.optimizer, "epsilon", None)
+    if epsilon is None:
+        return ""
+    name = type(trajectory.optimizer).__name__
+    return (
+        f" Note for {name} (ε = {epsilon:g}): if some weight's gradient stays near 0 through training (e.g. an "
+        "input feature that is 0 in every sample), the retrained loss is linear only for perturbations far "
+        f"below ε and its derivative is ~1/ε large, so finite differences converge only for h ≪ ε (this check "
+        f"used h = {h:g}). Re-check with h = {epsilon * 1e-2:g}, or for attribution train with a larger ε "
+        f"({name}(epsilon=1e-5))."
+    )

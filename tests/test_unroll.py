@@ -1,5 +1,7 @@
 """Unrolled hypergradients == end-to-end float64 finite differences through retraining."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pandas as pd
@@ -40,6 +42,21 @@ def test_input_and_sample_weight_grads_match_retraining_finite_differences(name,
         assert chk_x.ok and chk_x.max_rel_error <= 1e-5, chk_x
         chk_c = inf.check_unrolled(traj, x, y, xv, yv, index, wrt="sample_weights")
         assert chk_c.ok and chk_c.max_rel_error <= 1e-5, chk_c
+
+
+def test_adam_check_names_epsilon_when_a_dead_feature_limits_the_linear_range(data):
+    # Feature 2 is 0 in every sample: its first-layer weights keep a zero gradient, Adam divides
+    # by √v + ε ≈ ε, and the retrained loss is linear only for h ≪ ε. The gradient is right.
+    x, y, xv, yv = data
+    x = x.copy()
+    x[:, 2] = 0.0
+    opt = Adam(0.01)  # Keras's ε = 1e-7
+    traj = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=opt, batch_size=5, epochs=2)
+    coarse = inf.check_unrolled(traj, x, y, xv, yv, 0, wrt="inputs")
+    assert not coarse.ok
+    assert "Note for Adam (ε = 1e-07)" in coarse.explanation and "Re-check with h = 1e-09" in coarse.explanation
+    fine = inf.check_unrolled(traj, x, y, xv, yv, 0, wrt="inputs", h=1e-9)
+    assert fine.ok, fine
 
 
 def test_label_grad_matches_finite_differences_for_regression():
@@ -238,6 +255,27 @@ def test_removal_curve_ends_at_the_actual_removal_effect_and_follows_the_slope_n
     assert group["actual_change"][0] == pytest.approx(
         inf.actual_removal_effect(traj, x, y, xv, yv, [[0, 5]], progress=False)[0], rel=1e-12, abs=1e-15
     )
+
+
+def test_the_replayed_baseline_is_retrained_once_per_run_and_data(data, monkeypatch):
+    import influence.verify as verify
+
+    x, y, xv, yv = data
+    traj = inf.fit(inf.as_float64(mlp(5, 3, out_activation="softmax")), x, y, loss=LOSS, batch_size=5, epochs=1)
+    replays = []
+    real = verify.retrained_val_loss
+    monkeypatch.setattr(verify, "retrained_val_loss", lambda *a: replays.append(a[-1]) or real(*a))
+    first = inf.removal_curve(traj, x, y, xv, yv, 1, scales=(0.0,), removal_effect=np.zeros(len(x)))
+    assert len(replays) == 2  # the baseline and the removal
+    inf.removal_curve(traj, x, y, xv, yv, 2, scales=(0.0,), removal_effect=np.zeros(len(x)))
+    again = inf.actual_removal_effect(traj, x, y, xv, yv, 1, progress=False)
+    assert len(replays) == 4 and again[0] == first["actual_change"][0]
+    # other validation data, or a copy of the run (another model, e.g. float64), replay their own baseline
+    inf.actual_removal_effect(traj, x, y, xv[:-1], yv[:-1], 1, progress=False)
+    assert len(replays) == 6
+    copy = dataclasses.replace(traj, _program_cache={})
+    inf.actual_removal_effect(copy, x, y, xv, yv, 1, progress=False)
+    assert len(replays) == 8
 
 
 def test_batchnorm_in_training_mode_is_refused_with_a_hint(data):
