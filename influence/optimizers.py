@@ -36,6 +36,28 @@ def safe_sqrt(v: tf.Tensor) -> tf.Tensor:
     return tf.where(positive, tf.sqrt(tf.where(positive, v, tf.ones_like(v))), tf.zeros_like(v))
 
 
+@dataclass(frozen=True, repr=False)
+class RecordedRates:
+    """A schedule replaying the per-step rates of a saved run (the schedule object itself is not saved).
+
+    :func:`influence.load_trajectory` gives a loaded run's optimizer this schedule, so the
+    optimizer reports the rates the run used; asking for a step past the record raises.
+    """
+
+    rates: tuple[float, ...]
+
+    def __call__(self, step: Any) -> float:
+        t = int(np.asarray(step))
+        if not 0 <= t < len(self.rates):
+            raise ValueError(
+                param_error("step", "RecordedRates", f"a recorded step in [0, {len(self.rates) - 1}]", describe(step))
+            )
+        return self.rates[t]
+
+    def __repr__(self) -> str:
+        return f"RecordedRates({len(self.rates)} steps, {self.rates[0]:g} … {self.rates[-1]:g})"
+
+
 @dataclass(frozen=True)
 class Optimizer(ABC):
     """A pure first-order optimizer.

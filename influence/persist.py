@@ -25,7 +25,7 @@ import numpy as np
 from ._validation import describe, param_error
 from .losses import BUILT_IN, get_loss
 from .model_function import seed_state_slots
-from .optimizers import SGD, Adam, Optimizer, RMSprop
+from .optimizers import SGD, Adam, Optimizer, RecordedRates, RMSprop
 from .trajectory import Trajectory
 
 _OPTIMIZERS: dict[str, type[Optimizer]] = {"SGD": SGD, "RMSprop": RMSprop, "Adam": Adam}
@@ -49,8 +49,9 @@ def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
         )
     optimizer = trajectory.optimizer
     config = {f.name: getattr(optimizer, f.name) for f in dataclasses.fields(optimizer)}
-    if callable(config["learning_rate"]):
-        config["learning_rate"] = float(trajectory.learning_rates[0])  # the record keeps every step's rate
+    scheduled = callable(config["learning_rate"])
+    if scheduled:  # the record keeps every step's rate; load_trajectory replays them as RecordedRates
+        config["learning_rate"] = float(trajectory.learning_rates[0])
     meta = {
         "format": FORMAT_VERSION,
         "loss": trajectory.loss.name,
@@ -58,6 +59,7 @@ def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
         "loss_options": dict(trajectory.loss.options),  # e.g. Huber's delta
         "optimizer": type(optimizer).__name__,
         "optimizer_config": config,
+        "learning_rate_schedule": scheduled,
         "training": trajectory.training,
         "jit_compile": trajectory.jit_compile,
         "data_fingerprint": trajectory.data_fingerprint,
@@ -135,6 +137,10 @@ def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] |
     batches = [arrays["batches"][offsets[t] : offsets[t + 1]] for t in range(len(offsets) - 1)]
     count = meta["weights"]
     optimizer = _OPTIMIZERS[meta["optimizer"]](**meta["optimizer_config"])
+    rates = arrays["learning_rates"]
+    # Older saves carry no flag: a schedule shows as rates that are not all the config's one rate.
+    if meta.get("learning_rate_schedule", bool(np.any(rates != optimizer.learning_rate))):
+        optimizer = dataclasses.replace(optimizer, learning_rate=RecordedRates(tuple(float(r) for r in rates)))
     return Trajectory(
         model=model,
         loss=get_loss(meta["loss"], from_logits=meta["from_logits"], **meta.get("loss_options", {})),

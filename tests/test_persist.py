@@ -8,7 +8,7 @@ import pytest
 from conftest import mlp
 
 import influence as inf
-from influence.optimizers import SGD, Adam
+from influence.optimizers import SGD, Adam, RecordedRates
 
 
 @pytest.mark.parametrize("record", [True, False])
@@ -34,6 +34,20 @@ def test_saved_trajectory_reloads_with_identical_results(tmp_path, record):
     before, after = inf.unrolled(traj, x, y, xv, yv), inf.unrolled(loaded, x, y, xv, yv)
     assert np.array_equal(before.removal_effect, after.removal_effect)
     assert np.array_equal(before.input_grad, after.input_grad)
+    # The schedule object is not saved; the loaded optimizer replays the recorded rates, not the first one.
+    assert isinstance(loaded.optimizer.learning_rate, RecordedRates)
+    np.testing.assert_array_equal(loaded.optimizer.learning_rates(6), traj.learning_rates)
+    assert "6 steps, 0.02 … 0.00333333" in repr(loaded.optimizer)
+    with pytest.raises(ValueError, match=r"'step' parameter of RecordedRates must be a recorded step in \[0, 5\]"):
+        loaded.optimizer.learning_rates(7)
+
+
+def test_a_constant_rate_reloads_as_that_rate(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 4)), rng.normal(size=(6, 2))
+    traj = inf.fit(mlp(4, 2), x, y, loss="mse", optimizer=SGD(0.1, momentum=0.9, nesterov=True), batch_size=3)
+    inf.save_trajectory(traj, tmp_path / "run")
+    assert inf.load_trajectory(tmp_path / "run").optimizer == traj.optimizer
 
 
 def test_saving_replaces_atomically_and_errors_are_clear(tmp_path):
