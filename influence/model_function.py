@@ -267,7 +267,9 @@ def _has_custom_gradient(op: tf.Operation) -> bool:
         return False
 
 
-def warn_gradient_overrides(fn: ModelFunction, x: np.ndarray | tf.Tensor, *, training: bool, func: str) -> None:
+def warn_gradient_overrides(
+    fn: ModelFunction, x: np.ndarray | tf.Tensor, *, training: bool, func: str, stacklevel: int = 3
+) -> None:
     """Warn once per model and mode when hypergradients would follow an overridden gradient (DESIGN §4).
 
     ``stop_gradient`` inside the model makes training's gradient a function of weights
@@ -304,7 +306,7 @@ def warn_gradient_overrides(fn: ModelFunction, x: np.ndarray | tf.Tensor, *, tra
             "these gradients, not the derivative of retraining; verify them with influence.check_unrolled "
             "(float64 finite differences through retraining) before trusting them.",
             GradientOverrideWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
 

@@ -21,10 +21,11 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from ._validation import describe, param_error
 from .losses import BUILT_IN, get_loss
-from .model_function import seed_state_slots
+from .model_function import ModelFunction, seed_state_slots, warn_gradient_overrides
 from .optimizers import SGD, Adam, Optimizer, RecordedRates, RMSprop
 from .trajectory import Trajectory
 
@@ -141,6 +142,7 @@ def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] |
     # Older saves carry no flag: a schedule shows as rates that are not all the config's one rate.
     if meta.get("learning_rate_schedule", bool(np.any(rates != optimizer.learning_rate))):
         optimizer = dataclasses.replace(optimizer, learning_rate=RecordedRates(tuple(float(r) for r in rates)))
+    _warn_gradient_overrides(model, tuple(meta["input_shape"]), training=meta["training"])
     return Trajectory(
         model=model,
         loss=get_loss(meta["loss"], from_logits=meta["from_logits"], **meta.get("loss_options", {})),
@@ -159,4 +161,16 @@ def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] |
         seconds=meta["seconds"],
         jit_compile=meta.get("jit_compile", True),
         data_fingerprint=meta.get("data_fingerprint"),
+    )
+
+
+def _warn_gradient_overrides(model: keras.Model, input_shape: tuple[int, ...], *, training: bool) -> None:
+    """The warning fit gave when the run was recorded, for a run loaded in another process."""
+    fn = ModelFunction(model, func="load_trajectory")
+    try:
+        dtype = tf.as_dtype(model.inputs[0].dtype)
+    except (AttributeError, IndexError, ValueError):  # subclassed models declare no inputs
+        dtype = fn.dtype
+    warn_gradient_overrides(
+        fn, tf.zeros((1, *input_shape), dtype), training=training, func="load_trajectory", stacklevel=4
     )

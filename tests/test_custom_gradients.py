@@ -157,3 +157,14 @@ def test_one_step_warns_about_a_stop_gradient_too():
     x, y, xv, yv = _data()
     with pytest.warns(inf.GradientOverrideWarning, match="one_step: the model overrides autodiff with stop_gradient"):
         inf.one_step(_model(), "sparse_categorical_crossentropy", x, y, xv, yv, learning_rate=0.1)
+
+
+def test_a_loaded_run_warns_again_in_its_new_process(tmp_path):
+    x, y, _, _ = _data()
+    with pytest.warns(inf.GradientOverrideWarning):
+        traj = inf.fit(_model(), x, y, loss="sparse_categorical_crossentropy", optimizer=SGD(0.3), batch_size=4)
+    inf.save_trajectory(traj, tmp_path / "run")
+    custom = {"SmoothAbs": SmoothAbs, "DetachedScale": DetachedScale}
+    with pytest.warns(inf.GradientOverrideWarning, match="load_trajectory: the model overrides autodiff") as caught:
+        inf.load_trajectory(tmp_path / "run", custom_objects=custom)
+    assert caught[0].filename == __file__  # points at the caller's line
