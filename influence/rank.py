@@ -87,8 +87,12 @@ def rank(
     chosen = np.arange(len(x))
     if samples is not None:
         chosen = as_array(samples, param="samples", func=func)
-        if not np.issubdtype(chosen.dtype, np.integer) or chosen.min() < 0 or chosen.max() >= len(x):
-            raise ValueError(param_error("samples", func, f"training indices in [0, {len(x) - 1}]", describe(chosen)))
+        valid = chosen.ndim == 1 and np.issubdtype(chosen.dtype, np.integer)
+        if not valid or chosen.min() < 0 or chosen.max() >= len(x):
+            raise ValueError(
+                param_error("samples", func, f"a list of training indices in [0, {len(x) - 1}]", describe(samples))
+            )
+        check_distinct(chosen, param="samples", func=func, expected="distinct training indices", given=samples)
 
     start = time.perf_counter()
     ops = SampleOps(trajectory, x, y, progress=progress, samples=chosen)
@@ -154,7 +158,8 @@ def _predicted_labels(trajectory: Trajectory, outputs: np.ndarray) -> np.ndarray
     if trajectory.loss.integer_labels or trajectory.loss.name == "categorical_crossentropy":
         return np.argmax(outputs, axis=-1)
     if trajectory.loss.name == "binary_crossentropy" and outputs.ndim == 2 and outputs.shape[1] == 1:
-        return (outputs[:, 0] > 0.5).astype(int)
+        # A logit of 0 is a probability of 0.5: logits are cut at 0, probabilities at 0.5.
+        return (outputs[:, 0] > (0.0 if trajectory.loss.from_logits else 0.5)).astype(int)
     return np.full(len(outputs), np.nan)
 
 
@@ -177,7 +182,11 @@ def predicted_group_effect(table_or_effect: Any, groups: Sequence[Sequence[int]]
         if hasattr(table_or_effect, "removal_effect"):  # an UnrolledResult
             effect = np.asarray(table_or_effect.removal_effect)
         else:
-            effect = as_array(table_or_effect, param="table_or_effect", func=func).reshape(-1)
+            effect = as_array(table_or_effect, param="table_or_effect", func=func)
+            if effect.ndim != 1:
+                raise ValueError(
+                    param_error("table_or_effect", func, "an (n,) array of removal effects", f"shape {effect.shape}")
+                )
         effect_of = dict(enumerate(effect))
         known = f"indices in [0, {len(effect) - 1}]"
     if any(np.isnan(v) for v in effect_of.values()):
@@ -186,9 +195,14 @@ def predicted_group_effect(table_or_effect: Any, groups: Sequence[Sequence[int]]
                 "table_or_effect", func, "a table with removal effects", "a table without them (self_influence or loss)"
             )
         )
+    if not isinstance(groups, (list, tuple, np.ndarray)):
+        raise ValueError(param_error("groups", func, "a list of index lists", describe(groups)))
     out = []
     for g in groups:
-        idx = np.atleast_1d(np.asarray(g))
+        try:
+            idx = np.atleast_1d(np.asarray(g))
+        except ValueError:  # ragged nesting, e.g. [0, [1, 2]]
+            idx = np.asarray([], dtype=object)
         valid = idx.size > 0 and idx.ndim == 1 and np.issubdtype(idx.dtype, np.integer)
         if not valid or any(int(i) not in effect_of for i in idx):
             raise ValueError(param_error("groups", func, known, describe(g)))

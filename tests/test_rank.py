@@ -172,6 +172,44 @@ def test_group_effect_reads_sample_indices_from_a_shard_or_filtered_table(run):
 
 
 @pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda d, e: inf.predicted_group_effect(e, 3), "'groups' parameter of predicted_group_effect must be a list"),
+        (lambda d, e: inf.predicted_group_effect(e, [[0, [1, 2]]]), "'groups' parameter of predicted_group_effect"),
+        (
+            lambda d, e: inf.predicted_group_effect(e.reshape(8, 5), [[0]]),
+            r"'table_or_effect' parameter of predicted_group_effect must be an \(n,\) array",
+        ),
+        (lambda d, e: inf.actual_removal_effect(*d, None), "'indices' parameter of actual_removal_effect must be a"),
+        (lambda d, e: inf.actual_removal_effect(*d, []), "must be a sample index, or a non-empty list"),
+        (lambda d, e: inf.actual_removal_effect(*d, [[0, [1, 2]]]), "'indices' parameter of actual_removal_effect"),
+        (
+            lambda d, e: inf.actual_removal_effect(*d[:3], d[3][:, :2], d[4], 1),
+            r"'x_val' parameter of actual_removal_effect must be samples of shape \(4,\)",
+        ),
+        (
+            lambda d, e: inf.actual_removal_effect(*d[:4], d[4] + 5, 1),
+            r"'y_val' parameter of actual_removal_effect must be class labels in \[0, 2\]",
+        ),
+        (
+            lambda d, e: inf.validation_loss(d[0], d[0].final_weights, d[3], d[4] + 5),
+            r"'y_val' parameter of validation_loss must be class labels in \[0, 2\]",
+        ),
+        (
+            lambda d, e: inf.removal_curve(*d[:4], d[4] + 5, 1),
+            r"'y_val' parameter of removal_curve must be class labels",
+        ),
+        (lambda d, e: inf.rank(*d, samples=[[0, 1]]), "'samples' parameter of rank must be a list of training indices"),
+        (lambda d, e: inf.rank(*d, samples=[0, 0, 1]), "'samples' parameter of rank must be distinct training indices"),
+    ],
+)
+def test_group_and_verification_inputs_are_checked_before_any_work(call, match, run):
+    effect = np.zeros(40)
+    with pytest.raises(ValueError, match=match):
+        call(run, effect)
+
+
+@pytest.mark.parametrize(
     "kwargs, match",
     [
         ({"method": "shapley"}, "'method' parameter of rank must be one of 'unrolled', 'influence_function'"),
@@ -293,3 +331,17 @@ def test_margin_refuses_a_regression_run(regressor, reg_data):
         ValueError, match="'method' parameter of rank must be a method other than 'margin' for loss 'mse'"
     ):
         inf.rank(traj, x, y, method="margin")
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_binary_predicted_labels_cut_logits_at_0_and_probabilities_at_half(from_logits):
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(16, 4)), rng.integers(0, 2, (16, 1)).astype(float)
+    model = mlp(4, 1, out_activation=None if from_logits else "sigmoid")
+    loss = inf.losses.get_loss("binary_crossentropy", from_logits=from_logits)
+    traj = inf.fit(model, x, y, loss=loss, optimizer=SGD(0.1), batch_size=8)
+    table = inf.rank(traj, x, y, method="loss").sort_values("index")
+    outputs = model(x).numpy()[:, 0]
+    probability = 1 / (1 + np.exp(-outputs)) if from_logits else outputs
+    np.testing.assert_array_equal(table["predicted_label"], (probability > 0.5).astype(int))
+    assert 0 < table["predicted_label"].sum() < 16  # both classes predicted: the cut-off matters
