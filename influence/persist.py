@@ -85,6 +85,20 @@ def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
     for i, h in enumerate(trajectory.state_history or []):
         arrays[f"state_{i}"] = h
     target = os.fspath(path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ValueError(
+            param_error("path", func, "a folder to write (created or replaced)", f"{target!r}, an existing file")
+        )
+    if os.path.isdir(target) and os.listdir(target) and not os.path.exists(os.path.join(target, "meta.json")):
+        # Saving replaces the folder: never delete one that holds something other than a saved run.
+        raise ValueError(
+            param_error(
+                "path",
+                func,
+                "a new folder, or one written by save_trajectory (it is replaced)",
+                f"{target!r}, a non-empty folder that is not a saved trajectory",
+            )
+        )
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".trajectory-", dir=parent)
@@ -153,7 +167,7 @@ def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] |
         learning_rates=arrays["learning_rates"],
         seeds=arrays["seeds"],
         training=meta["training"],
-        sample_weight=arrays["sample_weight"],
+        sample_weight=arrays["sample_weight"].astype(np.float64),  # older saves kept int weights
         n_train=meta["n_train"],
         input_shape=tuple(meta["input_shape"]),
         weights_history=[arrays[f"history_{i}"] for i in range(count)] if meta["history"] else None,

@@ -344,7 +344,7 @@ def _check_no_regularization(model: keras.Model, func: str) -> None:
 
 
 def per_sample_weights(sample_weight: Any, x: np.ndarray, func: str) -> np.ndarray:
-    """c as an (n,) array for the n samples of ``x``: (n,) or Keras's (n, 1) accepted, other shapes refused.
+    """c as an (n,) float64 array for the n samples of ``x``: (n,) or Keras's (n, 1) accepted, other shapes refused.
 
     An (n, 1) array kept as it is would broadcast against the (B,) per-sample losses into a
     (B, B) matrix and train another run silently.
@@ -356,7 +356,8 @@ def per_sample_weights(sample_weight: Any, x: np.ndarray, func: str) -> np.ndarr
         raise ValueError(
             param_error("sample_weight", func, f"shape ({n},) (one weight per sample)", f"shape {c.shape}")
         )
-    return c.reshape(n)
+    # As floats: integer weights stored as they are were truncated when scaled (c·0.75 of 2 became 1).
+    return c.reshape(n).astype(np.float64)
 
 
 def retrain(trajectory: Trajectory, x_train: Any, y_train: Any, *, sample_weight: Any = None) -> list[np.ndarray]:

@@ -24,7 +24,16 @@ import pandas as pd
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from ._validation import as_array, check_choice, check_distinct, describe, param_error
+from ._inputs import as_model_inputs, check_labels_for_loss, validate_validation_data
+from ._validation import (
+    as_array,
+    check_choice,
+    check_distinct,
+    check_feature_shape,
+    check_same_length,
+    describe,
+    param_error,
+)
 from .checks import GradientCheck, as_float64, check_gradient
 from .model_function import ModelFunction
 from .trajectory import Trajectory, check_trajectory_data, data_fingerprint, retrain
@@ -32,9 +41,14 @@ from .trajectory import Trajectory, check_trajectory_data, data_fingerprint, ret
 
 def validation_loss(trajectory: Trajectory, weights: Sequence[Any], x_val: Any, y_val: Any) -> float:
     """Mean validation loss of the trajectory's model with the given trainable weights."""
-    fn = ModelFunction(trajectory.model, func="validation_loss")
-    xv = tf.constant(as_array(x_val, param="x_val", func="validation_loss"), dtype=fn.dtype)
-    yv = as_array(y_val, param="y_val", func="validation_loss")
+    func = "validation_loss"
+    fn = ModelFunction(trajectory.model, func=func)
+    xv_array = as_model_inputs(trajectory.model, as_array(x_val, param="x_val", func=func))
+    yv = as_array(y_val, param="y_val", func=func)
+    check_same_length(func, x_val=xv_array, y_val=yv)
+    check_feature_shape(func, "x_val", xv_array, trajectory.input_shape, "the shape of the run's training samples")
+    check_labels_for_loss(func, "y_val", yv, trajectory.loss, trajectory.model)
+    xv = tf.constant(xv_array, dtype=fn.dtype)
     yv_t = tf.constant(yv, dtype=fn.dtype if trajectory.loss.continuous_labels else tf.int32)
     w = [tf.constant(wi, dtype=fn.dtype) for wi in weights]
     return float(trajectory.loss.mean(yv_t, fn(w, xv, training=False)))
@@ -66,8 +80,15 @@ def actual_removal_effect(
     """
     func = "actual_removal_effect"
     x, y = check_trajectory_data(trajectory, x_train, y_train, func)
+    x_val, y_val = validate_validation_data(func, trajectory.model, trajectory.loss, x, y, x_val, y_val)
     # One int is one sample, as removal_curve takes it (a bool is refused by _sample_group).
     listed: Sequence[Any] = [indices] if isinstance(indices, (int, np.integer)) else indices
+    if not isinstance(listed, (list, tuple, np.ndarray)) or len(listed) == 0:
+        raise ValueError(
+            param_error(
+                "indices", func, "a sample index, or a non-empty list of indices or index lists", describe(indices)
+            )
+        )
     groups = [_sample_group(trajectory, g, func) for g in listed]
     change = _RetrainedChange(trajectory, x, y, x_val, y_val)
     return np.asarray([change(g, 0.0) for g in tqdm(groups, desc="retraining", unit="run", disable=not progress)])
@@ -110,6 +131,7 @@ def removal_curve(
     """
     func = "removal_curve"
     x, y = check_trajectory_data(trajectory, x_train, y_train, func)
+    x_val, y_val = validate_validation_data(func, trajectory.model, trajectory.loss, x, y, x_val, y_val)
     group = _sample_group(trajectory, indices, func)
     scale_values = as_array(scales, param="scales", func=func).astype(np.float64).reshape(-1)  # finite, non-empty
     if removal_effect is None:
@@ -154,7 +176,7 @@ class _RetrainedChange:
         return retrained_val_loss(self.trajectory, self.x, self.y, self.x_val, self.y_val, c)
 
     def __call__(self, group: np.ndarray, scale: float) -> float:
-        c = self.trajectory.sample_weight.copy()
+        c = np.array(self.trajectory.sample_weight, dtype=np.float64)  # scaled: never an int array
         c[group] = c[group] * scale
         return self._val_loss(c) - self.baseline
 
@@ -171,7 +193,10 @@ def _exact_hash(*arrays: Any) -> str:
 
 def _sample_group(trajectory: Trajectory, indices: Any, func: str) -> np.ndarray:
     """One index or a list of indices, as a non-empty int array of valid sample indices."""
-    group = np.atleast_1d(np.asarray(indices))
+    try:
+        group = np.atleast_1d(np.asarray(indices))
+    except ValueError:  # ragged nesting, e.g. [0, [1, 2]]
+        group = np.asarray([], dtype=object)
     valid = group.size > 0 and group.ndim == 1 and np.issubdtype(group.dtype, np.integer)
     if not valid or group.min() < 0 or group.max() >= trajectory.n_train:
         raise ValueError(

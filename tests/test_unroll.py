@@ -257,6 +257,20 @@ def test_removal_curve_ends_at_the_actual_removal_effect_and_follows_the_slope_n
     )
 
 
+def test_integer_sample_weights_scale_without_truncation(data):
+    x, y, xv, yv = data
+    model = mlp(5, 3, out_activation="softmax")
+    traj = inf.fit(model, x, y, loss=LOSS, batch_size=5, epochs=1, sample_weight=np.full(len(x), 2))
+    assert traj.sample_weight.dtype == np.float64
+    curve = inf.removal_curve(traj, x, y, xv, yv, 3, scales=(0.75,), removal_effect=np.zeros(len(x)))
+    c = np.full(len(x), 2.0)
+    c[3] = 1.5  # 2 × 0.75: an int array had truncated it to 1
+    expected = inf.validation_loss(traj, inf.retrain(traj, x, y, sample_weight=c), xv, yv) - inf.validation_loss(
+        traj, inf.retrain(traj, x, y), xv, yv
+    )
+    assert curve["actual_change"][0] == pytest.approx(expected, rel=1e-12)
+
+
 def test_the_replayed_baseline_is_retrained_once_per_run_and_data(data, monkeypatch):
     import influence.verify as verify
 
