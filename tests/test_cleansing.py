@@ -63,5 +63,9 @@ def test_bad_arguments_are_named(run):
     traj, x, y, xv, yv = run
     with pytest.raises(ValueError, match="The 'k' parameter of greedy_removal must be fewer than the 40 training"):
         inf.greedy_removal(traj, x, y, xv, yv, 40)
+    c = np.ones(len(x))
+    c[:4] = 0.0  # already out of the run: 36 samples can be removed
+    with pytest.raises(ValueError, match="must be fewer than the 36 training samples in the run .sample weight > 0."):
+        inf.greedy_removal(_fit(x, y, sample_weight=c), x, y, xv, yv, 36)
     with pytest.raises(ValueError, match="The 'per_round' parameter of greedy_removal must be a positive int"):
         inf.greedy_removal(traj, x, y, xv, yv, 3, per_round=0)

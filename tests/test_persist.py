@@ -65,6 +65,15 @@ def test_saving_replaces_atomically_and_errors_are_clear(tmp_path):
         ValueError, match="'trajectory' parameter of save_trajectory must be a run with a built-in loss"
     ):
         inf.save_trajectory(custom, tmp_path / "custom")
+    # Saving replaces its folder: a file, or a folder holding anything but a saved run, is refused, untouched.
+    (tmp_path / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="must be a folder to write .created or replaced.. Got .*an existing file"):
+        inf.save_trajectory(traj, tmp_path / "notes.txt")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "data.npz").write_bytes(b"keep")
+    with pytest.raises(ValueError, match="a non-empty folder that is not a saved trajectory"):
+        inf.save_trajectory(traj, tmp_path / "work")
+    assert (tmp_path / "notes.txt").read_text() == "keep" and (tmp_path / "work" / "data.npz").exists()
 
 
 def _as_format_1(folder) -> None:
