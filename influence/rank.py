@@ -89,9 +89,7 @@ def rank(
         chosen = as_array(samples, param="samples", func=func)
         valid = chosen.ndim == 1 and np.issubdtype(chosen.dtype, np.integer)
         if not valid or chosen.min() < 0 or chosen.max() >= len(x):
-            raise ValueError(
-                param_error("samples", func, f"a list of training indices in [0, {len(x) - 1}]", describe(samples))
-            )
+            raise ValueError(param_error("samples", func, f"training indices in [0, {len(x) - 1}]", describe(samples)))
         check_distinct(chosen, param="samples", func=func, expected="distinct training indices", given=samples)
 
     start = time.perf_counter()

@@ -199,7 +199,7 @@ def test_group_effect_reads_sample_indices_from_a_shard_or_filtered_table(run):
             lambda d, e: inf.removal_curve(*d[:4], d[4] + 5, 1),
             r"'y_val' parameter of removal_curve must be class labels",
         ),
-        (lambda d, e: inf.rank(*d, samples=[[0, 1]]), "'samples' parameter of rank must be a list of training indices"),
+        (lambda d, e: inf.rank(*d, samples=[[0, 1]]), "'samples' parameter of rank must be training indices in"),
         (lambda d, e: inf.rank(*d, samples=[0, 0, 1]), "'samples' parameter of rank must be distinct training indices"),
     ],
 )
