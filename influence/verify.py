@@ -24,16 +24,8 @@ import pandas as pd
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from ._inputs import as_model_inputs, check_labels_for_loss, validate_validation_data
-from ._validation import (
-    as_array,
-    check_choice,
-    check_distinct,
-    check_feature_shape,
-    check_same_length,
-    describe,
-    param_error,
-)
+from ._inputs import check_validation_arrays, validate_validation_data
+from ._validation import as_array, check_choice, check_distinct, describe, index_group, param_error
 from .checks import GradientCheck, as_float64, check_gradient
 from .model_function import ModelFunction
 from .trajectory import Trajectory, check_trajectory_data, data_fingerprint, retrain
@@ -43,11 +35,14 @@ def validation_loss(trajectory: Trajectory, weights: Sequence[Any], x_val: Any, 
     """Mean validation loss of the trajectory's model with the given trainable weights."""
     func = "validation_loss"
     fn = ModelFunction(trajectory.model, func=func)
-    xv_array = as_model_inputs(trajectory.model, as_array(x_val, param="x_val", func=func))
-    yv = as_array(y_val, param="y_val", func=func)
-    check_same_length(func, x_val=xv_array, y_val=yv)
-    check_feature_shape(func, "x_val", xv_array, trajectory.input_shape, "the shape of the run's training samples")
-    check_labels_for_loss(func, "y_val", yv, trajectory.loss, trajectory.model)
+    xv_array, yv = check_validation_arrays(
+        func,
+        trajectory.model,
+        trajectory.loss,
+        x_val,
+        y_val,
+        sample_shape=(trajectory.input_shape, "the shape of the run's training samples"),
+    )
     xv = tf.constant(xv_array, dtype=fn.dtype)
     yv_t = tf.constant(yv, dtype=fn.dtype if trajectory.loss.continuous_labels else tf.int32)
     w = [tf.constant(wi, dtype=fn.dtype) for wi in weights]
@@ -193,17 +188,13 @@ def _exact_hash(*arrays: Any) -> str:
 
 def _sample_group(trajectory: Trajectory, indices: Any, func: str) -> np.ndarray:
     """One index or a list of indices, as a non-empty int array of valid sample indices."""
-    try:
-        group = np.atleast_1d(np.asarray(indices))
-    except ValueError:  # ragged nesting, e.g. [0, [1, 2]]
-        group = np.asarray([], dtype=object)
-    valid = group.size > 0 and group.ndim == 1 and np.issubdtype(group.dtype, np.integer)
-    if not valid or group.min() < 0 or group.max() >= trajectory.n_train:
+    group = index_group(indices)
+    if group is None or group.min() < 0 or group.max() >= trajectory.n_train:
         raise ValueError(
             param_error("indices", func, f"sample indices in [0, {trajectory.n_train - 1}]", describe(indices))
         )
     check_distinct(group, param="indices", func=func, expected="distinct sample indices in each group", given=indices)
-    return group.astype(np.int64)
+    return group
 
 
 def as_float64_trajectory(trajectory: Trajectory, x_train: np.ndarray, y_train: np.ndarray) -> Trajectory:
