@@ -57,6 +57,20 @@ def as_array(
     return array
 
 
+def index_group(indices: Any) -> np.ndarray | None:
+    """One index or a list of indices as a non-empty 1-D int64 array; None for anything else.
+
+    Ragged nesting (``[0, [1, 2]]``), nested lists, floats, bools and empty lists give None,
+    so callers can refuse them with their own message.
+    """
+    try:
+        group = np.atleast_1d(np.asarray(indices))
+    except ValueError:  # ragged nesting
+        return None
+    valid = group.size > 0 and group.ndim == 1 and np.issubdtype(group.dtype, np.integer)
+    return group.astype(np.int64) if valid else None
+
+
 def check_distinct(indices: np.ndarray, *, param: str, func: str, expected: str, given: Any) -> None:
     """Refuse repeated sample indices: removing (or changing) a sample twice is doing it once,
     while a sum of per-sample predictions would count it twice."""

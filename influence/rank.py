@@ -11,7 +11,7 @@ import pandas as pd
 
 from ._inputs import validate_validation_data
 from ._methods import METHODS
-from ._validation import as_array, check_choice, check_distinct, describe, param_error
+from ._validation import as_array, check_choice, check_distinct, describe, index_group, param_error
 from .losses import MARGIN_LOSSES
 from .rankers import methods
 from .rankers._samples import SampleOps
@@ -197,12 +197,8 @@ def predicted_group_effect(table_or_effect: Any, groups: Sequence[Sequence[int]]
         raise ValueError(param_error("groups", func, "a list of index lists", describe(groups)))
     out = []
     for g in groups:
-        try:
-            idx = np.atleast_1d(np.asarray(g))
-        except ValueError:  # ragged nesting, e.g. [0, [1, 2]]
-            idx = np.asarray([], dtype=object)
-        valid = idx.size > 0 and idx.ndim == 1 and np.issubdtype(idx.dtype, np.integer)
-        if not valid or any(int(i) not in effect_of for i in idx):
+        idx = index_group(g)
+        if idx is None or any(int(i) not in effect_of for i in idx):
             raise ValueError(param_error("groups", func, known, describe(g)))
         check_distinct(idx, param="groups", func=func, expected="distinct sample indices in each group", given=g)
         out.append(float(sum(effect_of[int(i)] for i in idx)))
