@@ -68,20 +68,19 @@ def greedy_removal(
     xv, yv = validate_validation_data(func, trajectory.model, trajectory.loss, x, y, x_val, y_val)
     check_positive(k, param="k", func=func, kind=int)
     check_positive(per_round, param="per_round", func=func, kind=int)
-    in_run = int(np.count_nonzero(np.asarray(trajectory.sample_weight) > 0))  # weight-0 samples are already out
-    if k >= in_run:
+    weights = np.asarray(trajectory.sample_weight, dtype=np.float64).copy()
+    removable = weights > 0  # samples with weight 0 are already out of the run
+    if k >= removable.sum():
         raise ValueError(
             param_error(
                 "k",
                 func,
-                f"fewer than the {in_run} training samples in the run (sample weight > 0)",
+                f"fewer than the {int(removable.sum())} training samples in the run (sample weight > 0)",
                 describe(k),
             )
         )
 
     start = time.perf_counter()
-    weights = np.asarray(trajectory.sample_weight, dtype=np.float64).copy()
-    removable = weights > 0  # samples with weight 0 are already out of the run
     current = trajectory
     before = retrained_val_loss(trajectory, x, y, xv, yv)
     rows: list[dict[str, Any]] = []

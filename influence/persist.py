@@ -164,7 +164,7 @@ def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] |
         initial_weights=[arrays[f"initial_{i}"] for i in range(count)],
         final_weights=[arrays[f"final_{i}"] for i in range(count)],
         batches=batches,
-        learning_rates=arrays["learning_rates"],
+        learning_rates=rates,
         seeds=arrays["seeds"],
         training=meta["training"],
         sample_weight=arrays["sample_weight"].astype(np.float64),  # older saves kept int weights
