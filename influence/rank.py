@@ -64,8 +64,11 @@ def rank(
         validation loss if the sample is removed; negative = harmful; NaN for
         methods without one; TracIn's is the uncalibrated at-visit effect, see
         :mod:`influence.rankers.methods`), ``label``, ``predicted_label`` (NaN for
-        regression) and ``train_loss`` (at the final weights). ``attrs`` holds
-        ``method``, ``seconds`` and ``val_loss``.
+        regression), ``train_loss`` (at the final weights) and ``in_run`` (False
+        for samples of weight c_i = 0, which the run did not train on: they are
+        listed after all others, see :func:`order_by_harm`). ``attrs`` holds
+        ``method``, ``seconds``, ``val_loss`` and ``outside_run`` (how many
+        samples have ``in_run`` False).
     """
     func = "rank"
     check_choice(method, METHODS, param="method", func=func)
@@ -122,16 +125,32 @@ def rank(
             "label": list(y[chosen]) if y.ndim > 1 else y[chosen],
             "predicted_label": _predicted_labels(trajectory, outputs),
             "train_loss": losses,
+            "in_run": trajectory.sample_weight[chosen] != 0,
         }
     )
-    table = table.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
-    table.insert(1, "rank", np.arange(len(table)))
+    table = order_by_harm(table)
     val_loss = float("nan")
     if xv is not None:
         from .verify import validation_loss
 
         val_loss = validation_loss(trajectory, trajectory.final_weights, xv, yv)
     table.attrs.update(method=method, seconds=seconds, val_loss=val_loss, **extra)
+    return table
+
+
+def order_by_harm(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows most harmful first (``score`` descending, ties in row order), then a fresh ``rank`` column.
+
+    Samples outside the run (``in_run`` False: weight c_i = 0) come after every other
+    sample: they did not shape the model, so they have no harm to rank, and the score-only
+    methods would otherwise put them first (their loss is a held-out loss, higher than a
+    trained sample's), showing a user the very samples they had already dropped.
+    """
+    table = table.drop(columns="rank", errors="ignore")
+    order = np.lexsort((-table["score"].to_numpy(), ~table["in_run"].to_numpy(dtype=bool)))  # stable
+    table = table.iloc[order].reset_index(drop=True)
+    table.insert(1, "rank", np.arange(len(table)))
+    table.attrs["outside_run"] = int((~table["in_run"]).sum())
     return table
 
 

@@ -89,8 +89,8 @@ def rank_in_processes(
             pool.submit(_score_shard, path, data, method, shard, options, threads_per_process) for shard in shards
         ]
         parts = [f.result() for f in futures]
-    table = pd.concat(parts, ignore_index=True).drop(columns="rank")
-    table = table.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
-    table.insert(1, "rank", np.arange(len(table)))
+    from .rank import order_by_harm
+
+    table = order_by_harm(pd.concat(parts, ignore_index=True))
     table.attrs.update(method=method, seconds=time.perf_counter() - start, processes=len(shards))
     return table

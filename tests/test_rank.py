@@ -14,8 +14,8 @@ from influence.rankers import ConjugateGradient, Exact, LiSSA
 LOSS = "sparse_categorical_crossentropy"
 
 
-@pytest.fixture(scope="module")
-def run():
+def _fixture_data():
+    """Three Gaussian classes in 4-D, 40 training samples (the first four labels flipped), 20 validation."""
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(3, 4)) * 2
     y = rng.integers(0, 3, 40)
@@ -24,6 +24,12 @@ def run():
     xv = centers[yv] + rng.normal(size=(20, 4))
     y_noisy = y.copy()
     y_noisy[:4] = (y[:4] + 1) % 3  # four flipped labels
+    return x, y_noisy, xv, yv
+
+
+@pytest.fixture(scope="module")
+def run():
+    x, y_noisy, xv, yv = _fixture_data()
     traj = inf.fit(
         mlp(4, 3, out_activation="softmax"), x, y_noisy, loss=LOSS, optimizer=SGD(0.3), batch_size=8, epochs=6
     )
@@ -34,7 +40,10 @@ def run():
 def test_every_method_returns_the_documented_table(method, run):
     traj, x, y, xv, yv = run
     table = inf.rank(traj, x, y, xv, yv, method=method)
-    assert list(table.columns) == ["index", "rank", "score", "removal_effect", "label", "predicted_label", "train_loss"]
+    assert list(table.columns) == [
+        "index", "rank", "score", "removal_effect", "label", "predicted_label", "train_loss", "in_run"
+    ]  # fmt: skip
+    assert table["in_run"].all()
     assert len(table) == len(x) and sorted(table["index"]) == list(range(len(x)))
     assert np.all(np.diff(table["score"].to_numpy()) <= 0)  # most harmful first
     assert table.attrs["method"] == method and table.attrs["seconds"] > 0
@@ -238,6 +247,39 @@ def test_rank_rejects_bad_input(kwargs, match, run):
     args = {"x_val": xv, "y_val": yv, **kwargs}
     with pytest.raises(ValueError, match=match):
         inf.rank(traj, x, y, **args)
+
+
+@pytest.fixture(scope="module")
+def run_without_some():
+    """The run of ``run`` refit with samples 0 (flipped) and 10, 11 given weight 0: three samples not trained on."""
+    x, y, xv, yv = _fixture_data()
+    c = np.ones(len(x))
+    c[[0, 10, 11]] = 0.0
+    refit = inf.fit(
+        mlp(4, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=SGD(0.3), batch_size=8, epochs=6,
+        sample_weight=c,
+    )  # fmt: skip
+    return refit, x, y, xv, yv
+
+
+@pytest.mark.parametrize("method", ["unrolled", "influence_function", "tracin", "self_influence", "margin", "loss"])
+def test_samples_outside_the_run_come_last_and_are_flagged(method, run_without_some):
+    """A sample of weight 0 was not trained on: it has no harm to rank, and its loss is a held-out loss.
+
+    Before, loss/margin/self-influence put such samples first (a held-out loss is high), so a user who
+    had dropped the worst samples saw them again at the top of the next ranking.
+    """
+    traj, x, y, xv, yv = run_without_some
+    table = inf.rank(traj, x, y, xv, yv, method=method)
+    assert list(table["index"][-3:]) == sorted([0, 10, 11], key=lambda i: -table.set_index("index")["score"][i])
+    assert not table["in_run"][-3:].any() and table["in_run"][:-3].all()
+    assert np.all(np.diff(table["score"][:-3].to_numpy()) <= 0)
+    assert table.attrs["outside_run"] == 3
+    if method in ("unrolled", "influence_function", "tracin"):
+        assert np.all(table["removal_effect"][-3:] == 0)
+    # A shard keeps the same order rule.
+    shard = inf.rank(traj, x, y, xv, yv, method=method, samples=[0, 5, 10])
+    assert list(shard["index"][-2:]) in ([0, 10], [10, 0]) and shard.attrs["outside_run"] == 2
 
 
 @pytest.mark.parametrize("method", ["self_influence", "margin", "loss"])

@@ -275,3 +275,12 @@ def test_convergence_section_from_real_repair_curves(tmp_path, small_run):
     assert_valid_references(path, refs)
     with pytest.raises(ValueError, match="'convergence' parameter of render_report must be a DataFrame with columns"):
         render_report(tmp_path, table, summary={}, convergence=curves.drop(columns="seconds"))
+
+
+def test_summary_counts_samples_outside_the_run(tmp_path):
+    table = fake_table()
+    table.attrs["outside_run"] = 3
+    text = render_report(tmp_path / "a", table, summary={}).read_text()
+    assert "3 samples of weight 0, listed last" in text
+    table.attrs["outside_run"] = 0  # nothing to say when every sample was trained on
+    assert "listed last" not in render_report(tmp_path / "b", table, summary={}).read_text()

@@ -128,6 +128,8 @@ def _summary(summary: Mapping[str, Any], table_: pd.DataFrame, verification, noi
     items: dict[str, Any] = {"training samples": len(table_), "method": attrs.get("method", "—")}
     items.update(summary)
     items.setdefault("validation loss", attrs.get("val_loss"))
+    if attrs.get("outside_run"):
+        items["not in the run"] = f"{attrs['outside_run']} samples of weight 0, listed last"
     if "seconds" in attrs:
         items.setdefault("time", f"ranking {attrs['seconds']:.2f} s")
     if noise is not None and np.any(noise):
