@@ -119,6 +119,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
             raise _usage(name.replace("_", "-"), "rank", "a positive int", getattr(args, name))
     if args.verify < 0:
         raise _usage("verify", "rank", "a non-negative int", args.verify)
+    if not args.input_gradient_penalty >= 0 or not np.isfinite(args.input_gradient_penalty):
+        raise _usage("input-gradient-penalty", "rank", "a finite number ≥ 0", args.input_gradient_penalty)
     shape = _image_shape(args.image_shape, "rank")
     data = load_data(args, "rank", need_val=False)
     has_val = _validation_data(data, methods, args.verify)
@@ -150,6 +152,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         epochs=args.epochs,
         seed=args.seed,
+        input_gradient_penalty=args.input_gradient_penalty,
         methods=methods,
         verify_top=args.verify,
         verify_random=args.verify,
@@ -159,7 +162,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
             + f" samples of shape {tuple(x.shape[1:])}",
             "model": f"{args.model} ({describe_model(model)})",
             "training": f"influence.fit: {args.optimizer} {optimizer!r}, batch {args.batch_size}, "
-            f"{args.epochs} epoch(s), seed {args.seed}, loss {args.loss}{' (logits)' if args.from_logits else ''}",
+            f"{args.epochs} epoch(s), seed {args.seed}, loss {args.loss}{' (logits)' if args.from_logits else ''}"
+            + (f" + {args.input_gradient_penalty:g}·‖∂loss/∂x‖²" if args.input_gradient_penalty else ""),
         },
         images=images,
         features=None if images is not None else x,
@@ -251,6 +255,13 @@ def _training_flags(parser: argparse.ArgumentParser) -> None:
         help="epsilon of rmsprop/adam (default 1e-7, as Keras); 1e-5 gives more faithful rankings under adam",
     )
     group.add_argument("--seed", type=int, default=0, help="seed of the batch order and dropout masks (default 0)")
+    group.add_argument(
+        "--input-gradient-penalty",
+        type=float,
+        default=0.0,
+        metavar="RHO",
+        help="train on loss + RHO·‖∂loss/∂x‖² per sample (double backpropagation; default 0: the loss alone)",
+    )
 
 
 def _loss_flags(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ Layout of a saved trajectory (a folder):
     model.keras     the Keras model (its weights are the final weights)
     arrays.npz      initial/final weights, batches (flat + offsets), learning rates,
                     seeds, sample weights, optional weight/state history
-    meta.json       loss, optimizer, training flag and shapes
+    meta.json       loss, optimizer, training flag, input-gradient penalty and shapes
 Files are written to a temporary folder and moved into place, so an
 interrupted save never leaves a half-written trajectory behind.
 """
@@ -63,6 +63,7 @@ def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
         "learning_rate_schedule": scheduled,
         "training": trajectory.training,
         "jit_compile": trajectory.jit_compile,
+        "input_gradient_penalty": trajectory.input_gradient_penalty,
         "data_fingerprint": trajectory.data_fingerprint,
         "n_train": trajectory.n_train,
         "input_shape": list(trajectory.input_shape),
@@ -175,6 +176,7 @@ def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] |
         seconds=meta["seconds"],
         jit_compile=meta.get("jit_compile", True),
         data_fingerprint=meta.get("data_fingerprint"),
+        input_gradient_penalty=float(meta.get("input_gradient_penalty", 0.0)),
     )
 
 

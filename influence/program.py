@@ -45,6 +45,7 @@ import tensorflow as tf
 from . import _tree
 from .losses import Loss
 from .model_function import ModelFunction
+from .objective import Objective
 from .optimizers import Optimizer
 
 
@@ -147,6 +148,8 @@ class Program:
             accumulation, so memory stays bounded by batch × segment length.
         jit_compile: XLA-compile the graph functions (ignored, i.e. off, for
             streamed and distributed runs).
+        input_gradient_penalty: ρ of the training objective ℓ + ρ‖∂ℓ/∂x‖²
+            (:mod:`influence.objective`); 0 trains on the loss alone.
     """
 
     def __init__(
@@ -162,8 +165,10 @@ class Program:
         distribute: tf.distribute.Strategy | None = None,
         stream_shape: tuple[int, ...] | None = None,
         jit_compile: bool = True,
+        input_gradient_penalty: float = 0.0,
     ) -> None:
         self.fn, self.loss, self.optimizer = fn, loss, optimizer
+        self.objective = Objective(fn, loss, input_gradient_penalty)
         self.training, self.n_train, self.label_grad = training, n_train, label_grad
         self.input_grad = input_grad
         self.distribute = distribute
@@ -217,9 +222,9 @@ class Program:
         return iter(tf.data.Dataset.from_tensor_slices(steps).map(fetch).prefetch(2))
 
     def batch_loss(self, schedule: Schedule, w, t, xb, yb, cb) -> tf.Tensor:
-        """L_t: weighted mean over the real entries of batch t (padding has c = 0)."""
-        out = self.fn(w, xb, training=self.training, seed=tf.gather(schedule.seeds, t))
-        return tf.reduce_sum(cb * self.loss(yb, out)) / tf.gather(schedule.counts, t)
+        """L_t: weighted mean of the training objective over the real entries of batch t (padding has c = 0)."""
+        losses = self.objective(w, xb, yb, training=self.training, seed=tf.gather(schedule.seeds, t))
+        return tf.reduce_sum(cb * losses) / tf.gather(schedule.counts, t)
 
     def gradient(self, schedule: Schedule, w, t, xb, yb, cb) -> list[tf.Tensor]:
         """∇L_t; under a strategy, the sum of the replicas' shard gradients (L_t is a sum over samples)."""

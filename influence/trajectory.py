@@ -16,6 +16,7 @@ from ._summary import compact_repr
 from ._validation import as_array, check_positive, check_same_length, describe, param_error
 from .losses import Loss
 from .model_function import ModelFunction, require_independent_samples, warn_gradient_overrides
+from .objective import check_input_gradient_penalty
 from .optimizers import Optimizer, get_optimizer
 from .program import BoundProgram, Program, Schedule, shared_program
 
@@ -51,6 +52,8 @@ class Trajectory:
             reverse passes use the same setting, so they reproduce the recorded numbers exactly.
         data_fingerprint: :func:`data_fingerprint` of the recorded (x_train, y_train), so the
             functions that analyse this run refuse other data (None: not checked).
+        input_gradient_penalty: ρ of the training objective ℓ + ρ‖∂ℓ/∂x‖² (0: the loss alone;
+            :mod:`influence.objective`).
     """
 
     model: keras.Model
@@ -72,6 +75,7 @@ class Trajectory:
     streamed: bool = False
     jit_compile: bool = True
     data_fingerprint: str | None = None
+    input_gradient_penalty: float = 0.0
     _program_cache: dict = field(default_factory=dict, repr=False, compare=False)
     # Validation losses of replays (influence.verify), by exact hashes of the data: not carried
     # over by dataclasses.replace, whose copies may replay another model or schedule.
@@ -109,9 +113,10 @@ class Trajectory:
                     distribute=self.distribute,
                     stream_shape=self.input_shape if self.streamed else None,
                     jit_compile=self.jit_compile,
+                    input_gradient_penalty=self.input_gradient_penalty,
                 )
 
-            shared_key = (self.loss, self.optimizer, self.training, self.n_train, *key)
+            shared_key = (self.loss, self.optimizer, self.training, self.n_train, self.input_gradient_penalty, *key)
             program = make() if self.streamed else shared_program(self.model, make, shared_key)
             dtype = tf.as_dtype(self.model.trainable_variables[0].dtype)
             schedule = Schedule.build(self.batches, self.learning_rates, self.seeds, dtype, replicas)
@@ -205,6 +210,7 @@ def fit(
     distribute: tf.distribute.Strategy | None = None,
     stream: bool | None = None,
     jit_compile: bool = True,
+    input_gradient_penalty: float = 0.0,
 ) -> Trajectory:
     """Train ``model`` with explicit recorded steps and return the :class:`Trajectory`.
 
@@ -237,6 +243,10 @@ def fit(
             1.6–2.5× faster on the digits MLP, while the first call compiles
             (about a second). Models with an op XLA cannot compile fall back to
             plain graphs with a warning. Ignored (off) for streamed and distributed runs.
+        input_gradient_penalty: ρ ≥ 0: train on ℓ_j + ρ‖∂ℓ_j/∂x_j‖² per sample (double
+            backpropagation, S4) instead of ℓ_j; unrolled hypergradients, retraining and
+            the rankers then follow that objective (:mod:`influence.objective`).
+            Floating-point inputs only.
     """
     func = "fit"
     fn, per_sample = prepare(func, model, loss, from_logits)
@@ -259,6 +269,7 @@ def fit(
     _check_no_regularization(model, func)
     check_model_input(func, model, x)
     check_labels_for_loss(func, "y_train", y, per_sample, model)
+    penalty = check_input_gradient_penalty(input_gradient_penalty, x, func)
     c = np.ones(len(x)) if sample_weight is None else per_sample_weights(sample_weight, x, func)
     training = True if training is None else bool(training)
     if distribute is not None and not isinstance(distribute, tf.distribute.Strategy):
@@ -289,6 +300,7 @@ def fit(
         streamed=isinstance(x_train, np.memmap) if stream is None else bool(stream),
         jit_compile=bool(jit_compile),
         data_fingerprint=data_fingerprint(x, y),
+        input_gradient_penalty=penalty,
     )
     start = time.perf_counter()
     program = trajectory.program()

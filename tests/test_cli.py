@@ -322,6 +322,10 @@ def run_main(args, capsys):
             ["--data", "{f}/data.npz", "--lr", "-1"],
             "The 'lr' parameter of influence rank must be a positive number. Got -1.0 instead.",
         ),
+        (
+            ["--data", "{f}/data.npz", "--input-gradient-penalty", "-0.5"],
+            "The 'input-gradient-penalty' parameter of influence rank must be a finite number ≥ 0. Got -0.5",
+        ),
     ],
 )
 def test_rank_input_errors_exit_2_with_one_line(files, capsys, extra, message):
@@ -380,6 +384,19 @@ def test_rank_on_csv_shows_a_feature_table(files, tmp_path, capsys):
     html = (out / "index.html").read_text()
     assert '<th class="">f0</th>' in html and "sample-" not in html  # a table, no image cards
     assert len(pd.read_parquet(out / "scores.parquet")) == 60
+
+
+def test_rank_trains_with_an_input_gradient_penalty(files, tmp_path, capsys):
+    out = tmp_path / "penalty"
+    args = ["rank", "--model", files / "model.keras", "--data", files / "train.csv", "--out", out, "--no-progress"]
+    plain = tmp_path / "plain"
+    code, captured = run_main(args + ["--method", "self_influence", "--input-gradient-penalty", "0.3"], capsys)
+    assert code == 0, captured.err
+    assert "+ 0.3·‖∂loss/∂x‖²" in (out / "index.html").read_text()
+    args[args.index(out)] = plain
+    assert run_main(args + ["--method", "self_influence"], capsys)[0] == 0
+    scores = [pd.read_parquet(d / "scores.parquet").sort_values("index")["score"].to_numpy() for d in (out, plain)]
+    assert not np.allclose(*scores)  # the penalty changed the run, hence the scores
 
 
 def test_rank_without_validation_data_for_methods_that_need_none(files, tmp_path, capsys):

@@ -5,6 +5,9 @@ moving statistics) at given weights, in chunks of ``chunk`` samples, each
 chunk one compiled call: per-sample losses, predictions, assigned-label
 margins, ∇ℓ_i·v for a fixed v (one forward-mode pass per chunk), squared
 per-sample gradient norms, and the Hessian-vector product of the mean training loss.
+Gradients and Hessians are those of the run's training objective ℓ_i (with its
+input-gradient penalty, if any: :mod:`influence.objective`); losses, outputs and
+margins are the plain loss's.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ class SampleOps:
         self.samples = np.arange(len(x)) if samples is None else np.asarray(samples)
         program = trajectory.program()
         self.fn, self.loss = program.fn, program.loss
+        # Gradients and Hessians are those of the training objective (loss, plus the run's
+        # input-gradient penalty if any); losses, outputs and margins are the plain loss's.
+        self.objective = program.objective
         self.dtype = self.fn.dtype
         self.x = tf.constant(x, dtype=self.dtype if np.issubdtype(x.dtype, np.floating) else None)
         self.y = tf.constant(y, dtype=self.dtype if self.loss.continuous_labels else tf.int32)
@@ -81,21 +87,21 @@ class SampleOps:
 
     def _dots_impl(self, w, v, xb, yb):
         with tf.autodiff.ForwardAccumulator(w, v) as acc:
-            losses = self.loss(yb, self.fn(w, xb, training=False))
+            losses = self.objective(w, xb, yb, training=False)
         return acc.jvp(losses, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
     def _sq_norms_impl(self, w, xb, yb):
         # Per-sample gradients of one chunk at once (pfor); memory chunk × |w|.
         with tf.GradientTape() as tape:
             tape.watch(w)
-            losses = self.loss(yb, self.fn(w, xb, training=False))
+            losses = self.objective(w, xb, yb, training=False)
         jac = tape.jacobian(losses, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return tf.add_n([tf.reduce_sum(tf.reshape(j * j, [tf.shape(j)[0], -1]), axis=1) for j in jac])
 
     def _grad_impl(self, w, xb, yb, cb):
         with tf.GradientTape() as tape:
             tape.watch(w)
-            total = tf.reduce_sum(cb * self.loss(yb, self.fn(w, xb, training=False)))
+            total = tf.reduce_sum(cb * self.objective(w, xb, yb, training=False))
         return tape.gradient(total, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
     def _hvp_impl(self, w, v, xb, yb, cb):
@@ -137,7 +143,7 @@ class SampleOps:
             xb, yb, cb = self.x[s], self.y[s], self.c[s]
 
             def chunk_loss(weights: list[tf.Tensor], xb=xb, yb=yb, cb=cb) -> tf.Tensor:
-                return tf.reduce_sum(cb * self.loss(yb, self.fn(weights, xb, training=False))) / self.n
+                return tf.reduce_sum(cb * self.objective(weights, xb, yb, training=False)) / self.n
 
             part = hessian(chunk_loss, w).numpy()
             total = part if total is None else total + part

@@ -63,6 +63,7 @@ class RankingJob:
     batch_size: int = 32
     epochs: int = 1
     seed: int = 0
+    input_gradient_penalty: float = 0.0
     methods: Sequence[str] = ("unrolled",)
     verify_top: int = 0
     verify_random: int = 0
@@ -91,6 +92,8 @@ class RankingJob:
             "seed": self.seed,
             "influence": __version__,
         }
+        if self.input_gradient_penalty:  # absent at 0, so fingerprints of earlier jobs still match
+            settings["input_gradient_penalty"] = float(self.input_gradient_penalty)
         data = [self.x_train, self.y_train, self.x_val, self.y_val]
         return fingerprint(data, model_fingerprint(self.model), settings)
 
@@ -166,6 +169,7 @@ class LazyTraining:
                 epochs=job.epochs,
                 seed=job.seed,
                 from_logits=job.from_logits,
+                input_gradient_penalty=job.input_gradient_penalty,
             )
             trained = fingerprint(trajectory.final_weights)
             if weights is not None and trained != weights:
