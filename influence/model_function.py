@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -214,10 +215,11 @@ def gradient_overrides(fn: ModelFunction, input_spec: tf.TensorSpec, *, training
     """Ops of the traced forward pass whose gradient is not autodiff's derivative of their value.
 
     Returns ``{"stop_gradient": [op names], "custom_gradient": [op names]}``. Op names
-    carry the layer's name scope (e.g. ``"detached_scale/StopGradient"``). Left out:
+    carry the layer's name scope (e.g. ``"detached_scale/StopGradient"``, or
+    ``"rnn/while/cell/StopGradient"`` inside a recurrent layer's loop). Left out:
     TensorFlow's own exact uses (logsumexp's stopped max), and overrides whose input
-    does not depend on the weights or inputs along floating-point tensors. Ops inside
-    loop bodies (recurrent cells) are not inspected.
+    does not depend on the weights or inputs along floating-point tensors (or tensor
+    lists, which carry a sequence into a loop).
     """
 
     def forward(weights: list[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
@@ -228,7 +230,15 @@ def gradient_overrides(fn: ModelFunction, input_spec: tf.TensorSpec, *, training
     # The explicit arguments come first among the graph's inputs, captured constants after them.
     differentiable = {t.name for t in graph.inputs[: len(weight_specs) + 1]}
     found: dict[str, list[str]] = {"stop_gradient": [], "custom_gradient": []}
+    _find_overrides(graph, differentiable, found)
+    return found
+
+
+def _find_overrides(graph: Any, differentiable: set[str], found: dict[str, list[str]]) -> None:
+    """Add the overrides of ``graph`` (and of the loop bodies, branches and calls in it) to ``found``."""
     for op in graph.get_operations():
+        for body, carries in _called_graphs(graph, op, differentiable):
+            _find_overrides(body, carries, found)
         if op.type in ("StopGradient", "PreventGradient"):
             kind = "stop_gradient"
             if any(f"/{scope}/" in f"/{op.name}" for scope in _EXACT_STOP_GRADIENT_SCOPES):
@@ -239,19 +249,45 @@ def gradient_overrides(fn: ModelFunction, input_spec: tf.TensorSpec, *, training
             continue
         if any(_depends_on(t, differentiable) for t in op.inputs):
             found[kind].append(op.name)
-    return found
+
+
+def _called_graphs(graph: Any, op: tf.Operation, differentiable: set[str]) -> list[tuple[Any, set[str]]]:
+    """Function graphs ``op`` runs (while bodies, if branches, calls), each with its inputs that carry a derivative.
+
+    A loop variable carries one when its initial value does, or when the body computes it from one
+    that does: a recurrent state starts at zeros and depends on x from the second step on.
+    """
+    attrs = {"While": ("body",), "StatelessWhile": ("body",), "If": ("then_branch", "else_branch")}
+    attrs.update({"StatelessIf": attrs["If"], "PartitionedCall": ("f",), "StatefulPartitionedCall": ("f",)})
+    outer = list(op.inputs)[1:] if "If" in op.type else list(op.inputs)  # an If's first input is its condition
+    out = []
+    for attr in attrs.get(op.type, ()):
+        function = graph._get_function(op.get_attr(attr).name)
+        body = getattr(function, "graph", None)
+        if body is None or len(body.inputs) < len(outer):
+            continue
+        live = [_depends_on(t, differentiable) for t in outer]
+        while "While" in op.type:  # to a fixed point: each pass can only turn more loop variables on
+            carries = {t.name for t, on in zip(body.inputs, live) if on}
+            more = [on or _depends_on(t, carries) for on, t in zip(live, body.outputs)]
+            if more == live:
+                break
+            live = more
+        out.append((body, {t.name for t, on in zip(body.inputs, live) if on}))
+    return out
 
 
 def _depends_on(tensor: tf.Tensor, sources: set[str]) -> bool:
-    """Whether ``tensor`` is computed from ``sources`` along floating-point tensors.
+    """Whether ``tensor`` is computed from ``sources`` along floating-point tensors (or tensor lists).
 
     Integer tensors carry no derivative, so a stop_gradient on, say, a cast of a
-    string length changes nothing and is not reported.
+    string length changes nothing and is not reported. Tensor lists (``variant``) do:
+    they carry a recurrent layer's input sequence into its loop.
     """
     stack, seen = [tensor], set()
     while stack:
         t = stack.pop()
-        if not t.dtype.is_floating or t.name in seen:
+        if not (t.dtype.is_floating or t.dtype == tf.variant) or t.name in seen:
             continue
         if t.name in sources:
             return True

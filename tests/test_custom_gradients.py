@@ -168,3 +168,50 @@ def test_a_loaded_run_warns_again_in_its_new_process(tmp_path):
     with pytest.warns(inf.GradientOverrideWarning, match="load_trajectory: the model overrides autodiff") as caught:
         inf.load_trajectory(tmp_path / "run", custom_objects=custom)
     assert caught[0].filename == __file__  # points at the caller's line
+
+
+class DetachedRecurrenceCell(keras.layers.Layer):
+    """A recurrent cell that stops the gradient through its state: truncated backprop in one line."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = self.state_size = units
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], self.units))
+        self.recurrent = self.add_weight(shape=(self.units, self.units))
+
+    def call(self, inputs, states):
+        h = tf.tanh(inputs @ self.kernel + tf.stop_gradient(states[0]) @ self.recurrent)
+        return h, [h]
+
+
+def _sequence_model(recurrent):
+    """float64 throughout (built so, not cloned: the custom cell has no config to clone from)."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((5, 3), dtype="float64"),
+            recurrent,
+            keras.layers.Dense(3, activation="softmax", dtype="float64"),
+        ]
+    )
+
+
+def test_a_stop_gradient_inside_a_recurrent_cell_warns():
+    """The cell's op lives in the loop body's function graph; its state carries x from the second step on."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 5, 3)), rng.integers(0, 3, 8)
+    model = _sequence_model(keras.layers.RNN(DetachedRecurrenceCell(4, dtype="float64"), dtype="float64"))
+    with pytest.warns(inf.GradientOverrideWarning, match=r"/while/detached_recurrence_cell(_\d+)?/StopGradient"):
+        inf.fit(model, x, y, loss="sparse_categorical_crossentropy", optimizer=SGD(0.1), batch_size=4)
+
+
+@pytest.mark.parametrize("recurrent", [keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN])
+def test_built_in_recurrent_layers_do_not_warn(recurrent):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 5, 3)), rng.integers(0, 3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", inf.GradientOverrideWarning)
+        model = _sequence_model(recurrent(4, dtype="float64"))
+        inf.fit(model, x, y, loss="sparse_categorical_crossentropy", batch_size=4)
