@@ -28,6 +28,15 @@ _SEED_STATE_SUFFIX = "seed_generator_state"
 # Name scopes of TensorFlow ops whose internal stop_gradient leaves every derivative exact:
 # logsumexp subtracts a stopped max that cancels algebraically, whatever its value.
 _EXACT_STOP_GRADIENT_SCOPES = ("ReduceLogSumExp",)
+# Ops that run function graphs, and the attributes naming those graphs (inspected for overrides too).
+_FUNCTION_ATTRS = {
+    "While": ("body",),
+    "StatelessWhile": ("body",),
+    "If": ("then_branch", "else_branch"),
+    "StatelessIf": ("then_branch", "else_branch"),
+    "PartitionedCall": ("f",),
+    "StatefulPartitionedCall": ("f",),
+}
 # Spread seeds of different dropout layers apart so their masks differ.
 _SEED_STRIDE = 1_000_003
 
@@ -257,16 +266,18 @@ def _called_graphs(graph: Any, op: tf.Operation, differentiable: set[str]) -> li
     A loop variable carries one when its initial value does, or when the body computes it from one
     that does: a recurrent state starts at zeros and depends on x from the second step on.
     """
-    attrs = {"While": ("body",), "StatelessWhile": ("body",), "If": ("then_branch", "else_branch")}
-    attrs.update({"StatelessIf": attrs["If"], "PartitionedCall": ("f",), "StatefulPartitionedCall": ("f",)})
+    attrs = _FUNCTION_ATTRS.get(op.type)
+    if attrs is None:
+        return []
     outer = list(op.inputs)[1:] if "If" in op.type else list(op.inputs)  # an If's first input is its condition
+    outer_live = [_depends_on(t, differentiable) for t in outer]  # shared by an If's two branches
     out = []
-    for attr in attrs.get(op.type, ()):
+    for attr in attrs:
         function = graph._get_function(op.get_attr(attr).name)
         body = getattr(function, "graph", None)
         if body is None or len(body.inputs) < len(outer):
             continue
-        live = [_depends_on(t, differentiable) for t in outer]
+        live = outer_live
         while "While" in op.type:  # to a fixed point: each pass can only turn more loop variables on
             carries = {t.name for t, on in zip(body.inputs, live) if on}
             more = [on or _depends_on(t, carries) for on, t in zip(live, body.outputs)]
