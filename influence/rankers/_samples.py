@@ -50,9 +50,7 @@ class SampleOps:
         self.samples = np.arange(len(x)) if samples is None else np.asarray(samples)
         program = trajectory.program()
         self.fn, self.loss = program.fn, program.loss
-        # Gradients and Hessians are those of the training objective (loss, plus the run's
-        # input-gradient penalty if any); losses, outputs and margins are the plain loss's.
-        self.objective = program.objective
+        self.objective = program.objective  # ℓ_i plus any input-gradient penalty (module docstring)
         self.dtype = self.fn.dtype
         self.x = tf.constant(x, dtype=self.dtype if np.issubdtype(x.dtype, np.floating) else None)
         self.y = tf.constant(y, dtype=self.dtype if self.loss.continuous_labels else tf.int32)
