@@ -26,7 +26,8 @@ from . import _tree
 from ._inputs import prepare, validate_data
 from ._validation import as_array, check_choice, check_positive, check_same_length, param_error
 from .autodiff import gradient, mixed_product
-from .model_function import warn_gradient_overrides
+from .model_function import require_independent_samples, warn_gradient_overrides
+from .objective import Objective, check_input_gradient_penalty
 
 METHODS = ("hvp", "jacobian")
 TARGETS = ("inputs", "sample_weights", "labels")
@@ -47,6 +48,7 @@ def one_step(
     training: bool = False,
     seed: int = 0,
     from_logits: bool = False,
+    input_gradient_penalty: float = 0.0,
 ) -> np.ndarray:
     """Gradient of the validation loss after one SGD step on (x_train, y_train).
 
@@ -68,6 +70,10 @@ def one_step(
             loss is differentiated as a whole).
         seed: dropout seed for ``training=True``.
         from_logits: for loss names, whether the model outputs logits.
+        input_gradient_penalty: ρ ≥ 0; the step then descends the mean of
+            c_j·(ℓ_j + ρ‖∂ℓ_j/∂x_j‖²) (double backprop, as in :func:`influence.fit`),
+            and E stays the plain validation loss. Needs samples that do not
+            interact (no BatchNorm with ``training=True``).
 
     Returns:
         numpy array in the model's dtype, shaped as described under ``wrt``.
@@ -88,10 +94,14 @@ def one_step(
         else as_array(sample_weight, param="sample_weight", func=func)
     )
     check_same_length(func, x_train=data.x_train, sample_weight=weights_c)
+    rho = check_input_gradient_penalty(input_gradient_penalty, data.x_train, func)
 
     dtype = fn.dtype
     x = tf.constant(data.x_train, dtype=dtype)
     warn_gradient_overrides(fn, x, training=training, func=func)
+    if rho:
+        require_independent_samples(fn, x, training=training, func=func, why="the per-sample input-gradient penalty")
+    objective = Objective(fn, per_sample, rho)
     c = tf.constant(weights_c, dtype=dtype)
     y = tf.constant(data.y_train, dtype=dtype if per_sample.continuous_labels else None)
     xv = tf.constant(data.x_val, dtype=dtype)
@@ -101,7 +111,7 @@ def one_step(
     targets = {"inputs": x, "sample_weights": c, "labels": y}
 
     def train_loss(weights: list[tf.Tensor], x_: tf.Tensor, c_: tf.Tensor, y_: tf.Tensor) -> tf.Tensor:
-        return tf.reduce_mean(c_ * per_sample(y_, fn(weights, x_, training=training, seed=seed)))
+        return tf.reduce_mean(c_ * objective(weights, x_, y_, training=training, seed=seed))
 
     step = gradient(lambda w_: train_loss(w_, x, c, y), w)
     w_next = _tree.axpy(-eta, step, w)

@@ -153,3 +153,48 @@ def test_streamed_and_cnn_runs_take_the_penalty_too(tmp_path):
     np.testing.assert_allclose(got.input_grad, expected.input_grad, rtol=1e-12, atol=1e-16)
     chk = inf.check_unrolled(memory, x, y, xv, yv, 2, wrt="inputs")
     assert chk.ok and chk.max_rel_error <= 1e-5, chk
+
+
+def test_one_step_with_the_penalty_is_the_one_step_run(data):
+    """S2 with double backprop: hvp == dense Jacobian == float64 finite differences == a 1-step unrolled run."""
+    x, y, xv, yv = data
+    lr = 0.4
+    model = mlp(5, 3, out_activation="softmax")
+    initial = [w.numpy() for w in model.trainable_variables]
+
+    def val_loss_after_penalized_step(inputs):
+        with tf.GradientTape() as tape:
+            step_loss = tf.reduce_mean(penalized_losses(model, inputs, y))
+        grads = tape.gradient(step_loss, model.trainable_variables)
+        stepped = [v - lr * g for v, g in zip(model.trainable_variables, grads)]
+        out = tf.constant(xv)
+        for kernel, bias, activation in ((stepped[0], stepped[1], tf.tanh), (stepped[2], stepped[3], tf.nn.softmax)):
+            out = activation(out @ kernel + bias)
+        return float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(yv, out)))
+
+    kwargs = {"learning_rate": lr, "input_gradient_penalty": RHO}
+    fast = inf.one_step(model, LOSS, x, y, xv, yv, **kwargs)
+    reference = inf.one_step(model, LOSS, x, y, xv, yv, method="jacobian", **kwargs)
+    np.testing.assert_allclose(fast, reference, rtol=1e-10, atol=1e-14)
+    assert np.abs(fast - inf.one_step(model, LOSS, x, y, xv, yv, learning_rate=lr)).max() > 1e-4
+    chk = inf.check_gradient(val_loss_after_penalized_step, x, fast)
+    assert chk.ok and chk.max_rel_error <= 1e-6, chk
+
+    dc = inf.one_step(model, LOSS, x, y, xv, yv, wrt="sample_weights", **kwargs)
+    traj = inf.fit(model, x, y, loss=LOSS, optimizer=SGD(lr), batch_size=len(x), epochs=1, shuffle=False,
+                   input_gradient_penalty=RHO)  # fmt: skip
+    res = inf.unrolled(traj, x, y, xv, yv)
+    np.testing.assert_allclose(res.removal_effect, -dc, rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(res.input_grad, fast, rtol=1e-10, atol=1e-15)
+    assert all(np.array_equal(a, b) for a, b in zip(traj.initial_weights, initial))
+
+
+def test_one_step_refuses_the_penalty_where_samples_interact():
+    keras.utils.set_random_seed(6)
+    model = inf.as_float64(keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
+                                             keras.layers.BatchNormalization(), keras.layers.Dense(1)]))  # fmt: skip
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(5, 3)), rng.normal(size=(5, 1))
+    with pytest.raises(ValueError, match="input-gradient penalty"):
+        inf.one_step(model, "mse", x, y, x, y, training=True, input_gradient_penalty=0.1)
+    assert inf.one_step(model, "mse", x, y, x, y, training=False, input_gradient_penalty=0.1).shape == x.shape
