@@ -11,9 +11,11 @@ data instead of the weights.
 :func:`adversarial_examples` is the test-time counterpart: the model is frozen
 and its loss on given inputs is raised directly, for comparison.
 
-Soft labels are kept on the probability simplex by Euclidean projection after
-each step (a softmax parameterisation would start saturated at one-hot labels,
-where its gradient vanishes); inputs are projected onto a box (pixel range)
+Labels are kept where the loss defines them: soft labels of categorical
+cross-entropy on the probability simplex by Euclidean projection after each step
+(a softmax parameterisation would start saturated at one-hot labels, where its
+gradient vanishes), binary cross-entropy targets in [0, 1], regression targets
+(MSE, MAE, Huber, log-cosh, callables) unconstrained; inputs are projected onto a box (pixel range)
 and, optionally, an L∞ ball of radius ``budget`` around the original inputs.
 Starting inputs outside the box are refused rather than clipped into it: that
 clip would silently damage data that is not pixels (e.g. standardized features).
@@ -90,6 +92,15 @@ def project_to_simplex(y: np.ndarray) -> np.ndarray:
     theta = cumulative[np.arange(len(flat)), rho - 1] / rho
     # Keep the input's dtype: a float64 result would break float32 runs at the next step.
     return np.maximum(flat - theta[:, None], 0).reshape(y.shape).astype(y.dtype, copy=False)
+
+
+def project_labels(loss: Any, y: np.ndarray) -> np.ndarray:
+    """Labels back where ``loss`` defines them: the simplex (categorical), [0, 1] (binary), as they are otherwise."""
+    if loss.name == "categorical_crossentropy":
+        return project_to_simplex(y)
+    if loss.name == "binary_crossentropy":
+        return np.clip(y, 0, 1)
+    return y
 
 
 def _evaluate(trajectory: Trajectory, weights: list[np.ndarray], x_val: np.ndarray, y_val: np.ndarray):
@@ -176,8 +187,10 @@ def optimize_training_inputs(
     Args:
         trajectory: from :func:`influence.fit`; its schedule is replayed at every outer step.
         x_train, y_train: the training data it was recorded on. For ``target``
-            ``"labels"``/``"both"`` the run must use continuous labels (e.g.
-            ``categorical_crossentropy`` with one-hot ``y_train``).
+            ``"labels"``/``"both"`` the run must use continuous labels: one-hot or
+            soft labels of ``categorical_crossentropy`` (kept on the simplex),
+            ``binary_crossentropy`` targets (kept in [0, 1]) or regression targets
+            (unconstrained).
         x_val, y_val: validation data defining E.
         indices: training samples to change (int array).
         goal: ``"poison"`` raises E, ``"repair"`` lowers it.
@@ -259,7 +272,7 @@ def optimize_training_inputs(
         if wants_inputs:
             new_params[0] = _project(new_params[0], original, bounds, budget)
         if wants_labels:
-            new_params[-1] = tf.constant(project_to_simplex(new_params[-1].numpy()))
+            new_params[-1] = tf.constant(project_labels(trajectory.loss, new_params[-1].numpy()))
         change = 0.0
         k = 0
         if wants_inputs:

@@ -95,6 +95,29 @@ def test_soft_label_repair_recovers_a_flipped_label(blobs):
     assert recovered.sum() >= 2
 
 
+@pytest.mark.parametrize("loss", ["mse", "binary_crossentropy"])
+def test_regression_and_binary_targets_move_by_the_step_and_stay_where_the_loss_defines_them(loss):
+    """A small SGD step moves each target by −η·dE/dy: no simplex across samples (regression), [0, 1] (binary)."""
+    rng = np.random.default_rng(1)
+    x, xv = rng.uniform(size=(20, 4)), rng.uniform(size=(10, 4))
+    if loss == "mse":
+        y, yv, out = x @ rng.normal(size=(4, 1)), xv @ rng.normal(size=(4, 1)), None
+    else:
+        y, yv, out = (x[:, :1] > 0.5).astype(float), (xv[:, :1] > 0.5).astype(float), "sigmoid"
+    traj = inf.fit(mlp(4, 1, out_activation=out), x, y, loss=loss, optimizer=SGD(0.3), batch_size=5, epochs=2)
+    idx = [0, 1, 2]
+    grad = inf.unrolled(traj, x, y, xv, yv).label_grad[idx]
+    eta = 1e-3 / np.abs(grad).max()
+    res = inf.optimize_training_inputs(traj, x, y, xv, yv, idx, goal="repair", target="labels",
+                                       outer_optimizer=SGD(eta), steps=1, bounds=None)  # fmt: skip
+    expected = y[idx] - eta * grad
+    if loss == "binary_crossentropy":
+        expected = np.clip(expected, 0, 1)
+        assert np.any(expected == y[idx])  # a label at 0 or 1 pushed outward stays there
+    np.testing.assert_allclose(res.y[idx], expected, rtol=0, atol=1e-12)
+    assert np.array_equal(res.y[3:], y[3:])
+
+
 def test_adversarial_examples_raise_the_frozen_models_loss_within_the_budget(blobs):
     x, y, _, _ = blobs
     keras.utils.set_random_seed(0)
