@@ -8,10 +8,15 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from ._validation import as_array, check_feature_shape, check_same_length, param_error
 from .losses import Loss, get_loss
 from .model_function import ModelFunction
+
+# Samples the output check evaluates, and how far outside [0, 1] rounding may take a probability.
+_PROBE_SAMPLES = 32
+_PROBABILITY_SLACK = 1e-6
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,34 @@ def prepare(func: str, model: Any, loss: Any, from_logits: bool = False) -> tupl
     per_sample = get_loss(loss, func=func, from_logits=from_logits)
     _warn_logits_after_probabilities(model, per_sample, func)
     return fn, per_sample
+
+
+def check_probability_outputs(func: str, fn: ModelFunction, loss: Loss, x: np.ndarray) -> None:
+    """A cross-entropy on probabilities (``from_logits=False``) needs a model whose outputs are probabilities.
+
+    A linear output layer with the default ``from_logits=False`` makes the loss the log of a
+    ratio of logits (it can turn negative) and every score built on it meaningless, silently.
+    The outputs on the first samples of ``x`` settle it: any outside [0, 1] are not probabilities.
+    """
+    from .losses import MARGIN_LOSSES
+
+    if loss.from_logits or loss.name not in MARGIN_LOSSES or len(x) == 0:
+        return
+    probe = x[:_PROBE_SAMPLES]
+    inputs = tf.constant(probe, dtype=fn.dtype if np.issubdtype(probe.dtype, np.floating) else None)
+    outputs = np.asarray(fn(fn.weights, inputs))
+    low, high = float(outputs.min()), float(outputs.max())
+    if low < -_PROBABILITY_SLACK or high > 1 + _PROBABILITY_SLACK or not np.isfinite([low, high]).all():
+        raise ValueError(
+            param_error(
+                "loss",
+                func,
+                "a loss with from_logits=True for a model whose outputs are not probabilities "
+                "(pass from_logits=True or --from-logits, or end the model with softmax/sigmoid)",
+                f"{loss.name} on probabilities, but the model's outputs on the first {len(probe)} samples "
+                f"lie in [{low:.4g}, {high:.4g}]",
+            )
+        )
 
 
 def _warn_logits_after_probabilities(model: keras.Model, loss: Loss, func: str) -> None:

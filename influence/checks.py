@@ -20,9 +20,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ._validation import as_array, check_positive, describe, param_error
-from .losses import get_loss
-from .model_function import ModelFunction
+from ._inputs import check_labels_for_loss, check_model_input, check_probability_outputs, prepare
+from ._validation import as_array, check_positive, check_same_length, describe, param_error
 
 DEFAULT_RTOL = 1e-6
 # One-sided slopes of a smooth f differ by s·f'' (halving with s); across a kink they
@@ -338,6 +337,7 @@ def check_input_gradient(
     tile: Any = None,
     h: float = 1e-3,
     rtol: float = DEFAULT_RTOL,
+    from_logits: bool = False,
 ) -> GradientCheck:
     """Check ∂(mean loss)/∂x of a Keras model in float64 (scenario S1).
 
@@ -346,13 +346,18 @@ def check_input_gradient(
     ``seed`` so the function is deterministic. When ``grad`` is None the
     gradient is taken with a float64 tape, so the check verifies the model's
     autodiff; pass your own ``grad`` (e.g. from a float32 tape) to check it.
+    ``x`` and ``y`` are checked as :func:`influence.fit` checks its data (shapes,
+    label range, probabilities for a cross-entropy without ``from_logits``).
     """
     func = "check_input_gradient"
-    model64 = as_float64(model)
-    fn = ModelFunction(model64, func=func)
-    per_sample = get_loss(loss, func=func)
-    x64 = as_array(x, param="x", func=func).astype(np.float64)
+    x_arr = as_array(x, param="x", func=func)  # not cast to the model's input dtype: x64 keeps every digit
     y_arr = as_array(y, param="y", func=func)
+    check_same_length(func, x=x_arr, y=y_arr)
+    check_model_input(func, model, x_arr, param="x")
+    fn, per_sample = prepare(func, as_float64(model), loss, from_logits)
+    check_labels_for_loss(func, "y", y_arr, per_sample, model)
+    x64 = x_arr.astype(np.float64)
+    check_probability_outputs(func, fn, per_sample, x64)
     weights = fn.weights
 
     def mean_loss(inputs: tf.Tensor) -> tf.Tensor:

@@ -187,9 +187,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     model = load_model(args.model, "check")
     x, y = data["x_train"][: args.samples], data["y_train"][: args.samples]
     chk = check_input_gradient(
-        model, args.loss, x, y, training=args.training, seed=args.seed, directions=args.directions
+        model,
+        args.loss,
+        x,
+        y,
+        training=args.training,
+        seed=args.seed,
+        directions=args.directions,
+        from_logits=args.from_logits,
     )
-    print(f"input gradient of the mean {args.loss} over {len(x)} sample(s), float64, {args.directions} direction(s)")
+    loss = f"{args.loss}{' (logits)' if args.from_logits else ''}"
+    print(f"input gradient of the mean {loss} over {len(x)} sample(s), float64, {args.directions} direction(s)")
     print(chk)
     return EXIT_OK if chk.ok else EXIT_FAILED
 

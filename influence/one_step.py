@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import _tree
-from ._inputs import prepare, validate_data
+from ._inputs import check_probability_outputs, prepare, validate_data
 from ._validation import as_array, check_choice, check_positive, check_same_length, param_error
 from .autodiff import gradient, mixed_product
 from .model_function import require_independent_samples, warn_gradient_overrides
@@ -81,6 +81,7 @@ def one_step(
     func = "one_step"
     fn, per_sample = prepare(func, model, loss, from_logits)
     data = validate_data(func, model, per_sample, x_train, y_train, x_val, y_val)
+    check_probability_outputs(func, fn, per_sample, data.x_train)
     check_positive(learning_rate, param="learning_rate", func=func)
     check_choice(method, METHODS, param="method", func=func)
     check_choice(wrt, TARGETS, param="wrt", func=func)

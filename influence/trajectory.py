@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ._inputs import as_model_inputs, check_labels_for_loss, check_model_input, prepare
+from ._inputs import as_model_inputs, check_labels_for_loss, check_model_input, check_probability_outputs, prepare
 from ._summary import compact_repr
 from ._validation import as_array, check_positive, check_same_length, describe, param_error
 from .losses import Loss
@@ -269,6 +269,7 @@ def fit(
     _check_no_regularization(model, func)
     check_model_input(func, model, x)
     check_labels_for_loss(func, "y_train", y, per_sample, model)
+    check_probability_outputs(func, fn, per_sample, x)
     penalty = check_input_gradient_penalty(input_gradient_penalty, x, func)
     c = np.ones(len(x)) if sample_weight is None else per_sample_weights(sample_weight, x, func)
     training = True if training is None else bool(training)

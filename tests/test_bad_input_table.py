@@ -163,6 +163,13 @@ CASES = [
         "The 'x_train' parameter of unrolled must be the data the trajectory was recorded on, in its order.",
     ),
     (
+        "logits model with a probability loss",
+        lambda: inf.fit(mlp(5, 3), X, Y, loss=LOSS),
+        ValueError,
+        "The 'loss' parameter of fit must be a loss with from_logits=True for a model whose outputs are not "
+        "probabilities",
+    ),
+    (
         "one-hot labels with a sparse loss",
         lambda: inf.fit(_model(), X, np.eye(3)[Y], loss=LOSS),
         ValueError,

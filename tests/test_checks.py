@@ -205,3 +205,39 @@ def test_wrong_gradient_of_a_relu_cnn_off_the_kinks_is_still_blamed_on_the_gradi
     chk = inf.check_input_gradient(model, "sparse_categorical_crossentropy", noisy, y, grad=wrong)
     assert not chk.ok
     assert "gradient itself is likely wrong" in chk.explanation and "not smooth" not in chk.explanation
+
+
+def _logits_model():
+    keras.utils.set_random_seed(2)
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)])
+
+
+def test_check_input_gradient_honours_from_logits_and_refuses_logits_read_as_probabilities():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 4)), rng.integers(0, 3, 6)
+    model = _logits_model()
+    loss = "sparse_categorical_crossentropy"
+    with pytest.raises(ValueError, match="from_logits=True for a model whose outputs are not probabilities"):
+        inf.check_input_gradient(model, loss, x, y)
+    by_flag = inf.check_input_gradient(model, loss, x, y, from_logits=True)
+    by_object = inf.check_input_gradient(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True), x, y)
+    assert by_flag.ok and by_flag.max_rel_error == by_object.max_rel_error
+
+
+@pytest.mark.parametrize(
+    "labels, loss, match",
+    [
+        (np.array([0, 1, 7, 8, 0, 1]), "sparse_categorical_crossentropy", r"class labels in \[0, 2\]"),
+        (np.array([0, 1, 2, 0, 1, 2]), "mse", r"targets of shape \(3,\) per sample for loss 'mse'"),
+        (
+            np.array([0, 1, 2]),
+            "sparse_categorical_crossentropy",
+            "'y' parameter of check_input_gradient must be as long",
+        ),
+    ],
+)
+def test_check_input_gradient_checks_labels_as_fit_does(labels, loss, match):
+    """Labels out of range made the loss constant and the check 'pass' with error 0."""
+    x = np.random.default_rng(0).normal(size=(6, 4))
+    with pytest.raises(ValueError, match=match):
+        inf.check_input_gradient(_logits_model(), loss, x, labels, from_logits=True)

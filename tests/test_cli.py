@@ -512,3 +512,20 @@ def test_integral_csv_labels_are_class_indices_only_for_the_sparse_loss(tmp_path
     )
     data = cli.load_data(args, "rank", need_val=False)
     assert data["y_train"].dtype == label_dtype and data["y_train"].tolist() == [3, 140, 25]
+
+
+def test_check_passes_from_logits_on_and_refuses_bad_labels(files, tmp_path, capsys):
+    keras.utils.set_random_seed(0)
+    logits = keras.Sequential([keras.Input((16,)), keras.layers.Dense(6, activation="tanh"), keras.layers.Dense(3)])
+    logits.save(tmp_path / "logits.keras")
+    base = ["check", "--model", tmp_path / "logits.keras", "--samples", "4", "--directions", "2"]
+    code, captured = run_main(base + ["--data", files / "data.npz"], capsys)
+    assert code == 2 and "from_logits=True for a model whose outputs are not probabilities" in captured.err
+    code, captured = run_main(base + ["--data", files / "data.npz", "--from-logits"], capsys)
+    assert code == 0 and "sparse_categorical_crossentropy (logits)" in captured.out
+    data = dict(np.load(files / "data.npz"))
+    np.savez(tmp_path / "bad.npz", **{**data, "y_train": data["y_train"] + 5})
+    code, captured = run_main(base + ["--data", tmp_path / "bad.npz", "--from-logits"], capsys)
+    assert code == 2 and "class labels in [0, 2] (the model has 3 outputs)" in captured.err
+    code, captured = run_main(base + ["--data", files / "data.npz", "--loss", "mse"], capsys)
+    assert code == 2 and "targets of shape (3,) per sample for loss 'mse'" in captured.err

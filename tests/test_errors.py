@@ -220,3 +220,22 @@ def test_logits_loss_on_a_softmax_output_warns():
     x, y = rng.normal(size=(6, 3)), rng.integers(0, 3, 6)
     with pytest.warns(UserWarning, match="from_logits=True but the model's output layer applies softmax"):
         inf.fit(mlp(3, 3, out_activation="softmax"), x, y, from_logits=True)
+
+
+def test_one_step_and_attacks_refuse_logits_read_as_probabilities():
+    """A linear output under the default from_logits=False gave negative cross-entropies and meaningless scores."""
+    keras.utils.set_random_seed(0)
+    model = inf.as_float64(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]))
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(size=(6, 4)), rng.integers(0, 3, 6)
+    loss = "sparse_categorical_crossentropy"
+    for call in (
+        lambda: inf.one_step(model, loss, x, y, x, y),
+        lambda: inf.adversarial_examples(model, loss, x, y, steps=1),
+    ):
+        with pytest.raises(ValueError, match="outputs on the first 6 samples lie in"):
+            call()
+    assert inf.one_step(model, loss, x, y, x, y, from_logits=True).shape == x.shape
+    # Probabilities pass: softmax outputs, and binary sigmoid outputs.
+    sigmoid = inf.as_float64(keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")]))
+    assert inf.one_step(sigmoid, "binary_crossentropy", x, y % 2, x, y % 2).shape == x.shape
