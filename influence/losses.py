@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -197,7 +198,8 @@ def get_loss(loss: object, *, func: str = "get_loss", from_logits: bool = False,
     ``"log_cosh"``, ``"sparse_categorical_crossentropy"``, ``"categorical_crossentropy"``,
     ``"binary_crossentropy"``), a Keras 3 loss object of those classes (its
     ``from_logits`` and Huber's ``delta`` are honoured; ``label_smoothing``, ``ignore_class``,
-    another ``axis`` or ``reduction="sum"`` are refused), or a callable
+    another ``axis`` or ``reduction="sum"`` are refused), a Keras loss function
+    (``keras.losses.categorical_crossentropy``, …: taken as its name), or a callable
     ``(y_true, y_pred) -> per-sample losses (B,)``, refused when traced unless it returns
     shape (B,) in the predictions' dtype.
     """
@@ -232,10 +234,50 @@ def get_loss(loss: object, *, func: str = "get_loss", from_logits: bool = False,
                 )
         logits = bool(getattr(loss, "from_logits", False) or options.get("from_logits"))
         return _by_name(_KERAS_CLASSES[cls], logits, delta=options.get("delta", 1.0))
+    keras_function = _keras_function_name(loss)
+    if keras_function is not None:  # keras.losses.categorical_crossentropy & co.: their names, exactly
+        return _by_name(keras_function, from_logits, delta=delta)
     if callable(loss):
         name = getattr(loss, "__name__", "custom")
-        return Loss(name, _checked(loss), continuous_labels=True)
+        # Never a built-in's name: a saved run would come back with the built-in loss, and label
+        # checks would apply the built-in's rules to a function that decides its own labels.
+        return Loss(f"{name} (callable)" if name in BUILT_IN else name, _checked(loss), continuous_labels=True)
     raise TypeError(param_error("loss", func, "a loss name, Keras loss or callable", describe(loss)))
+
+
+def _keras_function_name(loss: object) -> str | None:
+    """The built-in name of a Keras 3 loss *function* (``keras.losses.mean_squared_error``, …), else None.
+
+    Translating them is more than tidiness: Keras's categorical cross-entropy runs TensorFlow's
+    fused op, whose second derivative with respect to the labels is missing, so label gradients
+    through the function itself come out as zeros.
+    """
+    for name in BUILT_IN:
+        function = getattr(keras.losses, name, None)
+        if function is not None and loss is function:
+            return name
+    return None
+
+
+# TensorFlow registers no second derivative of these ops with respect to their labels: the
+# gradient of ∂ℓ/∂logits with respect to soft labels comes out as 0 instead of −1.
+_FUSED_CROSS_ENTROPY = ("SoftmaxCrossEntropyWithLogits",)
+_warned_fused: set[int] = set()
+
+
+def _warn_fused_cross_entropy(per_sample: Callable[..., object], ops: list[tf.Operation]) -> None:
+    found = [op.type for op in ops if op.type in _FUSED_CROSS_ENTROPY]
+    if found and id(per_sample) not in _warned_fused:
+        _warned_fused.add(id(per_sample))
+        warnings.warn(
+            f"the loss {getattr(per_sample, '__name__', per_sample)!r} uses TensorFlow's fused "
+            f"{found[0]!r}, whose second derivative with respect to the labels is missing: label "
+            "gradients (label_grad, soft-label optimisation) through it are zeros. Inputs and sample "
+            "weights are unaffected. Write it as -tf.reduce_sum(y * tf.nn.log_softmax(logits), -1), "
+            "or pass loss='categorical_crossentropy'.",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 @functools.cache  # one wrapper per callable: equal Loss objects share compiled programs
@@ -247,7 +289,11 @@ def _checked(per_sample: Callable[..., object]) -> PerSampleLoss:
     """
 
     def loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+        before = len(graph.get_operations()) if graph is not None else 0
         values = tf.convert_to_tensor(per_sample(y_true, y_pred))
+        if graph is not None:  # traced: the ops the callable just added are the loss's own
+            _warn_fused_cross_entropy(per_sample, graph.get_operations()[before:])
         if values.dtype != y_pred.dtype:
             raise TypeError(
                 param_error(

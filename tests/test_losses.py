@@ -95,3 +95,48 @@ def test_callable_losses_must_return_per_sample_values_in_the_predictions_dtype(
 
     assert get_loss(summed)(y, p).dtype == tf.float64
     assert get_loss(summed) == get_loss(summed)  # one wrapper per callable: runs share compiled programs
+
+
+def _soft_label_data():
+    rng = np.random.default_rng(4)
+    x, xv = rng.normal(size=(10, 4)), rng.normal(size=(6, 4))
+    y, yv = rng.dirichlet(np.ones(3), 10), np.eye(3)[rng.integers(0, 3, 6)]
+    return x, y, xv, yv
+
+
+def test_keras_loss_functions_are_taken_as_their_names_so_label_gradients_are_exact():
+    """keras.losses.categorical_crossentropy runs TF's fused op, whose label second derivative is missing."""
+    x, y, xv, yv = _soft_label_data()
+    assert get_loss(keras.losses.categorical_crossentropy) == get_loss("categorical_crossentropy")
+    assert get_loss(keras.losses.mean_squared_error) == get_loss("mse")
+    assert get_loss(keras.losses.sparse_categorical_crossentropy).integer_labels
+    traj = inf.fit(mlp(4, 3, out_activation="softmax"), x, y, loss=keras.losses.categorical_crossentropy,
+                   optimizer=SGD(0.3), batch_size=5, epochs=2)  # fmt: skip
+    chk = inf.check_unrolled(traj, x, y, xv, yv, 1, wrt="labels")
+    assert chk.ok and chk.max_rel_error <= 1e-5, chk
+
+
+def test_a_callable_through_the_fused_cross_entropy_is_warned_about():
+    x, y, xv, yv = _soft_label_data()
+
+    def fused(y_true, logits):
+        return tf.nn.softmax_cross_entropy_with_logits(labels=y_true, logits=logits)
+
+    with pytest.warns(UserWarning, match="fused 'SoftmaxCrossEntropyWithLogits'.*label gradients"):
+        traj = inf.fit(mlp(4, 3), x, y, loss=fused, optimizer=SGD(0.3), batch_size=5, epochs=2)
+    # The warning is right: the label gradient through the fused op misses its second-order term.
+    chk = inf.check_unrolled(traj, x, y, xv, yv, 1, wrt="labels")
+    assert not chk.ok
+
+
+def test_a_callable_named_like_a_built_in_keeps_its_own_identity(tmp_path):
+    def mse(y_true, y_pred):  # noqa: ARG001 - a user's own loss under a built-in's name
+        return tf.reduce_sum(tf.abs(y_true - y_pred), axis=-1)
+
+    loss = get_loss(mse)
+    assert loss.name == "mse (callable)" and loss != get_loss("mse")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 4)), rng.normal(size=(8, 2))
+    traj = inf.fit(mlp(4, 2), x, y, loss=mse, optimizer=SGD(0.1), batch_size=4)
+    with pytest.raises(ValueError, match="custom callables cannot be saved"):
+        inf.save_trajectory(traj, tmp_path / "run")
