@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -248,6 +249,7 @@ def _check_leading(jacobian: tf.Tensor, vector: tf.Tensor, ndim: int, name: str,
         raise ValueError(param_error(name, func, f"shape {leading} (the Jacobian's output axes)", describe(vector)))
 
 
-def _zeros_for_none(grads: Sequence[tf.Tensor | None], like: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-    # Weights that do not affect the loss get None from tapes; zeros keep lists aligned.
-    return [tf.zeros_like(w) if g is None else g for g, w in zip(grads, like)]
+def _zeros_for_none(grads: Sequence[Any], like: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    # Weights that do not affect the loss get None from tapes; zeros keep lists aligned. An
+    # Embedding's gradient comes as IndexedSlices, which dot products and JVPs cannot take: dense.
+    return [tf.zeros_like(w) if g is None else tf.convert_to_tensor(g) for g, w in zip(grads, like)]

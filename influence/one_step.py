@@ -24,10 +24,11 @@ import tensorflow as tf
 
 from . import _tree
 from ._inputs import check_probability_outputs, prepare, validate_data
-from ._validation import as_array, check_choice, check_positive, check_same_length, param_error
+from ._validation import check_choice, check_positive, param_error
 from .autodiff import gradient, mixed_product
 from .model_function import require_independent_samples, warn_gradient_overrides
 from .objective import Objective, check_input_gradient_penalty
+from .trajectory import per_sample_weights
 
 METHODS = ("hvp", "jacobian")
 TARGETS = ("inputs", "sample_weights", "labels")
@@ -90,11 +91,8 @@ def one_step(
     if wrt == "inputs" and not np.issubdtype(data.x_train.dtype, np.floating):
         raise TypeError(param_error("x_train", func, "floating-point inputs to differentiate", str(data.x_train.dtype)))
     weights_c = (
-        np.ones(len(data.x_train))
-        if sample_weight is None
-        else as_array(sample_weight, param="sample_weight", func=func)
+        np.ones(len(data.x_train)) if sample_weight is None else per_sample_weights(sample_weight, data.x_train, func)
     )
-    check_same_length(func, x_train=data.x_train, sample_weight=weights_c)
     rho = check_input_gradient_penalty(input_gradient_penalty, data.x_train, func)
 
     dtype = fn.dtype

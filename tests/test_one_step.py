@@ -161,3 +161,49 @@ def test_float32_and_float64_models_agree_to_float32_precision(class_data):
 
 def test_mlp_fixture_is_float64():
     assert all(v.dtype == "float64" for v in mlp(2, 1).trainable_variables)
+
+
+def test_token_models_sample_weight_gradient_by_hvp_equals_the_jacobian_and_inf_hvp_takes_embeddings():
+    """An Embedding's gradient comes as IndexedSlices: the hvp route and inf.hvp used to crash on it."""
+    keras.utils.set_random_seed(1)
+    model = inf.as_float64(keras.Sequential([
+        keras.Input((4,), dtype="int32"), keras.layers.Embedding(10, 3), keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(3, activation="softmax"),
+    ]))  # fmt: skip
+    rng = np.random.default_rng(5)
+    tokens, y, tokens_val, y_val = (
+        rng.integers(0, 10, (5, 4)),
+        rng.integers(0, 3, 5),
+        rng.integers(0, 10, (6, 4)),
+        rng.integers(0, 3, 6),
+    )
+    loss = "sparse_categorical_crossentropy"
+    fast = inf.one_step(model, loss, tokens, y, tokens_val, y_val, wrt="sample_weights")
+    ref = inf.one_step(model, loss, tokens, y, tokens_val, y_val, wrt="sample_weights", method="jacobian")
+    np.testing.assert_allclose(fast, ref, rtol=1e-10, atol=1e-15)
+    assert np.all(fast != 0)
+
+    fn, per_sample = inf.ModelFunction(model), get_loss(loss)
+    v = [tf.constant(rng.normal(size=w.shape)) for w in fn.weights]
+
+    def mean_loss(w):
+        return per_sample.mean(tf.constant(y), fn(w, tf.constant(tokens)))
+
+    forward = inf.hvp(mean_loss, fn.weights, v)
+    reverse = inf.autodiff.hvp_reverse(mean_loss, fn.weights, v)
+    for a, b in zip(forward, reverse):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-14)
+    assert np.abs(forward[0].numpy()).max() > 0  # the embedding table's block
+
+
+def test_keras_style_sample_weight_column_equals_a_vector(classifier, class_data):
+    """(B, 1) weights used to broadcast against (B,) losses into a (B, B) matrix: a silently wrong step."""
+    x, y, xv, yv = class_data
+    c = np.linspace(0.5, 1.5, len(x))
+    for wrt in ("inputs", "sample_weights"):
+        as_vector = inf.one_step(classifier, "sparse_categorical_crossentropy", x, y, xv, yv, wrt=wrt, sample_weight=c)
+        as_column = inf.one_step(classifier, "sparse_categorical_crossentropy", x, y, xv, yv, wrt=wrt,
+                                 sample_weight=c[:, None])  # fmt: skip
+        np.testing.assert_array_equal(as_column, as_vector)
+    with pytest.raises(ValueError, match="'sample_weight' parameter of one_step must be shape"):
+        inf.one_step(classifier, "sparse_categorical_crossentropy", x, y, xv, yv, sample_weight=np.ones((len(x), 2)))
