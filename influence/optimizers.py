@@ -63,7 +63,7 @@ class Optimizer(ABC):
     """A pure first-order optimizer.
 
     Attributes:
-        learning_rate: a positive float, or a schedule ``step -> float``
+        learning_rate: a positive float, or a schedule ``step -> float`` of rates ≥ 0
             (Keras ``LearningRateSchedule`` objects work too); evaluated once
             per step by :func:`influence.fit` and recorded in the trajectory.
         weight_decay: decoupled weight decay λ (0 = off).
@@ -84,9 +84,17 @@ class Optimizer(ABC):
         if not callable(self.learning_rate):
             return np.full(steps, float(self.learning_rate))
         rates = np.array([float(np.asarray(self.learning_rate(t))) for t in range(steps)])
-        if not np.all(np.isfinite(rates)) or np.any(rates <= 0):
+        # 0 is a rate (a warm-up from zero, a cosine decay to zero): the step then moves no weight.
+        bad = np.flatnonzero(~np.isfinite(rates) | (rates < 0))
+        if bad.size:
+            t = int(bad[0])
             raise ValueError(
-                param_error("learning_rate", type(self).__name__, "a schedule of positive finite rates", rates[:5])
+                param_error(
+                    "learning_rate",
+                    type(self).__name__,
+                    f"a schedule of finite rates ≥ 0 for steps 0 … {steps - 1}",
+                    f"rate {rates[t]:g} at step {t}" + (f" (and {bad.size - 1} more steps)" if bad.size > 1 else ""),
+                )
             )
         return rates
 

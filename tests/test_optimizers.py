@@ -4,7 +4,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import mlp
 
+import influence as inf
 from influence.optimizers import SGD, Adam, RMSprop
 
 CASES = {
@@ -40,3 +42,29 @@ def test_steps_match_keras(name):
         # Over 5 steps of 0.02 that is ≤ 1e-6 absolute; RMSprop and SGD agree to 1e-9.
         atol = 1e-6 if name.startswith("adam") else 1e-9
         np.testing.assert_allclose(weights[0].numpy(), variable.numpy(), rtol=1e-6, atol=atol)
+
+
+def test_a_warm_up_from_zero_is_a_schedule_and_hypergradients_through_it_match_retraining():
+    """Rate 0 steps (warm-up from zero, cosine decay to zero) move no weight but still update Adam's moments."""
+    rng = np.random.default_rng(0)
+    x, y, xv, yv = rng.normal(size=(12, 5)), rng.integers(0, 3, 12), rng.normal(size=(6, 5)), rng.integers(0, 3, 6)
+    warm_up = Adam(lambda t: 0.02 * min(t, 3) / 3)
+    traj = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss="sparse_categorical_crossentropy",
+                   optimizer=warm_up, batch_size=4, epochs=2)  # fmt: skip
+    assert traj.learning_rates[0] == 0 and traj.learning_rates[3] == 0.02
+    for wrt in ("inputs", "sample_weights"):
+        chk = inf.check_unrolled(traj, x, y, xv, yv, 2, wrt=wrt)
+        assert chk.ok and chk.max_rel_error <= 1e-5, chk
+
+
+@pytest.mark.parametrize(
+    "schedule, message",
+    [
+        (lambda t: 0.1 if t < 4 else float("nan"), "Got rate nan at step 4 (and 1 more steps) instead."),
+        (lambda t: 0.1 - 0.03 * t, "Got rate -0.02 at step 4 (and 1 more steps) instead."),
+    ],
+)
+def test_a_schedule_that_turns_negative_or_nan_names_its_first_bad_step(schedule, message):
+    with pytest.raises(ValueError, match="must be a schedule of finite rates ≥ 0 for steps 0 … 5") as info:
+        SGD(schedule).learning_rates(6)
+    assert message in str(info.value)
