@@ -85,31 +85,36 @@ class Schedule(NamedTuple):
 class _GraphFunction:
     """A traced function, XLA-compiled while its program allows it.
 
-    If XLA refuses the graph (an op without an XLA kernel, e.g. ``tf.numpy_function``
-    in a model), the whole program switches to plain graphs for good, so a run's
-    forward and reverse steps keep one numerical behaviour from then on.
+    If XLA refuses a forward function (an op without an XLA kernel, e.g.
+    ``tf.numpy_function`` in a model), the whole program switches to plain graphs for
+    good: the recorded run is then a plain-graph run, and replays reproduce it. If XLA
+    refuses only the reverse functions (float64 max-pooling has no XLA kernel for its
+    second derivative), those alone run plain: the forward steps stay compiled, so replays
+    and the reverse pass's recomputed states keep reproducing the recorded run bit for bit.
     """
 
-    def __init__(self, program: Program, python_function: Callable[..., Any]) -> None:
+    def __init__(self, program: Program, python_function: Callable[..., Any], *, group: str) -> None:
         compile_ = partial(tf.function, reduce_retracing=True, autograph=False)
-        self.program = program
+        self.program, self.group = program, group
         self.plain = compile_(python_function)
         self.xla = compile_(python_function, jit_compile=True)
 
     def __call__(self, *args: Any) -> Any:
-        if self.program.jit_compile:
+        if self.program.jit_compile and self.group not in self.program.xla_refused:
             try:
                 return self.xla(*args)
             except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.InternalError) as error:
                 if not _xla_refused(error):
                     raise
                 warnings.warn(
-                    "influence: XLA cannot compile this model's steps; using plain TensorFlow graphs "
-                    f"(slower for small models). XLA said: {str(error).splitlines()[0][:300]}",
+                    f"influence: XLA cannot compile this model's {self.group} steps; using plain TensorFlow "
+                    f"graphs for them (slower for small models). XLA said: {str(error).splitlines()[0][:300]}",
                     RuntimeWarning,
                     stacklevel=3,
                 )
-                self.program.jit_compile = False
+                self.program.xla_refused.add(self.group)
+                if self.group == "forward":
+                    self.program.jit_compile = False
         return self.plain(*args)
 
 
@@ -178,11 +183,12 @@ class Program:
         self.stream_shape = stream_shape
         self.source: Any = None
         self.jit_compile = bool(jit_compile) and distribute is None and stream_shape is None
-        self._run_plain = _GraphFunction(self, self._run)
-        self._run_recording = _GraphFunction(self, self._run_and_record)
-        self._reverse_unflagged = _GraphFunction(self, lambda *a: self._reverse(*a, flags=False))
+        self.xla_refused: set[str] = set()  # "forward" / "reverse": groups XLA could not compile
+        self._run_plain = _GraphFunction(self, self._run, group="forward")
+        self._run_recording = _GraphFunction(self, self._run_and_record, group="forward")
+        self._reverse_unflagged = _GraphFunction(self, lambda *a: self._reverse(*a, flags=False), group="reverse")
         # Traced only when a segment's adjoint is not finite, to name the step where it broke.
-        self._reverse_flags = _GraphFunction(self, lambda *a: self._reverse(*a, flags=True))
+        self._reverse_flags = _GraphFunction(self, lambda *a: self._reverse(*a, flags=True), group="reverse")
         # Called once per reverse pass: XLA's compilation (≈0.4 s for the digits MLP) would
         # cost far more than it saves.
         self.validation = tf.function(self._validation, reduce_retracing=True, autograph=False)
