@@ -269,9 +269,9 @@ def fit(
     _check_no_regularization(model, func)
     check_model_input(func, model, x)
     check_labels_for_loss(func, "y_train", y, per_sample, model)
-    check_probability_outputs(func, fn, per_sample, x)
     penalty = check_input_gradient_penalty(input_gradient_penalty, x, func)
     c = np.ones(len(x)) if sample_weight is None else per_sample_weights(sample_weight, x, func)
+    check_probability_outputs(func, fn, per_sample, x)  # after the cheap checks: it runs the model
     training = True if training is None else bool(training)
     if distribute is not None and not isinstance(distribute, tf.distribute.Strategy):
         raise TypeError(param_error("distribute", func, "a tf.distribute.Strategy or None", describe(distribute)))

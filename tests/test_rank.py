@@ -10,6 +10,7 @@ from scipy import stats
 import influence as inf
 from influence.optimizers import SGD
 from influence.rankers import ConjugateGradient, Exact, LiSSA
+from influence.rankers._samples import _compiled_bodies
 
 LOSS = "sparse_categorical_crossentropy"
 
@@ -387,3 +388,15 @@ def test_binary_predicted_labels_cut_logits_at_0_and_probabilities_at_half(from_
     probability = 1 / (1 + np.exp(-outputs)) if from_logits else outputs
     np.testing.assert_array_equal(table["predicted_label"], (probability > 0.5).astype(int))
     assert 0 < table["predicted_label"].sum() < 16  # both classes predicted: the cut-off matters
+
+
+def test_ranking_a_run_again_reuses_the_compiled_bodies(run):
+    """One rank call per method used to trace every body anew (and TF warned about retracing)."""
+    traj, x, y, xv, yv = run
+    inf.rank(traj, x, y, xv, yv, method="tracin")
+    bodies = _compiled_bodies(traj.program().program)
+    traced = (bodies.losses.experimental_get_tracing_count(), bodies.dots.experimental_get_tracing_count())
+    assert min(traced) >= 1
+    for method in ("tracin", "loss", "tracin"):
+        inf.rank(traj, x, y, xv, yv, method=method)
+    assert (bodies.losses.experimental_get_tracing_count(), bodies.dots.experimental_get_tracing_count()) == traced

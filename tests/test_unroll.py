@@ -559,7 +559,7 @@ def test_sample_weight_of_shape_n_by_1_is_one_weight_per_sample(data):
     assert all(np.array_equal(a, b) for a, b in zip(runs[0].final_weights, runs[1].final_weights))
     assert runs[1].sample_weight.shape == (13,)
     with pytest.raises(ValueError, match=r"'sample_weight' parameter of fit must be shape \(13,\)"):
-        inf.fit(mlp(5, 3), x, y, loss=LOSS, batch_size=5, sample_weight=np.ones((13, 2)))
+        inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, batch_size=5, sample_weight=np.ones((13, 2)))
     with pytest.raises(ValueError, match=r"'sample_weight' parameter of retrain must be as long as 'x_train'"):
         inf.retrain(runs[0], x, y, sample_weight=np.ones(12))
 

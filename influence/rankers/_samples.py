@@ -12,7 +12,9 @@ margins are the plain loss's.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -22,6 +24,63 @@ from ..losses import label_margin
 from ..trajectory import Trajectory
 
 DEFAULT_CHUNK = 512
+
+
+class _Bodies:
+    """The compiled per-chunk bodies of one model, loss and objective.
+
+    Kept per :class:`~influence.program.Program`, which every run of the same set-up
+    shares: ranking one run several ways (one ``rank`` call per method) or several runs
+    of one model traces each body once, instead of once per call.
+    """
+
+    def __init__(self, fn, loss, objective) -> None:
+        self.fn, self.loss, self.objective = fn, loss, objective
+        self.losses = tf.function(self._losses_impl, reduce_retracing=True)
+        self.margins = tf.function(self._margins_impl, reduce_retracing=True)
+        self.dots = tf.function(self._dots_impl, reduce_retracing=True)
+        self.sq_norms = tf.function(self._sq_norms_impl, reduce_retracing=True)
+        self.hvp = tf.function(self._hvp_impl, reduce_retracing=True)
+
+    def _losses_impl(self, w, xb, yb):
+        out = self.fn(w, xb, training=False)
+        return self.loss(yb, out), out
+
+    def _margins_impl(self, w, xb, yb):
+        return label_margin(self.loss, yb, self.fn(w, xb, training=False))
+
+    def _dots_impl(self, w, v, xb, yb):
+        with tf.autodiff.ForwardAccumulator(w, v) as acc:
+            losses = self.objective(w, xb, yb, training=False)
+        return acc.jvp(losses, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def _sq_norms_impl(self, w, xb, yb):
+        # Per-sample gradients of one chunk at once (pfor); memory chunk × |w|.
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            losses = self.objective(w, xb, yb, training=False)
+        jac = tape.jacobian(losses, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return tf.add_n([tf.reduce_sum(tf.reshape(j * j, [tf.shape(j)[0], -1]), axis=1) for j in jac])
+
+    def _grad_impl(self, w, xb, yb, cb):
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            total = tf.reduce_sum(cb * self.objective(w, xb, yb, training=False))
+        return tape.gradient(total, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def _hvp_impl(self, w, v, xb, yb, cb):
+        with tf.autodiff.ForwardAccumulator(w, v) as acc:
+            g = self._grad_impl(w, xb, yb, cb)
+        return acc.jvp(g, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+_bodies_by_program: weakref.WeakKeyDictionary[Any, _Bodies] = weakref.WeakKeyDictionary()
+
+
+def _compiled_bodies(program: Any) -> _Bodies:
+    if program not in _bodies_by_program:
+        _bodies_by_program[program] = _Bodies(program.fn, program.loss, program.objective)
+    return _bodies_by_program[program]
 
 
 class SampleOps:
@@ -59,11 +118,9 @@ class SampleOps:
         self.xs = tf.gather(self.x, self.samples)
         self.ys = tf.gather(self.y, self.samples)
         self.chunk = chunk
-        self._losses = tf.function(self._losses_impl, reduce_retracing=True)
-        self._margins = tf.function(self._margins_impl, reduce_retracing=True)
-        self._dots = tf.function(self._dots_impl, reduce_retracing=True)
-        self._sq_norms = tf.function(self._sq_norms_impl, reduce_retracing=True)
-        self._hvp = tf.function(self._hvp_impl, reduce_retracing=True)
+        compiled = _compiled_bodies(program.program)
+        self._losses, self._margins, self._dots = compiled.losses, compiled.margins, compiled.dots
+        self._sq_norms, self._hvp = compiled.sq_norms, compiled.hvp
 
     def chunks(self, count: int | None = None) -> Iterator[slice]:
         """Slices of ``chunk`` samples over ``count`` rows (default: the selected samples)."""
@@ -73,39 +130,6 @@ class SampleOps:
 
     def weights(self, values: list[np.ndarray]) -> list[tf.Tensor]:
         return [tf.constant(v, dtype=self.dtype) for v in values]
-
-    # ---------------------------------------------------------------- compiled bodies
-
-    def _losses_impl(self, w, xb, yb):
-        out = self.fn(w, xb, training=False)
-        return self.loss(yb, out), out
-
-    def _margins_impl(self, w, xb, yb):
-        return label_margin(self.loss, yb, self.fn(w, xb, training=False))
-
-    def _dots_impl(self, w, v, xb, yb):
-        with tf.autodiff.ForwardAccumulator(w, v) as acc:
-            losses = self.objective(w, xb, yb, training=False)
-        return acc.jvp(losses, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-
-    def _sq_norms_impl(self, w, xb, yb):
-        # Per-sample gradients of one chunk at once (pfor); memory chunk × |w|.
-        with tf.GradientTape() as tape:
-            tape.watch(w)
-            losses = self.objective(w, xb, yb, training=False)
-        jac = tape.jacobian(losses, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return tf.add_n([tf.reduce_sum(tf.reshape(j * j, [tf.shape(j)[0], -1]), axis=1) for j in jac])
-
-    def _grad_impl(self, w, xb, yb, cb):
-        with tf.GradientTape() as tape:
-            tape.watch(w)
-            total = tf.reduce_sum(cb * self.objective(w, xb, yb, training=False))
-        return tape.gradient(total, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-
-    def _hvp_impl(self, w, v, xb, yb, cb):
-        with tf.autodiff.ForwardAccumulator(w, v) as acc:
-            g = self._grad_impl(w, xb, yb, cb)
-        return acc.jvp(g, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
     # ---------------------------------------------------------------- public helpers
 
