@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from ._files import _image_shape, _usage, describe_model, load_data, load_model
-from ._methods import METHODS
+from ._methods import METHODS, NEEDS_VALIDATION
 from ._validation import describe
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -53,9 +53,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _optimizer(args: argparse.Namespace) -> Any:
-    from . import optimizers
-
+def _learning_rate(args: argparse.Namespace) -> float:
+    """--lr (or the optimizer's default), with --epsilon checked: usage errors before TensorFlow is imported."""
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     if not lr > 0:
         raise _usage("lr", "rank", "a positive number", lr)
@@ -65,6 +64,13 @@ def _optimizer(args: argparse.Namespace) -> Any:
         )
     if args.epsilon is not None and not args.epsilon > 0:
         raise _usage("epsilon", "rank", "a positive number", args.epsilon)
+    return lr
+
+
+def _optimizer(args: argparse.Namespace) -> Any:
+    from . import optimizers
+
+    lr = _learning_rate(args)
     if args.optimizer == "sgd":
         return optimizers.SGD(lr)
     if args.optimizer in ("momentum", "nesterov"):
@@ -83,8 +89,6 @@ def _methods(text: str) -> tuple[str, ...]:
 
 def _validation_data(data: dict[str, np.ndarray], methods: Sequence[str], verify: int) -> bool:
     """Whether validation data was given; a usage error when a method or --verify needs it and it is missing."""
-    from .rank import NEEDS_VALIDATION
-
     given = [key for key in ("x_val", "y_val") if key in data]
     if len(given) == 1:
         raise _usage("val", "rank", "a file with both x_val and y_val (or both in --data)", f"only {given[0]}")
@@ -111,8 +115,8 @@ def _validation_data(data: dict[str, np.ndarray], methods: Sequence[str], verify
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    from .report.job import RankingJob, run_ranking
-
+    # Every argument is checked before the model loads and TensorFlow is imported (seconds, and log
+    # lines): a usage error is answered at once, on one line.
     methods = _methods(args.method)
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
@@ -122,9 +126,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
     if not args.input_gradient_penalty >= 0 or not np.isfinite(args.input_gradient_penalty):
         raise _usage("input-gradient-penalty", "rank", "a finite number ≥ 0", args.input_gradient_penalty)
     shape = _image_shape(args.image_shape, "rank")
+    _learning_rate(args)
     data = load_data(args, "rank", need_val=False)
     has_val = _validation_data(data, methods, args.verify)
-    model = load_model(args.model, "rank")
     x = data["x_train"]
     images = None
     if shape is not None:
@@ -138,6 +142,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
     noisy = data.get("noisy")
     if noisy is not None and (noisy.shape != (len(x),)):
         raise _usage("data", "rank", f"a 'noisy' array of shape ({len(x)},)", describe(noisy))
+    model = load_model(args.model, "rank")
+    from .report.job import RankingJob, run_ranking
+
     optimizer = _optimizer(args)
     job = RankingJob(
         out_dir=Path(args.out),
@@ -178,13 +185,13 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .checks import check_input_gradient
-
     for name in ("samples", "directions"):
         if getattr(args, name) < 1:
             raise _usage(name, "check", "a positive int", getattr(args, name))
     data = load_data(args, "check", need_val=False)
     model = load_model(args.model, "check")
+    from .checks import check_input_gradient
+
     x, y = data["x_train"][: args.samples], data["y_train"][: args.samples]
     chk = check_input_gradient(
         model,

@@ -10,15 +10,13 @@ import numpy as np
 import pandas as pd
 
 from ._inputs import validate_validation_data
-from ._methods import METHODS
+from ._methods import METHODS, NEEDS_VALIDATION
 from ._validation import as_array, check_choice, check_distinct, describe, index_group, param_error
 from .losses import MARGIN_LOSSES
 from .rankers import methods
 from .rankers._samples import SampleOps
 from .rankers.inverse_hvp import InverseHVP, get_solver
 from .trajectory import Trajectory, check_trajectory_data
-
-NEEDS_VALIDATION = {"unrolled", "influence_function", "tracin"}
 
 
 def rank(

@@ -529,3 +529,33 @@ def test_check_passes_from_logits_on_and_refuses_bad_labels(files, tmp_path, cap
     assert code == 2 and "class labels in [0, 2] (the model has 3 outputs)" in captured.err
     code, captured = run_main(base + ["--data", files / "data.npz", "--loss", "mse"], capsys)
     assert code == 2 and "targets of shape (3,) per sample for loss 'mse'" in captured.err
+
+
+def test_usage_errors_are_answered_before_tensorflow_is_imported(files):
+    """Importing TensorFlow costs seconds and prints log lines: argument errors must not wait for it."""
+    cases = [
+        ["rank", "--model", files / "model.keras", "--data", files / "data.npz", "--epochs", "0"],
+        ["rank", "--model", files / "model.keras", "--data", files / "data.npz", "--lr", "-1"],
+        [
+            "rank",
+            "--model",
+            files / "model.keras",
+            "--data",
+            files / "data.npz",
+            "--optimizer",
+            "sgd",
+            "--epsilon",
+            "1",
+        ],
+        ["rank", "--model", files / "missing.keras", "--data", files / "data.npz"],
+        ["rank", "--model", files / "model.keras", "--data", files / "train.csv", "--method", "unrolled"],
+        ["check", "--model", files / "missing.keras", "--data", files / "data.npz"],
+    ]
+    script = (
+        "import sys\nfrom influence import cli\n"
+        f"codes = [cli.main([str(a) for a in args]) for args in {[[str(a) for a in c] for c in cases]!r}]\n"
+        "print(codes, 'tensorflow' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=files)
+    assert done.stdout.strip() == f"{[2] * len(cases)} False", done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) == len(cases)  # one line each, no TensorFlow log lines

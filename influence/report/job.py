@@ -260,7 +260,7 @@ def repair_curves(trajectory: Any, job: RankingJob, indices: np.ndarray) -> pd.D
 
 def _check_validation_data(job: RankingJob) -> None:
     """Without validation data only the methods that need none can run, with no verification or repair."""
-    from ..rank import NEEDS_VALIDATION
+    from .._methods import NEEDS_VALIDATION
 
     if job.x_val is not None and job.y_val is not None:
         return
