@@ -55,6 +55,11 @@ def read_table_file(path: str, param: str, command: str, label_column: str | Non
 
 def read_npz(path: Path, param: str, command: str) -> dict[str, np.ndarray]:
     """All arrays of an ``.npz`` file (no pickles)."""
+    with open(path, "rb") as handle:
+        if handle.read(2) != b"PK":  # numpy would read anything else as a pickle and blame pickling
+            raise _usage(
+                param, command, "a .npz file (numpy.savez writes a zip archive)", f"{str(path)!r} (not a zip archive)"
+            )
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}

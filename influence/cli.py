@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -44,6 +45,12 @@ DATA_FORMATS = """data files:
   Integer inputs are cast to float32; integral float labels are cast to int for
   sparse_categorical_crossentropy (regression targets stay floats). Inputs of
   shape (n, H, W) or (n, H, W, C), or --image-shape, give an image grid in the report."""
+CHECK_DATA_FORMATS = """data files:
+  .npz (numpy.savez): x_train (n, ...) and y_train (n,) or (n, k); other arrays are ignored.
+  .csv: a header row, numeric columns, one sample per row; the label is the last
+       column unless --label-column NAME names another.
+  Integer inputs are cast to float32; integral float labels are cast to int for
+  sparse_categorical_crossentropy."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -310,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="find flipped labels in embedded digits and write reports/demo/index.html",
-        description=(demo_module.__doc__ or "").split("\n\n", 1)[-1],
+        description=_plain_text((demo_module.__doc__ or "").split("\n\n", 1)[-1]),
         formatter_class=fmt,
     )
     demo.add_argument("--out", default=demo_module.DEFAULT_OUT, help="report folder (default reports/demo)")
@@ -359,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rebuild the model in float64 and compare the tape gradient of the mean loss w.r.t. the "
         "inputs with central differences (Richardson extrapolation) along random directions. "
         "Exit 0 if it passes, 1 if not.",
-        epilog=DATA_FORMATS,
+        epilog=CHECK_DATA_FORMATS,
         formatter_class=fmt,
     )
     _data_flags(check, val=False)
@@ -383,10 +390,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _plain_text(docstring: str) -> str:
+    """A docstring for the terminal: Sphinx roles and double backticks dropped (``:func:`x``` → x)."""
+    return re.sub(r"``([^`]+)``", r"\1", re.sub(r":\w+:`~?([^`]+)`", r"\1", docstring))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # name the subcommand and its --help, not the top-level parser's
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     prefix = f"influence {args.command}"
     _quiet_tensorflow()
     from .runs import RunInterrupted

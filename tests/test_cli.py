@@ -361,6 +361,30 @@ def test_usage_error_is_one_line(capsys):
     assert err == ["influence rank: error: the following arguments are required: --model (see 'influence rank --help')"]
 
 
+def test_an_unknown_flag_is_reported_by_its_subcommand(files, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["check", "--model", "m.keras", "--data", "d.npz", "--val", "v.npz"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["influence check: error: unrecognized arguments: --val v.npz (see 'influence check --help')"]
+
+
+def test_help_texts_are_plain_and_check_documents_only_its_own_data(capsys):
+    for command in ("demo", "check"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = capsys.readouterr().out
+        assert ":func:" not in text and "``" not in text
+    assert "--val" not in text and "noisy" not in text  # check reads training data only
+
+
+def test_a_file_that_is_not_an_npz_archive_is_called_that(tmp_path, capsys):
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    code, captured = run_main(["check", "--model", "m.keras", "--data", tmp_path / "broken.npz"], capsys)
+    assert code == 2 and "must be a .npz file (numpy.savez writes a zip archive)" in captured.err
+    assert "pickled" not in captured.err
+
+
 def test_rank_on_csv_shows_a_feature_table(files, tmp_path, capsys):
     out = tmp_path / "csv"
     args = [

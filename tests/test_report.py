@@ -284,3 +284,16 @@ def test_summary_counts_samples_outside_the_run(tmp_path):
     assert "3 samples of weight 0, listed last" in text
     table.attrs["outside_run"] = 0  # nothing to say when every sample was trained on
     assert "listed last" not in render_report(tmp_path / "b", table, summary={}).read_text()
+
+
+def test_without_verification_the_report_says_why_and_how_to_get_it(tmp_path):
+    def section(path, name):
+        return re.search(rf'<section id="{name}">.*?</section>', path.read_text(), re.S).group(0)
+
+    asked_for_none = render_report(tmp_path / "a", fake_table(), summary={})
+    assert "--verify K on the command line" in section(asked_for_none, "verification")
+    assert "a boolean 'noisy' array in the .npz" in section(asked_for_none, "found-at-k")
+    loss = fake_table(method="loss")
+    loss["removal_effect"] = np.nan
+    no_effect = render_report(tmp_path / "b", loss, summary={})
+    assert "loss predicts no removal effect to compare with" in section(no_effect, "verification")

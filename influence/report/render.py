@@ -153,10 +153,19 @@ def _distribution_section(ranked: pd.DataFrame, noise, method: str, out: Path) -
     return Section("distribution", "Score distribution", image(name, "histogram of scores"), half=True)
 
 
-def _verification_section(verification: Verification | None, out: Path) -> Section:
+def _verification_section(verification: Verification | None, out: Path, method: str, has_effect: bool) -> Section:
     title = "Predicted vs actual removal effect"
     if verification is None:
-        note = "No retraining was run (pass a verification sample to compare predicted with actual effects)."
+        if has_effect:
+            note = (
+                "No retraining was run: ask for it (--verify K on the command line, verify_top / verify_random "
+                "in RankingJob) to compare predicted with actual effects."
+            )
+        else:
+            note = (
+                f"No retraining was run: {esc(method)} predicts no removal effect to compare with. Put unrolled, "
+                "influence_function or tracin first in --method to verify its predictions."
+            )
         return Section("verification", title, "", note, half=True)
     name = f"{IMAGE_DIR}/removal_scatter.png"
     atomic_write_bytes(out / name, figures.removal_scatter(verification))
@@ -171,7 +180,13 @@ def _verification_section(verification: Verification | None, out: Path) -> Secti
 
 def _found_at_k_section(tables: Mapping[str, pd.DataFrame], noise, n_top: int, out: Path) -> Section:
     if noise is None or not np.any(noise):
-        return Section("found-at-k", "found@k", "", "No known-noisy samples were given (noise_mask).")
+        return Section(
+            "found-at-k",
+            "found@k",
+            "",
+            "No known-noisy samples were given (a boolean 'noisy' array in the .npz "
+            "data, or noise_mask in RankingJob / render_report).",
+        )
     curves = {name: found_at_k(t, noise) for name, t in tables.items()}
     n = len(noise)
     name = f"{IMAGE_DIR}/found_at_k.png"
@@ -315,7 +330,7 @@ def render_report(
             **samples,
         ),
         _distribution_section(ranked, noise, method, out),
-        _verification_section(verification, out),
+        _verification_section(verification, out, method, has_effect),
         _found_at_k_section({method: ranked} | others, noise, n_top, out),
         _per_class_section(ranked, noise, n_top),
         *[s for s in [_convergence_section(convergence, out)] if s is not None],
