@@ -118,8 +118,9 @@ def rank(
     table = pd.DataFrame(
         {
             "index": chosen,
-            "score": score,
-            "removal_effect": effect if effect is not None else np.full(len(chosen), np.nan),
+            # float64 for every method (a float32 model's unrolled scores came as float32, the others not)
+            "score": np.asarray(score, dtype=np.float64),
+            "removal_effect": np.full(len(chosen), np.nan) if effect is None else np.asarray(effect, np.float64),
             "label": list(y[chosen]) if y.ndim > 1 else y[chosen],
             "predicted_label": _predicted_labels(trajectory, outputs),
             "train_loss": losses,

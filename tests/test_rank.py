@@ -400,3 +400,13 @@ def test_ranking_a_run_again_reuses_the_compiled_bodies(run):
     for method in ("tracin", "loss", "tracin"):
         inf.rank(traj, x, y, xv, yv, method=method)
     assert (bodies.losses.experimental_get_tracing_count(), bodies.dots.experimental_get_tracing_count()) == traced
+
+
+def test_scores_are_float64_for_every_method_of_a_float32_run():
+    x, y, xv, yv = (a.astype(np.float32) if a.dtype.kind == "f" else a for a in _fixture_data())
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    traj = inf.fit(model, x, y, loss=LOSS, optimizer=SGD(0.3), batch_size=8, epochs=1)
+    for method in ("unrolled", "tracin", "loss"):
+        table = inf.rank(traj, x, y, xv, yv, method=method)
+        assert table["score"].dtype == np.float64 and table["removal_effect"].dtype == np.float64, method

@@ -283,7 +283,7 @@ def run_ranking(job: RankingJob) -> RankingOutcome:
         shutil.rmtree(shards)
     store = ShardStore(shards, log=job.log)
     if store.entry_count:
-        job.log(f"resuming: {store.entry_count} shard(s) on record in {shards}")
+        job.log(f"resuming: {store.entry_count} shard(s) on record in {shards}; those matching this run are reused")
     run = job.fingerprint()
     verify = bool(job.verify_top or job.verify_random)
     trajectory = LazyTraining(job, store, run)
