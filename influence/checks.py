@@ -146,8 +146,10 @@ def check_gradient(
     The directional derivative along unit d is estimated by
     D(s) = (f(x+sd) − f(x−sd)) / 2s at s = h and h/2, combined as
     (4·D(h/2) − D(h)) / 3 (error O(h⁴)), and compared with ⟨grad, d⟩. The
-    relative error divides by max(|fd|, |analytic|, 1e-8·‖grad‖) so directions
-    along which the derivative nearly vanishes do not blow up.
+    relative error divides by max(|fd|, |analytic|, 1e-8·‖grad‖, r/rtol), where
+    r = 3·ε₆₄·|f(x)|/s is the round-off of that estimate at the step s used: a
+    directional derivative that is tiny next to |f| cannot be judged below the
+    round-off of f, and is not blamed for it.
 
     A failure is explained. When the forward and backward quotients along a failing
     direction disagree by about as much at s/2 as at s (a smooth f's disagreement
@@ -159,7 +161,9 @@ def check_gradient(
     if not callable(f):
         raise TypeError(param_error("f", func, "a callable", describe(f)))
     x64 = as_array(x, param="x", func=func, min_ndim=0).astype(np.float64)
-    g64 = as_array(grad, param="grad", func=func, min_ndim=0).astype(np.float64)
+    g_given = as_array(grad, param="grad", func=func, min_ndim=0)
+    grad_low_precision = np.issubdtype(g_given.dtype, np.floating) and g_given.dtype.itemsize < 8
+    g64 = g_given.astype(np.float64)
     if g64.shape != x64.shape:
         raise ValueError(param_error("grad", func, f"the shape of x {x64.shape}", f"shape {g64.shape}"))
     if isinstance(directions, bool) or not isinstance(directions, (int, np.integer)) or directions < 0:
@@ -207,7 +211,10 @@ def check_gradient(
         fd[i], spread[i], steps_used[i] = estimate, gap, step
         scale = max(abs(estimate), abs(float(analytic[i])), floor)
         kinked[i] = _is_kink(one_sided, scale, base, h / 10 ** (len(one_sided) - 1), rtol)
-    rel = relative(fd, analytic)
+    # Round-off of the Richardson estimate at the step each direction used (module docstring).
+    roundoff = 3 * np.finfo(np.float64).eps * abs(base) / steps_used
+    rel = np.abs(fd - analytic) / np.maximum.reduce([np.abs(fd), np.abs(analytic), np.full_like(fd, floor),
+                                                     roundoff / rtol])  # fmt: skip
     max_rel = float(np.max(rel))
     ok = bool(max_rel <= rtol)
     failing = rel > rtol
@@ -223,6 +230,13 @@ def check_gradient(
             "f returned a float32 (or lower) value: float32 round-off (~1e-7 relative) divided by a "
             f"step of {h:g} swamps the difference quotient; rebuild the model with as_float64() "
             "and keep the loss in float64."
+        )
+    if not ok and grad_low_precision:
+        notes.append(
+            f"grad is {g_given.dtype} (e.g. from a float32 tape): its own round-off, about 1e-7 relative per "
+            "element and more after a deep backward pass, exceeds rtol="
+            f"{rtol:g}; compute it in float64 (as_float64) or compare with rtol≈1e-3 (max relative error "
+            f"here {max_rel:.1e})."
         )
     # Every failing direction crosses a kink at x: the finite differences cannot judge grad there.
     if not ok and not notes and np.all(kinked[failing]):

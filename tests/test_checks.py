@@ -241,3 +241,30 @@ def test_check_input_gradient_checks_labels_as_fit_does(labels, loss, match):
     x = np.random.default_rng(0).normal(size=(6, 4))
     with pytest.raises(ValueError, match=match):
         inf.check_input_gradient(_logits_model(), loss, x, labels, from_logits=True)
+
+
+def test_a_tiny_derivative_next_to_a_large_value_is_judged_above_round_off_not_blamed():
+    """|f| = 230 and f' = 1e-6 along the tile: the quotient's round-off (~1e-11) is 1e-5 of f'."""
+    exact = np.array([1e-6, 0.05])
+    chk = inf.check_gradient(lambda z: 230.3 + 1e-6 * z[0] + 0.05 * z[1], np.zeros(2), exact, directions=0,
+                             tile=np.s_[0:1])  # fmt: skip
+    assert chk.ok, chk
+    # Round-off does not hide a real error of the same size as the derivative.
+    wrong = inf.check_gradient(lambda z: 230.3 + 1e-6 * z[0] + 0.05 * z[1], np.zeros(2), exact * [2, 1],
+                               directions=0, tile=np.s_[0:1])  # fmt: skip
+    assert not wrong.ok and "likely wrong" in wrong.explanation
+
+
+def test_a_float32_gradient_that_misses_float64_tolerance_is_explained_by_its_precision():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(40, 40))
+    x = rng.normal(size=40)
+
+    def f(z):
+        return float(np.sum(np.tanh(a @ z)))
+
+    exact = a.T @ (1 - np.tanh(a @ x) ** 2)
+    rounded = (exact * (1 + 3e-6 * rng.normal(size=40))).astype(np.float32)  # a float32 backward pass
+    chk = inf.check_gradient(f, x, rounded, directions=6)
+    assert not chk.ok and "grad is float32" in chk.explanation and "likely wrong" not in chk.explanation
+    assert inf.check_gradient(f, x, rounded, directions=6, rtol=1e-3).ok
