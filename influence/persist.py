@@ -49,7 +49,8 @@ def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
             )
         )
     optimizer = trajectory.optimizer
-    config = {f.name: getattr(optimizer, f.name) for f in dataclasses.fields(optimizer)}
+    # numpy scalars (SGD(np.float32(0.1))) as Python numbers: json cannot write them.
+    config = {f.name: _plain(getattr(optimizer, f.name)) for f in dataclasses.fields(optimizer)}
     scheduled = callable(config["learning_rate"])
     if scheduled:  # the record keeps every step's rate; load_trajectory replays them as RecordedRates
         config["learning_rate"] = float(trajectory.learning_rates[0])
@@ -63,6 +64,7 @@ def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
         "learning_rate_schedule": scheduled,
         "training": trajectory.training,
         "jit_compile": trajectory.jit_compile,
+        "streamed": trajectory.streamed,
         "input_gradient_penalty": trajectory.input_gradient_penalty,
         "data_fingerprint": trajectory.data_fingerprint,
         "n_train": trajectory.n_train,
@@ -152,11 +154,13 @@ def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] |
     offsets = arrays["offsets"]
     batches = [arrays["batches"][offsets[t] : offsets[t + 1]] for t in range(len(offsets) - 1)]
     count = meta["weights"]
-    optimizer = _OPTIMIZERS[meta["optimizer"]](**meta["optimizer_config"])
+    config = dict(meta["optimizer_config"])
     rates = arrays["learning_rates"]
     # Older saves carry no flag: a schedule shows as rates that are not all the config's one rate.
-    if meta.get("learning_rate_schedule", bool(np.any(rates != optimizer.learning_rate))):
-        optimizer = dataclasses.replace(optimizer, learning_rate=RecordedRates(tuple(float(r) for r in rates)))
+    # The recorded rates replace the placeholder before the optimizer checks it (a schedule may start at 0).
+    if meta.get("learning_rate_schedule", bool(np.any(rates != config["learning_rate"]))):
+        config["learning_rate"] = RecordedRates(tuple(float(r) for r in rates))
+    optimizer = _OPTIMIZERS[meta["optimizer"]](**config)
     _warn_gradient_overrides(model, tuple(meta["input_shape"]), training=meta["training"])
     return Trajectory(
         model=model,
@@ -175,9 +179,14 @@ def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] |
         state_history=[arrays[f"state_{i}"] for i in range(meta["state"])] if meta["history"] else None,
         seconds=meta["seconds"],
         jit_compile=meta.get("jit_compile", True),
+        streamed=bool(meta.get("streamed", False)),
         data_fingerprint=meta.get("data_fingerprint"),
         input_gradient_penalty=float(meta.get("input_gradient_penalty", 0.0)),
     )
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _warn_gradient_overrides(model: keras.Model, input_shape: tuple[int, ...], *, training: bool) -> None:

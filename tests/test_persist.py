@@ -99,3 +99,25 @@ def test_format_1_runs_load_unless_their_random_numbers_changed(tmp_path):
     _as_format_1(tmp_path / "dropout")
     with pytest.raises(ValueError, match="format-1 run with dropout or noise layers"):
         inf.load_trajectory(tmp_path / "dropout")
+
+
+def test_warm_up_from_zero_numpy_rates_and_streamed_runs_survive_saving(tmp_path):
+    """A schedule starting at rate 0 saved but did not load; SGD(np.float32(...)) did not save; a memmap
+    run came back as an in-memory one (its memory bound lost)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 4)), rng.normal(size=(12, 2))
+    np.save(tmp_path / "x.npy", x)
+    x_map = np.load(tmp_path / "x.npy", mmap_mode="r")
+    cases = {
+        "warm_up": (x, SGD(lambda t: 0.05 * min(t, 2))),
+        "numpy_rate": (x, SGD(np.float32(0.1))),
+        "streamed": (x_map, Adam(0.01)),
+    }
+    for name, (inputs, optimizer) in cases.items():
+        traj = inf.fit(mlp(4, 2), inputs, y, loss="mse", optimizer=optimizer, batch_size=4, epochs=2)
+        inf.save_trajectory(traj, tmp_path / name)
+        loaded = inf.load_trajectory(tmp_path / name)
+        assert loaded.streamed == traj.streamed == (name == "streamed")
+        np.testing.assert_array_equal(loaded.learning_rates, traj.learning_rates)
+        for a, b in zip(inf.retrain(loaded, inputs, y), traj.final_weights):
+            np.testing.assert_array_equal(a, b)

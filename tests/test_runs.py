@@ -199,3 +199,20 @@ def test_sharded_removal_effects_equal_actual_removal_effect(tiny_run, tmp_path)
     resumed = ShardStore(tmp_path)
     np.testing.assert_array_equal(job.removal_effects(resumed, lambda: traj, settings, "run-1", indices), effects)
     assert (resumed.reused, resumed.computed) == (4, 0)
+
+
+def test_running_a_job_twice_keeps_its_model_at_the_initial_weights_and_reuses_every_shard(tiny_run, tmp_path):
+    """run_ranking used to leave the trained weights in job.model: the rerun was another job (0 shards reused)."""
+    _, x, y, xv, yv = tiny_run
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2, activation="softmax")]
+    )
+    initial = [np.array(v) for v in model.trainable_variables]
+    settings = job.RankingJob(out_dir=tmp_path, model=model, x_train=x, y_train=y, x_val=xv, y_val=yv,
+                              optimizer=inf.optimizers.SGD(0.3), methods=("loss",), progress=False)  # fmt: skip
+    first = job.run_ranking(settings)
+    assert all(np.array_equal(np.array(v), w) for v, w in zip(model.trainable_variables, initial))
+    second = job.run_ranking(settings)
+    assert second.store.computed == 0 and second.store.reused >= 1
+    pd.testing.assert_frame_equal(first.table, second.table)

@@ -159,6 +159,7 @@ class LazyTraining:
             self.loaded = True
         else:
             job.log(f"[train] {job.epochs} epoch(s), batch {job.batch_size}, {len(job.x_train)} samples")
+            initial = [np.array(v) for v in job.model.trainable_variables]
             trajectory = fit(
                 job.model,
                 job.x_train,
@@ -171,6 +172,10 @@ class LazyTraining:
                 from_logits=job.from_logits,
                 input_gradient_penalty=job.input_gradient_penalty,
             )
+            # fit leaves the final weights in the model; the job's model stays at the initial weights
+            # it documents, so running the same job again finds its shards (and trains the same run).
+            for variable, value in zip(job.model.trainable_variables, initial):
+                variable.assign(value)
             trained = fingerprint(trajectory.final_weights)
             if weights is not None and trained != weights:
                 raise TrainingNotReproducible(
