@@ -2,7 +2,8 @@
 per-sample gradient·vector, small dense Hessians, Newton steps, VJP chains.
 
 Conventions:
-    ``weights`` is a list of tensors (``model.trainable_variables`` order).
+    ``weights`` is a list of tensors (``model.trainable_variables`` order); the
+    variables themselves may be passed, and are read as their current values.
     ``loss_fn(weights) -> scalar`` or ``loss_fn(weights, inputs) -> scalar``.
     Vectors over weights are lists shaped like ``weights``.
 Nothing here builds a Jacobian of the weight gradient with respect to the
@@ -28,7 +29,7 @@ MixedFn = Callable[[list[tf.Tensor], tf.Tensor], tf.Tensor]
 
 def gradient(loss_fn: ScalarFn, weights: Sequence[tf.Tensor]) -> list[tf.Tensor]:
     """∇_w loss, shaped like ``weights``."""
-    weights = list(weights)
+    weights = _as_tensors(weights)
     with tf.GradientTape() as tape:
         tape.watch(weights)
         value = loss_fn(weights)
@@ -40,7 +41,7 @@ def hvp(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], vector: Sequence[tf.Ten
 
     Memory O(|w|); the Hessian is never formed.
     """
-    weights = list(weights)
+    weights = _as_tensors(weights)
     with tf.autodiff.ForwardAccumulator(weights, list(vector)) as acc:
         grads = gradient(loss_fn, weights)
     return _zeros_for_none(acc.jvp(grads), weights)
@@ -48,7 +49,7 @@ def hvp(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], vector: Sequence[tf.Ten
 
 def hvp_reverse(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], vector: Sequence[tf.Tensor]) -> list[tf.Tensor]:
     """H·v by reverse-over-reverse (nested tapes); a cross-check for :func:`hvp`."""
-    weights = list(weights)
+    weights = _as_tensors(weights)
     with tf.GradientTape() as outer:
         outer.watch(weights)
         inner_dot = _tree.dot(gradient(loss_fn, weights), vector)
@@ -67,7 +68,7 @@ def mixed_product(
     inside the outer tape, which differentiates it w.r.t. ``x``. Memory
     O(|w| + |x|), unlike contracting the |w|×|x| Jacobian ∂(∇_w L)/∂x.
     """
-    weights = list(weights)
+    weights = _as_tensors(weights)
     with tf.GradientTape() as outer:
         outer.watch(inputs)
         with tf.GradientTape() as inner:
@@ -89,7 +90,7 @@ def per_sample_dots(
     are materialised. Valid only when samples do not interact (see
     :func:`influence.model_function.require_independent_samples`).
     """
-    weights = list(weights)
+    weights = _as_tensors(weights)
     with tf.autodiff.ForwardAccumulator(weights, list(vector)) as acc:
         losses = per_sample_loss_fn(weights)
     dots = acc.jvp(losses)
@@ -98,7 +99,7 @@ def per_sample_dots(
 
 def hessian(loss_fn: ScalarFn, weights: Sequence[tf.Tensor]) -> tf.Tensor:
     """Dense Hessian over the flattened weights, shape (P, P). Small models only."""
-    weights = list(weights)
+    weights = _as_tensors(weights)
     count = _tree.size(weights)
     if count > 20_000:
         raise ValueError(param_error("weights", "hessian", "at most 20000 parameters for a dense Hessian", f"{count}"))
@@ -120,7 +121,7 @@ def newton_step(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], *, damping: flo
     would return an arbitrary null-space component (e.g. a softmax regression's Hessian, which
     is singular along the direction that shifts every logit together).
     """
-    weights = list(weights)
+    weights = _as_tensors(weights)
     h = hessian(loss_fn, weights).numpy()
     g = _tree.flatten(gradient(loss_fn, weights)).numpy()
     # One symmetric eigendecomposition both tells a numerically singular H and solves with it.
@@ -247,6 +248,12 @@ def _check_leading(jacobian: tf.Tensor, vector: tf.Tensor, ndim: int, name: str,
     leading = tuple(jacobian.shape[:ndim])
     if tuple(vector.shape) != leading:
         raise ValueError(param_error(name, func, f"shape {leading} (the Jacobian's output axes)", describe(vector)))
+
+
+def _as_tensors(weights: Sequence[Any]) -> list[tf.Tensor]:
+    # Keras 3 variables (model.trainable_variables) as their current values: tapes, forward
+    # accumulators and the helpers here take tensors, and the loss function receives these.
+    return [tf.convert_to_tensor(w) for w in weights]
 
 
 def _zeros_for_none(grads: Sequence[Any], like: Sequence[tf.Tensor]) -> list[tf.Tensor]:

@@ -368,7 +368,10 @@ def check_input_gradient(
     y_arr = as_array(y, param="y", func=func)
     check_same_length(func, x=x_arr, y=y_arr)
     check_model_input(func, model, x_arr, param="x")
-    fn, per_sample = prepare(func, as_float64(model), loss, from_logits)
+    # A float64 model is checked as it is (no rebuild: unregistered custom layers cannot be rebuilt).
+    variables = list(getattr(model, "trainable_variables", []))
+    is_float64 = bool(variables) and all(tf.as_dtype(v.dtype) == tf.float64 for v in variables)
+    fn, per_sample = prepare(func, model if is_float64 else as_float64(model), loss, from_logits)
     check_labels_for_loss(func, "y", y_arr, per_sample, model)
     x64 = x_arr.astype(np.float64)
     check_probability_outputs(func, fn, per_sample, x64)

@@ -130,6 +130,13 @@ def classification_error(loss: Any, outputs: tf.Tensor, labels: np.ndarray) -> f
     return float("nan")
 
 
+def optimizer_label(opt: Optimizer) -> str:
+    """The outer optimizer's name for curves: ``"SGD"``, ``"SGD (momentum)"``, ``"SGD (Nesterov)"``, ``"Adam"``, …"""
+    if not getattr(opt, "momentum", 0):
+        return type(opt).__name__
+    return f"{type(opt).__name__} ({'Nesterov' if getattr(opt, 'nesterov', False) else 'momentum'})"
+
+
 def outer_optimizer_named(outer_optimizer: Any, func: str) -> Optimizer:
     """The outer optimizer: an instance as given; None → Adam; a name → that rule; all at ``OUTER_LEARNING_RATE``.
 
@@ -303,7 +310,7 @@ def optimize_training_inputs(
         val_error=np.asarray(errors),
         seconds=np.asarray(times),
         predicted_change=np.asarray(predicted),
-        optimizer=type(opt).__name__ + (" (momentum)" if getattr(opt, "momentum", 0) else ""),
+        optimizer=optimizer_label(opt),
     )
 
 
@@ -366,5 +373,5 @@ def adversarial_examples(
         val_error=np.asarray(errors),
         seconds=np.asarray(times),
         predicted_change=np.asarray(predicted),
-        optimizer=type(opt).__name__,
+        optimizer=optimizer_label(opt),
     )

@@ -251,3 +251,27 @@ def test_batch_jacobian_vjp_matches_per_sample_gradients():
     bj = tape.batch_jacobian(out, x)  # (5, 2, 3)
     expected = tape.gradient(out, x, output_gradients=u)
     assert np.allclose(autodiff.batch_jacobian_vjp(bj, u, out_ndim=1).numpy(), expected.numpy())
+
+
+def test_helpers_take_a_models_variables_as_their_current_values():
+    """model.trainable_variables (Keras 3 variables) crashed hvp, per_sample_dots, newton_step and mixed_product."""
+    keras.utils.set_random_seed(0)
+    model = inf.as_float64(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))
+    variables = model.trainable_variables
+    tensors = [tf.convert_to_tensor(v) for v in variables]
+
+    def loss(w):
+        return tf.reduce_sum(w[0] ** 2) * tf.reduce_sum(w[1] ** 2 + 1.0)
+
+    v = [tf.ones(t.shape, tf.float64) for t in tensors]
+    pairs = [
+        (inf.hvp(loss, variables, v), inf.hvp(loss, tensors, v)),
+        (inf.newton_step(loss, variables, damping=1.0), inf.newton_step(loss, tensors, damping=1.0)),
+        ([inf.per_sample_dots(lambda w: tf.stack([loss(w)]), variables, v)],
+         [inf.per_sample_dots(lambda w: tf.stack([loss(w)]), tensors, v)]),
+        ([inf.mixed_product(lambda w, x: loss(w) * tf.reduce_sum(x), variables, tf.ones((1, 3), tf.float64), v)],
+         [inf.mixed_product(lambda w, x: loss(w) * tf.reduce_sum(x), tensors, tf.ones((1, 3), tf.float64), v)]),
+    ]  # fmt: skip
+    for from_variables, from_tensors in pairs:
+        for a, b in zip(from_variables, from_tensors):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

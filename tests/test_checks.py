@@ -268,3 +268,16 @@ def test_a_float32_gradient_that_misses_float64_tolerance_is_explained_by_its_pr
     chk = inf.check_gradient(f, x, rounded, directions=6)
     assert not chk.ok and "grad is float32" in chk.explanation and "likely wrong" not in chk.explanation
     assert inf.check_gradient(f, x, rounded, directions=6, rtol=1e-3).ok
+
+
+class _Square(keras.layers.Layer):  # not registered: as_float64 cannot rebuild it
+    def call(self, x):
+        return x * x
+
+
+def test_a_float64_model_is_checked_as_it_is_without_a_rebuild():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,), dtype="float64"), keras.layers.Dense(4, dtype="float64"),
+                              _Square(dtype="float64"), keras.layers.Dense(3, activation="softmax", dtype="float64")])  # fmt: skip
+    x, y = np.random.default_rng(0).normal(size=(6, 5)), np.arange(6) % 3
+    assert inf.check_input_gradient(model, "sparse_categorical_crossentropy", x, y).ok

@@ -239,3 +239,22 @@ def test_one_step_and_attacks_refuse_logits_read_as_probabilities():
     # Probabilities pass: softmax outputs, and binary sigmoid outputs.
     sigmoid = inf.as_float64(keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")]))
     assert inf.one_step(sigmoid, "binary_crossentropy", x, y % 2, x, y % 2).shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"y": np.array([0, 1, 5, 0])}, r"'y' parameter of per_sample_gradient_dots must be class labels in \[0, 2\]"),
+        ({"x": np.ones((4, 7))}, r"'x' parameter of per_sample_gradient_dots must be samples of shape \(5,\)"),
+        ({"model": "logits"}, "from_logits=True for a model whose outputs are not probabilities"),
+    ],
+)
+def test_per_sample_gradient_dots_checks_its_data_as_fit_does(change, match):
+    model = mlp(5, 3, out_activation="softmax")
+    args = {"model": model, "x": np.ones((4, 5)), "y": np.array([0, 1, 2, 0])}
+    args.update(change)
+    if args["model"] == "logits":
+        args["model"] = mlp(5, 3)
+    vector = [np.ones(w.shape) for w in args["model"].trainable_variables]
+    with pytest.raises(ValueError, match=match):
+        inf.per_sample_gradient_dots(args["model"], "sparse_categorical_crossentropy", args["x"], args["y"], vector)

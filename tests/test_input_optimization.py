@@ -243,3 +243,15 @@ def test_optimizer_names_take_the_default_outer_step_size(blobs, blob_run):
     by_name = inf.optimize_training_inputs(blob_run, x, y, xv, yv, [0, 1], outer_optimizer="adam", steps=1)
     default = inf.optimize_training_inputs(blob_run, x, y, xv, yv, [0, 1], steps=1)
     np.testing.assert_array_equal(by_name.x, default.x)
+
+
+def test_curves_name_momentum_and_nesterov_apart(blobs):
+    x, y, _, _ = blobs
+    model = mlp(4, 3, out_activation="softmax")
+    labels = [
+        inf.adversarial_examples(
+            model, "sparse_categorical_crossentropy", x[:4], y[:4], outer_optimizer=opt, steps=1
+        ).optimizer  # fmt: skip
+        for opt in (SGD(0.1), SGD(0.1, momentum=0.9), SGD(0.1, momentum=0.9, nesterov=True), Adam(0.1))
+    ]
+    assert labels == ["SGD", "SGD (momentum)", "SGD (Nesterov)", "Adam"]
