@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from ._validation import as_array, check_feature_shape, check_same_length, param_error
-from .losses import Loss, get_loss
+from .losses import MARGIN_LOSSES, Loss, get_loss
 from .model_function import ModelFunction
 
 # Samples the output check evaluates, and how far outside [0, 1] rounding may take a probability.
@@ -183,6 +183,15 @@ def prepare(func: str, model: Any, loss: Any, from_logits: bool = False) -> tupl
     return fn, per_sample
 
 
+def check_samples(func: str, fn: ModelFunction, loss: Loss, x: np.ndarray, y: np.ndarray) -> None:
+    """Samples ``x`` and labels ``y`` (parameters named so) as :func:`influence.fit` checks its data: equal
+    lengths, the model's input shape, labels the loss and model accept, probabilities where the loss wants them."""
+    check_same_length(func, x=x, y=y)
+    check_model_input(func, fn.model, x, param="x")
+    check_labels_for_loss(func, "y", y, loss, fn.model)
+    check_probability_outputs(func, fn, loss, x)
+
+
 def check_probability_outputs(func: str, fn: ModelFunction, loss: Loss, x: np.ndarray) -> None:
     """A cross-entropy on probabilities (``from_logits=False``) needs a model whose outputs are probabilities.
 
@@ -190,8 +199,6 @@ def check_probability_outputs(func: str, fn: ModelFunction, loss: Loss, x: np.nd
     ratio of logits (it can turn negative) and every score built on it meaningless, silently.
     The outputs on the first samples of ``x`` settle it: any outside [0, 1] are not probabilities.
     """
-    from .losses import MARGIN_LOSSES
-
     if loss.from_logits or loss.name not in MARGIN_LOSSES or len(x) == 0:
         return
     probe = x[:_PROBE_SAMPLES]

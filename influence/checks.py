@@ -20,8 +20,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ._inputs import check_labels_for_loss, check_model_input, check_probability_outputs, prepare
-from ._validation import as_array, check_positive, check_same_length, describe, param_error
+from ._inputs import check_samples, prepare
+from ._validation import as_array, check_positive, describe, param_error
 
 DEFAULT_RTOL = 1e-6
 # One-sided slopes of a smooth f differ by s·f'' (halving with s); across a kink they
@@ -183,8 +183,8 @@ def check_gradient(
     analytic = np.asarray(analytic, dtype=np.float64).reshape(-1)
     floor = max(1e-8 * float(np.linalg.norm(g64)), 1e-300)
 
-    def relative(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
-        return np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), floor)
+    def relative(a: np.ndarray | float, b: np.ndarray | float, least: np.ndarray | float = floor) -> np.ndarray:
+        return np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), least)
 
     fd, spread, steps_used = np.empty(len(dirs)), np.empty(len(dirs)), np.empty(len(dirs))
     kinked = np.zeros(len(dirs), dtype=bool)
@@ -213,8 +213,7 @@ def check_gradient(
         kinked[i] = _is_kink(one_sided, scale, base, h / 10 ** (len(one_sided) - 1), rtol)
     # Round-off of the Richardson estimate at the step each direction used (module docstring).
     roundoff = 3 * np.finfo(np.float64).eps * abs(base) / steps_used
-    rel = np.abs(fd - analytic) / np.maximum.reduce([np.abs(fd), np.abs(analytic), np.full_like(fd, floor),
-                                                     roundoff / rtol])  # fmt: skip
+    rel = relative(fd, analytic, np.maximum(floor, roundoff / rtol))
     max_rel = float(np.max(rel))
     ok = bool(max_rel <= rtol)
     failing = rel > rtol
@@ -364,17 +363,14 @@ def check_input_gradient(
     label range, probabilities for a cross-entropy without ``from_logits``).
     """
     func = "check_input_gradient"
-    x_arr = as_array(x, param="x", func=func)  # not cast to the model's input dtype: x64 keeps every digit
-    y_arr = as_array(y, param="y", func=func)
-    check_same_length(func, x=x_arr, y=y_arr)
-    check_model_input(func, model, x_arr, param="x")
     # A float64 model is checked as it is (no rebuild: unregistered custom layers cannot be rebuilt).
     variables = list(getattr(model, "trainable_variables", []))
     is_float64 = bool(variables) and all(tf.as_dtype(v.dtype) == tf.float64 for v in variables)
     fn, per_sample = prepare(func, model if is_float64 else as_float64(model), loss, from_logits)
-    check_labels_for_loss(func, "y", y_arr, per_sample, model)
-    x64 = x_arr.astype(np.float64)
-    check_probability_outputs(func, fn, per_sample, x64)
+    # Not cast to the model's input dtype: x64 keeps every digit.
+    x64 = as_array(x, param="x", func=func).astype(np.float64)
+    y_arr = as_array(y, param="y", func=func)
+    check_samples(func, fn, per_sample, x64, y_arr)
     weights = fn.weights
 
     def mean_loss(inputs: tf.Tensor) -> tf.Tensor:

@@ -74,10 +74,10 @@ def _learning_rate(args: argparse.Namespace) -> float:
     return lr
 
 
-def _optimizer(args: argparse.Namespace) -> Any:
+def _optimizer(args: argparse.Namespace, lr: float) -> Any:
+    """The update rule of --optimizer at learning rate ``lr`` (from :func:`_learning_rate`)."""
     from . import optimizers
 
-    lr = _learning_rate(args)
     if args.optimizer == "sgd":
         return optimizers.SGD(lr)
     if args.optimizer in ("momentum", "nesterov"):
@@ -133,7 +133,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     if not args.input_gradient_penalty >= 0 or not np.isfinite(args.input_gradient_penalty):
         raise _usage("input-gradient-penalty", "rank", "a finite number ≥ 0", args.input_gradient_penalty)
     shape = _image_shape(args.image_shape, "rank")
-    _learning_rate(args)
+    lr = _learning_rate(args)
     data = load_data(args, "rank", need_val=False)
     has_val = _validation_data(data, methods, args.verify)
     x = data["x_train"]
@@ -152,7 +152,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     model = load_model(args.model, "rank")
     from .report.job import RankingJob, run_ranking
 
-    optimizer = _optimizer(args)
+    optimizer = _optimizer(args, lr)
     job = RankingJob(
         out_dir=Path(args.out),
         model=model,

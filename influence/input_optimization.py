@@ -32,17 +32,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from ._inputs import check_labels_for_loss, check_model_input, check_probability_outputs, prepare
+from ._inputs import check_samples, prepare
 from ._summary import compact_repr
-from ._validation import (
-    as_array,
-    check_choice,
-    check_distinct,
-    check_positive,
-    check_same_length,
-    describe,
-    param_error,
-)
+from ._validation import as_array, check_choice, check_distinct, check_positive, describe, param_error
 from .optimizers import Adam, Optimizer, get_optimizer
 from .trajectory import Trajectory, check_trajectory_data
 from .unroll import unrolled
@@ -339,10 +331,7 @@ def adversarial_examples(
     x0 = as_array(x, param="x", func=func).astype(fn.dtype.as_numpy_dtype)
     check_inside_bounds(x0, bounds, func)
     labels = as_array(y, param="y", func=func)
-    check_same_length(func, x=x0, y=labels)
-    check_model_input(func, model, x0, param="x")
-    check_labels_for_loss(func, "y", labels, per_sample, model)
-    check_probability_outputs(func, fn, per_sample, x0)
+    check_samples(func, fn, per_sample, x0, labels)
     yt = tf.constant(labels, dtype=fn.dtype if per_sample.continuous_labels else tf.int32)
     w = fn.weights
     original = tf.constant(x0)

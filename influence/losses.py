@@ -262,13 +262,12 @@ def _keras_function_name(loss: object) -> str | None:
 # TensorFlow registers no second derivative of these ops with respect to their labels: the
 # gradient of ∂ℓ/∂logits with respect to soft labels comes out as 0 instead of −1.
 _FUSED_CROSS_ENTROPY = ("SoftmaxCrossEntropyWithLogits",)
-_warned_fused: set[int] = set()
 
 
-def _warn_fused_cross_entropy(per_sample: Callable[..., object], ops: list[tf.Operation]) -> None:
+def _warn_fused_cross_entropy(per_sample: Callable[..., object], ops: list[tf.Operation]) -> bool:
+    """Warn when ``ops`` (what the callable traced) hold a fused cross-entropy; whether it did."""
     found = [op.type for op in ops if op.type in _FUSED_CROSS_ENTROPY]
-    if found and id(per_sample) not in _warned_fused:
-        _warned_fused.add(id(per_sample))
+    if found:
         warnings.warn(
             f"the loss {getattr(per_sample, '__name__', per_sample)!r} uses TensorFlow's fused "
             f"{found[0]!r}, whose second derivative with respect to the labels is missing: label "
@@ -278,6 +277,7 @@ def _warn_fused_cross_entropy(per_sample: Callable[..., object], ops: list[tf.Op
             UserWarning,
             stacklevel=2,
         )
+    return bool(found)
 
 
 @functools.cache  # one wrapper per callable: equal Loss objects share compiled programs
@@ -288,12 +288,15 @@ def _checked(per_sample: Callable[..., object]) -> PerSampleLoss:
     it would be quantized (DESIGN §4), and the training step would fail on mixed dtypes.
     """
 
+    warned = False  # once per callable (this wrapper is cached per callable)
+
     def loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-        graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+        nonlocal warned
+        graph = None if warned or tf.executing_eagerly() else tf.compat.v1.get_default_graph()
         before = len(graph.get_operations()) if graph is not None else 0
         values = tf.convert_to_tensor(per_sample(y_true, y_pred))
         if graph is not None:  # traced: the ops the callable just added are the loss's own
-            _warn_fused_cross_entropy(per_sample, graph.get_operations()[before:])
+            warned = _warn_fused_cross_entropy(per_sample, graph.get_operations()[before:])
         if values.dtype != y_pred.dtype:
             raise TypeError(
                 param_error(

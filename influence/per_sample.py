@@ -13,8 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ._inputs import as_model_inputs, check_labels_for_loss, check_model_input, check_probability_outputs, prepare
-from ._validation import as_array, check_same_length, param_error
+from ._inputs import as_model_inputs, check_samples, prepare
+from ._validation import as_array, param_error
 from .autodiff import per_sample_dots
 from .model_function import require_independent_samples
 
@@ -43,10 +43,7 @@ def per_sample_gradient_dots(
     fn, per_sample = prepare(func, model, loss, from_logits)
     xs = as_model_inputs(model, as_array(x, param="x", func=func))
     ys = as_array(y, param="y", func=func)
-    check_same_length(func, x=xs, y=ys)
-    check_model_input(func, model, xs, param="x")
-    check_labels_for_loss(func, "y", ys, per_sample, model)
-    check_probability_outputs(func, fn, per_sample, xs)
+    check_samples(func, fn, per_sample, xs, ys)
     weights = fn.weights
     if not isinstance(vector, (list, tuple)) or len(vector) != len(weights):
         raise ValueError(

@@ -262,7 +262,7 @@ def test_help_exits_0_and_documents_flags(command, capsys):
 )
 def test_optimizer_flags_build_the_named_update_rule(flags, expected):
     args = cli.build_parser().parse_args(["rank", "--model", "m.keras", "--data", "d.npz", *flags])
-    assert cli._optimizer(args) == expected
+    assert cli._optimizer(args, cli._learning_rate(args)) == expected
 
 
 def test_epsilon_without_an_adaptive_optimizer_is_a_usage_error():
@@ -272,7 +272,7 @@ def test_epsilon_without_an_adaptive_optimizer_is_a_usage_error():
         match=r"'epsilon' parameter of influence rank must be given only with "
         r"--optimizer rmsprop or adam. Got 1e-05 with sgd instead",
     ):
-        cli._optimizer(args)
+        cli._learning_rate(args)
 
 
 def test_demo_accepts_no_progress():
