@@ -159,7 +159,6 @@ class LazyTraining:
             self.loaded = True
         else:
             job.log(f"[train] {job.epochs} epoch(s), batch {job.batch_size}, {len(job.x_train)} samples")
-            initial = [np.array(v) for v in job.model.trainable_variables]
             trajectory = fit(
                 job.model,
                 job.x_train,
@@ -174,7 +173,7 @@ class LazyTraining:
             )
             # fit leaves the final weights in the model; the job's model stays at the initial weights
             # it documents, so running the same job again finds its shards (and trains the same run).
-            for variable, value in zip(job.model.trainable_variables, initial):
+            for variable, value in zip(job.model.trainable_variables, trajectory.initial_weights):
                 variable.assign(value)
             trained = fingerprint(trajectory.final_weights)
             if weights is not None and trained != weights:
