@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from typing import Any
 
 import keras
@@ -133,10 +134,13 @@ def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] |
                 f"{folder!r} without {os.path.basename(missing[0])}",
             )
         )
-    with open(needed[2]) as fh:
-        meta = json.load(fh)
+    meta = _read_meta(needed[2], folder)
     if meta.get("format") not in (1, FORMAT_VERSION):
         raise ValueError(param_error("path", func, f"a trajectory of format {FORMAT_VERSION}", meta.get("format")))
+    if meta["optimizer"] not in _OPTIMIZERS:
+        raise _damaged(folder, f"meta.json names an unknown optimizer {meta['optimizer']!r}")
+    if not zipfile.is_zipfile(needed[0]):  # Keras would call it "File not found"
+        raise _damaged(folder, "model.keras is not a Keras archive (not a zip file)")
     model = keras.saving.load_model(needed[0], custom_objects=custom_objects, compile=False)
     if meta["format"] == 1 and meta["training"] and seed_state_slots(model):
         # Format 1 drew dropout/noise with TensorFlow's generator, whose numbers this version no longer uses.
@@ -149,8 +153,8 @@ def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] |
                 "fit it again",
             )
         )
-    with np.load(needed[1]) as data:
-        arrays = {k: data[k] for k in data.files}
+    arrays = _read_arrays(needed[1], folder, meta)
+    _check_model_matches(model, arrays, meta, folder)
     offsets = arrays["offsets"]
     batches = [arrays["batches"][offsets[t] : offsets[t + 1]] for t in range(len(offsets) - 1)]
     count = meta["weights"]
@@ -183,6 +187,59 @@ def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] |
         data_fingerprint=meta.get("data_fingerprint"),
         input_gradient_penalty=float(meta.get("input_gradient_penalty", 0.0)),
     )
+
+
+def _damaged(folder: str, what: str) -> ValueError:
+    return ValueError(
+        param_error("path", "load_trajectory", "a folder written by save_trajectory", f"{folder!r}, whose {what}")
+    )
+
+
+def _read_meta(path: str, folder: str) -> dict[str, Any]:
+    try:
+        with open(path) as fh:
+            meta = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise _damaged(folder, f"meta.json is not valid JSON ({error})") from error
+    if not isinstance(meta, dict):
+        raise _damaged(folder, "meta.json is not a JSON object")
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing and meta.get("format") in (1, FORMAT_VERSION):
+        raise _damaged(folder, f"meta.json lacks {', '.join(repr(k) for k in missing)}")
+    return meta
+
+
+def _read_arrays(path: str, folder: str, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise _damaged(folder, f"arrays.npz cannot be read ({type(error).__name__}: {error})") from error
+    count = meta["weights"]
+    expected = ["batches", "offsets", "learning_rates", "seeds", "sample_weight"]
+    expected += [f"{kind}_{i}" for kind in ("initial", "final") for i in range(count)]
+    if meta["history"]:
+        expected += [f"history_{i}" for i in range(count)] + [f"state_{i}" for i in range(meta["state"])]
+    missing = [k for k in expected if k not in arrays]
+    if missing:
+        raise _damaged(folder, f"arrays.npz lacks {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}")
+    return arrays
+
+
+def _check_model_matches(model: keras.Model, arrays: dict[str, np.ndarray], meta: dict[str, Any], folder: str) -> None:
+    """model.keras must be the recorded model: a folder mixed from two runs would fail deep in Keras."""
+    shapes = [tuple(w.shape) for w in model.get_weights()]
+    recorded = [tuple(arrays[f"initial_{i}"].shape) for i in range(meta["weights"])]
+    if shapes != recorded:
+        raise _damaged(
+            folder,
+            f"model.keras has weights of shapes {shapes[:4]}{' …' if len(shapes) > 4 else ''} but arrays.npz "
+            f"recorded {recorded[:4]}{' …' if len(recorded) > 4 else ''} (files from different runs)",
+        )
+
+
+_META_KEYS = ("loss", "from_logits", "optimizer", "optimizer_config", "training", "n_train", "input_shape")
+_META_KEYS += ("seconds", "weights", "history", "state")
 
 
 def _plain(value: Any) -> Any:

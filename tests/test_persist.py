@@ -121,3 +121,43 @@ def test_warm_up_from_zero_numpy_rates_and_streamed_runs_survive_saving(tmp_path
         np.testing.assert_array_equal(loaded.learning_rates, traj.learning_rates)
         for a, b in zip(inf.retrain(loaded, inputs, y), traj.final_weights):
             np.testing.assert_array_equal(a, b)
+
+
+def test_damaged_or_mixed_folders_are_named_not_raw_errors(tmp_path):
+    """A truncated meta.json gave a raw JSONDecodeError, a broken arrays.npz a BadZipFile, and a folder whose
+    model.keras came from another run loaded and then failed deep in Keras."""
+    import shutil
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 4)), rng.normal(size=(6, 2))
+    traj = inf.fit(mlp(4, 2), x, y, loss="mse", optimizer=SGD(0.1), batch_size=3)
+    other = inf.fit(mlp(4, 2, hidden=(5,)), x, y, loss="mse", optimizer=SGD(0.1), batch_size=3)
+
+    def damaged(name, damage):
+        folder = tmp_path / name
+        inf.save_trajectory(traj, folder)
+        damage(folder)
+        return folder
+
+    cases = {
+        "meta.json is not valid JSON": lambda f: (f / "meta.json").write_text('{"format": 2, "loss": '),
+        "meta.json lacks 'optimizer'": lambda f: (f / "meta.json").write_text(
+            json.dumps({k: v for k, v in json.loads((f / "meta.json").read_text()).items() if k != "optimizer"})
+        ),
+        "arrays.npz cannot be read": lambda f: (f / "arrays.npz").write_bytes(b"not a zip"),
+        "arrays.npz lacks final_0": lambda f: np.savez(
+            f / "arrays.npz", **{k: v for k, v in np.load(f / "arrays.npz").items() if k != "final_0"}
+        ),
+        "model.keras is not a Keras archive": lambda f: (f / "model.keras").write_bytes(b"garbage"),
+        r"model.keras has weights of shapes .* \(files from different runs\)": lambda f: shutil.copy(
+            tmp_path / "other" / "model.keras", f / "model.keras"
+        ),
+    }
+    inf.save_trajectory(other, tmp_path / "other")
+    for i, (message, damage) in enumerate(cases.items()):
+        folder = damaged(f"run{i}", damage)
+        with pytest.raises(
+            ValueError,
+            match=f"'path' parameter of load_trajectory must be a folder written by save_trajectory. Got .*{message}",
+        ):
+            inf.load_trajectory(folder)
