@@ -186,10 +186,17 @@ def vjp_chain(
     if callable(upstream):
         with tf.GradientTape() as loss_tape:
             loss_tape.watch(h)
-            loss = upstream(h)
+            loss = tf.convert_to_tensor(upstream(h))
+        if loss.shape.num_elements() != 1:  # tape.gradient would sum a vector without a word
+            raise ValueError(
+                param_error("upstream", "vjp_chain", "a function returning a scalar loss", f"shape {tuple(loss.shape)}")
+            )
         cotangent = loss_tape.gradient(loss, h)
+        if cotangent is None:  # the loss ignores the output; None as output_gradients would mean ones
+            cotangent = tf.zeros_like(h)
     else:
-        cotangent = tf.convert_to_tensor(upstream, dtype=h.dtype)
+        # A float32 gradient for a float64 chain (or the reverse) is cast, as numpy arrays and lists are.
+        cotangent = tf.cast(tf.convert_to_tensor(upstream), h.dtype)
         if cotangent.shape != h.shape:
             raise ValueError(
                 param_error("upstream", "vjp_chain", f"a gradient of shape {tuple(h.shape)}", describe(cotangent))

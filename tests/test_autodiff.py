@@ -204,6 +204,22 @@ def test_vjp_chain_accepts_an_upstream_gradient_and_custom_gradient_callables():
         autodiff.vjp_chain([], x, upstream)
 
 
+def test_vjp_chain_refuses_a_vector_loss_and_casts_an_upstream_of_another_precision():
+    """A vector-valued upstream function was summed without a word; a loss that ignores the output gave
+    None, which output_gradients reads as ones; a float32 upstream tensor for a float64 chain raised raw."""
+    model_0, model_1 = _split_models()
+    x = tf.constant(np.random.default_rng(1).normal(size=(3, 5)))
+    with pytest.raises(ValueError, match=r"must be a function returning a scalar loss. Got shape \(3,\)"):
+        autodiff.vjp_chain([model_0, model_1], x, lambda out: tf.reduce_sum(out, axis=1))
+    ignored = autodiff.vjp_chain([model_0, model_1], x, lambda out: tf.constant(1.0, tf.float64))
+    assert np.all(ignored.input_grad.numpy() == 0)
+    upstream = np.random.default_rng(2).normal(size=(3, 3))
+    exact = autodiff.vjp_chain([model_0, model_1], x, tf.constant(upstream))
+    rounded = autodiff.vjp_chain([model_0, model_1], x, tf.constant(upstream, tf.float32))
+    assert rounded.input_grad.dtype == tf.float64
+    np.testing.assert_allclose(rounded.input_grad.numpy(), exact.input_grad.numpy(), rtol=1e-6)
+
+
 def test_stop_gradient_stage_blocks_the_input_gradient():
     model_0, model_1 = _split_models()
     x = tf.constant(np.ones((2, 5)))
