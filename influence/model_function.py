@@ -292,7 +292,8 @@ def _depends_on(tensor: tf.Tensor, sources: set[str]) -> bool:
     """Whether ``tensor`` is computed from ``sources`` along floating-point tensors (or tensor lists).
 
     Integer tensors carry no derivative, so a stop_gradient on, say, a cast of a
-    string length changes nothing and is not reported. Tensor lists (``variant``) do:
+    string length changes nothing and is not reported; neither do ``ones_like`` and
+    ``zeros_like``, whose values depend on a shape only. Tensor lists (``variant``) do:
     they carry a recurrent layer's input sequence into its loop.
     """
     stack, seen = [tensor], set()
@@ -303,8 +304,13 @@ def _depends_on(tensor: tf.Tensor, sources: set[str]) -> bool:
         if t.name in sources:
             return True
         seen.add(t.name)
-        stack.extend(t.op.inputs)
+        if t.op.type not in _SHAPE_ONLY_OPS:
+            stack.extend(t.op.inputs)
     return False
+
+
+# Ops whose value depends on their input's shape, not its values: nothing flows back through them.
+_SHAPE_ONLY_OPS = frozenset({"OnesLike", "ZerosLike"})
 
 
 def _has_custom_gradient(op: tf.Operation) -> bool:
