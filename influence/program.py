@@ -26,16 +26,21 @@ XLA-compiled (``jit_compile``) when the run allows it: XLA fuses the many small
 ops of a step, which is where time goes for small models (on the digits MLP of
 ``benchmarks/unrolled.py`` the training and reverse loops run 1.6–2.5× faster
 than plain graphs, depending on the run; the first call compiles). A model
-with an op XLA cannot compile falls back to plain graphs, with a warning.
+with an op XLA cannot compile falls back to plain graphs, with a one-line warning
+(XLA's native log of the refusal, dozens of lines of C++ logging, is held back).
 Streamed and distributed runs use plain graphs (``tf.data`` iterators and
 replica calls do not compile).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import sys
+import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -98,11 +103,20 @@ class _GraphFunction:
         self.program, self.group = program, group
         self.plain = compile_(python_function)
         self.xla = compile_(python_function, jit_compile=True)
+        self.compiled = False  # whether an XLA call has succeeded: the first one compiles
 
     def __call__(self, *args: Any) -> Any:
         if self.program.jit_compile and self.group not in self.program.xla_refused:
             try:
-                return self.xla(*args)
+                if self.compiled:
+                    return self.xla(*args)
+                # XLA's C++ logging prints dozens of lines when it refuses an op; the warning below says it
+                # in one. What it logs on a successful compile is passed on.
+                with _native_log_held() as held:
+                    result = self.xla(*args)
+                    held.pass_on = True
+                self.compiled = True
+                return result
             except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.InternalError) as error:
                 if not _xla_refused(error):
                     raise
@@ -116,6 +130,38 @@ class _GraphFunction:
                 if self.group == "forward":
                     self.program.jit_compile = False
         return self.plain(*args)
+
+
+class _HeldLog:
+    pass_on = False
+
+
+@contextlib.contextmanager
+def _native_log_held() -> Iterator[_HeldLog]:
+    """Hold what native code writes to file descriptor 2 during the block; pass it on if ``pass_on`` is set.
+
+    Python's own ``sys.stderr`` is flushed first and is not affected when it is not fd 2 (pytest, notebooks).
+    """
+    held = _HeldLog()
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no fd 2 (an embedded interpreter): hold nothing
+        held.pass_on = True
+        yield held
+        return
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield held
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if held.pass_on:
+                log.seek(0)
+                text = log.read()
+                if text:
+                    os.write(2, text)
 
 
 def _dense(grads: list[Any]) -> list[tf.Tensor]:

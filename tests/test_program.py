@@ -132,6 +132,43 @@ def test_when_xla_refuses_only_the_reverse_pass_replays_stay_exact():
     np.testing.assert_allclose(res.removal_effect, inf.unrolled(plain, x, y, xv, yv).removal_effect, rtol=1e-9)
 
 
+def test_xlas_native_log_of_a_refusal_is_held_back_for_the_one_line_warning(tmp_path):
+    """XLA's C++ logging printed ~40 lines (OP_REQUIRES failed …, stack traces) before the warning."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "refused.py"
+    script.write_text(
+        "import keras, numpy as np, influence as inf\n"
+        "keras.utils.set_random_seed(0)\n"
+        "m = inf.as_float64(keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3),\n"
+        "    keras.layers.MaxPooling2D(2), keras.layers.Flatten(), keras.layers.Dense(3, activation='softmax')]))\n"
+        "rng = np.random.default_rng(0); x, y = rng.normal(size=(8, 6, 6, 1)), rng.integers(0, 3, 8)\n"
+        "t = inf.fit(m, x, y, optimizer=inf.optimizers.SGD(0.1), batch_size=4)\n"
+        "inf.unrolled(t, x, y, x, y)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "XLA cannot compile this model's reverse steps" in run.stderr
+    assert "OP_REQUIRES failed" not in run.stderr and "The op is created at" not in run.stderr
+
+
+def test_native_log_held_during_a_first_compile_is_passed_on_unless_dropped(capfd):
+    import os
+
+    from influence.program import _native_log_held
+
+    with _native_log_held() as held:
+        os.write(2, b"kept\n")
+        held.pass_on = True
+    with _native_log_held():
+        os.write(2, b"dropped\n")
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "kept\nafter\n"
+
+
 @pytest.mark.parametrize("steps", [160, 640, 2560, 997])
 def test_checkpoint_interval_prefers_equal_segments_at_little_extra_memory(steps):
     strategy = Checkpointed()
