@@ -238,8 +238,10 @@ def _check_model_matches(model: keras.Model, arrays: dict[str, np.ndarray], meta
         )
 
 
-_META_KEYS = ("loss", "from_logits", "optimizer", "optimizer_config", "training", "n_train", "input_shape")
-_META_KEYS += ("seconds", "weights", "history", "state")
+_META_KEYS = (
+    *("loss", "from_logits", "optimizer", "optimizer_config", "training", "n_train", "input_shape"),
+    *("seconds", "weights", "history", "state"),
+)
 
 
 def _plain(value: Any) -> Any:
