@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from ._inputs import validate_validation_data
+from ._progress import progress_bar
 from ._validation import check_positive, describe, param_error
 from .trajectory import Trajectory, check_trajectory_data, retrain
 from .unroll import unrolled
@@ -51,7 +51,8 @@ def greedy_removal(
         k: how many samples to remove (1 ≤ k < n).
         per_round: samples removed per round before retraining and differentiating
             again; ``per_round = k`` is the one-shot top-k of ``rank(method="unrolled")``.
-        progress: show a progress bar over rounds (default: when more than 3 rounds).
+        progress: a progress bar over rounds: ``None`` (default) once the rounds have run 2 s,
+            ``True`` at once, ``False`` never.
 
     Returns:
         A DataFrame with one row per removed sample, in the order chosen:
@@ -85,8 +86,7 @@ def greedy_removal(
     before = retrained_val_loss(trajectory, x, y, xv, yv)
     rows: list[dict[str, Any]] = []
     rounds = math.ceil(k / per_round)
-    show = rounds > 3 if progress is None else progress
-    for round_ in tqdm(range(rounds), desc="greedy removal", unit="round", disable=not show):
+    for round_ in progress_bar(range(rounds), progress=progress, desc="greedy removal", unit="round"):
         effect = unrolled(current, x, y, xv, yv, progress=False, input_grad=False).removal_effect
         candidates = np.flatnonzero(removable)
         take = min(per_round, k - len(rows), len(candidates))

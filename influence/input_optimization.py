@@ -30,9 +30,9 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from tqdm.auto import tqdm
 
 from ._inputs import check_samples, prepare
+from ._progress import progress_bar
 from ._summary import compact_repr
 from ._validation import as_array, check_choice, check_distinct, check_positive, describe, param_error
 from .optimizers import Adam, Optimizer, get_optimizer
@@ -187,7 +187,7 @@ def optimize_training_inputs(
     steps: int = 10,
     bounds: tuple[float, float] | None = (0.0, 1.0),
     budget: float | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> InputOptimization:
     """Optimise training inputs (and/or soft labels) through the recorded training run.
 
@@ -217,6 +217,8 @@ def optimize_training_inputs(
             ValueError otherwise): pass None, or a wider box, for data such as
             standardized features.
         budget: optional L∞ radius around the original inputs.
+        progress: a bar over the outer steps: ``None`` (default) once they have run 2 s,
+            ``True`` at once, ``False`` never.
 
     ``predicted_change`` is ⟨∇, Δ⟩ with the step Δ taken after the projection.
     """
@@ -260,7 +262,7 @@ def optimize_training_inputs(
 
     losses, errors, times, predicted = [], [], [], []
     start = time.perf_counter()
-    for step in tqdm(range(int(steps) + 1), desc=f"{goal} ({type(opt).__name__})", disable=not progress):
+    for step in progress_bar(range(int(steps) + 1), progress=progress, desc=f"{goal} ({type(opt).__name__})"):
         run = trajectory.replayed_on(x_cur, y_cur)
         loss, error = _evaluate(run, run.final_weights, xv, yv)
         losses.append(loss)
@@ -317,13 +319,13 @@ def adversarial_examples(
     bounds: tuple[float, float] | None = (0.0, 1.0),
     budget: float | None = None,
     from_logits: bool = False,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> InputOptimization:
     """Raise a frozen model's loss on inputs ``x`` by optimising the inputs (test-time attack).
 
     Same outer optimizers (default ``Adam(0.1)``, names at the same rate), box and L∞
     budget as :func:`optimize_training_inputs`; ``x`` must lie inside ``bounds``.
-    ``val_loss`` holds the loss on the attacked inputs per step.
+    ``val_loss`` holds the loss on the attacked inputs per step; ``progress`` as there.
     """
     func = "adversarial_examples"
     fn, per_sample = prepare(func, model, loss, from_logits)
@@ -340,7 +342,7 @@ def adversarial_examples(
     rates = opt.learning_rates(int(steps))
     losses, errors, times, predicted = [], [], [], []
     start = time.perf_counter()
-    for step in tqdm(range(int(steps) + 1), desc=f"attack ({type(opt).__name__})", disable=not progress):
+    for step in progress_bar(range(int(steps) + 1), progress=progress, desc=f"attack ({type(opt).__name__})"):
         with tf.GradientTape() as tape:
             tape.watch(params[0])
             out = fn(w, params[0])

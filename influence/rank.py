@@ -30,7 +30,7 @@ def rank(
     solver: str | InverseHVP = "auto",
     damping: float | str = "auto",
     checkpoint_every: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     samples: Any = None,
 ) -> pd.DataFrame:
     """Rank training samples, most harmful first.
@@ -51,7 +51,8 @@ def rank(
             and keeps the condition number ≤ 100 (recorded in ``attrs["damping"]``).
         checkpoint_every: steps between TracIn / self-influence / margin checkpoints
             (default: one per epoch).
-        progress: show progress bars on long stages.
+        progress: progress bars on long stages: ``None`` (default) once a stage has run 2 s,
+            ``True`` at once, ``False`` never.
         samples: score only these training indices (a shard; see
             :func:`influence.rank_in_processes`). Default: all.
 

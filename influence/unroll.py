@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from tqdm.auto import tqdm
 
 from ._inputs import check_model_input, validate_validation_data
+from ._progress import progress_bar
 from ._summary import compact_repr
 from ._validation import describe, param_error
 from .trajectory import Trajectory, _data_tensors, check_trajectory_data
@@ -196,7 +196,8 @@ def unrolled(
         strategy: ``"auto"``, ``"store_all"``, ``"checkpointed"``, ``"replay"``
             or a :class:`MemoryStrategy` instance.
         memory_budget_bytes: budget for held weights/state under ``"auto"``.
-        progress: show a progress bar over segments (default: when > 1 segment).
+        progress: a progress bar over segments: ``None`` (default) once the pass has run 2 s,
+            ``True`` at once, ``False`` never.
         input_grad_path: write ``input_grad`` to this ``.npy`` file as a memory map
             instead of holding it in memory (for streamed, larger-than-memory data).
         input_grad: compute dE/dx_i. Default (None): when the inputs are
@@ -242,9 +243,8 @@ def unrolled(
     host_dx = input_grad and (program.stream_shape is not None or input_grad_path is not None)
     dx: Any = _input_grad_array(input_grad_path, (trajectory.n_train, *x.shape[1:]), dtype) if host_dx else None
     dy: Any = None
-    show = len(segments) > 1 if progress is None else progress
     order = range(len(segments) - 1, -1, -1)
-    for index in tqdm(order, desc="reverse pass", unit="segment") if show else order:
+    for index in progress_bar(order, progress=progress, desc="reverse pass", unit="segment"):
         a, b = segments[index]
         w_hist, s_hist = _segment_states(program, plan, trajectory, starts, index, a, b, initial, x_t, y_t, c_t)
         args = (w_hist, s_hist, tf.constant(a), lam_w, lam_s, x_t, y_t, c_t)

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import tensorflow as tf
-from tqdm.auto import tqdm
 
 from ._inputs import check_validation_arrays, validate_validation_data
+from ._progress import progress_bar
 from ._validation import as_array, check_choice, check_distinct, describe, index_group, param_error
 from .checks import GradientCheck, as_float64, check_gradient
 from .model_function import ModelFunction
@@ -64,14 +64,15 @@ def actual_removal_effect(
     y_val: Any,
     indices: int | Sequence[int] | Sequence[Sequence[int]],
     *,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> np.ndarray:
     """Real change of validation loss when each sample (or each group) is removed.
 
     ``indices`` is one int, a list of ints (one retraining per sample) or a list of
     index lists (one retraining per group). Removal sets c_i = 0 in the
     replayed run; the baseline is the replayed run with the recorded weights,
-    so replay round-off cancels. Returns shape (len(indices),).
+    so replay round-off cancels. Returns shape (len(indices),). ``progress``: a bar over
+    the retrainings, ``None`` (default) once they have run 2 s, ``True`` at once, ``False`` never.
     """
     func = "actual_removal_effect"
     x, y = check_trajectory_data(trajectory, x_train, y_train, func)
@@ -86,7 +87,7 @@ def actual_removal_effect(
         )
     groups = [_sample_group(trajectory, g, func) for g in listed]
     change = _RetrainedChange(trajectory, x, y, x_val, y_val)
-    return np.asarray([change(g, 0.0) for g in tqdm(groups, desc="retraining", unit="run", disable=not progress)])
+    return np.asarray([change(g, 0.0) for g in progress_bar(groups, progress=progress, desc="retraining", unit="run")])
 
 
 def removal_curve(
@@ -99,7 +100,7 @@ def removal_curve(
     *,
     scales: Sequence[float] = (1.0, 0.75, 0.5, 0.25, 0.0),
     removal_effect: Any = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> pd.DataFrame:
     """Validation-loss change as a sample's weight is scaled from its recorded value to 0, against first order.
 
@@ -117,7 +118,8 @@ def removal_curve(
             values above 1 up-weight). One retraining per scale other than 1.
         removal_effect: (n,) from :func:`unrolled` or ``rank(method="unrolled")``
             for the prediction; computed with ``unrolled(..., input_grad=False)`` if None.
-        progress: show a progress bar over the retrainings.
+        progress: a progress bar over the retrainings: ``None`` (default) once they have run 2 s,
+            ``True`` at once, ``False`` never.
 
     Returns:
         DataFrame, one row per scale: ``scale``, ``actual_change`` (E(scaled) − E(recorded)),
@@ -140,7 +142,7 @@ def removal_curve(
     change = _RetrainedChange(trajectory, x, y, x_val, y_val)
     actual = [
         0.0 if s == 1.0 else change(group, s)
-        for s in tqdm(scale_values, desc="retraining", unit="run", disable=not progress)
+        for s in progress_bar(scale_values, progress=progress, desc="retraining", unit="run")
     ]
     table = pd.DataFrame(
         {"scale": scale_values, "actual_change": actual, "predicted_change": (1.0 - scale_values) * slope}

@@ -90,7 +90,7 @@ class SampleOps:
         trajectory: the recorded run (its model and loss are used).
         x, y: training data (n, ...), already validated.
         chunk: samples per compiled call.
-        progress: whether long loops over it (solvers) show progress bars.
+        progress: progress bars on long loops over it (solvers), by the rule of ``influence._progress``.
         samples: training indices whose per-sample quantities are wanted (default: all).
     """
 
@@ -100,7 +100,7 @@ class SampleOps:
         x: np.ndarray,
         y: np.ndarray,
         chunk: int = DEFAULT_CHUNK,
-        progress: bool = False,
+        progress: bool | None = None,
         samples: np.ndarray | None = None,
     ) -> None:
         self.progress = progress

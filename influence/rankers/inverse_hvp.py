@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from tqdm.auto import tqdm
 
 from .. import _tree
+from .._progress import progress_bar
 from .._validation import describe, param_error
 from ._samples import SampleOps
 
@@ -162,8 +162,8 @@ class ConjugateGradient(InverseHVP):
         p = list(r)
         rr = float(_tree.dot(r, r))
         target = self.tolerance**2 * rr
-        for _ in tqdm(
-            range(self.max_iterations), desc="conjugate gradient", unit="it", leave=False, disable=not ops.progress
+        for _ in progress_bar(
+            range(self.max_iterations), progress=ops.progress, desc="conjugate gradient", unit="it", leave=False
         ):
             if rr <= target:
                 break
@@ -226,7 +226,7 @@ class LiSSA(InverseHVP):
         estimates = []
         for _ in range(self.repeats):
             h = list(b)
-            for _ in tqdm(range(self.depth), desc="LiSSA", unit="it", leave=False, disable=not ops.progress):
+            for _ in progress_bar(range(self.depth), progress=ops.progress, desc="LiSSA", unit="it", leave=False):
                 batch = rng.choice(ops.n, size=min(self.batch_size, ops.n), replace=False)
                 hv = ops.hvp(w, h, indices=batch)
                 h = [bi + hi - (hvi + damping * hi) / scale for bi, hi, hvi in zip(b, h, hv)]

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
-from tqdm.auto import tqdm
 
+from .._progress import progress_bar
 from ..trajectory import Trajectory, _data_tensors
 from ..unroll import unrolled
 from ._samples import SampleOps
@@ -43,7 +43,7 @@ def val_gradient(ops: SampleOps, trajectory: Trajectory, w: list[tf.Tensor], x_v
     return trajectory.program().validation(w, xv, yv)[1]
 
 
-def by_unrolled(trajectory, x, y, x_val, y_val, *, ops: SampleOps, progress: bool, **_) -> Scores:
+def by_unrolled(trajectory, x, y, x_val, y_val, *, ops: SampleOps, progress: bool | None, **_) -> Scores:
     # One reverse pass yields every sample's effect; a shard just keeps its part. The ranking
     # needs no dE/dx_i, so the pass skips it (same removal effects, less time and memory).
     effect = unrolled(trajectory, x, y, x_val, y_val, progress=progress, input_grad=False)
@@ -108,31 +108,34 @@ def visit_weights(trajectory: Trajectory, steps: list[int]) -> np.ndarray:
 
 
 def by_tracin(
-    trajectory, x, y, x_val, y_val, *, ops: SampleOps, checkpoint_every: int | None, progress: bool, **_
+    trajectory, x, y, x_val, y_val, *, ops: SampleOps, checkpoint_every: int | None, progress: bool | None, **_
 ) -> Scores:
     steps = checkpoint_steps(trajectory, checkpoint_every)
     visits = visit_weights(trajectory, steps)
     effect = np.zeros(len(ops.samples))
-    for k, w in enumerate(tqdm(weights_at(trajectory, x, y, steps), desc="TracIn checkpoints", disable=not progress)):
+    checkpoints = progress_bar(weights_at(trajectory, x, y, steps), progress=progress, desc="TracIn checkpoints")
+    for k, w in enumerate(checkpoints):
         effect += visits[k][ops.samples] * ops.gradient_dots(w, val_gradient(ops, trajectory, w, x_val, y_val))
     weighted = effect * trajectory.sample_weight[ops.samples]
     return -weighted, weighted, {"checkpoints": len(steps)}
 
 
-def by_self_influence(trajectory, x, y, *, ops: SampleOps, checkpoint_every: int | None, progress: bool, **_) -> Scores:
+def by_self_influence(
+    trajectory, x, y, *, ops: SampleOps, checkpoint_every: int | None, progress: bool | None, **_
+) -> Scores:
     steps = checkpoint_steps(trajectory, checkpoint_every)
     bounds = [*steps, trajectory.steps]
     score = np.zeros(len(ops.samples))
-    for k, w in enumerate(tqdm(weights_at(trajectory, x, y, steps), desc="self-influence", disable=not progress)):
+    for k, w in enumerate(progress_bar(weights_at(trajectory, x, y, steps), progress=progress, desc="self-influence")):
         rate = float(np.mean(trajectory.learning_rates[bounds[k] : bounds[k + 1]]))
         score += rate * ops.squared_gradient_norms(w)
     return score, None, {"checkpoints": len(steps)}
 
 
-def by_margin(trajectory, x, y, *, ops: SampleOps, checkpoint_every: int | None, progress: bool, **_) -> Scores:
+def by_margin(trajectory, x, y, *, ops: SampleOps, checkpoint_every: int | None, progress: bool | None, **_) -> Scores:
     steps = margin_steps(trajectory, checkpoint_every)
     total = np.zeros(len(ops.samples))
-    for w in tqdm(weights_at(trajectory, x, y, steps), desc="margin checkpoints", disable=not progress):
+    for w in progress_bar(weights_at(trajectory, x, y, steps), progress=progress, desc="margin checkpoints"):
         total += ops.margins(w)
     return -total / len(steps), None, {"checkpoints": len(steps)}
 
