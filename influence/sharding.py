@@ -25,7 +25,9 @@ import pandas as pd
 from ._validation import check_positive, describe, param_error
 
 
-def _score_shard(path: str, data: tuple, method: str, shard: np.ndarray, options: dict, threads: int) -> pd.DataFrame:
+def _score_shard(
+    path: str, data: tuple, method: str, shard: np.ndarray, options: dict, threads: int
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
 
@@ -36,7 +38,7 @@ def _score_shard(path: str, data: tuple, method: str, shard: np.ndarray, options
 
     trajectory = load_trajectory(path)
     table = rank(trajectory, *data, method=method, samples=shard, **options)
-    return pd.DataFrame(table)  # attrs are not pickled reliably; the parent sets its own
+    return pd.DataFrame(table), dict(table.attrs)  # a DataFrame's attrs do not survive pickling
 
 
 def rank_in_processes(
@@ -59,8 +61,9 @@ def rank_in_processes(
         processes: number of worker processes (shards).
         threads_per_process: TensorFlow intra/inter-op threads per worker.
 
-    Returns the same table as :func:`influence.rank` (most harmful first), with
-    ``attrs`` ``method``, ``seconds`` (wall time) and ``processes``.
+    Returns the same table as :func:`influence.rank` (most harmful first), with the
+    same ``attrs``; ``seconds`` is the wall time of the whole call, and ``processes``
+    the number of shards.
 
     The workers are started with ``spawn``: they import the calling script, so a script
     must call this under ``if __name__ == "__main__":`` (else each worker runs the
@@ -91,6 +94,9 @@ def rank_in_processes(
         parts = [f.result() for f in futures]
     from .rank import order_by_harm
 
-    table = order_by_harm(pd.concat(parts, ignore_index=True))
-    table.attrs.update(method=method, seconds=time.perf_counter() - start, processes=len(shards))
+    table = order_by_harm(pd.concat([part for part, _ in parts], ignore_index=True))
+    # rank's attrs (val_loss, damping, solver, strategy, checkpoints) are the same in every shard: they
+    # describe the run and the method, not the samples. Time and shard count are the whole call's.
+    shard_attrs = {k: v for k, v in parts[0][1].items() if k not in ("seconds", "outside_run")}
+    table.attrs.update(shard_attrs, method=method, seconds=time.perf_counter() - start, processes=len(shards))
     return table

@@ -42,6 +42,10 @@ def test_two_processes_give_the_same_table_as_one(saved):
     single = inf.rank(traj, *data, method="influence_function", damping=0.5)
     sharded = inf.rank_in_processes(path, *data, method="influence_function", processes=2, damping=0.5)
     assert sharded.attrs["processes"] == 2
+    # rank's attrs came back without val_loss, damping and solver (a DataFrame's attrs do not pickle).
+    assert set(single.attrs) <= set(sharded.attrs)
+    for key in ("method", "val_loss", "damping", "solver", "outside_run"):
+        assert sharded.attrs[key] == single.attrs[key], key
     assert list(sharded["index"]) == list(single["index"])
     assert np.allclose(sharded["score"], single["score"], rtol=1e-10, atol=1e-15)
     assert list(sharded["rank"]) == list(range(30))
