@@ -21,10 +21,11 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,37 @@ def fingerprint(*parts: Any) -> str:
 
 
 def model_fingerprint(model: Any) -> str:
-    """Fingerprint of a Keras model: its architecture (JSON config) and all its weights."""
-    return fingerprint(model.to_json(), [np.asarray(w) for w in model.get_weights()])
+    """Fingerprint of a Keras model: its architecture (JSON config) and all its weights.
+
+    Layer and model names count by their order of appearance, not their text: Keras numbers
+    default names per session (``dense``, ``dense_1``, …), so the same model built twice
+    in one process would otherwise be two models, and a rerun would reuse none of its shards.
+    """
+    config = json.loads(model.to_json())
+    names: dict[str, str] = {}
+    _collect_names(config, names)
+    return fingerprint(_renamed(config, names), [np.asarray(w) for w in model.get_weights()])
+
+
+def _collect_names(node: Any, names: dict[str, str]) -> None:
+    """Names of the model and of every layer in a Keras config, in order of appearance."""
+    if isinstance(node, dict):
+        inner = node.get("config")
+        if "class_name" in node and isinstance(inner, dict) and isinstance(inner.get("name"), str):
+            names.setdefault(inner["name"], f"<layer {len(names)}>")
+        for value in node.values():
+            _collect_names(value, names)
+    elif isinstance(node, list):
+        for value in node:
+            _collect_names(value, names)
+
+
+def _renamed(node: Any, names: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {key: _renamed(value, names) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_renamed(value, names) for value in node]
+    return names.get(node, node) if isinstance(node, str) else node
 
 
 def _stop_after() -> int | None:
@@ -136,14 +166,18 @@ class ShardStore:
     ``reused``, ``computed`` and ``corrupted`` say what happened.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, log: Callable[[str], None] = log_to_stderr) -> None:
+    def __init__(
+        self, directory: str | os.PathLike, *, log: Callable[[str], None] = log_to_stderr, run: str | None = None
+    ) -> None:
         self.directory = Path(directory)
+        self.run = run  # recorded with each shard saved: prune keeps every shard of this run
         self.log = log
         self.reused = 0
         self.computed = 0
         self.corrupted = 0
         self._stop_after = _stop_after()
         self._entries: dict[str, dict[str, Any]] = self._read_manifest()
+        self._used: set[str] = set()  # shards this run asked for: what prune keeps
 
     def _read_manifest(self) -> dict[str, dict[str, Any]]:
         path = self.directory / MANIFEST
@@ -178,6 +212,7 @@ class ShardStore:
     def load(self, key: str) -> bytes | None:
         """The shard's bytes if it exists and its checksum matches; None otherwise (corruption is logged)."""
         entry = self._entries.get(key)
+        self._used.add(key)
         if entry is None:
             return None
         path = self.directory / entry["file"]
@@ -198,6 +233,7 @@ class ShardStore:
         previous = self._entries.get(key, {}).get("file")
         if previous and previous != name:  # the same shard in an older format
             (self.directory / previous).unlink(missing_ok=True)
+        self._used.add(key)
         self._entries[key] = {
             "file": name,
             "sha256": sha256(data),
@@ -205,6 +241,8 @@ class ShardStore:
             "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "meta": dict(meta or {}),
         }
+        if self.run is not None:
+            self._entries[key]["run"] = self.run
         self._write_manifest()
         self.computed += 1
         if self._stop_after is not None and self.computed >= self._stop_after:
@@ -251,6 +289,38 @@ class ShardStore:
         attrs = json.loads(json.dumps(table.attrs, default=_jsonable))
         self.save(key, buffer.getvalue(), suffix=".npz", meta={"attrs": attrs})
         return table
+
+    def keep(self, key: str) -> None:
+        """Count shard ``key`` as used by this run without reading it (:meth:`prune` keeps it)."""
+        self._used.add(key)
+
+    def prune(self, keep_folders: Iterable[str] = ()) -> int:
+        """Delete the shards of other runs, and leftovers of killed writes; return how many shards went.
+
+        Call it after a run completes. A shard stays when this run used it or when it was saved
+        for the same ``run`` (the same data, model and training: another method's ranking or
+        another verification, which a rerun with those options reuses); the shards of other
+        training settings go, so the folder does not grow with every setting ever run in it.
+        Besides manifest entries it removes only names this package writes: temporary files
+        (``.*.tmp``) and saved runs (``trajectory-*``, ``.trajectory-*`` staging folders) not
+        listed in ``keep_folders``.
+        """
+        stale = [
+            key
+            for key, entry in self._entries.items()
+            if key not in self._used and (self.run is None or entry.get("run") != self.run)
+        ]
+        for key in stale:
+            (self.directory / self._entries.pop(key)["file"]).unlink(missing_ok=True)
+        if stale:
+            self._write_manifest()
+        kept = set(keep_folders)
+        for path in self.directory.iterdir() if self.directory.is_dir() else ():
+            name = path.name
+            leftover = name.startswith(".") and (name.endswith(".tmp") or name.startswith(".trajectory-"))
+            if leftover or (name.startswith("trajectory-") and name not in kept):
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return len(stale)
 
     def summary(self) -> str:
         """One line: how many shards were reused, computed and found corrupted."""

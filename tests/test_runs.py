@@ -63,6 +63,33 @@ def test_model_fingerprint_sees_weights():
     assert runs.model_fingerprint(model) != before
 
 
+def test_model_fingerprint_ignores_session_numbered_names_but_not_architecture():
+    """The same model built twice in a session (dense, dense_1, …) had two fingerprints."""
+
+    def build(units=2, functional=False, activation=None):
+        keras.utils.set_random_seed(0)
+        if functional:
+            inputs = keras.Input((3,))
+            hidden = keras.layers.Dense(4, activation="tanh")(inputs)
+            return keras.Model(inputs, keras.layers.Dense(units, activation=activation)(hidden))
+        layers = [keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(units)]
+        return keras.Sequential(layers)
+
+    for functional in (False, True):
+        a, b = build(functional=functional), build(functional=functional)
+        assert a.layers[-1].name != b.layers[-1].name
+        assert runs.model_fingerprint(a) == runs.model_fingerprint(b)
+    assert runs.model_fingerprint(build()) != runs.model_fingerprint(build(functional=True))
+    assert runs.model_fingerprint(build(functional=True)) != runs.model_fingerprint(
+        build(functional=True, activation="softmax")
+    )
+    keras.utils.set_random_seed(0)
+    three = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(3)])
+    keras.utils.set_random_seed(0)
+    two = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)])
+    assert runs.model_fingerprint(three) != runs.model_fingerprint(two)
+
+
 def _counting(value):
     calls = []
 
@@ -216,3 +243,35 @@ def test_running_a_job_twice_keeps_its_model_at_the_initial_weights_and_reuses_e
     second = job.run_ranking(settings)
     assert second.store.computed == 0 and second.store.reused >= 1
     pd.testing.assert_frame_equal(first.table, second.table)
+
+
+def test_a_completed_run_prunes_the_shards_of_earlier_settings(tiny_run, tmp_path):
+    """OUT/shards grew with every setting ever run in it: after a complete run it holds that run's shards."""
+    _, x, y, xv, yv = tiny_run
+
+    def settings(epochs, methods=("loss",)):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2, activation="softmax")]
+        )
+        return job.RankingJob(out_dir=tmp_path, model=model, x_train=x, y_train=y, x_val=xv, y_val=yv,
+                              optimizer=inf.optimizers.SGD(0.3), methods=methods, epochs=epochs,
+                              verify_top=2, verify_random=1, progress=False, log=lambda _: None)  # fmt: skip
+
+    shards = tmp_path / "shards"
+    first = job.run_ranking(settings(2))
+    first_files = {p.name for p in shards.iterdir()}
+    (shards / ".rank-abc.npz.x1y2.tmp").write_bytes(b"torn")  # a write killed before its rename
+    (shards / "notes.txt").write_text("mine")  # not ours: kept
+    second = job.run_ranking(settings(3))
+    names = {p.name for p in shards.iterdir()}
+    assert second.store.computed >= 1 and first.store.computed == second.store.computed
+    assert not (names & first_files - {"manifest.json"}), names & first_files
+    assert "notes.txt" in names and not any(n.endswith(".tmp") for n in names)
+    assert len([n for n in names if n.startswith("trajectory-")]) == 1
+    manifest = json.loads((shards / "manifest.json").read_text())["shards"]
+    assert {entry["file"] for entry in manifest.values()} == {n for n in names if n.endswith(".npz")}
+    # Another method on the same run adds its shard; switching back reuses everything, and both stay.
+    assert job.run_ranking(settings(3, methods=("margin",))).store.computed == 1
+    fourth = job.run_ranking(settings(3))
+    assert fourth.store.computed == 0 and len({p.name for p in shards.iterdir()} - names) == 1

@@ -285,10 +285,10 @@ def run_ranking(job: RankingJob) -> RankingOutcome:
     shards = Path(job.out_dir) / "shards"
     if job.restart and shards.exists():
         shutil.rmtree(shards)
-    store = ShardStore(shards, log=job.log)
+    run = job.fingerprint()
+    store = ShardStore(shards, log=job.log, run=run)
     if store.entry_count:
         job.log(f"resuming: {store.entry_count} shard(s) on record in {shards}; those matching this run are reused")
-    run = job.fingerprint()
     verify = bool(job.verify_top or job.verify_random)
     trajectory = LazyTraining(job, store, run)
     times: dict[str, str] = {}
@@ -331,6 +331,10 @@ def run_ranking(job: RankingJob) -> RankingOutcome:
         times["repair"] = f"{time.perf_counter() - t:.1f} s"
     if trajectory.seconds is None:
         job.log("[train] skipped: every result is on record")
+    store.keep(store.key("fit", run=run))  # the recorded run stays, to serve a rerun with other methods
+    pruned = store.prune(keep_folders=[trajectory.path.name])
+    if pruned:
+        job.log(f"[shards] removed {pruned} shard(s) of other training settings from {shards}")
     training = "skipped" if trajectory.seconds is None else f"{trajectory.seconds:.1f} s"
     times = {"training": training + (" (loaded)" if trajectory.loaded else "")} | times
 
