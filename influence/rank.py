@@ -67,7 +67,9 @@ def rank(
         for samples of weight c_i = 0, which the run did not train on: they are
         listed after all others, see :func:`order_by_harm`). ``attrs`` holds
         ``method``, ``seconds``, ``val_loss`` and ``outside_run`` (how many
-        samples have ``in_run`` False).
+        samples have ``in_run`` False); for ``influence_function`` also ``damping``,
+        ``solver`` and ``relative_residual`` (‖(H + λI)s − ∇E‖/‖∇E‖ of the solve,
+        measured with one more Hessian-vector product; above 1 % it warns).
     """
     func = "rank"
     check_choice(method, METHODS, param="method", func=func)
@@ -122,7 +124,7 @@ def rank(
             # float64 for every method (a float32 model's unrolled scores came as float32, the others not)
             "score": np.asarray(score, dtype=np.float64),
             "removal_effect": np.full(len(chosen), np.nan) if effect is None else np.asarray(effect, np.float64),
-            "label": list(y[chosen]) if y.ndim > 1 else y[chosen],
+            "label": _label_column(y[chosen]),
             "predicted_label": _predicted_labels(trajectory, outputs),
             "train_loss": losses,
             "in_run": trajectory.sample_weight[chosen] != 0,
@@ -136,6 +138,13 @@ def rank(
         val_loss = validation_loss(trajectory, trajectory.final_weights, xv, yv)
     table.attrs.update(method=method, seconds=seconds, val_loss=val_loss, **extra)
     return table
+
+
+def _label_column(labels: np.ndarray) -> Any:
+    """One label per row: scalars for (n,) and (n, 1) labels (Keras's usual binary shape), arrays otherwise."""
+    if labels.ndim > 1 and int(np.prod(labels.shape[1:])) == 1:
+        return labels.reshape(len(labels))
+    return list(labels) if labels.ndim > 1 else labels
 
 
 def order_by_harm(table: pd.DataFrame) -> pd.DataFrame:

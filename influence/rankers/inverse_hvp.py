@@ -79,6 +79,19 @@ def _indefinite(lowest: float, damping: float) -> ValueError:
     return ValueError(param_error("damping", "rank", f"above {-lowest:.3g} (H has negative eigenvalues)", damping))
 
 
+# Eigenvalues within this many machine epsilons of the largest |λ| are zero up to rounding (a singular
+# but convex H, e.g. softmax regression's shift of all logits, gives −7e-17 next to λ_max ≈ 1 in float64).
+ROUNDING_EPS = 1000
+
+
+def _check_definite(lowest: float, highest: float, damping: float, dtype: tf.DType) -> float:
+    """The rounding level of H's spectrum; raises where H + λI has a truly negative eigenvalue."""
+    tolerance = ROUNDING_EPS * float(np.finfo(dtype.as_numpy_dtype).eps) * max(abs(lowest), abs(highest))
+    if lowest + damping < -tolerance:
+        raise _indefinite(lowest, damping)
+    return tolerance
+
+
 class InverseHVP(ABC):
     """Solve (H + damping·I) s = b at weights w."""
 
@@ -138,10 +151,12 @@ class Exact(InverseHVP):
     def solve(self, ops, w, b, damping):
         values, vectors = self._eigen(ops, w)
         shifted = values + damping
-        if np.any(shifted <= 0):
-            raise _indefinite(float(values.min()), damping)
+        tolerance = _check_definite(float(values[0]), float(values[-1]), damping, ops.dtype)
+        # Directions of eigenvalue 0 up to rounding are left out (the pseudo-inverse, the solution CG
+        # converges to): per-sample gradients have no component there, b only its rounding.
+        kept = shifted > tolerance
         rhs = _tree.flatten(b).numpy()
-        solution = vectors @ ((vectors.T @ rhs) / shifted)
+        solution = vectors[:, kept] @ ((vectors[:, kept].T @ rhs) / shifted[kept])
         return _tree.unflatten(tf.constant(solution, ops.dtype), w)
 
 
@@ -219,8 +234,7 @@ class LiSSA(InverseHVP):
         # The series converges when the spectrum of (H_B + λI)/scale lies in (0, 2) for the batches drawn:
         # not at all where H + λI has a negative eigenvalue (it would return numbers of any size).
         lowest, highest = self.spectrum(ops, w)  # the one auto damping used, if it did
-        if lowest + damping <= 0:
-            raise _indefinite(lowest, damping)
+        _check_definite(lowest, highest, damping, ops.dtype)
         scale = self.scale if self.scale is not None else self.automatic_scale(ops, w, damping, highest)
         rng = np.random.default_rng(self.seed)
         estimates = []
