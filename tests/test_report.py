@@ -250,8 +250,11 @@ def test_verification_rejects_mismatched_lengths():
         Verification(indices=[1, 2, 3], predicted=[0.1, 0.2, 0.3], actual=[0.1])
 
 
-def test_convergence_section_from_real_repair_curves(tmp_path, small_run):
+def test_convergence_section_from_real_repair_curves(tmp_path, small_run, capsys, monkeypatch):
+    from influence import _progress
     from influence.report.job import REPAIR_OPTIMIZERS, RankingJob, repair_curves
+
+    monkeypatch.setattr(_progress, "DELAY_S", 0.0)  # any bar left on shows at once
 
     model, traj, x, y, table = small_run
     job = RankingJob(
@@ -263,8 +266,10 @@ def test_convergence_section_from_real_repair_curves(tmp_path, small_run):
         y_val=y[:10],
         optimizer=inf.optimizers.SGD(0.5),
         repair_steps=2,
+        progress=False,
     )
     curves = repair_curves(traj, job, table["index"].to_numpy()[:3])
+    assert "repair (" not in capsys.readouterr().err  # --no-progress reached the repair loops too
     assert set(curves["optimizer"]) == set(REPAIR_OPTIMIZERS) and len(curves) == 4 * 3
     first = curves[curves["step"] == 0]["val_loss"]
     assert np.allclose(first, first.iloc[0])  # every optimizer starts from the recorded run
