@@ -71,6 +71,16 @@ def _learning_rate(args: argparse.Namespace) -> float:
         )
     if args.epsilon is not None and not args.epsilon > 0:
         raise _usage("epsilon", "rank", "a positive number", args.epsilon)
+    if args.momentum is not None and args.optimizer not in ("momentum", "nesterov", "rmsprop"):
+        # It was ignored there without a word (adam's momentum is its beta_1, not a flag here).
+        raise _usage(
+            "momentum",
+            "rank",
+            "given only with --optimizer momentum, nesterov or rmsprop",
+            f"{args.momentum} with {args.optimizer}",
+        )
+    if args.momentum is not None and not 0 <= args.momentum < 1:
+        raise _usage("momentum", "rank", "a number in [0, 1)", args.momentum)
     return lr
 
 
@@ -81,9 +91,12 @@ def _optimizer(args: argparse.Namespace, lr: float) -> Any:
     if args.optimizer == "sgd":
         return optimizers.SGD(lr)
     if args.optimizer in ("momentum", "nesterov"):
-        return optimizers.SGD(lr, momentum=args.momentum, nesterov=args.optimizer == "nesterov")
-    adaptive = optimizers.RMSprop if args.optimizer == "rmsprop" else optimizers.Adam
-    return adaptive(lr) if args.epsilon is None else adaptive(lr, epsilon=args.epsilon)
+        momentum = 0.9 if args.momentum is None else args.momentum
+        return optimizers.SGD(lr, momentum=momentum, nesterov=args.optimizer == "nesterov")
+    options = {} if args.epsilon is None else {"epsilon": args.epsilon}
+    if args.optimizer == "rmsprop":
+        return optimizers.RMSprop(lr, momentum=args.momentum or 0.0, **options)
+    return optimizers.Adam(lr, **options)
 
 
 def _methods(text: str) -> tuple[str, ...]:
@@ -268,7 +281,10 @@ def _training_flags(parser: argparse.ArgumentParser) -> None:
         "--lr", type=float, default=None, help="learning rate (default 0.1 for sgd/momentum, 0.001 for rmsprop/adam)"
     )
     group.add_argument(
-        "--momentum", type=float, default=0.9, help="momentum for --optimizer momentum/nesterov (default 0.9)"
+        "--momentum",
+        type=float,
+        default=None,
+        help="momentum for --optimizer momentum/nesterov (default 0.9) or rmsprop (default 0)",
     )
     group.add_argument(
         "--epsilon",

@@ -258,6 +258,7 @@ def test_help_exits_0_and_documents_flags(command, capsys):
         (["--optimizer", "momentum", "--momentum", "0.5"], SGD(0.1, momentum=0.5)),
         (["--optimizer", "adam", "--epsilon", "1e-5"], Adam(0.001, epsilon=1e-5)),
         (["--optimizer", "rmsprop"], RMSprop(0.001)),
+        (["--optimizer", "rmsprop", "--momentum", "0.5"], RMSprop(0.001, momentum=0.5)),  # it was dropped
     ],
 )
 def test_optimizer_flags_build_the_named_update_rule(flags, expected):
@@ -272,6 +273,21 @@ def test_epsilon_without_an_adaptive_optimizer_is_a_usage_error():
         match=r"'epsilon' parameter of influence rank must be given only with "
         r"--optimizer rmsprop or adam. Got 1e-05 with sgd instead",
     ):
+        cli._learning_rate(args)
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--momentum", "0.5"], "must be given only with --optimizer momentum, nesterov or rmsprop. Got 0.5 with sgd"),
+        (["--optimizer", "adam", "--momentum", "0.5"], "Got 0.5 with adam"),
+        (["--optimizer", "momentum", "--momentum", "1.5"], r"must be a number in \[0, 1\). Got 1.5"),
+    ],
+)
+def test_momentum_where_no_update_rule_takes_it_is_a_usage_error(flags, match):
+    """--momentum was silently ignored with sgd, adam and rmsprop."""
+    args = cli.build_parser().parse_args(["rank", "--model", "m.keras", "--data", "d.npz", *flags])
+    with pytest.raises(UsageError, match=match):
         cli._learning_rate(args)
 
 
