@@ -324,10 +324,11 @@ def _epsilon_hint(trajectory: Trajectory, h: float) -> str:
     if epsilon is None:
         return ""
     name = type(trajectory.optimizer).__name__
+    larger = f", or for attribution train with a larger ε ({name}(epsilon=1e-5))" if epsilon < 1e-5 else ""
     return (
-        f" Note for {name} (ε = {epsilon:g}): if some weight's gradient stays near 0 through training (e.g. an "
-        "input feature that is 0 in every sample), the retrained loss is linear only for perturbations far "
-        f"below ε and its derivative is ~1/ε large, so finite differences converge only for h ≪ ε (this check "
-        f"used h = {h:g}). Re-check with h = {epsilon * 1e-2:g}, or for attribution train with a larger ε "
-        f"({name}(epsilon=1e-5))."
+        f" Before concluding that, for {name} (ε = {epsilon:g}) a sound gradient can fail here: if some weight's "
+        "gradient stays near 0 through training (e.g. an input feature that is 0 in every sample), the retrained "
+        f"loss is linear only for perturbations far below ε and its derivative is ~1/ε large, so finite "
+        f"differences converge only for h ≪ ε (this check used h = {h:g}). Re-check with h = {epsilon * 1e-2:g}"
+        f"{larger}."
     )

@@ -281,3 +281,11 @@ def test_a_float64_model_is_checked_as_it_is_without_a_rebuild():
                               _Square(dtype="float64"), keras.layers.Dense(3, activation="softmax", dtype="float64")])  # fmt: skip
     x, y = np.random.default_rng(0).normal(size=(6, 5)), np.arange(6) % 3
     assert inf.check_input_gradient(model, "sparse_categorical_crossentropy", x, y).ok
+
+
+def test_a_function_that_is_nan_at_x_is_named_not_called_random():
+    """NaN != NaN made check_gradient say 'f is not deterministic'."""
+    with pytest.raises(
+        ValueError, match=r"'f' parameter of check_gradient must be a function with a finite value at x"
+    ):
+        inf.check_gradient(lambda z: float("nan"), np.ones(3), np.ones(3))

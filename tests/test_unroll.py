@@ -54,9 +54,15 @@ def test_adam_check_names_epsilon_when_a_dead_feature_limits_the_linear_range(da
     traj = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=opt, batch_size=5, epochs=2)
     coarse = inf.check_unrolled(traj, x, y, xv, yv, 0, wrt="inputs")
     assert not coarse.ok
-    assert "Note for Adam (ε = 1e-07)" in coarse.explanation and "Re-check with h = 1e-09" in coarse.explanation
+    assert "for Adam (ε = 1e-07) a sound gradient can fail" in coarse.explanation
+    assert "Re-check with h = 1e-09, or for attribution train with a larger ε" in coarse.explanation
     fine = inf.check_unrolled(traj, x, y, xv, yv, 0, wrt="inputs", h=1e-9)
     assert fine.ok, fine
+    # A run already at ε = 1e-5 was told to train with ε = 1e-5.
+    wider = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=Adam(0.01, epsilon=1e-5),
+                    batch_size=5, epochs=2)  # fmt: skip
+    hint = inf.check_unrolled(wider, x, y, xv, yv, 0, wrt="inputs", h=1.0).explanation
+    assert "Re-check with h = 1e-07." in hint and "larger ε" not in hint
 
 
 def test_label_grad_matches_finite_differences_for_regression():
