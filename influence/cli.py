@@ -147,6 +147,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         raise _usage("input-gradient-penalty", "rank", "a finite number ≥ 0", args.input_gradient_penalty)
     shape = _image_shape(args.image_shape, "rank")
     lr = _learning_rate(args)
+    _check_out(args.out, "rank")
     data = load_data(args, "rank", need_val=False)
     has_val = _validation_data(data, methods, args.verify)
     x = data["x_train"]
@@ -160,8 +161,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
     elif x.ndim in (3, 4):
         images = x
     noisy = data.get("noisy")
-    if noisy is not None and (noisy.shape != (len(x),)):
-        raise _usage("data", "rank", f"a 'noisy' array of shape ({len(x)},)", describe(noisy))
+    if noisy is not None and (noisy.shape != (len(x),) or noisy.dtype != np.bool_):
+        # An int array passed as truthiness: np.arange(n) marked every sample but one as noisy.
+        raise _usage("data", "rank", f"a boolean 'noisy' array of shape ({len(x)},)", describe(noisy))
     model = load_model(args.model, "rank")
     from .report.job import RankingJob, run_ranking
 
@@ -261,9 +263,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_out(out: str, command: str) -> None:
+    """The report folder: a folder or a new path, not an existing file (the OS error named its shards/ child)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise _usage("out", command, "a folder for the report (created if missing)", f"{out!r}, an existing file")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _check_out(args.out, "demo")
     outcome = run_demo(args.out, quick=args.quick, restart=args.restart, progress=not args.no_progress)
     print(f"{outcome.report}")
     return EXIT_OK

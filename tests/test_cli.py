@@ -573,6 +573,9 @@ def test_check_passes_from_logits_on_and_refuses_bad_labels(files, tmp_path, cap
 
 def test_usage_errors_are_answered_before_tensorflow_is_imported(files):
     """Importing TensorFlow costs seconds and prints log lines: argument errors must not wait for it."""
+    int_noisy = files / "int_noisy.npz"
+    with np.load(files / "data.npz") as data:
+        np.savez(int_noisy, **{k: data[k] for k in data.files if k != "noisy"}, noisy=np.arange(60))
     cases = [
         ["rank", "--model", files / "model.keras", "--data", files / "data.npz", "--epochs", "0"],
         ["rank", "--model", files / "model.keras", "--data", files / "data.npz", "--lr", "-1"],
@@ -590,6 +593,10 @@ def test_usage_errors_are_answered_before_tensorflow_is_imported(files):
         ["rank", "--model", files / "missing.keras", "--data", files / "data.npz"],
         ["rank", "--model", files / "model.keras", "--data", files / "train.csv", "--method", "unrolled"],
         ["check", "--model", files / "missing.keras", "--data", files / "data.npz"],
+        # An existing file as --out gave "[Errno 20] Not a directory: '…/shards'" after training.
+        ["rank", "--model", files / "model.keras", "--data", files / "data.npz", "--out", files / "data.npz"],
+        # An int 'noisy' array was read as truthiness (np.arange(n): all but one sample "noisy").
+        ["rank", "--model", files / "model.keras", "--data", int_noisy],
     ]
     script = (
         "import sys\nfrom influence import cli\n"
@@ -599,3 +606,5 @@ def test_usage_errors_are_answered_before_tensorflow_is_imported(files):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=files)
     assert done.stdout.strip() == f"{[2] * len(cases)} False", done.stderr[-2000:]
     assert len(done.stderr.strip().splitlines()) == len(cases)  # one line each, no TensorFlow log lines
+    assert "'out' parameter of influence rank must be a folder for the report" in done.stderr
+    assert "must be a boolean 'noisy' array of shape (60,)" in done.stderr
