@@ -42,6 +42,8 @@ class GradientCheck:
         steps: the finite-difference step used per direction, (D,).
         rtol: the tolerance used.
         explanation: why the check failed (or a note), empty when clean.
+        at_kink: the check failed only along directions that cross a kink at x (ReLU at
+            exactly 0, a max-pool tie): finite differences cannot judge grad there.
     """
 
     ok: bool
@@ -53,6 +55,7 @@ class GradientCheck:
     rtol: float
     explanation: str = ""
     notes: list[str] = field(default_factory=list)
+    at_kink: bool = False
 
     def __str__(self) -> str:
         verdict = "passed" if self.ok else "FAILED"
@@ -240,7 +243,8 @@ def check_gradient(
             f"here {max_rel:.1e})."
         )
     # Every failing direction crosses a kink at x: the finite differences cannot judge grad there.
-    if not ok and not notes and np.all(kinked[failing]):
+    at_kink = bool(not ok and not notes and np.all(kinked[failing]))
+    if at_kink:
         worst = int(np.argmax(np.where(failing, rel, -np.inf)))
         notes.append(
             f"the function is not smooth at this point: along {int(np.sum(failing))} failing direction(s) the "
@@ -275,6 +279,7 @@ def check_gradient(
         rtol=float(rtol),
         explanation=" ".join(notes),
         notes=notes,
+        at_kink=at_kink,
     )
 
 

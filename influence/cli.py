@@ -210,11 +210,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     for name in ("samples", "directions"):
         if getattr(args, name) < 1:
             raise _usage(name, "check", "a positive int", getattr(args, name))
+    if not args.jitter >= 0 or not np.isfinite(args.jitter):
+        raise _usage("jitter", "check", "a finite number ≥ 0", args.jitter)
     data = load_data(args, "check", need_val=False)
     model = load_model(args.model, "check")
     from .checks import check_input_gradient
 
     x, y = data["x_train"][: args.samples], data["y_train"][: args.samples]
+    if args.jitter:  # off the kinks: blank pixels sit exactly at an untrained ReLU's 0
+        noise = np.random.default_rng(args.seed).random(x.shape)
+        x = np.asarray(x, dtype=np.float64) + args.jitter * noise
     chk = check_input_gradient(
         model,
         args.loss,
@@ -228,6 +233,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     loss = f"{args.loss}{' (logits)' if args.from_logits else ''}"
     print(f"input gradient of the mean {loss} over {len(x)} sample(s), float64, {args.directions} direction(s)")
     print(chk)
+    if chk.at_kink and not args.jitter:
+        print("hint: rerun with --jitter 1e-3 to check at inputs moved off the kinks")
     return EXIT_OK if chk.ok else EXIT_FAILED
 
 
@@ -398,6 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     _loss_flags(check)
     check.add_argument("--samples", type=int, default=32, help="first N training samples to check (default 32)")
     check.add_argument("--directions", type=int, default=4, help="random unit directions (default 4)")
+    check.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        metavar="SCALE",
+        help="check at x + SCALE·u, u uniform in [0, 1) (seeded): moves inputs off ReLU kinks and max-pool ties",
+    )
     check.add_argument("--training", action="store_true", help="training mode (dropout on, masks fixed by --seed)")
     check.add_argument("--seed", type=int, default=0, help="seed of the directions and dropout masks")
     check.set_defaults(handler=cmd_check)

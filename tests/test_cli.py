@@ -480,6 +480,24 @@ def test_rerun_with_other_settings_replaces_the_previous_report_and_keeps_other_
     assert report_files(out) == only_loss | mine
 
 
+def test_check_at_relu_kinks_hints_at_jitter_which_moves_off_them(tmp_path):
+    """A fresh Conv2D+ReLU model on digits: blank patches sit exactly at ReLU's 0 (zero bias), the check
+    failed there and advised adding noise, which the command could not do."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+                              keras.layers.Flatten(), keras.layers.Dense(10, activation="softmax")])  # fmt: skip
+    model.save(tmp_path / "relu.keras")
+    np.savez(tmp_path / "digits.npz", x_train=(x[:16] / 16).reshape(-1, 8, 8, 1), y_train=y[:16])
+    base = ["check", "--model", tmp_path / "relu.keras", "--data", tmp_path / "digits.npz", "--samples", "16"]
+    code, out, _ = in_process(base)
+    assert code == 1 and "not smooth at this point" in out and "rerun with --jitter 1e-3" in out
+    code, out, _ = in_process([*base, "--jitter", "1e-3"])
+    assert code == 0 and "passed" in out and "hint" not in out
+
+
 def test_check_failure_exits_1(files, monkeypatch, capsys):
     failed = GradientCheck(
         ok=False,
