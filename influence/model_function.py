@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from ._exact_ops import exact_ops
+from ._graphs import graph_function
 from ._validation import describe, param_error
 
 # Layers whose training-mode output for one sample depends on the other samples.
@@ -235,7 +236,7 @@ def gradient_overrides(fn: ModelFunction, input_spec: tf.TensorSpec, *, training
         return fn(weights, x, training=training, seed=0)
 
     weight_specs = [tf.TensorSpec(w.shape, w.dtype) for w in fn.weights]
-    graph = tf.function(forward).get_concrete_function(weight_specs, input_spec).graph
+    graph = graph_function(forward).get_concrete_function(weight_specs, input_spec).graph
     # The explicit arguments come first among the graph's inputs, captured constants after them.
     differentiable = {t.name for t in graph.inputs[: len(weight_specs) + 1]}
     found: dict[str, list[str]] = {"stop_gradient": [], "custom_gradient": []}

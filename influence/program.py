@@ -48,6 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import _tree
+from ._graphs import graph_function
 from .losses import Loss
 from .model_function import ModelFunction
 from .objective import Objective
@@ -99,7 +100,7 @@ class _GraphFunction:
     """
 
     def __init__(self, program: Program, python_function: Callable[..., Any], *, group: str) -> None:
-        compile_ = partial(tf.function, reduce_retracing=True, autograph=False)
+        compile_ = partial(graph_function, reduce_retracing=True, autograph=False)
         self.program, self.group = program, group
         self.plain = compile_(python_function)
         self.xla = compile_(python_function, jit_compile=True)
@@ -237,7 +238,7 @@ class Program:
         self._reverse_flags = _GraphFunction(self, lambda *a: self._reverse(*a, flags=True), group="reverse")
         # Called once per reverse pass: XLA's compilation (≈0.4 s for the digits MLP) would
         # cost far more than it saves.
-        self.validation = tf.function(self._validation, reduce_retracing=True, autograph=False)
+        self.validation = graph_function(self._validation, reduce_retracing=True, autograph=False)
 
     def bind(self, schedule: Schedule) -> BoundProgram:
         """This program with one run's schedule fixed."""

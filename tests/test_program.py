@@ -177,3 +177,25 @@ def test_checkpoint_interval_prefers_equal_segments_at_little_extra_memory(steps
     assert strategy.states_held(steps) <= 1.25 * (int(np.ceil(steps / root)) + root)
     assert len(lengths) == (2 if steps == 997 else 1)  # 997 is prime: ⌈√T⌉ and a shorter last segment
     assert sum(b - a for a, b in strategy.segments(steps)) == steps
+
+
+def test_fresh_models_in_one_process_raise_no_retracing_warnings(data):
+    """Each new model's program traces once by design; TensorFlow counted those traces per code object
+    across models and logged 'triggered tf.function retracing' (three lines) from the fifth fit on."""
+    import logging
+
+    x, y, xv, yv = data
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(handler)
+    try:
+        for seed in range(6):
+            model = mlp(4, 3, out_activation="softmax", seed=seed)
+            traj = inf.fit(model, x, y, **FIT)
+            inf.unrolled(traj, x, y, xv, yv)
+            inf.rank(traj, x, y, xv, yv, method="tracin")
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "retracing" in r.getMessage()]

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from .._graphs import graph_function
 from ..autodiff import hessian
 from ..losses import label_margin
 from ..trajectory import Trajectory
@@ -36,11 +37,11 @@ class _Bodies:
 
     def __init__(self, fn, loss, objective) -> None:
         self.fn, self.loss, self.objective = fn, loss, objective
-        self.losses = tf.function(self._losses_impl, reduce_retracing=True)
-        self.margins = tf.function(self._margins_impl, reduce_retracing=True)
-        self.dots = tf.function(self._dots_impl, reduce_retracing=True)
-        self.sq_norms = tf.function(self._sq_norms_impl, reduce_retracing=True)
-        self.hvp = tf.function(self._hvp_impl, reduce_retracing=True)
+        self.losses = graph_function(self._losses_impl, reduce_retracing=True)
+        self.margins = graph_function(self._margins_impl, reduce_retracing=True)
+        self.dots = graph_function(self._dots_impl, reduce_retracing=True)
+        self.sq_norms = graph_function(self._sq_norms_impl, reduce_retracing=True)
+        self.hvp = graph_function(self._hvp_impl, reduce_retracing=True)
 
     def _losses_impl(self, w, xb, yb):
         out = self.fn(w, xb, training=False)
