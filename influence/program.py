@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -133,6 +134,11 @@ class _GraphFunction:
         return self.plain(*args)
 
 
+_ABSL_INFO = re.compile(
+    rb"I\d{4} [\d:.]+ +\d+ \S+:\d+\] "
+)  # absl's INFO prefix: "I0000 00:00:17955….44  26574 service.cc:153] "
+
+
 class _HeldLog:
     pass_on = False
 
@@ -161,6 +167,10 @@ def _native_log_held() -> Iterator[_HeldLog]:
             if held.pass_on:
                 log.seek(0)
                 text = log.read()
+                if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+                    # XLA's INFO lines of a first compile ("XLA service … initialized", "Compiled cluster
+                    # using XLA!"): noise to a user who did not ask for TensorFlow's log.
+                    text = b"".join(line for line in text.splitlines(keepends=True) if not _ABSL_INFO.match(line))
                 if text:
                     os.write(2, text)
 

@@ -153,20 +153,29 @@ def test_xlas_native_log_of_a_refusal_is_held_back_for_the_one_line_warning(tmp_
     assert run.returncode == 0, run.stderr[-2000:]
     assert "XLA cannot compile this model's reverse steps" in run.stderr
     assert "OP_REQUIRES failed" not in run.stderr and "The op is created at" not in run.stderr
+    # The forward steps compiled: XLA's INFO lines of that compile are not passed on either.
+    assert "XLA service" not in run.stderr and "Compiled cluster using XLA" not in run.stderr
 
 
-def test_native_log_held_during_a_first_compile_is_passed_on_unless_dropped(capfd):
+def test_native_log_held_during_a_first_compile_is_passed_on_unless_dropped(capfd, monkeypatch):
     import os
 
     from influence.program import _native_log_held
 
+    info = b"I0000 00:00:1795503993.007541   26574 service.cc:153] XLA service 0x56 initialized\n"
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
     with _native_log_held() as held:
-        os.write(2, b"kept\n")
+        os.write(2, b"kept\n" + info + b"W0000 00:00:1.5  12 op_kernel.cc:1858] a warning\n")
         held.pass_on = True
     with _native_log_held():
         os.write(2, b"dropped\n")
     os.write(2, b"after\n")
-    assert capfd.readouterr().err == "kept\nafter\n"
+    assert capfd.readouterr().err == "kept\nW0000 00:00:1.5  12 op_kernel.cc:1858] a warning\nafter\n"
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")  # asked for TensorFlow's log: INFO lines too
+    with _native_log_held() as held:
+        os.write(2, info)
+        held.pass_on = True
+    assert capfd.readouterr().err == info.decode()
 
 
 @pytest.mark.parametrize("steps", [160, 640, 2560, 997])
