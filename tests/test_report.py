@@ -302,3 +302,22 @@ def test_without_verification_the_report_says_why_and_how_to_get_it(tmp_path):
     loss["removal_effect"] = np.nan
     no_effect = render_report(tmp_path / "b", loss, summary={})
     assert "loss predicts no removal effect to compare with" in section(no_effect, "verification")
+
+
+def test_score_histogram_tick_labels_do_not_overlap(monkeypatch):
+    """Scores from −0.015 to 0.006 printed nine overlapping labels such as '−0.0125'."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from influence.report import figures
+
+    drawn = {}
+    monkeypatch.setattr(figures, "_png", lambda fig: drawn.setdefault("fig", fig) and b"")
+    rng = np.random.default_rng(0)
+    figures.score_distribution(np.r_[rng.normal(-0.002, 0.002, 298), -0.0142, 0.0062], method="unrolled")
+    fig = drawn["fig"]
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    ax, low, high = fig.axes[0], *fig.axes[0].get_xlim()
+    labels = [t for t in ax.get_xticklabels() if t.get_text() and low <= t.get_position()[0] <= high]
+    boxes = sorted((t.get_window_extent(canvas.get_renderer()) for t in labels), key=lambda b: b.x0)
+    assert 3 <= len(boxes) <= 7 and all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))

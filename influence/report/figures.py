@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+from matplotlib import ticker
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.image import imsave
@@ -51,6 +53,15 @@ def sample_tile(image: np.ndarray, size: int = 96, value_range: tuple[float, flo
     return buffer.getvalue()
 
 
+def _few_ticks(axis: Any) -> None:
+    """At most 6 ticks, small numbers in powers of ten: scores from −0.015 to 0.006 printed nine
+    overlapping labels like '−0.0125'."""
+    axis.set_major_locator(ticker.MaxNLocator(nbins=6))
+    formatter = ticker.ScalarFormatter(useMathText=True)
+    formatter.set_powerlimits((-2, 3))
+    axis.set_major_formatter(formatter)
+
+
 def score_distribution(score: np.ndarray, noise_mask: np.ndarray | None = None, *, method: str = "") -> bytes:
     """Histogram of scores (higher = more harmful); known-noisy samples stacked in their own colour."""
     fig, ax = _figure()
@@ -69,6 +80,7 @@ def score_distribution(score: np.ndarray, noise_mask: np.ndarray | None = None, 
     else:
         ax.hist(score, bins=bins, color=NEUTRAL)
     ax.set_yscale("log")
+    _few_ticks(ax.xaxis)
     ax.set_xlabel(f"score ({method}; higher = more harmful)" if method else "score (higher = more harmful)")
     ax.set_ylabel("training samples (log scale)")
     ax.set_title("Score distribution")
