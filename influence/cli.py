@@ -61,7 +61,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _learning_rate(args: argparse.Namespace) -> float:
-    """--lr (or the optimizer's default), with --epsilon checked: usage errors before TensorFlow is imported."""
+    """--lr (or the optimizer's default), with --epsilon and --momentum checked: usage errors before TensorFlow
+    is imported."""
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     if not lr > 0:
         raise _usage("lr", "rank", "a positive number", lr)

@@ -134,9 +134,8 @@ class _GraphFunction:
         return self.plain(*args)
 
 
-_ABSL_INFO = re.compile(
-    rb"I\d{4} [\d:.]+ +\d+ \S+:\d+\] "
-)  # absl's INFO prefix: "I0000 00:00:17955….44  26574 service.cc:153] "
+# absl's INFO prefix, e.g. "I0000 00:00:1795503993.007541   26574 service.cc:153] "
+_ABSL_INFO = re.compile(rb"I\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
 
 
 class _HeldLog:

@@ -326,7 +326,7 @@ def _epsilon_hint(trajectory: Trajectory, h: float) -> str:
     name = type(trajectory.optimizer).__name__
     larger = f", or for attribution train with a larger ε ({name}(epsilon=1e-5))" if epsilon < 1e-5 else ""
     return (
-        f" Before concluding that, for {name} (ε = {epsilon:g}) a sound gradient can fail here: if some weight's "
+        f" Note: for {name} (ε = {epsilon:g}) a sound gradient can fail here: if some weight's "
         "gradient stays near 0 through training (e.g. an input feature that is 0 in every sample), the retrained "
         f"loss is linear only for perturbations far below ε and its derivative is ~1/ε large, so finite "
         f"differences converge only for h ≪ ε (this check used h = {h:g}). Re-check with h = {epsilon * 1e-2:g}"

@@ -92,6 +92,20 @@ def _check_definite(lowest: float, highest: float, damping: float, dtype: tf.DTy
     return tolerance
 
 
+def damped_hvp(ops: SampleOps, w: list[tf.Tensor], v: list[tf.Tensor], damping: float) -> list[tf.Tensor]:
+    """(H + damping·I)v, H the Hessian of the mean training loss at w."""
+    return [h + damping * vi for h, vi in zip(ops.hvp(w, v), v)]
+
+
+def relative_residual(ops: SampleOps, w: list[tf.Tensor], b: list[tf.Tensor], s: list[tf.Tensor], damping: float):
+    """‖(H + λI)s − b‖/‖b‖ with one full-data Hessian-vector product: a check of any solver's answer."""
+    size = float(tf.sqrt(_tree.dot(b, b)))
+    if size == 0.0:
+        return 0.0
+    miss = [a - bi for a, bi in zip(damped_hvp(ops, w, s, damping), b)]
+    return float(tf.sqrt(_tree.dot(miss, miss))) / size
+
+
 class InverseHVP(ABC):
     """Solve (H + damping·I) s = b at weights w."""
 
@@ -169,9 +183,6 @@ class ConjugateGradient(InverseHVP):
     name = "cg"
 
     def solve(self, ops, w, b, damping):
-        def apply(v):
-            return [h + damping * vi for h, vi in zip(ops.hvp(w, v), v)]
-
         s = [tf.zeros_like(t) for t in b]
         r = list(b)
         p = list(r)
@@ -182,7 +193,7 @@ class ConjugateGradient(InverseHVP):
         ):
             if rr <= target:
                 break
-            ap = apply(p)
+            ap = damped_hvp(ops, w, p, damping)
             curvature = float(_tree.dot(p, ap))
             if curvature <= 0:
                 raise ValueError(

@@ -32,12 +32,11 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from .. import _tree
 from .._progress import progress_bar
 from ..trajectory import Trajectory, _data_tensors
 from ..unroll import unrolled
 from ._samples import SampleOps
-from .inverse_hvp import InverseHVP
+from .inverse_hvp import InverseHVP, relative_residual
 
 # (score: higher = more harmful, removal_effect or None, extra facts for the table's attrs)
 Scores = tuple[np.ndarray, np.ndarray | None, dict]
@@ -86,16 +85,6 @@ _RESIDUAL_HINTS = {
     "damping, or use solver='cg'.",
     "exact": "H + λI is close to singular: raise the damping.",
 }
-
-
-def relative_residual(ops: SampleOps, w: list[tf.Tensor], b: list[tf.Tensor], s: list[tf.Tensor], damping: float):
-    """‖(H + λI)s − b‖/‖b‖ with one full-data Hessian-vector product: a check of any solver's answer."""
-    applied = [h + damping * si for h, si in zip(ops.hvp(w, s), s)]
-    size = float(tf.sqrt(_tree.dot(b, b)))
-    if size == 0.0:
-        return 0.0
-    miss = [a - bi for a, bi in zip(applied, b)]
-    return float(tf.sqrt(_tree.dot(miss, miss))) / size
 
 
 def checkpoint_steps(trajectory: Trajectory, every: int | None) -> list[int]:

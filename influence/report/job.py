@@ -128,6 +128,7 @@ class LazyTraining:
         self.seconds: float | None = None
         self.loaded = False
         self.path = store.directory / f"trajectory-{run[:24]}"
+        self.key = store.key("fit", run=run)  # the shard that records the trained weights' fingerprint
         self._trajectory: Any = None
 
     def _load(self, weights: str) -> Any:
@@ -150,8 +151,7 @@ class LazyTraining:
         from ..trajectory import fit
 
         job, start = self.job, time.perf_counter()
-        key = self.store.key("fit", run=self.run)
-        recorded = self.store.stored_arrays(key)
+        recorded = self.store.stored_arrays(self.key)
         weights = None if recorded is None else str(recorded["weights"])
         trajectory = None if weights is None else self._load(weights)
         if trajectory is not None:
@@ -183,7 +183,7 @@ class LazyTraining:
                 )
             save_trajectory(trajectory, self.path)
             if weights is None:
-                self.store.arrays(key, lambda: {"weights": np.array(trained)})
+                self.store.arrays(self.key, lambda: {"weights": np.array(trained)})
         self.seconds = time.perf_counter() - start
         self._trajectory = trajectory
         return trajectory
@@ -335,7 +335,7 @@ def run_ranking(job: RankingJob) -> RankingOutcome:
         times["repair"] = f"{time.perf_counter() - t:.1f} s"
     if trajectory.seconds is None:
         job.log("[train] skipped: every result is on record")
-    store.keep(store.key("fit", run=run))  # the recorded run stays, to serve a rerun with other methods
+    store.keep(trajectory.key)  # the recorded run stays, to serve a rerun with other methods
     pruned = store.prune(keep_folders=[trajectory.path.name])
     if pruned:
         job.log(f"[shards] removed {pruned} shard(s) of other training settings from {shards}")
