@@ -7,6 +7,8 @@ import argparse
 import json
 import os
 import platform
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,16 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def report_header(benchmark: str) -> dict[str, Any]:
+    """The first keys of every benchmark's JSON: what it measures, the command, the date and the machine."""
+    return {
+        "benchmark": benchmark,
+        "command": " ".join(["python", *sys.argv]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+    }
 
 
 def machine_info() -> dict[str, Any]:

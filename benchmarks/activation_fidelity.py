@@ -31,13 +31,12 @@ import os
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 
 import statistics
-import sys
 import time
 from typing import Any
 
 import keras
 import numpy as np
-from _common import benchmark_parser, machine_info, output_dir, write_report
+from _common import benchmark_parser, output_dir, report_header, write_report
 from fidelity_seeds import correlations
 from unrolled import BATCH, CLASSES, EPOCHS, LOSS, N_HARMFUL, N_RANDOM, load_data
 
@@ -135,10 +134,7 @@ def main() -> None:
         for r in rates
     ]  # fmt: skip
     report = {
-        "benchmark": "removal_effect vs retraining by hidden activation",
-        "command": " ".join(["python", *sys.argv]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
+        **report_header("removal_effect vs retraining by hidden activation"),
         "setup": {
             "activations": ACTIVATIONS,
             "rates": rates,

@@ -36,12 +36,11 @@ import os
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 
 import statistics
-import sys
 import time
 from typing import Any
 
 import numpy as np
-from _common import benchmark_parser, machine_info, output_dir, write_report
+from _common import benchmark_parser, output_dir, report_header, write_report
 from scipy import stats
 from unrolled import (
     ADAM_LR,
@@ -281,10 +280,7 @@ def main() -> None:
                 flush=True,
             )
     report = {
-        "benchmark": "removal_effect vs retraining over seeds (benchmarks/unrolled.py's fidelity protocol)",
-        "command": " ".join(["python", *sys.argv]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
+        **report_header("removal_effect vs retraining over seeds (benchmarks/unrolled.py's fidelity protocol)"),
         "setup": {
             "description": "Digits / 16: 1000 train (10 % labels flipped) / 400 val; MLP 64-32-10 tanh, float32, "
             f"batch {BATCH}, {EPOCHS} epochs (T = 160).",

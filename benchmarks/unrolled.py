@@ -101,9 +101,9 @@ from _common import (
     MB,
     benchmark_parser,
     fmt,
-    machine_info,
     output_dir,
     proc_status_kb,
+    report_header,
     reset_peak_rss,
     run_json_worker,
     write_report,
@@ -1057,10 +1057,7 @@ def run(args: argparse.Namespace) -> None:
     memory = memory_section(epochs_list, speed["bytes_per_state"], data.x_train.shape[1], args.timeout)
 
     report = {
-        "benchmark": "influence.unrolled: speed, fidelity vs retraining, memory vs T",
-        "command": " ".join(["python", *sys.argv]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
+        **report_header("influence.unrolled: speed, fidelity vs retraining, memory vs T"),
         "setup": {
             "data": "sklearn load_digits, x/16, shuffled with seed",
             "n_train": N_TRAIN,
