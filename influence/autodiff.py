@@ -5,6 +5,9 @@ Conventions:
     ``weights`` is a list of tensors (``model.trainable_variables`` order); the
     variables themselves may be passed, and are read as their current values.
     ``loss_fn(weights) -> scalar`` or ``loss_fn(weights, inputs) -> scalar``.
+    The loss is evaluated inside :func:`influence._exact_ops.exact_ops`, so a ``loss_fn``
+    written with ``model.stateless_call`` gets exact second derivatives through
+    LayerNormalization (TensorFlow's ``tf.nn.moments`` stops the gradient of its mean).
     Vectors over weights are lists shaped like ``weights``.
 Nothing here builds a Jacobian of the weight gradient with respect to the
 inputs (|w|×|X| numbers); that route lives only in the ``jacobian`` reference
@@ -21,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import _tree
+from ._exact_ops import exact_ops
 from ._validation import describe, param_error
 
 ScalarFn = Callable[[list[tf.Tensor]], tf.Tensor]
@@ -32,7 +36,8 @@ def gradient(loss_fn: ScalarFn, weights: Sequence[tf.Tensor]) -> list[tf.Tensor]
     weights = _as_tensors(weights)
     with tf.GradientTape() as tape:
         tape.watch(weights)
-        value = loss_fn(weights)
+        with exact_ops():
+            value = loss_fn(weights)
     return _zeros_for_none(tape.gradient(value, weights), weights)
 
 
@@ -73,7 +78,8 @@ def mixed_product(
         outer.watch(inputs)
         with tf.GradientTape() as inner:
             inner.watch(weights)
-            value = loss_fn(weights, inputs)
+            with exact_ops():
+                value = loss_fn(weights, inputs)
         grads = _zeros_for_none(inner.gradient(value, weights), weights)
         inner_dot = _tree.dot(grads, vector)
     result = outer.gradient(inner_dot, inputs)
@@ -92,7 +98,8 @@ def per_sample_dots(
     """
     weights = _as_tensors(weights)
     with tf.autodiff.ForwardAccumulator(weights, list(vector)) as acc:
-        losses = per_sample_loss_fn(weights)
+        with exact_ops():
+            losses = per_sample_loss_fn(weights)
     dots = acc.jvp(losses)
     return tf.zeros_like(losses) if dots is None else dots
 
@@ -108,7 +115,8 @@ def hessian(loss_fn: ScalarFn, weights: Sequence[tf.Tensor]) -> tf.Tensor:
         outer.watch(flat)
         with tf.GradientTape() as inner:
             inner.watch(flat)
-            value = loss_fn(_tree.unflatten(flat, weights))
+            with exact_ops():
+                value = loss_fn(_tree.unflatten(flat, weights))
         grad = inner.gradient(value, flat, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return outer.jacobian(grad, flat, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 

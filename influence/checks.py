@@ -336,12 +336,55 @@ def as_float64(model: keras.Model) -> keras.Model:
             for w in model.get_weights()
         ]
     )
+    # Layers that derive state from their variables (an adapted Normalization's mean and variance)
+    # do so in finalize_state, which Keras calls when loading a file but set_weights does not.
+    for layer in clone._flatten_layers(include_self=False, recursive=True):
+        finalize = getattr(layer, "finalize_state", None)
+        if callable(finalize):
+            finalize()
     bad = [v.path for v in clone.trainable_variables if tf.as_dtype(v.dtype) != tf.float64]
     if bad:
         raise ValueError(
             param_error("model", "as_float64", "a model whose weights can all become float64", f"float32 weights {bad}")
         )
+    _check_same_function(model, clone)
     return clone
+
+
+# float32 round-off moves a model's outputs by ~1e-7 relative; a lost state (statistics, a constant)
+# moves them by far more. The probe is random: it needs no data and no layer sees it as special.
+_COPY_TOLERANCE = 1e-3
+
+
+def _check_same_function(model: keras.Model, clone: keras.Model) -> None:
+    """Refuse a float64 copy that computes another function than ``model`` (a state it did not copy).
+
+    Probed on 4 random inputs where the model declares one floating input of known shape
+    (token ids or unknown shapes are not probed).
+    """
+    inputs = getattr(model, "inputs", None)
+    if not inputs or len(inputs) != 1 or not tf.as_dtype(inputs[0].dtype).is_floating:
+        return
+    shape = tuple(inputs[0].shape[1:])
+    if any(d is None for d in shape):
+        return
+    probe = np.random.default_rng(0).normal(size=(4, *shape))
+
+    def outputs(m: keras.Model, x: np.ndarray) -> np.ndarray:  # every output, flattened (a dict of one, too)
+        return np.concatenate([np.ravel(np.asarray(o, np.float64)) for o in tf.nest.flatten(m(x, training=False))])
+
+    expected, got = outputs(model, probe.astype(inputs[0].dtype)), outputs(clone, probe)
+    gap = float(np.max(np.abs(got - expected))) / max(1.0, float(np.max(np.abs(expected))))
+    if not gap <= _COPY_TOLERANCE:
+        raise ValueError(
+            param_error(
+                "model",
+                "as_float64",
+                "a model whose float64 copy computes the same function",
+                f"a copy whose outputs differ by {gap:.2g} (relative) on random inputs: a layer keeps state "
+                "outside its weights and config; build the model in float64 (dtype='float64') instead",
+            )
+        )
 
 
 def check_input_gradient(

@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ._inputs import check_samples, prepare
+from ._inputs import check_samples, prepare, validate_validation_data
 from ._progress import progress_bar
 from ._summary import compact_repr
 from ._validation import as_array, check_choice, check_distinct, check_positive, describe, param_error
@@ -114,11 +114,19 @@ def _evaluate(trajectory: Trajectory, weights: list[np.ndarray], x_val: np.ndarr
 
 
 def classification_error(loss: Any, outputs: tf.Tensor, labels: np.ndarray) -> float:
-    """Fraction of argmax predictions that miss the class (class indices or one-hot/soft labels); NaN otherwise."""
+    """Fraction of predictions that miss the class; NaN for regression.
+
+    Class indices and one-hot/soft labels compare argmaxes; binary targets compare each output
+    with its decision threshold (0.5 for probabilities, 0 for logits) and count per output.
+    """
     if loss.integer_labels:
         return float(np.mean(np.argmax(np.asarray(outputs), -1) != labels))
     if loss.name == "categorical_crossentropy":
         return float(np.mean(np.argmax(np.asarray(outputs), -1) != np.argmax(labels, -1)))
+    if loss.name == "binary_crossentropy":
+        threshold = 0.0 if loss.from_logits else 0.5
+        predicted = np.asarray(outputs) > threshold
+        return float(np.mean(predicted != (np.asarray(labels).reshape(predicted.shape) > 0.5)))
     return float("nan")
 
 
@@ -224,8 +232,8 @@ def optimize_training_inputs(
     """
     func = "optimize_training_inputs"
     x, y = check_trajectory_data(trajectory, x_train, y_train, func)
-    xv = as_array(x_val, param="x_val", func=func)
-    yv = as_array(y_val, param="y_val", func=func)
+    # Checked now: the first evaluation (before any unrolled call) would fail inside Keras.
+    xv, yv = validate_validation_data(func, trajectory.model, trajectory.loss, x, y, x_val, y_val)
     check_choice(goal, GOALS, param="goal", func=func)
     check_choice(target, TARGETS, param="target", func=func)
     opt = _check_common(func, outer_optimizer, steps, bounds, budget)
@@ -234,7 +242,7 @@ def optimize_training_inputs(
         raise ValueError(param_error("indices", func, f"integer sample indices in [0, {len(x) - 1}]", describe(idx)))
     check_distinct(idx, param="indices", func=func, expected="distinct sample indices", given=idx)
     wants_labels = target in ("labels", "both")
-    if wants_labels and not (trajectory.loss.continuous_labels and np.issubdtype(y.dtype, np.floating)):
+    if wants_labels and not trajectory.loss.has_label_grad(y):
         raise ValueError(
             param_error(
                 "target",

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from ._validation import describe, param_error
@@ -132,6 +133,15 @@ class Loss:
 
     def __call__(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         return self.per_sample(y_true, y_pred)
+
+    def has_label_grad(self, y: np.ndarray) -> bool:
+        """Whether dE/dy exists for labels ``y``.
+
+        A built-in loss of continuous labels reads them as numbers whatever their dtype (one-hot
+        labels stored as ints, integer regression targets). A callable may read integer labels
+        as class indices, so it gets label gradients for floating-point labels only.
+        """
+        return self.continuous_labels and (self.name in BUILT_IN or bool(np.issubdtype(y.dtype, np.floating)))
 
     def mean(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         """Mean loss over the batch (scalar)."""

@@ -65,6 +65,7 @@ class ModelFunction:
                 )
             )
         self.model = model
+        self.func = func
         self.dtype = tf.as_dtype(model.trainable_variables[0].dtype)
         mixed = {tf.as_dtype(v.dtype) for v in model.trainable_variables}
         if len(mixed) > 1:
@@ -76,6 +77,7 @@ class ModelFunction:
         if not self.dtype.is_floating:
             raise TypeError(param_error("model", func, "floating-point weights", self.dtype.name))
         _check_single_input_and_output(model, func)
+        _check_stateless(model, func)
         _check_input_precision(model, self.dtype, func)
         self.non_trainable = [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables]
         self._seed_slots = seed_state_slots(model)
@@ -118,7 +120,20 @@ class ModelFunction:
         mode = {"training": training} if self._takes_training else {}
         with exact_ops():
             outputs, _ = self.model.stateless_call(list(weights), self.state_for_seed(seed), x, **mode)
+        return _one_output(outputs, self.func)
+
+
+def _one_output(outputs: Any, func: str) -> tf.Tensor:
+    """The output tensor; a dict or list around one tensor is unwrapped, several are refused.
+
+    Subclassed models declare no outputs, so their structure shows only here, on the first call.
+    """
+    if tf.is_tensor(outputs):
         return outputs
+    leaves = tf.nest.flatten(outputs)
+    if len(leaves) == 1 and tf.is_tensor(leaves[0]):
+        return leaves[0]
+    raise _several(func, len(leaves), "outputs")
 
 
 def seed_state_slots(model: keras.Model) -> list[int]:
@@ -134,15 +149,34 @@ def _check_single_input_and_output(model: keras.Model, func: str) -> None:
         except (AttributeError, ValueError):  # subclassed models declare neither
             continue
         if isinstance(tensors, (list, tuple)) and len(tensors) > 1:
-            raise ValueError(
-                param_error(
-                    "model",
-                    func,
-                    "a model with one input and one output",
-                    f"a model with {len(tensors)} {kind}; concatenate them into one tensor (e.g. "
-                    "keras.layers.Concatenate) or wrap the model so it takes and returns one",
-                )
+            raise _several(func, len(tensors), kind)
+
+
+def _check_stateless(model: keras.Model, func: str) -> None:
+    """A stateful RNN carries its state from batch to batch: a step is then not a function of (w, batch)."""
+    layers = model._flatten_layers(include_self=False, recursive=True)
+    stateful = [layer.name for layer in layers if getattr(layer, "stateful", False) is True]
+    if stateful:
+        raise ValueError(
+            param_error(
+                "model",
+                func,
+                "a model without stateful layers (each step must depend on its weights and batch only)",
+                f"stateful layer(s) {', '.join(stateful)}; build them with stateful=False",
             )
+        )
+
+
+def _several(func: str, count: int, kind: str) -> ValueError:
+    return ValueError(
+        param_error(
+            "model",
+            func,
+            "a model with one input and one output",
+            f"a model with {count} {kind}; concatenate them into one tensor (e.g. "
+            "keras.layers.Concatenate) or wrap the model so it takes and returns one",
+        )
+    )
 
 
 def _check_input_precision(model: keras.Model, dtype: tf.DType, func: str) -> None:

@@ -76,14 +76,14 @@ class Optimizer(ABC):
         name = type(self).__name__
         if not callable(self.learning_rate):
             _positive(self.learning_rate, "learning_rate", name, "a positive number or a schedule (step -> rate)")
-        if not isinstance(self.weight_decay, (int, float, np.integer, np.floating)) or self.weight_decay < 0:
+        if not _real(self.weight_decay) or not 0 <= self.weight_decay < np.inf:
             raise ValueError(param_error("weight_decay", name, "a non-negative number", describe(self.weight_decay)))
 
     def learning_rates(self, steps: int) -> np.ndarray:
         """η_t for t = 0 … steps−1, shape (steps,)."""
         if not callable(self.learning_rate):
             return np.full(steps, float(self.learning_rate))
-        rates = np.array([float(np.asarray(self.learning_rate(t))) for t in range(steps)])
+        rates = np.array([self._rate_at(t) for t in range(steps)])
         # 0 is a rate (a warm-up from zero, a cosine decay to zero): the step then moves no weight.
         bad = np.flatnonzero(~np.isfinite(rates) | (rates < 0))
         if bad.size:
@@ -97,6 +97,20 @@ class Optimizer(ABC):
                 )
             )
         return rates
+
+    def _rate_at(self, step: int) -> float:
+        """The schedule's rate at ``step``: a number, or a one-element array or tensor."""
+        rate = np.asarray(self.learning_rate(step))  # type: ignore[operator]
+        if rate.size != 1:
+            raise ValueError(
+                param_error(
+                    "learning_rate",
+                    type(self).__name__,
+                    "a schedule of single numbers (step -> rate)",
+                    f"an array of shape {rate.shape} at step {step}",
+                )
+            )
+        return float(rate.reshape(()))
 
     @abstractmethod
     def init(self, weights: list[tf.Tensor]) -> State:
@@ -115,16 +129,24 @@ class Optimizer(ABC):
         return self._step(weights, grads, state, lr, step)
 
 
+def _real(value: Any) -> bool:
+    """A real number (Python or NumPy), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def _positive(value: Any, param: str, name: str, expected: str = "a positive number") -> None:
-    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    if not real or not value > 0 or not np.isfinite(value):
+    if not _real(value) or not value > 0 or not np.isfinite(value):
         raise ValueError(param_error(param, name, expected, describe(value)))
 
 
 def _in_unit_interval(value: Any, param: str, name: str) -> None:
-    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    if not real or not 0 <= value < 1:
+    if not _real(value) or not 0 <= value < 1:
         raise ValueError(param_error(param, name, "a number in [0, 1)", describe(value)))
+
+
+def _flag(value: Any, param: str, name: str) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(param_error(param, name, "True or False", describe(value)))
 
 
 @dataclass(frozen=True)
@@ -137,6 +159,7 @@ class SGD(Optimizer):
     def __post_init__(self) -> None:
         super().__post_init__()
         _in_unit_interval(self.momentum, "momentum", "SGD")
+        _flag(self.nesterov, "nesterov", "SGD")
 
     def init(self, weights: list[tf.Tensor]) -> State:
         return [tf.zeros_like(w) for w in weights] if self.momentum else []
@@ -171,8 +194,7 @@ class RMSprop(Optimizer):
         _in_unit_interval(self.rho, "rho", "RMSprop")
         _in_unit_interval(self.momentum, "momentum", "RMSprop")
         _positive(self.epsilon, "epsilon", "RMSprop")
-        if not isinstance(self.centered, bool):
-            raise ValueError(param_error("centered", "RMSprop", "True or False", describe(self.centered)))
+        _flag(self.centered, "centered", "RMSprop")
 
     def init(self, weights: list[tf.Tensor]) -> State:
         """State: [v…] + ([a…] if centered) + ([velocity…] if momentum)."""

@@ -119,8 +119,15 @@ def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
         raise
 
 
-def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] | None = None) -> Trajectory:
-    """Read a trajectory written by :func:`save_trajectory`."""
+def load_trajectory(
+    path: str | os.PathLike, *, custom_objects: dict[str, Any] | None = None, safe_mode: bool = True
+) -> Trajectory:
+    """Read a trajectory written by :func:`save_trajectory`.
+
+    ``custom_objects`` and ``safe_mode`` go to ``keras.saving.load_model``: a model with a
+    ``Lambda`` layer loads only with ``safe_mode=False`` (it runs the saved code; load only
+    folders you trust).
+    """
     func = "load_trajectory"
     folder = os.fspath(path)
     needed = [os.path.join(folder, name) for name in ("model.keras", "arrays.npz", "meta.json")]
@@ -141,7 +148,7 @@ def load_trajectory(path: str | os.PathLike, *, custom_objects: dict[str, Any] |
         raise _damaged(folder, f"meta.json names an unknown optimizer {meta['optimizer']!r}")
     if not zipfile.is_zipfile(needed[0]):  # Keras would call it "File not found"
         raise _damaged(folder, "model.keras is not a Keras archive (not a zip file)")
-    model = keras.saving.load_model(needed[0], custom_objects=custom_objects, compile=False)
+    model = keras.saving.load_model(needed[0], custom_objects=custom_objects, compile=False, safe_mode=safe_mode)
     if meta["format"] == 1 and meta["training"] and seed_state_slots(model):
         # Format 1 drew dropout/noise with TensorFlow's generator, whose numbers this version no longer uses.
         raise ValueError(
@@ -227,13 +234,17 @@ def _read_arrays(path: str, folder: str, meta: dict[str, Any]) -> dict[str, np.n
 
 
 def _check_model_matches(model: keras.Model, arrays: dict[str, np.ndarray], meta: dict[str, Any], folder: str) -> None:
-    """model.keras must be the recorded model: a folder mixed from two runs would fail deep in Keras."""
-    shapes = [tuple(w.shape) for w in model.get_weights()]
+    """model.keras must be the recorded model: a folder mixed from two runs would fail deep in Keras.
+
+    The run records the trainable weights only (BatchNorm statistics, frozen layers and
+    adapted preprocessing layers are state of model.keras, not of the run).
+    """
+    shapes = [tuple(v.shape) for v in model.trainable_variables]
     recorded = [tuple(arrays[f"initial_{i}"].shape) for i in range(meta["weights"])]
     if shapes != recorded:
         raise _damaged(
             folder,
-            f"model.keras has weights of shapes {shapes[:4]}{' …' if len(shapes) > 4 else ''} but arrays.npz "
+            f"model.keras has trainable weights of shapes {shapes[:4]}{' …' if len(shapes) > 4 else ''} but arrays.npz "
             f"recorded {recorded[:4]}{' …' if len(recorded) > 4 else ''} (files from different runs)",
         )
 

@@ -349,8 +349,9 @@ def _check_no_regularization(model: keras.Model, func: str) -> None:
             param_error(
                 "model",
                 func,
-                "a model without regularization losses (fit trains on the per-sample loss only; for L2, "
-                "use the optimizer's weight_decay)",
+                "a model without regularization losses (fit trains on the per-sample loss only). An L2 term "
+                "λ‖w‖² equals SGD(weight_decay=2·λ) only for plain SGD; the optimizers' weight_decay is "
+                "decoupled, so with momentum, RMSprop or Adam it is a different method (AdamW-style)",
                 "regularizers on " + ", ".join(regularized) if regularized else "a model with add_loss terms",
             )
         )

@@ -94,13 +94,15 @@ class Checkpointed(MemoryStrategy):
 
     def __post_init__(self) -> None:
         if self.every is not None and (
-            not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1
+            not isinstance(self.every, (int, np.integer)) or isinstance(self.every, bool) or self.every < 1
         ):
             raise ValueError(param_error("every", "Checkpointed", "a positive int or None", describe(self.every)))
+        if self.every is not None:
+            object.__setattr__(self, "every", int(self.every))  # np.int64 → int (frozen dataclass)
 
     def interval(self, steps: int) -> int:
         if self.every:
-            return self.every
+            return min(self.every, max(1, steps))  # a longer interval is one segment: the whole run
         k = max(1, math.ceil(math.sqrt(steps)))
         # Prefer a divisor of T that holds at most 25 % more states: equal segments share one
         # compiled reverse function (XLA compiles once per segment length).
@@ -114,6 +116,8 @@ class Checkpointed(MemoryStrategy):
 
     def states_held(self, steps: int) -> int:
         k = self.interval(steps)
+        if k >= steps:  # one segment from w_0: what store_all holds
+            return steps
         return math.ceil(steps / k) + k
 
     def describe(self, steps: int) -> str:
@@ -154,7 +158,9 @@ class UnrolledResult:
             −c_i·dE/dc_i (−dE/dc_i for the default c_i = 1). Negative = harmful.
         sample_weight_grad: (n,) dE/dc_i.
         input_grad: (n, ...) dE/dx_i through the whole run (None when not requested).
-        label_grad: dE/dy_i (shaped like y_train) for continuous labels, else None.
+        label_grad: dE/dy_i (shaped like y_train) where the loss reads labels as numbers
+            (regression targets, one-hot or soft labels, whatever their dtype); None for
+            class indices (and for integer labels of a callable loss).
         val_loss: E at the end of the recorded run.
         strategy: the memory strategy used (e.g. ``"checkpointed(every=13)"``).
         seconds: wall time of the reverse pass (including recomputation).
@@ -215,7 +221,7 @@ def unrolled(
         raise TypeError(param_error("x_train", func, "floating-point inputs for input_grad=True", f"{x.dtype} inputs"))
 
     start_time = time.perf_counter()
-    label_grad = trajectory.loss.continuous_labels and np.issubdtype(y.dtype, np.floating)
+    label_grad = trajectory.loss.has_label_grad(y)
     program = trajectory.program(label_grad=label_grad, input_grad=input_grad)
     dtype = program.fn.dtype
     steps = trajectory.steps

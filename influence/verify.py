@@ -273,10 +273,10 @@ def check_unrolled(
         )
     traj64 = as_float64_trajectory(trajectory, x, y)
     x64 = x.astype(np.float64)
-    y64 = y.astype(np.float64) if trajectory.loss.continuous_labels and np.issubdtype(y.dtype, np.floating) else y
+    y64 = y.astype(np.float64) if trajectory.loss.has_label_grad(y) else y
     result = unrolled(traj64, x64, y64, x_val, y_val, progress=False)
     if wrt == "labels" and result.label_grad is None:
-        raise ValueError(param_error("wrt", func, "'inputs' or 'sample_weights' for class labels", "'labels'"))
+        raise ValueError(param_error("wrt", func, "'inputs' or 'sample_weights' for class-index labels", "'labels'"))
 
     def val_after(x_: np.ndarray, y_: np.ndarray, c_: np.ndarray) -> float:
         return validation_loss(traj64, retrain(traj64, x_, y_, sample_weight=c_), x_val, y_val)

@@ -122,6 +122,26 @@ def test_as_float64_keeps_values_and_float64_precision_for_nested_models():
     assert np.all(np.abs(delta) > 0) and np.all(np.abs(delta) < 1e-8)
 
 
+def test_as_float64_keeps_adapted_preprocessing_statistics(monkeypatch):
+    """An adapted Normalization keeps its statistics in variables that set_weights alone does not apply."""
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(20, 5)).astype("float32")
+    norm = keras.layers.Normalization()
+    norm.adapt(x)
+    model = keras.Sequential([keras.Input((5,)), norm, keras.layers.Dense(2)])
+    model64 = inf.as_float64(model)
+    assert np.allclose(model64(x.astype("float64")).numpy(), model(x).numpy(), atol=1e-5)
+    # A layer whose state the copy misses is refused, not copied into another function.
+    finalize = keras.layers.Normalization.finalize_state
+
+    def forgetting_the_mean(layer):
+        finalize(layer)
+        layer.mean = layer.mean * 0
+
+    monkeypatch.setattr(keras.layers.Normalization, "finalize_state", forgetting_the_mean)
+    with pytest.raises(ValueError, match=r"as_float64 must be a model whose float64 copy computes the same function"):
+        inf.as_float64(model)
+
+
 def test_keras_loss_objects_are_translated_to_float64_losses():
     y = tf.constant([0, 1])
     p = tf.constant([[0.7, 0.3], [0.2, 0.8]], tf.float64)

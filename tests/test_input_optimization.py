@@ -173,6 +173,48 @@ def test_optimize_training_inputs_rejects_bad_input(kwargs, match, blobs):
         inf.optimize_training_inputs(traj, x, y, xv, yv, **args)
 
 
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"x_val": np.zeros((15, 5))}, "'x_val' parameter of optimize_training_inputs"),
+        ({"y_val": np.zeros(14, dtype=int)}, "'y_val' parameter of optimize_training_inputs"),
+        ({"y_val": np.zeros((15, 3), dtype=int)}, "'y_val' parameter of optimize_training_inputs"),
+    ],
+)
+def test_validation_data_is_checked_before_the_first_retraining(bad, match, blobs, blob_run):
+    x, y, xv, yv = blobs
+    args = {"x_val": xv, "y_val": yv, **bad}
+    with pytest.raises((ValueError, TypeError), match=match):
+        inf.optimize_training_inputs(blob_run, x, y, args["x_val"], args["y_val"], [0], steps=1, progress=False)
+
+
+def test_one_hot_labels_stored_as_integers_can_be_optimised():
+    rng = np.random.default_rng(0)
+    x, xv = rng.uniform(size=(12, 4)), rng.uniform(size=(6, 4))
+    onehot, yv = np.eye(3, dtype=int)[rng.integers(0, 3, 12)], np.eye(3)[rng.integers(0, 3, 6)]
+    traj = inf.fit(mlp(4, 3, out_activation="softmax"), x, onehot, loss="categorical_crossentropy",
+                   optimizer=SGD(0.5), batch_size=4, epochs=2)  # fmt: skip
+    res = inf.optimize_training_inputs(traj, x, onehot, xv, yv, [0, 1], goal="repair", target="labels", steps=2)
+    assert res.y.dtype == np.float64 and np.allclose(res.y.sum(axis=1), 1)
+    assert not np.array_equal(res.y[:2], onehot[:2]) and np.array_equal(res.y[2:], onehot[2:])
+    assert res.val_loss[-1] < res.val_loss[0]
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_binary_targets_report_a_classification_error(from_logits):
+    rng = np.random.default_rng(3)
+    x, xv = rng.uniform(size=(12, 4)), rng.uniform(size=(8, 4))
+    y, yv = (x[:, :1] > 0.5).astype(float), (xv[:, :1] > 0.5).astype(float)
+    traj = inf.fit(mlp(4, 1, out_activation=None if from_logits else "sigmoid"), x, y, loss="binary_crossentropy",
+                   from_logits=from_logits, optimizer=SGD(1.0), batch_size=4, epochs=30)  # fmt: skip
+    res = inf.optimize_training_inputs(traj, x, y, xv, yv, [0, 1], steps=1, progress=False)
+    traj.model.set_weights(traj.final_weights)
+    outputs = np.asarray(traj.model(xv))
+    expected = np.mean((outputs > (0.0 if from_logits else 0.5)) != (yv > 0.5))
+    assert res.val_error[0] == expected and 0 < expected < 0.5
+    assert np.all(np.isfinite(res.val_error))
+
+
 def test_simplex_projection_is_the_closest_point_on_the_simplex():
     from influence.input_optimization import project_to_simplex
 

@@ -42,6 +42,26 @@ def test_saved_trajectory_reloads_with_identical_results(tmp_path, record):
         loaded.optimizer.learning_rates(7)
 
 
+def test_models_with_non_trainable_weights_reload(tmp_path):
+    """BatchNorm statistics (training=False), a frozen layer and an adapted Normalization live in model.keras."""
+    rng = np.random.default_rng(0)
+    x, y, xv, yv = rng.normal(size=(11, 5)), rng.integers(0, 3, 11), rng.normal(size=(5, 5)), rng.integers(0, 3, 5)
+    norm = keras.layers.Normalization(dtype="float64")
+    norm.adapt(x)
+    frozen = keras.layers.Dense(4, activation="tanh", dtype="float64")
+    model = keras.Sequential([keras.Input((5,), dtype="float64"), norm, frozen, keras.layers.BatchNormalization(
+        dtype="float64"), keras.layers.Dense(3, activation="softmax", dtype="float64")])  # fmt: skip
+    frozen.trainable = False
+    traj = inf.fit(model, x, y, loss="sparse_categorical_crossentropy", optimizer=SGD(0.3), batch_size=4,
+                   training=False)  # fmt: skip
+    inf.save_trajectory(traj, tmp_path / "run")
+    loaded = inf.load_trajectory(tmp_path / "run")
+    assert len(loaded.initial_weights) == 4  # BatchNorm's γ and β, the last Dense's kernel and bias
+    before, after = inf.unrolled(traj, x, y, xv, yv), inf.unrolled(loaded, x, y, xv, yv)
+    assert np.array_equal(before.removal_effect, after.removal_effect)
+    assert np.array_equal(before.input_grad, after.input_grad)
+
+
 def test_a_constant_rate_reloads_as_that_rate(tmp_path):
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(6, 4)), rng.normal(size=(6, 2))
@@ -149,7 +169,7 @@ def test_damaged_or_mixed_folders_are_named_not_raw_errors(tmp_path):
             f / "arrays.npz", **{k: v for k, v in np.load(f / "arrays.npz").items() if k != "final_0"}
         ),
         "model.keras is not a Keras archive": lambda f: (f / "model.keras").write_bytes(b"garbage"),
-        r"model.keras has weights of shapes .* \(files from different runs\)": lambda f: shutil.copy(
+        r"model.keras has trainable weights of shapes .* \(files from different runs\)": lambda f: shutil.copy(
             tmp_path / "other" / "model.keras", f / "model.keras"
         ),
     }
@@ -161,3 +181,15 @@ def test_damaged_or_mixed_folders_are_named_not_raw_errors(tmp_path):
             match=f"'path' parameter of load_trajectory must be a folder written by save_trajectory. Got .*{message}",
         ):
             inf.load_trajectory(folder)
+
+
+def test_a_lambda_model_loads_with_safe_mode_off(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 4)), rng.normal(size=(6, 2))
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda t: t * 2.0), keras.layers.Dense(2)])
+    traj = inf.fit(model, x, y, loss="mse", optimizer=SGD(0.05), batch_size=3)
+    inf.save_trajectory(traj, tmp_path / "run")
+    with pytest.raises(ValueError, match="safe_mode"):
+        inf.load_trajectory(tmp_path / "run")
+    loaded = inf.load_trajectory(tmp_path / "run", safe_mode=False)
+    assert all(np.array_equal(a, b) for a, b in zip(inf.retrain(loaded, x, y), traj.final_weights))

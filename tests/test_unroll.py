@@ -75,6 +75,25 @@ def test_label_grad_matches_finite_differences_for_regression():
     assert chk.ok and chk.max_rel_error <= 1e-5, chk
 
 
+def test_integer_valued_labels_of_a_continuous_loss_get_label_grads():
+    """One-hot labels stored as ints (and integer regression targets) are read as real numbers by their loss."""
+    rng = np.random.default_rng(0)
+    x, xv = rng.uniform(size=(12, 4)), rng.uniform(size=(6, 4))
+    onehot = np.eye(3, dtype=int)[rng.integers(0, 3, 12)]
+    yv = np.eye(3)[rng.integers(0, 3, 6)]
+    as_int = inf.fit(mlp(4, 3, out_activation="softmax"), x, onehot, loss="categorical_crossentropy",
+                     optimizer=SGD(0.5), batch_size=4, epochs=2)  # fmt: skip
+    grad_int = inf.unrolled(as_int, x, onehot, xv, yv).label_grad
+    grad_float = inf.unrolled(as_int, x, onehot.astype(float), xv, yv).label_grad
+    assert grad_int is not None and grad_int.shape == onehot.shape
+    np.testing.assert_allclose(grad_int, grad_float, rtol=1e-12)
+    chk = inf.check_unrolled(as_int, x, onehot, xv, yv, 2, wrt="labels")
+    assert chk.ok, chk
+    targets = rng.integers(-3, 4, size=(12, 1))
+    regression = inf.fit(mlp(4, 1), x, targets, loss="mse", optimizer=SGD(0.05), batch_size=4, epochs=2)
+    assert inf.unrolled(regression, x, targets, xv, rng.normal(size=(6, 1))).label_grad.shape == (12, 1)
+
+
 def test_retrain_reproduces_the_recorded_final_weights(data):
     x, y, _, _ = data
     model = mlp(5, 3, out_activation="softmax")
@@ -430,11 +449,29 @@ def test_fit_rejects_bad_input(kwargs, error, match, data):
         (lambda: RMSprop(0.1, epsilon=0), "'epsilon' parameter of RMSprop must be a positive number"),
         (lambda: SGD(0.1, weight_decay=-1), "'weight_decay' parameter of SGD must be a non-negative number"),
         (lambda: inf.Checkpointed(every=0), "'every' parameter of Checkpointed must be a positive int or None"),
+        (lambda: SGD(0.1, weight_decay=True), "'weight_decay' parameter of SGD must be a non-negative number"),
+        (lambda: SGD(0.1, momentum=0.9, nesterov="yes"), "'nesterov' parameter of SGD must be True or False"),
+        (
+            lambda: SGD(lambda t: np.ones(2)).learning_rates(3),
+            "'learning_rate' parameter of SGD must be a schedule "
+            r"of single numbers \(step -> rate\). Got an array of shape \(2,\) at step 0 instead.",
+        ),
     ],
 )
 def test_optimizers_and_strategies_reject_bad_settings(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_numpy_settings_are_accepted_and_a_checkpoint_interval_beyond_the_run_holds_no_more_than_store_all():
+    assert inf.Checkpointed(np.int64(3)).interval(10) == 3
+    # A schedule may return a one-element array (a tensor of shape (1,)): it is that rate.
+    assert np.array_equal(SGD(lambda t: np.array([0.1 * (t + 1)])).learning_rates(2), [0.1, 0.2])
+    for steps in (1, 6, 7):
+        for every in (steps, steps + 1, 50):
+            held = inf.Checkpointed(every).states_held(steps)
+            assert held == inf.StoreAll().states_held(steps), (steps, every, held)
+            assert inf.Checkpointed(every).segments(steps) == [(0, steps)]
 
 
 def test_safe_sqrt_has_zero_derivative_at_zero_and_adam_stays_finite_on_dead_inputs():
@@ -579,6 +616,9 @@ def test_models_with_regularization_losses_are_refused_by_fit(kind, data):
     )
     with pytest.raises(ValueError, match=f"'model' parameter of fit must be a model without regularization.*{kind}"):
         inf.fit(model, x, y, loss=LOSS, batch_size=5)
+    # The hint must not promise more than holds: decoupled decay equals an L2 term λ‖w‖² only for plain SGD, at 2λ.
+    with pytest.raises(ValueError, match=r"SGD\(weight_decay=2·λ\).*only for plain SGD"):
+        inf.fit(model, x, y, loss=LOSS, batch_size=5)
 
 
 def test_shuffle_must_be_a_bool(data):
@@ -608,3 +648,41 @@ def test_subclassed_model_whose_call_takes_no_training_argument(data):
     traj = inf.fit(model, x, y, loss=LOSS, batch_size=5, epochs=2)
     chk = inf.check_unrolled(traj, x, y, xv, yv, 2, wrt="sample_weights")
     assert chk.ok and chk.max_rel_error <= 1e-5, chk
+
+
+class _TwoOutputs(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = keras.layers.Dense(3, activation="softmax"), keras.layers.Dense(3, activation="softmax")
+
+    def call(self, x, training=False):
+        return self.a(x), self.b(x)
+
+
+def test_a_single_output_in_a_dict_is_the_output_and_several_outputs_are_refused_by_name(data):
+    x, y, xv, yv = data
+
+    def model(named):
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((5,))
+        out = keras.layers.Dense(3, activation="softmax")(keras.layers.Dense(4, activation="tanh")(inp))
+        return keras.Model(inp, {"p": out} if named else out)
+
+    results = [inf.unrolled(inf.fit(model(n), x, y, loss=LOSS, batch_size=5), x, y, xv, yv) for n in (False, True)]
+    np.testing.assert_array_equal(results[0].removal_effect, results[1].removal_effect)
+    # A subclassed model declares no outputs: its tuple showed as sample coupling or an AttributeError.
+    two = _TwoOutputs()
+    two(x[:1])
+    for training in (True, False):
+        with pytest.raises(ValueError, match="'model' parameter of fit must be a model with one input and one output. "
+                           "Got a model with 2 outputs"):  # fmt: skip
+            inf.fit(two, x, y, loss=LOSS, batch_size=5, training=training)
+
+
+def test_stateful_recurrent_layers_are_refused_before_training():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 5, 3)), rng.integers(0, 3, 8)
+    model = keras.Sequential([keras.Input((5, 3), batch_size=8), keras.layers.SimpleRNN(3, stateful=True, name="rnn"),
+                              keras.layers.Dense(3, activation="softmax")])  # fmt: skip
+    with pytest.raises(ValueError, match=r"'model' parameter of fit must be a model without stateful layers .* rnn"):
+        inf.fit(model, x, y, loss=LOSS, batch_size=8)
