@@ -368,13 +368,16 @@ class Program:
 
         Runs forward only as far as the last requested step.
         """
-        states, position = [], 0
+        return list(self.iter_states_at(schedule, w, s, steps, x, y, c))
+
+    def iter_states_at(self, schedule: Schedule, w, s, steps: list[int], x, y, c):
+        """:meth:`states_at` one state at a time: memory for one (weights, state), not one per step."""
+        position = 0
         for t in steps:
             if t > position:
                 w, s = self.run(schedule, w, s, position, t, x, y, c)
                 position = t
-            states.append((list(w), list(s)))
-        return states
+            yield list(w), list(s)
 
     # ------------------------------------------------------------------ reverse
 
@@ -546,6 +549,10 @@ class BoundProgram:
     def states_at(self, w, s, steps: list[int], x, y, c):
         """See :meth:`Program.states_at`."""
         return self.program.states_at(self.schedule, w, s, steps, x, y, c)
+
+    def iter_states_at(self, w, s, steps: list[int], x, y, c):
+        """See :meth:`Program.iter_states_at`."""
+        return self.program.iter_states_at(self.schedule, w, s, steps, x, y, c)
 
     def reverse(self, w_hist, s_hist, start: int, lam_w, lam_s, x, y, c):
         """See :meth:`Program.reverse`."""

@@ -28,11 +28,11 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
 
-from .._progress import progress_bar
 from ..trajectory import Trajectory, _data_tensors
 from ..unroll import unrolled
 from ._samples import SampleOps
@@ -105,64 +105,64 @@ def margin_steps(trajectory: Trajectory, every: int | None) -> list[int]:
     return [*checkpoint_steps(trajectory, every)[1:], trajectory.steps]
 
 
-def weights_at(trajectory: Trajectory, x: np.ndarray, y: np.ndarray, steps: list[int]) -> list[list[tf.Tensor]]:
+def weights_at(trajectory: Trajectory, x: np.ndarray, y: np.ndarray, steps: list[int]) -> Iterator[list[tf.Tensor]]:
     """Trainable weights before each of ``steps`` (increasing; T = ``trajectory.steps`` gives the final weights).
 
-    From the stored history, or one forward replay as far as the last step below T.
+    From the stored history, or one forward replay as far as the last step below T. One
+    checkpoint at a time: memory for one set of weights, however many checkpoints.
     """
     program = trajectory.program()
     dtype = program.fn.dtype
-    final = [tf.constant(v, dtype=dtype) for v in trajectory.final_weights]
     inner = [t for t in steps if t < trajectory.steps]
     if trajectory.weights_history is not None:
-        before = [[tf.constant(h[t], dtype=dtype) for h in trajectory.weights_history] for t in inner]
-    else:
+        for t in inner:
+            yield [tf.constant(h[t], dtype=dtype) for h in trajectory.weights_history]
+    elif inner:
         x_t, y_t, c_t = _data_tensors(program, x, y, trajectory.sample_weight)
-        before = [w for w, _ in program.states_at(*trajectory.initial_tensors(), inner, x_t, y_t, c_t)]
-    return before + [final] * (len(steps) - len(inner))
+        for w, _ in program.iter_states_at(*trajectory.initial_tensors(), inner, x_t, y_t, c_t):
+            yield w
+    for _ in range(len(steps) - len(inner)):
+        yield [tf.constant(v, dtype=dtype) for v in trajectory.final_weights]
 
 
-def visit_weights(trajectory: Trajectory, steps: list[int]) -> np.ndarray:
-    """(K, n): Σ η_t/|B_t| over the visits of each sample between consecutive checkpoints."""
+def visit_weights(trajectory: Trajectory, steps: list[int]) -> Iterator[np.ndarray]:
+    """For each checkpoint interval, (n,): Σ η_t/|B_t| over the visits of each sample in it."""
     bounds = [*steps, trajectory.steps]
-    weights = np.zeros((len(steps), trajectory.n_train))
     for k in range(len(steps)):
+        weights = np.zeros(trajectory.n_train)
         for t in range(bounds[k], bounds[k + 1]):
             batch = trajectory.batches[t]
-            np.add.at(weights[k], batch, trajectory.learning_rates[t] / len(batch))
-    return weights
+            np.add.at(weights, batch, trajectory.learning_rates[t] / len(batch))
+        yield weights
 
 
-def by_tracin(
-    trajectory, x, y, x_val, y_val, *, ops: SampleOps, checkpoint_every: int | None, progress: bool | None, **_
-) -> Scores:
+def by_tracin(trajectory, x, y, x_val, y_val, *, ops: SampleOps, checkpoint_every: int | None, **_) -> Scores:
     steps = checkpoint_steps(trajectory, checkpoint_every)
-    visits = visit_weights(trajectory, steps)
     effect = np.zeros(len(ops.samples))
-    checkpoints = progress_bar(weights_at(trajectory, x, y, steps), progress=progress, desc="TracIn checkpoints")
-    for k, w in enumerate(checkpoints):
-        effect += visits[k][ops.samples] * ops.gradient_dots(w, val_gradient(ops, trajectory, w, x_val, y_val))
+    with ops.counting(len(steps), "TracIn"):
+        for visits, w in zip(visit_weights(trajectory, steps), weights_at(trajectory, x, y, steps)):
+            effect += visits[ops.samples] * ops.gradient_dots(w, val_gradient(ops, trajectory, w, x_val, y_val))
     weighted = effect * trajectory.sample_weight[ops.samples]
     return -weighted, weighted, {"checkpoints": len(steps)}
 
 
-def by_self_influence(
-    trajectory, x, y, *, ops: SampleOps, checkpoint_every: int | None, progress: bool | None, **_
-) -> Scores:
+def by_self_influence(trajectory, x, y, *, ops: SampleOps, checkpoint_every: int | None, **_) -> Scores:
     steps = checkpoint_steps(trajectory, checkpoint_every)
     bounds = [*steps, trajectory.steps]
     score = np.zeros(len(ops.samples))
-    for k, w in enumerate(progress_bar(weights_at(trajectory, x, y, steps), progress=progress, desc="self-influence")):
-        rate = float(np.mean(trajectory.learning_rates[bounds[k] : bounds[k + 1]]))
-        score += rate * ops.squared_gradient_norms(w)
+    with ops.counting(len(steps), "self-influence"):
+        for k, w in enumerate(weights_at(trajectory, x, y, steps)):
+            rate = float(np.mean(trajectory.learning_rates[bounds[k] : bounds[k + 1]]))
+            score += rate * ops.squared_gradient_norms(w)
     return score, None, {"checkpoints": len(steps)}
 
 
-def by_margin(trajectory, x, y, *, ops: SampleOps, checkpoint_every: int | None, progress: bool | None, **_) -> Scores:
+def by_margin(trajectory, x, y, *, ops: SampleOps, checkpoint_every: int | None, **_) -> Scores:
     steps = margin_steps(trajectory, checkpoint_every)
     total = np.zeros(len(ops.samples))
-    for w in progress_bar(weights_at(trajectory, x, y, steps), progress=progress, desc="margin checkpoints"):
-        total += ops.margins(w)
+    with ops.counting(len(steps), "margin"):
+        for w in weights_at(trajectory, x, y, steps):
+            total += ops.margins(w)
     return -total / len(steps), None, {"checkpoints": len(steps)}
 
 
