@@ -7,8 +7,14 @@ each scored by :func:`influence.rank` with ``samples=shard`` in its own
 process from a saved trajectory, and the tables are merged. Processes are
 started with ``spawn`` (TensorFlow does not survive ``fork``); each one
 limits TensorFlow to ``threads_per_process`` threads so shards do not fight
-over cores. Each process repeats the shared solve (one vector): cheap next
-to scoring many samples.
+over cores.
+
+Each process repeats the shared work: the whole reverse pass for ``"unrolled"``,
+the damping estimate and the inverse-Hessian solve for ``"influence_function"``.
+Only the per-sample part is split, so sharding pays when that part dominates
+(self-influence, TracIn with many checkpoints, large n) or when each process has
+its own machine. On one machine, influence_function and unrolled are usually
+faster with a plain :func:`influence.rank` (their shared work dominates).
 """
 
 from __future__ import annotations

@@ -493,3 +493,24 @@ def test_self_influence_norms_are_per_sample_gradients_in_bounded_chunks_with_ch
     monkeypatch.setattr(ops, "_sq_norms", lambda w, xb, yb: calls.append(len(xb)) or tf.zeros(len(xb), tf.float64))
     ops.squared_gradient_norms(w)
     assert calls == [3, 3, 3, 1]
+
+
+def test_the_dense_hessian_is_compiled_once_and_equals_the_full_hessian(run):
+    """Exact's chunk Hessians ran the eager pfor anew per chunk (retracing each time, TF warning about it)."""
+    import tensorflow as tf
+
+    from influence import autodiff
+    from influence.rankers._samples import SampleOps
+
+    traj, x, y, _, _ = run
+    ops = SampleOps(traj, x, y, chunk=16)  # 40 samples: chunks of 16, 16 and 8
+    w = ops.weights(traj.final_weights)
+    dense = ops.dense_hessian(w)
+    traced = _compiled_bodies(traj.program().program).hessian.experimental_get_tracing_count()
+    np.testing.assert_allclose(ops.dense_hessian(w), dense, rtol=0, atol=0)
+    assert _compiled_bodies(traj.program().program).hessian.experimental_get_tracing_count() == traced <= 2
+
+    def mean_loss(weights):
+        return tf.reduce_mean(ops.objective(weights, ops.x, ops.y, training=False))
+
+    np.testing.assert_allclose(dense, autodiff.hessian(mean_loss, w).numpy(), rtol=1e-9, atol=1e-12)

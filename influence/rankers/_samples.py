@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from .._graphs import graph_function
-from .._progress import progress_counter
+from .._progress import progress_bar, progress_counter
 from ..autodiff import hessian
 from ..losses import label_margin
 from ..trajectory import Trajectory
@@ -47,6 +47,7 @@ class _Bodies:
         self.dots = graph_function(self._dots_impl, reduce_retracing=True)
         self.sq_norms = graph_function(self._sq_norms_impl, reduce_retracing=True)
         self.hvp = graph_function(self._hvp_impl, reduce_retracing=True)
+        self.hessian = graph_function(self._hessian_impl, reduce_retracing=True)
 
     def _losses_impl(self, w, xb, yb):
         out = self.fn(w, xb, training=False)
@@ -80,6 +81,13 @@ class _Bodies:
             tape.watch(w)
             total = tf.reduce_sum(cb * self.objective(w, xb, yb, training=False))
         return tape.gradient(total, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def _hessian_impl(self, w, xb, yb, cb, count):
+        # Compiled: the eager pfor of autodiff.hessian retraced on every chunk (and TF warned about it).
+        def chunk_loss(weights):
+            return tf.reduce_sum(cb * self.objective(weights, xb, yb, training=False)) / count
+
+        return hessian(chunk_loss, w)
 
     def _hvp_impl(self, w, v, xb, yb, cb):
         with tf.autodiff.ForwardAccumulator(w, v) as acc:
@@ -134,7 +142,7 @@ class SampleOps:
         self._bar: Any = None  # the open progress bar of :meth:`counting`, if any
         compiled = _compiled_bodies(program.program)
         self._losses, self._margins, self._dots = compiled.losses, compiled.margins, compiled.dots
-        self._sq_norms, self._hvp = compiled.sq_norms, compiled.hvp
+        self._sq_norms, self._hvp, self._hessian = compiled.sq_norms, compiled.hvp, compiled.hessian
 
     def chunks(self, count: int | None = None, chunk: int | None = None) -> Iterator[slice]:
         """Slices of ``chunk`` (default ``self.chunk``) samples over ``count`` rows (default: the selected samples)."""
@@ -199,13 +207,10 @@ class SampleOps:
     def dense_hessian(self, w: list[tf.Tensor]) -> np.ndarray:
         """Dense Hessian (P, P) of the weighted mean training loss; small models only."""
         total = None
-        for s in self.chunks(self.n):
-            xb, yb, cb = self.x[s], self.y[s], self.c[s]
-
-            def chunk_loss(weights: list[tf.Tensor], xb=xb, yb=yb, cb=cb) -> tf.Tensor:
-                return tf.reduce_sum(cb * self.objective(weights, xb, yb, training=False)) / self.n
-
-            part = hessian(chunk_loss, w).numpy()
+        count = tf.constant(self.n, self.dtype)
+        chunks = list(self.chunks(self.n))
+        for s in progress_bar(chunks, progress=self.progress, desc="dense Hessian", unit="chunk", leave=False):
+            part = self._hessian(w, self.x[s], self.y[s], self.c[s], count).numpy()
             total = part if total is None else total + part
         assert total is not None
         return total

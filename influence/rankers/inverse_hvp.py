@@ -58,7 +58,7 @@ def extreme_eigenvalues(
     q = rng.standard_normal(size)
     q /= np.linalg.norm(q)
     alphas, betas = [], []
-    for k in range(steps):
+    for k in progress_bar(range(steps), progress=ops.progress, desc="damping (Lanczos)", unit="H·v", leave=False):
         basis[k] = q
         v = _tree.unflatten(tf.constant(q, ops.dtype), w)
         hq = _tree.flatten(ops.hvp(w, v, indices=indices)).numpy().astype(np.float64)
@@ -135,9 +135,13 @@ class InverseHVP(ABC):
 
 @dataclass(frozen=True)
 class Exact(InverseHVP):
-    """Dense Hessian (P ≤ max_parameters), eigendecomposition, then solve."""
+    """Dense Hessian (P ≤ max_parameters), eigendecomposition, then solve.
 
-    max_parameters: int = 20_000
+    The eigendecomposition costs O(P³) time and P² memory: 63 s at 7,960 parameters on 2 CPU
+    cores (against 3 s for CG on the same run), hence the cap.
+    """
+
+    max_parameters: int = 10_000
     name = "exact"
 
     def _eigen(self, ops: SampleOps, w: list[tf.Tensor]) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +151,8 @@ class Exact(InverseHVP):
                 param_error(
                     "solver",
                     "rank",
-                    f"'cg' or 'lissa' for models over {self.max_parameters} parameters",
+                    f"'cg' or 'lissa' for models over {self.max_parameters} parameters (the dense "
+                    "Hessian's eigendecomposition costs O(P³) time)",
                     f"'exact' with {count} parameters",
                 )
             )

@@ -68,7 +68,9 @@ def by_influence_function(
     if residual > RESIDUAL_WARNING:
         warnings.warn(
             f"rank: the {solver.name} solve of (H + {lam:.3g}·I) s = ∇E is off by {residual:.1%} (relative "
-            f"residual ‖(H + λI)s − ∇E‖/‖∇E‖): the influence scores carry an error of that order or more. "
+            f"residual ‖(H + λI)s − ∇E‖/‖∇E‖): s is not converged, so the influence scores built on it are "
+            f"off by an amount the residual does not bound (smaller or larger than it, depending on where the "
+            f"error lies). "
             f"{_RESIDUAL_HINTS.get(solver.name, _RESIDUAL_HINTS['exact'])}",
             RuntimeWarning,
             stacklevel=3,  # the caller of rank
