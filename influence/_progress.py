@@ -20,9 +20,14 @@ T = TypeVar("T")
 
 def progress_bar(iterable: Iterable[T], *, progress: bool | None, desc: str, **kwargs: Any) -> Iterable[T]:
     """``iterable`` wrapped in a tqdm bar that follows the ``progress`` rule above."""
-    return tqdm(iterable, desc=desc, disable=progress is False, delay=0.0 if progress else DELAY_S, **kwargs)
+    return tqdm(iterable, desc=desc, **_rule(progress), **kwargs)
 
 
 def progress_counter(total: int, *, progress: bool | None, desc: str, **kwargs: Any) -> tqdm:
     """A tqdm bar of ``total`` units advanced by hand (``bar.update(k)``), same rule; close it when done."""
-    return tqdm(total=total, desc=desc, disable=progress is False, delay=0.0 if progress else DELAY_S, **kwargs)
+    return tqdm(total=total, desc=desc, **_rule(progress), **kwargs)
+
+
+def _rule(progress: bool | None) -> dict[str, Any]:
+    """The rule above as tqdm options."""
+    return {"disable": progress is False, "delay": 0.0 if progress else DELAY_S}

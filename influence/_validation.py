@@ -102,13 +102,14 @@ def check_feature_shape(func: str, param: str, array: np.ndarray, expected: Sequ
         raise ValueError(param_error(param, func, f"samples of shape {shown} ({what})", f"samples of shape {got}"))
 
 
+def is_real(value: Any) -> bool:
+    """A real number (Python or NumPy), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_positive(value: Any, *, param: str, func: str, kind: type = float) -> None:
     """A positive int or float."""
-    valid_type = (
-        isinstance(value, (int, np.integer))
-        if kind is int
-        else isinstance(value, (int, float, np.integer, np.floating))
-    )
+    valid_type = isinstance(value, (int, np.integer)) if kind is int else is_real(value)
     if isinstance(value, bool) or not valid_type or not value > 0 or not np.isfinite(value):
         name = "int" if kind is int else "number"
         raise ValueError(param_error(param, func, f"a positive {name}", describe(value)))

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from ._validation import describe, param_error
+from ._validation import describe, is_real, param_error
 
 State = list[tf.Tensor]
 Schedule = Callable[[int], float]
@@ -76,7 +76,7 @@ class Optimizer(ABC):
         name = type(self).__name__
         if not callable(self.learning_rate):
             _positive(self.learning_rate, "learning_rate", name, "a positive number or a schedule (step -> rate)")
-        if not _real(self.weight_decay) or not 0 <= self.weight_decay < np.inf:
+        if not is_real(self.weight_decay) or not 0 <= self.weight_decay < np.inf:
             raise ValueError(param_error("weight_decay", name, "a non-negative number", describe(self.weight_decay)))
 
     def learning_rates(self, steps: int) -> np.ndarray:
@@ -129,18 +129,13 @@ class Optimizer(ABC):
         return self._step(weights, grads, state, lr, step)
 
 
-def _real(value: Any) -> bool:
-    """A real number (Python or NumPy), not a bool."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
 def _positive(value: Any, param: str, name: str, expected: str = "a positive number") -> None:
-    if not _real(value) or not value > 0 or not np.isfinite(value):
+    if not is_real(value) or not value > 0 or not np.isfinite(value):
         raise ValueError(param_error(param, name, expected, describe(value)))
 
 
 def _in_unit_interval(value: Any, param: str, name: str) -> None:
-    if not _real(value) or not 0 <= value < 1:
+    if not is_real(value) or not 0 <= value < 1:
         raise ValueError(param_error(param, name, "a number in [0, 1)", describe(value)))
 
 
