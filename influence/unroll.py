@@ -11,6 +11,9 @@ strategy objects; add a class to add a strategy):
 - :class:`Replay`: only w_0 kept; each step's state recomputed from w_0,
   O(|w|) memory and O(T²) steps: for tiny budgets.
 
+A weights history that :func:`influence.fit` recorded is already in memory:
+every strategy then slices it instead of recomputing steps.
+
 ``strategy="auto"`` picks the cheapest one that fits ``memory_budget_bytes``.
 """
 
@@ -164,7 +167,9 @@ class UnrolledResult:
         val_loss: E at the end of the recorded run.
         strategy: the memory strategy used (e.g. ``"checkpointed(every=13)"``).
         seconds: wall time of the reverse pass (including recomputation).
-        memory_bytes: the strategy's estimate of held states + segment buffers.
+        memory_bytes: the strategy's estimate of held states + segment buffers: what the
+            memory budget bounds. The results themselves (n·(1 + |x_i| + |y_i|) numbers, and
+            while segments are summed up to three such arrays) come on top.
     """
 
     removal_effect: np.ndarray
@@ -330,8 +335,12 @@ def _segment_starts(program, plan, segments, trajectory, initial, x_t, y_t, c_t)
 
 
 def _segment_states(program, plan, trajectory, starts, index, a, b, initial, x_t, y_t, c_t):
-    """Stacked states before steps a … b−1: sliced from the stored history or recomputed."""
-    if trajectory.weights_history is not None and plan.stores_segment_starts():
+    """Stacked states before steps a … b−1: sliced from the stored history or recomputed.
+
+    A history recorded by :func:`influence.fit` is already in memory, so every strategy
+    (Replay included) slices it rather than recomputing steps it holds.
+    """
+    if trajectory.weights_history is not None:
         dtype = program.fn.dtype
         w_hist = [tf.constant(h[a:b], dtype=dtype) for h in trajectory.weights_history]
         s_hist = [tf.constant(h[a:b], dtype=dtype) for h in trajectory.state_history or []]

@@ -146,6 +146,28 @@ def test_every_memory_strategy_gives_the_same_numbers(record, data):
         assert np.allclose(res.input_grad, reference.input_grad, rtol=1e-12, atol=1e-16)
 
 
+def test_replay_slices_a_history_already_in_memory_instead_of_recomputing_it(data, monkeypatch):
+    from influence.program import Program
+
+    x, y, xv, yv = data
+    traj = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, batch_size=3, epochs=3)
+    assert traj.weights_history is not None
+    reference = inf.unrolled(traj, x, y, xv, yv, strategy="store_all")
+    forward_steps = []
+    real_run = Program.run
+    monkeypatch.setattr(
+        Program,
+        "run",
+        lambda self, sch, w, s, a, b, *r, **k: forward_steps.append(b - a) or real_run(self, sch, w, s, a, b, *r, **k),
+    )
+    replayed = inf.unrolled(traj, x, y, xv, yv, strategy="replay")
+    assert forward_steps == []  # was T(T+1)/2 = 120 recomputed steps
+    assert replayed.strategy == "replay"
+    # the same numbers, summed per one-step segment instead of once
+    assert np.allclose(replayed.removal_effect, reference.removal_effect, rtol=1e-12, atol=1e-16)
+    assert np.allclose(replayed.input_grad, reference.input_grad, rtol=1e-12, atol=1e-16)
+
+
 def test_auto_strategy_follows_the_memory_budget(data):
     x, y, xv, yv = data
     traj = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, batch_size=1, epochs=4, record_budget_bytes=0)
