@@ -9,6 +9,15 @@ Conventions:
     written with ``model.stateless_call`` gets exact second derivatives through
     LayerNormalization (TensorFlow's ``tf.nn.moments`` stops the gradient of its mean).
     Vectors over weights are lists shaped like ``weights``.
+
+A ``loss_fn`` for a Keras model, with a loss that keeps float64 (Keras's loss objects
+compute in float32)::
+
+    fn = inf.ModelFunction(model)                 # fn(weights, x) -> outputs, stateless
+    loss = inf.losses.get_loss("sparse_categorical_crossentropy")
+    loss_fn = lambda w: loss.mean(y, fn(w, x))     # mean per-sample loss over (x, y)
+    inf.hvp(loss_fn, fn.weights, v)                # v: list shaped like fn.weights
+
 Nothing here builds a Jacobian of the weight gradient with respect to the
 inputs (|w|×|X| numbers); that route lives only in the ``jacobian`` reference
 of :func:`influence.one_step` and in the explicit ``jacobian_*`` helpers below.
@@ -105,7 +114,10 @@ def per_sample_dots(
 
 
 def hessian(loss_fn: ScalarFn, weights: Sequence[tf.Tensor]) -> tf.Tensor:
-    """Dense Hessian over the flattened weights, shape (P, P). Small models only."""
+    """Dense Hessian over the flattened weights, shape (P, P). Small models only.
+
+    The flat order: each tensor of ``weights`` raveled in C order, concatenated in list order.
+    """
     weights = _as_tensors(weights)
     count = _tree.size(weights)
     if count > 20_000:
@@ -190,7 +202,10 @@ def vjp_chain(
         tapes.append(tape)
         stage_inputs.append(h)
         stage_outputs.append(out)
-        h = out
+        # A fresh tensor of the same values: Keras attaches the logits to a softmax output
+        # (``_keras_logits``) and its cross-entropy reads them instead of the output, which would
+        # leave the next stage's (or the loss's) value unconnected to the tensor watched here.
+        h = tf.identity(out)
     if callable(upstream):
         with tf.GradientTape() as loss_tape:
             loss_tape.watch(h)

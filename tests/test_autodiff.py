@@ -219,6 +219,31 @@ def test_vjp_chain_equals_the_joined_models_gradient():
         assert np.allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("keras_loss", ["function", "object"])
+def test_vjp_chain_differentiates_a_keras_cross_entropy_of_a_softmax_stage(keras_loss):
+    """Keras computes the cross-entropy of a softmax output from the logits it attaches to that output
+    (``_keras_logits``): the loss was not connected to the watched probabilities, and every gradient
+    came back as zeros without a word."""
+    model_0, model_1 = _split_models()
+    x = tf.constant(np.random.default_rng(0).normal(size=(4, 5)))
+    y = np.array([0, 2, 1, 1])
+    if keras_loss == "function":
+        loss = lambda out: tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, out))  # noqa: E731
+    else:
+        loss = lambda out: keras.losses.SparseCategoricalCrossentropy()(y, out)  # noqa: E731
+    chain = autodiff.vjp_chain([model_0, model_1], x, loss)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = get_loss("sparse_categorical_crossentropy").mean(tf.constant(y), model_1(model_0(x)))
+    expected = tape.gradient(value, [x, *model_0.trainable_variables])
+    assert np.abs(chain.input_grad.numpy()).max() > 1e-3
+    # Keras's loss objects compute in float32 even for a float64 model: agreement to float32 round-off.
+    rtol = 1e-12 if keras_loss == "function" else 1e-5
+    np.testing.assert_allclose(chain.input_grad.numpy(), expected[0].numpy(), rtol=rtol, atol=1e-12)
+    for got, want in zip(chain.stage_grads[0], expected[1:]):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=rtol, atol=1e-12)
+
+
 def test_vjp_chain_accepts_an_upstream_gradient_and_custom_gradient_callables():
     model_0, model_1 = _split_models()
 
