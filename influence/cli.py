@@ -218,9 +218,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .checks import check_input_gradient
 
     x, y = data["x_train"][: args.samples], data["y_train"][: args.samples]
-    if args.jitter:  # off the kinks: blank pixels sit exactly at an untrained ReLU's 0
-        noise = np.random.default_rng(args.seed).random(x.shape)
-        x = np.asarray(x, dtype=np.float64) + args.jitter * noise
     chk = check_input_gradient(
         model,
         args.loss,
@@ -230,12 +227,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         seed=args.seed,
         directions=args.directions,
         from_logits=args.from_logits,
+        jitter=args.jitter,  # off the kinks: blank pixels sit exactly at an untrained ReLU's 0
     )
     loss = f"{args.loss}{' (logits)' if args.from_logits else ''}"
     print(f"input gradient of the mean {loss} over {len(x)} sample(s), float64, {args.directions} direction(s)")
     print(chk)
     if chk.at_kink and not args.jitter:
-        print("hint: rerun with --jitter 1e-3 to check at inputs moved off the kinks")
+        print("hint: rerun with --jitter 1e-2 to check at inputs moved off the kinks")
     return EXIT_OK if chk.ok else EXIT_FAILED
 
 
@@ -411,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         metavar="SCALE",
-        help="check at x + SCALE·u, u uniform in [0, 1) (seeded): moves inputs off ReLU kinks and max-pool ties",
+        help="check at x + SCALE·z, z standard normal (seeded): moves inputs off ReLU kinks and max-pool ties",
     )
     check.add_argument("--training", action="store_true", help="training mode (dropout on, masks fixed by --seed)")
     check.add_argument("--seed", type=int, default=0, help="seed of the directions and dropout masks")

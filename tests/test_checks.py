@@ -74,6 +74,27 @@ def test_s1_cnn_float32_tape_gradient_is_explained_not_just_failed():
     assert chk.max_rel_error < 1e-3
 
 
+def test_jitter_moves_the_inputs_off_relu_kinks_as_the_commands_flag_does():
+    """Blank digit pixels sit exactly at a fresh ReLU's 0: the check fails there as a kink. The CLI's
+    --jitter moved the inputs off; Python users had to add the noise by hand."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x, y = (x[:16] / 16).reshape(-1, 8, 8, 1), y[:16]
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+                              keras.layers.Flatten(), keras.layers.Dense(10, activation="softmax")])  # fmt: skip
+    loss = "sparse_categorical_crossentropy"
+    at_zero = inf.check_input_gradient(model, loss, x, y)
+    assert not at_zero.ok and at_zero.at_kink
+    moved = inf.check_input_gradient(model, loss, x, y, jitter=1e-2)
+    assert moved.ok, moved
+    with pytest.raises(ValueError, match="'jitter' parameter of check_input_gradient must be 0 when grad is given"):
+        inf.check_input_gradient(model, loss, x, y, grad=np.zeros(x.shape), jitter=1e-3)
+    with pytest.raises(ValueError, match="must be a finite number ≥ 0. Got -0.1 instead"):
+        inf.check_input_gradient(model, loss, x, y, jitter=-0.1)
+
+
 def test_detects_a_one_step_jacobian_contracted_with_transposed_axes(classifier, class_data):
     x, y, xv, yv = class_data
     loss = get_loss("sparse_categorical_crossentropy")
@@ -288,6 +309,20 @@ def test_a_float32_gradient_that_misses_float64_tolerance_is_explained_by_its_pr
     chk = inf.check_gradient(f, x, rounded, directions=6)
     assert not chk.ok and "grad is float32" in chk.explanation and "likely wrong" not in chk.explanation
     assert inf.check_gradient(f, x, rounded, directions=6, rtol=1e-3).ok
+
+
+def test_a_float32_gradient_with_a_real_error_or_at_a_kink_is_diagnosed_not_blamed_on_its_precision():
+    """A float32 grad used to silence every other diagnosis: a sign error (relative error 2) was called
+    float32 round-off, with the advice to loosen rtol to 1e-3, and a kink went unreported."""
+    x = np.array([0.3, 1.0, -2.0])
+    sign = inf.check_gradient(lambda v: float((v**2).sum()), x, (-2 * x).astype(np.float32))
+    assert not sign.ok and sign.max_rel_error > 1
+    assert "likely wrong" in sign.explanation and "rtol≈1e-3" not in sign.explanation
+    assert "cannot explain" in sign.explanation  # the float32 grad is named, and cleared
+    kink = inf.check_gradient(
+        lambda v: float(np.maximum(v, 0).sum()), np.array([0.0, 1.0, -2.0]), np.array([0, 1, 0], np.float32)
+    )
+    assert not kink.ok and kink.at_kink and "not smooth" in kink.explanation
 
 
 class _Square(keras.layers.Layer):  # not registered: as_float64 cannot rebuild it
