@@ -331,9 +331,14 @@ def adversarial_examples(
 ) -> InputOptimization:
     """Raise a frozen model's loss on inputs ``x`` by optimising the inputs (test-time attack).
 
+    The objective is the *mean* loss over the m samples of ``x``, so each input's gradient
+    carries a factor 1/m. Adam and RMSprop move each coordinate by about their rate whatever
+    m is; plain SGD (with or without momentum) needs a step size that grows with m (e.g.
+    ``SGD(30.0)`` for 50 digits scaled to [0, 1]).
+
     Same outer optimizers (default ``Adam(0.1)``, names at the same rate), box and L∞
     budget as :func:`optimize_training_inputs`; ``x`` must lie inside ``bounds``.
-    ``val_loss`` holds the loss on the attacked inputs per step; ``progress`` as there.
+    ``val_loss`` holds the mean loss on the attacked inputs per step; ``progress`` as there.
     """
     func = "adversarial_examples"
     fn, per_sample = prepare(func, model, loss, from_logits)

@@ -197,6 +197,12 @@ def predicted_group_effect(table_or_effect: Any, groups: Sequence[Sequence[int]]
     holds), an :class:`~influence.UnrolledResult` or the (n,) removal-effect array. Groups
     are lists of distinct sample indices. Verify with :func:`influence.actual_removal_effect`
     on the same groups.
+
+    The sum ignores how removals interact. Samples that pull the model the same way (e.g.
+    mislabeled digits sharing one wrong class) overshoot it: removing one makes the next
+    matter less. On a digits MLP, the 10 most harmful samples were predicted at −0.169 and
+    changed the validation loss by −0.050 (examples/s6_ranking.py). To choose a set to
+    remove, :func:`influence.greedy_removal` re-differentiates after each removal.
     """
     func = "predicted_group_effect"
     if isinstance(table_or_effect, pd.DataFrame):

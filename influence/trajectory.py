@@ -40,6 +40,8 @@ class Trajectory:
         seeds: dropout seed per step, shape (T,).
         training: whether steps ran the model in training mode (dropout on).
         sample_weight: c_j used in training, shape (n,).
+        n_train: n, the number of training samples; ``input_shape``: the shape of one input.
+        steps: T, the number of recorded steps (a property: ``len(batches)``).
         weights_history / state_history: stacked weights and optimizer state before
             each step, lists of (T, *shape) arrays, when they fit the record budget
             (else None and the reverse pass recomputes them).
