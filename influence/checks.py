@@ -261,7 +261,8 @@ def check_gradient(
             "forward and backward differences disagree and the disagreement does not shrink with the step "
             f"(direction {worst}: finite differences {fd[worst]:.6e}, grad {analytic[worst]:.6e}); a ReLU kink "
             "or max-pool tie is likely (e.g. inputs exactly 0), where the gradient is one of several valid "
-            "one-sided slopes; check at a point with a little noise added (x + 1e-2·noise; check_input_gradient's jitter)."
+            "one-sided slopes; check at a point with a little noise added "
+            "(x + 1e-2·noise; check_input_gradient's jitter)."
         )
     # A large gap between the quotients at s and s/2 after refinement points at
     # round-off or non-smoothness rather than at the gradient.
