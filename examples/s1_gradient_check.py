@@ -37,36 +37,32 @@ H = 1e-4  # the step of the naive float32 check
 PIXELS = [(0, 3, 3, 0), (1, 4, 2, 0), (2, 5, 5, 0), (3, 2, 6, 0)]  # (sample, row, col, channel)
 
 
+def mean_loss32(model, x, y, training=False):
+    """The mean loss in float32, as a user writes it (Keras's loss, the float32 model)."""
+    x = tf.constant(x, tf.float32)
+    return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, model(x, training=training)))
+
+
 def tape_gradient(model, x, y, training=False):
-    """∂(mean loss)/∂x with one float32 tape, the way a user writes it."""
+    """∂(mean loss)/∂x with one float32 tape."""
     x = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        loss = keras.losses.sparse_categorical_crossentropy(y, model(x, training=training))
-        loss = tf.reduce_mean(loss)
+        loss = mean_loss32(model, x, y, training)
     return tape.gradient(loss, x).numpy()
 
 
 def naive_check(model, x, y, training):
     """Relative errors of float32 central differences, one pixel at a time."""
-
-    def loss(xx):
-        return float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, model(xx, training=training))))
-
     grad = tape_gradient(model, x, y, training)
     errors = []
     for pixel in PIXELS:
         plus, minus = x.copy(), x.copy()
         plus[pixel] += H
         minus[pixel] -= H
-        fd = (loss(plus) - loss(minus)) / (2 * H)
+        fd = (float(mean_loss32(model, plus, y, training)) - float(mean_loss32(model, minus, y, training))) / (2 * H)
         errors.append(abs(fd - grad[pixel]) / abs(grad[pixel]))
     return np.array(errors)
-
-
-def tape_loss32(model, v, y):
-    """The loss as a float32 function of a numpy point (what a user's f usually is)."""
-    return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, model(tf.constant(v, tf.float32)))).numpy()
 
 
 def wrap(text):
@@ -117,7 +113,7 @@ def main():
 
     # (c) check_gradient on a float32 function explains its failure instead of printing a big number.
     grad32 = tape_gradient(model, x_b, y_b)
-    chk32 = inf.check_gradient(lambda v: tape_loss32(model, v, y_b), x_b, grad32)
+    chk32 = inf.check_gradient(lambda v: mean_loss32(model, v, y_b).numpy(), x_b, grad32)
     print(f"(c) float32 f and grad: {str(chk32).splitlines()[0]}")
     print(wrap(chk32.explanation))
     # The fix: a float64 copy of the model and a loss that keeps float64 (Keras loss objects return float32).

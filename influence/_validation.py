@@ -115,6 +115,12 @@ def check_positive(value: Any, *, param: str, func: str, kind: type = float) -> 
         raise ValueError(param_error(param, func, f"a positive {name}", describe(value)))
 
 
+def check_non_negative(value: Any, *, param: str, func: str) -> None:
+    """A finite real number ≥ 0 (not a bool)."""
+    if not is_real(value) or not np.isfinite(value) or value < 0:
+        raise ValueError(param_error(param, func, "a finite number ≥ 0", describe(value)))
+
+
 def check_choice(value: Any, choices: Sequence[str], *, param: str, func: str) -> None:
     """One of a fixed set of strings."""
     if value not in choices:

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from ._inputs import check_samples, prepare
-from ._validation import as_array, check_positive, describe, is_real, param_error
+from ._validation import as_array, check_non_negative, check_positive, describe, param_error
 
 DEFAULT_RTOL = 1e-6
 # One-sided slopes of a smooth f differ by s·f'' (halving with s); across a kink they
@@ -249,9 +249,9 @@ def check_gradient(
             f"{rtol:g}; compute it in float64 (as_float64) or compare with rtol≈1e-3 (max relative error "
             f"here {max_rel:.1e})."
         )
-    elif not ok and grad_low_precision and not f_unreliable:
-        notes.append(f"grad is {g_given.dtype}, but its round-off cannot explain a relative error of {max_rel:.1e}:")
     diagnose = not ok and not f_unreliable and not grad_rounding
+    if diagnose and grad_low_precision:
+        notes.append(f"grad is {g_given.dtype}, but its round-off cannot explain a relative error of {max_rel:.1e}:")
     # Every failing direction crosses a kink at x: the finite differences cannot judge grad there.
     at_kink = bool(diagnose and np.all(kinked[failing]))
     if at_kink:
@@ -266,13 +266,13 @@ def check_gradient(
         )
     # A large gap between the quotients at s and s/2 after refinement points at
     # round-off or non-smoothness rather than at the gradient.
-    if diagnose and not at_kink and float(np.max(spread)) > 10 * rtol:
+    elif diagnose and float(np.max(spread)) > 10 * rtol:
         notes.append(
             "finite differences at step s and s/2 disagree even after refining s (relative spread "
             f"{float(np.max(spread)):.1e}): f may be noisy or not smooth near x (ReLU kinks, max-pooling ties); "
             "try another h or check for randomness."
         )
-    if diagnose and not at_kink and not float(np.max(spread)) > 10 * rtol:
+    elif diagnose:
         smooth_failing = failing & ~kinked
         worst = int(np.argmax(np.where(smooth_failing, rel, -np.inf)))
         notes.append(
@@ -433,8 +433,7 @@ def check_input_gradient(
     (a given gradient belongs to ``x``).
     """
     func = "check_input_gradient"
-    if not is_real(jitter) or not np.isfinite(jitter) or jitter < 0:
-        raise ValueError(param_error("jitter", func, "a finite number ≥ 0", describe(jitter)))
+    check_non_negative(jitter, param="jitter", func=func)
     if jitter and grad is not None:
         raise ValueError(
             param_error("jitter", func, "0 when grad is given (grad was taken at x, not at moved inputs)", jitter)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from ._validation import describe, is_real, param_error
+from ._validation import check_non_negative, param_error
 from .losses import Loss
 from .model_function import ModelFunction
 
@@ -57,8 +57,7 @@ class Objective:
 
 def check_input_gradient_penalty(value: Any, x: np.ndarray, func: str) -> float:
     """ρ as a float: a finite number ≥ 0, and inputs that can be differentiated when ρ > 0."""
-    if not is_real(value) or not np.isfinite(value) or value < 0:
-        raise ValueError(param_error("input_gradient_penalty", func, "a finite number ≥ 0", describe(value)))
+    check_non_negative(value, param="input_gradient_penalty", func=func)
     if value > 0 and not np.issubdtype(x.dtype, np.floating):
         raise ValueError(
             param_error(
