@@ -58,6 +58,8 @@ _EXPORTS = {
     "optimize_training_inputs": "input_optimization",
     "adversarial_examples": "input_optimization",
     "InputOptimization": "input_optimization",
+    "learn_sample_weights": "reweighting",
+    "SampleWeightLearning": "reweighting",
 }
 _SUBMODULES = ("autodiff", "losses", "optimizers", "rankers")
 
@@ -110,6 +112,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .per_sample import per_sample_gradient_dots  # noqa: F401
     from .persist import load_trajectory, save_trajectory  # noqa: F401
     from .rank import predicted_group_effect, rank  # noqa: F401
+    from .reweighting import SampleWeightLearning, learn_sample_weights  # noqa: F401
     from .sharding import rank_in_processes  # noqa: F401
     from .trajectory import Trajectory, fit, retrain  # noqa: F401
     from .unroll import Checkpointed, MemoryStrategy, Replay, StoreAll, UnrolledResult, unrolled  # noqa: F401

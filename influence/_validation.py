@@ -71,6 +71,20 @@ def index_group(indices: Any) -> np.ndarray | None:
     return group.astype(np.int64) if valid else None
 
 
+def check_sample_indices(
+    indices: Any, n: int, *, func: str, distinct: str = "distinct sample indices", param: str = "indices"
+) -> np.ndarray:
+    """One index or a list of distinct indices into n samples, as a non-empty 1-D int64 array.
+
+    ``distinct``: what the message says the indices must be when one repeats.
+    """
+    group = index_group(indices)
+    if group is None or group.min() < 0 or group.max() >= n:
+        raise ValueError(param_error(param, func, f"integer sample indices in [0, {n - 1}]", describe(indices)))
+    check_distinct(group, param=param, func=func, expected=distinct, given=indices)
+    return group
+
+
 def check_distinct(indices: np.ndarray, *, param: str, func: str, expected: str, given: Any) -> None:
     """Refuse repeated sample indices: removing (or changing) a sample twice is doing it once,
     while a sum of per-sample predictions would count it twice."""

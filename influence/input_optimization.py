@@ -34,7 +34,7 @@ import tensorflow as tf
 from ._inputs import check_samples, prepare, validate_validation_data
 from ._progress import progress_bar
 from ._summary import compact_repr
-from ._validation import as_array, check_choice, check_distinct, check_positive, describe, param_error
+from ._validation import as_array, check_choice, check_positive, check_sample_indices, describe, param_error
 from .optimizers import Adam, Optimizer, get_optimizer
 from .trajectory import Trajectory, check_trajectory_data
 from .unroll import unrolled
@@ -103,7 +103,7 @@ def project_labels(loss: Any, y: np.ndarray) -> np.ndarray:
     return y
 
 
-def _evaluate(trajectory: Trajectory, weights: list[np.ndarray], x_val: np.ndarray, y_val: np.ndarray):
+def evaluate_run(trajectory: Trajectory, weights: list[np.ndarray], x_val: np.ndarray, y_val: np.ndarray):
     from .model_function import ModelFunction
 
     fn = ModelFunction(trajectory.model, func="optimize_training_inputs")
@@ -237,10 +237,7 @@ def optimize_training_inputs(
     check_choice(goal, GOALS, param="goal", func=func)
     check_choice(target, TARGETS, param="target", func=func)
     opt = _check_common(func, outer_optimizer, steps, bounds, budget)
-    idx = as_array(indices, param="indices", func=func)
-    if not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0 or idx.max() >= len(x):
-        raise ValueError(param_error("indices", func, f"integer sample indices in [0, {len(x) - 1}]", describe(idx)))
-    check_distinct(idx, param="indices", func=func, expected="distinct sample indices", given=idx)
+    idx = check_sample_indices(indices, len(x), func=func)
     wants_labels = target in ("labels", "both")
     if wants_labels and not trajectory.loss.has_label_grad(y):
         raise ValueError(
@@ -272,7 +269,7 @@ def optimize_training_inputs(
     start = time.perf_counter()
     for step in progress_bar(range(int(steps) + 1), progress=progress, desc=f"{goal} ({type(opt).__name__})"):
         run = trajectory.replayed_on(x_cur, y_cur)
-        loss, error = _evaluate(run, run.final_weights, xv, yv)
+        loss, error = evaluate_run(run, run.final_weights, xv, yv)
         losses.append(loss)
         errors.append(error)
         times.append(time.perf_counter() - start)

@@ -135,19 +135,23 @@ class Trajectory:
         """Optimizer state before step 0."""
         return self.initial_tensors()[1]
 
-    def replayed_on(self, x_train: Any, y_train: Any) -> Trajectory:
+    def replayed_on(self, x_train: Any, y_train: Any, *, sample_weight: Any = None) -> Trajectory:
         """This run's schedule (initial weights, batches, rates, seeds, sample weights) replayed on other data.
 
         The result is the run that training on ``x_train``/``y_train`` would have been:
         its final weights are :func:`retrain`'s, its data fingerprint that data's, and it
         keeps no weight history (the reverse pass recomputes it). Use it to ask
-        :func:`influence.unrolled` about modified data (poisoned inputs, repaired labels);
+        :func:`influence.unrolled` about modified data (poisoned inputs, repaired labels,
+        other sample weights: ``sample_weight`` (n,) replaces the recorded c);
         the recorded trajectory itself refuses data other than its own.
         """
-        x, y = check_trajectory_data(self, x_train, y_train, "Trajectory.replayed_on", recorded=False)
+        func = "Trajectory.replayed_on"
+        x, y = check_trajectory_data(self, x_train, y_train, func, recorded=False)
+        c = self.sample_weight if sample_weight is None else per_sample_weights(sample_weight, x, func)
         return replace(
             self,
-            final_weights=retrain(self, x, y),
+            sample_weight=c,
+            final_weights=retrain(self, x, y, sample_weight=c),
             weights_history=None,
             state_history=None,
             data_fingerprint=data_fingerprint(x, y),

@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from ._inputs import check_validation_arrays, validate_validation_data
 from ._progress import progress_bar
-from ._validation import as_array, check_choice, check_distinct, describe, index_group, param_error
+from ._validation import as_array, check_choice, check_sample_indices, describe, param_error
 from .checks import GradientCheck, as_float64, check_gradient
 from .model_function import ModelFunction
 from .trajectory import Trajectory, check_trajectory_data, data_fingerprint, retrain
@@ -190,13 +190,9 @@ def _exact_hash(*arrays: Any) -> str:
 
 def _sample_group(trajectory: Trajectory, indices: Any, func: str) -> np.ndarray:
     """One index or a list of indices, as a non-empty int array of valid sample indices."""
-    group = index_group(indices)
-    if group is None or group.min() < 0 or group.max() >= trajectory.n_train:
-        raise ValueError(
-            param_error("indices", func, f"sample indices in [0, {trajectory.n_train - 1}]", describe(indices))
-        )
-    check_distinct(group, param="indices", func=func, expected="distinct sample indices in each group", given=indices)
-    return group
+    return check_sample_indices(
+        indices, trajectory.n_train, func=func, distinct="distinct sample indices in each group"
+    )
 
 
 def as_float64_trajectory(trajectory: Trajectory, x_train: np.ndarray, y_train: np.ndarray) -> Trajectory:

@@ -407,12 +407,12 @@ def test_batchnorm_in_training_mode_is_refused_with_a_hint(data):
         (
             lambda t, d: inf.actual_removal_effect(t, *d, [20]),
             ValueError,
-            r"'indices' parameter of actual_removal_effect must be sample indices",
+            r"'indices' parameter of actual_removal_effect must be integer sample indices",
         ),
         (
             lambda t, d: inf.removal_curve(t, *d, 2.5),
             ValueError,
-            r"'indices' parameter of removal_curve must be sample indices in \[0, 12\]",
+            r"'indices' parameter of removal_curve must be integer sample indices in \[0, 12\]",
         ),
         (
             lambda t, d: inf.removal_curve(t, *d, 1, scales=[0.5, np.nan]),

@@ -1,0 +1,177 @@
+"""Learning training-sample weights through training (meta-learning of data).
+
+:func:`learn_sample_weights` looks for per-sample weights c (the c_j of DESIGN §1)
+that make the model *trained with them* better (``goal="repair"``) or worse
+(``goal="poison"``) on validation data. Every outer step replays the recorded
+schedule (same batches, learning rates, dropout seeds) with the current c, takes
+dE/dc from the unrolled reverse pass — the derivative ``removal_effect`` is made
+of — and lets an outer optimizer of :mod:`influence.optimizers` move c, which is
+then projected onto a box (default [0, 1]: samples can be down-weighted or
+dropped, not repeated).
+
+Where ``removal_effect`` predicts single removals to first order at c = 1, the
+learned weights follow the validation loss along a path: after each step the run
+is retrained and the derivative taken again, so samples whose effects interact
+(duplicates, clusters of mislabels) are handled as the run actually responds.
+The weights fit the validation set they were learned on: judge them on data the
+outer loop did not see.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from ._inputs import validate_validation_data
+from ._progress import progress_bar
+from ._summary import compact_repr
+from ._validation import check_choice, check_positive, check_sample_indices, describe, param_error
+from .input_optimization import GOALS, evaluate_run, optimizer_label, outer_optimizer_named
+from .trajectory import Trajectory, check_trajectory_data
+from .unroll import unrolled
+
+
+@dataclass(frozen=True)
+class SampleWeightLearning:
+    """Result of :func:`learn_sample_weights`.
+
+    Attributes:
+        sample_weight: (n,) the learned weights (rows outside ``indices`` keep the recorded ones).
+        history: (steps+1, n) the weights before each outer step and after the last.
+        val_loss: (steps+1,) validation loss of the run retrained with ``history[k]``.
+        val_error: (steps+1,) matching classification error (NaN for regression).
+        seconds: (steps+1,) wall time elapsed at each entry of ``val_loss``.
+        predicted_change: (steps,) first-order prediction of each step's change of
+            validation loss, ⟨dE/dc, Δc⟩, to compare with ``np.diff(val_loss)``.
+        optimizer: the outer optimizer's name.
+        trajectory: the recorded run replayed with the learned weights (for
+            :func:`influence.unrolled`, :func:`influence.rank`, or held-out evaluation
+            with ``influence.validation_loss(res.trajectory, res.trajectory.final_weights, x_test, y_test)``).
+    """
+
+    sample_weight: np.ndarray
+    history: np.ndarray
+    val_loss: np.ndarray
+    val_error: np.ndarray
+    seconds: np.ndarray
+    predicted_change: np.ndarray
+    optimizer: str
+    trajectory: Trajectory
+
+    def __repr__(self) -> str:  # arrays as shape and dtype, not every number
+        return compact_repr(self)
+
+
+def learn_sample_weights(
+    trajectory: Trajectory,
+    x_train: Any,
+    y_train: Any,
+    x_val: Any,
+    y_val: Any,
+    *,
+    indices: Any = None,
+    goal: str = "repair",
+    outer_optimizer: Any = None,
+    steps: int = 10,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    progress: bool | None = None,
+) -> SampleWeightLearning:
+    """Learn per-sample training weights by descending the validation loss through the recorded run.
+
+    Args:
+        trajectory: from :func:`influence.fit`; its schedule is replayed at every outer step.
+        x_train, y_train: the training data it was recorded on.
+        x_val, y_val: validation data defining E.
+        indices: the samples whose weights are learned (int array); None (default) for all.
+        goal: ``"repair"`` lowers E, ``"poison"`` raises it.
+        outer_optimizer: :mod:`influence.optimizers` instance, or a name as for
+            :func:`influence.fit`; default ``Adam(0.1)``. Adam and RMSprop move every
+            weight by about their rate per step, whatever the size of its
+            hypergradient: a sample with a tiny, steady dE/dc_i travels as far as a
+            mislabelled one. Plain SGD moves weights in proportion to dE/dc_i (whose
+            size is that of ``removal_effect``, ~1e-3 on digits), so it needs a step
+            size of ~10–100.
+        steps: outer steps (each: one retraining + one unrolled pass).
+        bounds: (low, high) box the weights are projected onto after each step, 0 ≤ low < high;
+            the recorded weights of ``indices`` must lie inside it. Default (0, 1): samples
+            can be down-weighted or dropped, not up-weighted.
+        progress: a bar over the outer steps: ``None`` (default) once they have run 2 s,
+            ``True`` at once, ``False`` never.
+
+    Returns:
+        :class:`SampleWeightLearning`; the lowest learned weights are the samples the
+        validation loss is best without (for ``"repair"``), a ranking that accounts for
+        the other weights' changes.
+    """
+    func = "learn_sample_weights"
+    x, y = check_trajectory_data(trajectory, x_train, y_train, func)
+    xv, yv = validate_validation_data(func, trajectory.model, trajectory.loss, x, y, x_val, y_val)
+    check_choice(goal, GOALS, param="goal", func=func)
+    opt = outer_optimizer_named(outer_optimizer, func)
+    check_positive(steps, param="steps", func=func, kind=int)
+    low, high = _check_bounds(bounds, func)
+    idx = (
+        np.arange(trajectory.n_train)
+        if indices is None
+        else check_sample_indices(indices, trajectory.n_train, func=func)
+    )
+    c = np.array(trajectory.sample_weight, dtype=np.float64)
+    if np.min(c[idx]) < low or np.max(c[idx]) > high:
+        raise ValueError(
+            param_error(
+                "bounds",
+                func,
+                f"a box that holds the recorded weights of the learned samples, which lie in "
+                f"[{np.min(c[idx]):.4g}, {np.max(c[idx]):.4g}] (the first step would clip them)",
+                describe(bounds),
+            )
+        )
+    sign = 1.0 if goal == "repair" else -1.0  # the outer optimizer minimises sign·E
+
+    params = [tf.constant(c[idx])]
+    state = opt.init(params)
+    rates = opt.learning_rates(int(steps))
+    history, losses, errors, times, predicted = [], [], [], [], []
+    run = trajectory
+    start = time.perf_counter()
+    for step in progress_bar(range(int(steps) + 1), progress=progress, desc=f"learning weights ({goal})"):
+        run = trajectory.replayed_on(x, y, sample_weight=c)
+        loss, error = evaluate_run(run, run.final_weights, xv, yv)
+        history.append(c.copy())
+        losses.append(loss)
+        errors.append(error)
+        times.append(time.perf_counter() - start)
+        if step == int(steps):
+            break
+        grad = unrolled(run, x, y, xv, yv, progress=False, input_grad=False).sample_weight_grad[idx].astype(np.float64)
+        new_params, state = opt.update(
+            params, [tf.constant(sign * grad)], state, tf.constant(rates[step], tf.float64), tf.constant(step)
+        )
+        params = [tf.clip_by_value(new_params[0], low, high)]
+        c_new = c.copy()
+        c_new[idx] = params[0].numpy()
+        predicted.append(float(np.dot(grad, c_new[idx] - c[idx])))
+        c = c_new
+    return SampleWeightLearning(
+        sample_weight=c,
+        history=np.asarray(history),
+        val_loss=np.asarray(losses),
+        val_error=np.asarray(errors),
+        seconds=np.asarray(times),
+        predicted_change=np.asarray(predicted),
+        optimizer=optimizer_label(opt),
+        trajectory=run,
+    )
+
+
+def _check_bounds(bounds: Any, func: str) -> tuple[float, float]:
+    """(low, high) with 0 ≤ low < high: a negative weight would ascend its sample's loss."""
+    ok = isinstance(bounds, (tuple, list)) and len(bounds) == 2
+    ok = ok and all(isinstance(b, (int, float, np.integer, np.floating)) and np.isfinite(b) for b in bounds)
+    if not ok or not 0 <= bounds[0] < bounds[1]:
+        raise ValueError(param_error("bounds", func, "a (low, high) pair with 0 ≤ low < high", describe(bounds)))
+    return float(bounds[0]), float(bounds[1])

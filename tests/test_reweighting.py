@@ -1,0 +1,143 @@
+"""Learning per-sample training weights through the recorded run (meta-learning of data)."""
+
+import numpy as np
+import pytest
+from conftest import mlp
+
+import influence as inf
+from influence.optimizers import SGD, Adam
+
+
+@pytest.fixture(scope="module")
+def noisy_blobs():
+    """40 training samples of 3 separated blobs, the labels of 6 (known) flipped; clean validation data."""
+    rng = np.random.default_rng(0)
+    centers = rng.uniform(0.1, 0.9, size=(3, 4))
+    y = rng.integers(0, 3, 40)
+    x = np.clip(centers[y] + 0.08 * rng.normal(size=(40, 4)), 0, 1)
+    flipped = np.arange(6)
+    y_noisy = y.copy()
+    y_noisy[flipped] = (y[flipped] + 1) % 3
+    yv = rng.integers(0, 3, 30)
+    xv = np.clip(centers[yv] + 0.08 * rng.normal(size=(30, 4)), 0, 1)
+    return x, y_noisy, xv, yv, flipped
+
+
+@pytest.fixture(scope="module")
+def noisy_run(noisy_blobs):
+    x, y, _, _, _ = noisy_blobs
+    return inf.fit(
+        mlp(4, 3, out_activation="softmax"),
+        x,
+        y,
+        loss="sparse_categorical_crossentropy",
+        optimizer=SGD(1.0),
+        batch_size=10,
+        epochs=8,
+    )
+
+
+@pytest.mark.parametrize("goal", ["repair", "poison"])
+def test_one_outer_step_changes_the_retrained_loss_as_predicted_to_first_order(goal, noisy_blobs, noisy_run):
+    x, y, xv, yv, _ = noisy_blobs
+    learned = [0, 1, 2, 10, 11, 12]
+    start = np.full(40, 0.8)  # inside the box, so no weight is clipped by the first step
+    run = noisy_run.replayed_on(x, y, sample_weight=start)
+    res = inf.learn_sample_weights(
+        run, x, y, xv, yv, indices=learned, goal=goal, outer_optimizer=SGD(1.0), steps=1, progress=False
+    )
+    actual = res.val_loss[1] - res.val_loss[0]
+    predicted = res.predicted_change[0]
+    assert (actual < 0) if goal == "repair" else (actual > 0)
+    assert abs(actual - predicted) <= 0.05 * abs(predicted)
+    # Only the learned weights moved, by the SGD step −η·dE/dc (repair) or +η·dE/dc (poison).
+    grad = inf.unrolled(run, x, y, xv, yv, input_grad=False).sample_weight_grad
+    step = -grad if goal == "repair" else grad
+    np.testing.assert_allclose(res.sample_weight[learned], start[learned] + step[learned], rtol=1e-12)
+    others = np.setdiff1d(np.arange(40), learned)
+    np.testing.assert_array_equal(res.sample_weight[others], start[others])
+    np.testing.assert_array_equal(res.history[0], start)
+    np.testing.assert_array_equal(res.history[1], res.sample_weight)
+
+
+def test_repair_down_weights_the_flipped_labels_and_lowers_the_validation_loss(noisy_blobs, noisy_run):
+    x, y, xv, yv, flipped = noisy_blobs
+    res = inf.learn_sample_weights(noisy_run, x, y, xv, yv, outer_optimizer=Adam(0.1), steps=12, progress=False)
+    assert res.val_loss[-1] < 0.5 * res.val_loss[0]  # 0.339 → 0.121 when written
+    assert res.sample_weight.min() >= 0.0 and res.sample_weight.max() <= 1.0
+    clean = np.setdiff1d(np.arange(40), flipped)
+    assert res.sample_weight[flipped].mean() < 0.4 < 0.9 < res.sample_weight[clean].mean()
+    assert res.history.shape == (13, 40) and res.val_loss.shape == res.val_error.shape == (13,)
+    assert res.predicted_change.shape == (12,) and np.all(np.diff(res.seconds) > 0)
+    assert res.optimizer == "Adam"
+    # The returned run is the recorded schedule retrained with the learned weights.
+    np.testing.assert_array_equal(res.trajectory.sample_weight, res.sample_weight)
+    retrained = inf.retrain(noisy_run, x, y, sample_weight=res.sample_weight)
+    for a, b in zip(res.trajectory.final_weights, retrained):
+        np.testing.assert_array_equal(a, b)
+    assert inf.validation_loss(res.trajectory, res.trajectory.final_weights, xv, yv) == pytest.approx(res.val_loss[-1])
+
+
+def test_upper_bound_above_one_lets_helpful_samples_gain_weight(noisy_blobs, noisy_run):
+    x, y, xv, yv, _ = noisy_blobs
+    res = inf.learn_sample_weights(
+        noisy_run, x, y, xv, yv, outer_optimizer=Adam(0.1), steps=2, bounds=(0.0, 2.0), progress=False
+    )
+    assert res.sample_weight.max() > 1.0 and res.sample_weight.max() <= 2.0
+
+
+def test_replayed_on_with_sample_weights_is_the_run_fit_with_them(noisy_blobs):
+    x, y, xv, yv, _ = noisy_blobs
+    c = np.linspace(0.0, 1.0, 40)
+
+    def run(sample_weight=None):
+        return inf.fit(
+            mlp(4, 3, out_activation="softmax"),
+            x,
+            y,
+            loss="sparse_categorical_crossentropy",
+            batch_size=10,
+            epochs=2,
+            sample_weight=sample_weight,
+        )
+
+    replayed = run().replayed_on(x, y, sample_weight=c)
+    fitted = run(c)
+    for a, b in zip(replayed.final_weights, fitted.final_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        inf.unrolled(replayed, x, y, xv, yv).sample_weight_grad,
+        inf.unrolled(fitted, x, y, xv, yv).sample_weight_grad,
+        rtol=1e-9,
+        atol=1e-14,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"bounds": (-1.0, 1.0)}, r"'bounds' parameter of learn_sample_weights must be a \(low, high\) pair with 0 ≤"),
+        ({"bounds": (1.0, 0.5)}, r"'bounds' parameter .* 0 ≤ low < high"),
+        ({"bounds": "wide"}, r"'bounds' parameter .* 0 ≤ low < high"),
+        ({"bounds": (0.0, 0.5)}, r"'bounds' parameter .* holds the recorded weights .* lie in \[1, 1\]"),
+        (
+            {"indices": [0, 40]},
+            r"'indices' parameter of learn_sample_weights must be integer sample indices in \[0, 39\]",
+        ),
+        ({"indices": [2, 2]}, r"'indices' parameter of learn_sample_weights must be distinct sample indices"),
+        ({"indices": []}, r"'indices' parameter .* integer sample indices"),
+        ({"goal": "improve"}, r"'goal' parameter of learn_sample_weights must be one of"),
+        ({"steps": 0}, r"'steps' parameter of learn_sample_weights must be"),
+        ({"outer_optimizer": "newton"}, r"'outer_optimizer' parameter of learn_sample_weights"),
+    ],
+)
+def test_learn_sample_weights_rejects_bad_input(kwargs, match, noisy_blobs, noisy_run):
+    x, y, xv, yv, _ = noisy_blobs
+    with pytest.raises(ValueError, match=match):
+        inf.learn_sample_weights(noisy_run, x, y, xv, yv, **kwargs)
+
+
+def test_replayed_on_refuses_weights_of_the_wrong_shape(noisy_blobs, noisy_run):
+    x, y, _, _, _ = noisy_blobs
+    with pytest.raises(ValueError, match=r"'sample_weight' parameter of Trajectory.replayed_on must be"):
+        noisy_run.replayed_on(x, y, sample_weight=np.ones(39))
