@@ -1,0 +1,220 @@
+"""Benchmark of ``influence.learn_sample_weights`` (meta-learning of data) against removing top-k samples.
+
+Setup
+    The four cases of ``benchmarks/data_debugging.py`` (digits and breast cancer, 10 % and 20 % of
+    the training labels flipped; same splits, flips, models and SGD settings, imported from it),
+    each with its five training seeds (model initialisation and batch order).
+
+Compared (every variant retrains the *recorded* run: same batches, |B_t| and learning rates)
+    * ``recorded``: all weights 1 (the replayed run);
+    * ``learned/Adam``: ``learn_sample_weights`` with its default outer optimizer ``Adam(0.1)``,
+      10 outer steps, weights in [0, 1], learned on the validation split;
+    * ``learned/SGD``: the same with plain SGD, step size 30 (moves weights in proportion to dE/dc);
+    * ``drop learned``: the Adam weights rounded: the samples learned below 0.5 removed, the rest kept
+      at 1 (m samples);
+    * ``unrolled top-m`` and ``loss top-m``: the one-shot top-m of ``rank(method="unrolled")`` and
+      ``rank(method="loss")`` removed, with the same m as ``drop learned`` (m = 0 keeps everything);
+    * ``oracle``: exactly the flipped samples removed (not a method: it knows the flips).
+
+Measured
+    Validation loss (the outer objective), held-out test loss and accuracy; ROC AUC of 1 − c (Adam
+    weights) against the flipped mask (``sklearn.metrics.roc_auc_score``), for comparison with the
+    mislabel-detection AUCs of data_debugging.md; m and how many of the m are flipped; wall time of
+    ``learn_sample_weights`` (10 retrainings + 10 unrolled passes + 11 evaluations; the Adam call is
+    the first on each seed's model, so it includes tracing). Means over the five seeds, and the seed-0 rows.
+
+Outputs
+    ``reports/benchmarks/reweighting.{json,md}``; ``--quick`` (seed 0, digits 10 % only) writes under
+    ``reports/_scratch/benchmarks/``.
+
+Usage (from the repository root)::
+
+    python benchmarks/reweighting.py          # about 2 minutes on 2 cores
+    python benchmarks/reweighting.py --quick
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+
+import time
+from typing import Any
+
+import numpy as np
+from _common import benchmark_parser, output_dir, report_header, write_report
+from data_debugging import LOSS, NOISES, QUICK_TRAINING_SEEDS, SPECS, TRAINING_SEEDS, Evaluator, load
+from sklearn.metrics import roc_auc_score
+
+import influence as inf
+
+NAME = "reweighting"
+OUTER_STEPS = 10
+OUTER = {"learned/Adam": lambda: inf.optimizers.Adam(0.1), "learned/SGD": lambda: inf.optimizers.SGD(30.0)}
+DROP_BELOW = 0.5
+VARIANTS = ("recorded", "learned/Adam", "learned/SGD", "drop learned", "unrolled top-m", "loss top-m", "oracle")
+
+
+def run_seed(spec_name: str, noise: float, seed: int) -> dict[str, Any]:
+    spec = SPECS[spec_name]
+    data = load(spec_name, noise)
+    x, y, n = data.x_train, data.y_train, len(data.x_train)
+    trajectory = inf.fit(
+        spec.build(seed), x, y, loss=LOSS, optimizer=inf.optimizers.SGD(spec.learning_rate),
+        batch_size=spec.batch_size, epochs=spec.epochs, seed=seed,
+    )  # fmt: skip
+    evaluator = Evaluator(trajectory, data)
+
+    def removing(indices: np.ndarray) -> np.ndarray:
+        c = np.ones(n)
+        c[indices] = 0.0
+        return c
+
+    weights: dict[str, np.ndarray] = {"recorded": np.ones(n)}
+    seconds: dict[str, float] = {}
+    for name, make in OUTER.items():
+        started = time.perf_counter()
+        learned = inf.learn_sample_weights(
+            trajectory, x, y, data.x_val, data.y_val, outer_optimizer=make(), steps=OUTER_STEPS, progress=False
+        )
+        seconds[name] = time.perf_counter() - started
+        weights[name] = learned.sample_weight
+    dropped = np.flatnonzero(weights["learned/Adam"] < DROP_BELOW)
+    m = len(dropped)
+    weights["drop learned"] = removing(dropped)
+    for method in ("unrolled", "loss"):
+        table = inf.rank(trajectory, x, y, data.x_val, data.y_val, method=method)
+        weights[f"{method} top-m"] = removing(table["index"].to_numpy()[:m])
+    weights["oracle"] = removing(data.flipped)
+
+    metrics = {name: evaluator.metrics(inf.retrain(trajectory, x, y, sample_weight=c)) for name, c in weights.items()}
+    return {
+        "metrics": metrics,
+        "m": m,
+        "flipped_in_m": {name: int(np.sum(weights[name][data.flipped] == 0)) for name in VARIANTS[3:6]},
+        "auc": {name: float(roc_auc_score(data.flipped_mask, 1 - weights[name])) for name in OUTER},
+        "mean_weight": {
+            name: {
+                "flipped": float(weights[name][data.flipped].mean()),
+                "clean": float(np.delete(weights[name], data.flipped).mean()),
+            }
+            for name in OUTER
+        },
+        "seconds": seconds,
+    }  # fmt: skip
+
+
+def summarize(seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    def mean(get) -> float:
+        return float(np.mean([get(s) for s in seeds]))
+
+    return {
+        "metrics": {
+            name: {key: mean(lambda s, n=name, k=key: s["metrics"][n][k]) for key in seeds[0]["metrics"][name]}
+            for name in VARIANTS
+        },
+        "lowest_test_loss_in_seeds": {
+            name: sum(min(VARIANTS[:-1], key=lambda v, s=s: s["metrics"][v]["test_loss"]) == name for s in seeds)
+            for name in VARIANTS[:-1]
+        },
+        "m": mean(lambda s: s["m"]),
+        "auc": {name: mean(lambda s, n=name: s["auc"][n]) for name in OUTER},
+        "seconds": {name: mean(lambda s, n=name: s["seconds"][n]) for name in OUTER},
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        "# Learned sample weights (`learn_sample_weights`) against removing the top-k",
+        "",
+        f"Generated by `{report['command']}` in {report['total_s'] / 60:.1f} min on {m['cpu_count']} CPUs "
+        f"(TensorFlow {m['tensorflow']}, Keras {m['keras']}). Cases, splits, models and seeds: "
+        "`benchmarks/data_debugging.py`; protocol: module docstring of `benchmarks/reweighting.py`.",
+        "",
+        f"Weights learned on the validation split, {OUTER_STEPS} outer steps, box [0, 1]. "
+        f"*drop learned*: the m samples learned below {DROP_BELOW} removed; *top-m*: the same number removed "
+        "from a one-shot ranking; *oracle* removes exactly the flipped samples (it knows them). "
+        f"Means over {report['seeds']} training seeds; [w] = seeds where the variant has the lowest test loss "
+        "(oracle excluded).",
+        "",
+        "## Test loss (test accuracy) [w]",
+        "",
+        "| case | " + " | ".join(VARIANTS) + " | m (flipped in data) |",
+        "|---|" + "---:|" * (len(VARIANTS) + 1),
+    ]
+    for case, s in report["summary"].items():
+        cells = []
+        for name in VARIANTS:
+            row = s["metrics"][name]
+            wins = s["lowest_test_loss_in_seeds"].get(name)
+            won = "" if wins is None else f" [{wins}]"
+            cells.append(f"{row['test_loss']:.4f} ({row['test_accuracy']:.3f}){won}")
+        lines.append(f"| {case} | " + " | ".join(cells) + f" | {s['m']:.0f} ({report['flipped'][case]}) |")
+    lines += [
+        "",
+        "## Validation loss (what the weights were learned on)",
+        "",
+        "| case | " + " | ".join(VARIANTS) + " |",
+        "|---|" + "---:|" * len(VARIANTS),
+    ]
+    for case, s in report["summary"].items():
+        lines.append(f"| {case} | " + " | ".join(f"{s['metrics'][n]['val_loss']:.4f}" for n in VARIANTS) + " |")
+    lines += [
+        "",
+        "## Learned weights as a mislabel detector, and time",
+        "",
+        "| case | AUC of 1 − c: Adam / SGD | mean weight flipped / clean (Adam, seed 0) | flipped among m "
+        "(drop learned / unrolled / loss, seed 0) | seconds: Adam / SGD |",
+        "|---|---|---|---|---|",
+    ]
+    for case, s in report["summary"].items():
+        seed0 = report["runs"][case][0]
+        w = seed0["mean_weight"]["learned/Adam"]
+        f = seed0["flipped_in_m"]
+        lines.append(
+            f"| {case} | {s['auc']['learned/Adam']:.3f} / {s['auc']['learned/SGD']:.3f} | "
+            f"{w['flipped']:.2f} / {w['clean']:.2f} | {f['drop learned']} / {f['unrolled top-m']} / {f['loss top-m']}"
+            f" of {seed0['m']} | {s['seconds']['learned/Adam']:.2f} / {s['seconds']['learned/SGD']:.2f} |"
+        )
+    lines += [
+        "",
+        "Seconds: each seed builds a new model, and the Adam call is the first on it (tracing and compiling its "
+        "programs included); the SGD call reuses them (the per-step cost: 10 retrainings + 10 unrolled passes).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__, "smoke run: digits 10 %% only, one training seed", "reweighting.{json,md}")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    seeds = QUICK_TRAINING_SEEDS if args.quick else TRAINING_SEEDS
+    cases = [("digits", 0.1)] if args.quick else [(name, noise) for name in SPECS for noise in NOISES]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    flipped: dict[str, int] = {}
+    for name, noise in cases:
+        key = f"{name} {noise:.0%}"
+        flipped[key] = len(load(name, noise).flipped)
+        runs[key] = []
+        for seed in seeds:
+            run = run_seed(name, noise, seed)
+            runs[key].append(run)
+            print(f"{key} seed {seed}: " + ", ".join(f"{v} {r['test_loss']:.4f}" for v, r in run["metrics"].items()))
+    report = {
+        **report_header(NAME),
+        "seeds": len(seeds),
+        "outer_steps": OUTER_STEPS,
+        "flipped": flipped,
+        "runs": runs,
+        "summary": {case: summarize(seed_runs) for case, seed_runs in runs.items()},
+        "total_s": time.perf_counter() - started,
+    }
+    paths = write_report(output_dir(args), NAME, report, markdown(report))
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()
