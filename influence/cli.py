@@ -108,8 +108,8 @@ def _methods(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(methods))
 
 
-def _validation_data(data: dict[str, np.ndarray], methods: Sequence[str], verify: int) -> bool:
-    """Whether validation data was given; a usage error when a method or --verify needs it and it is missing."""
+def _validation_data(data: dict[str, np.ndarray], methods: Sequence[str], verify: int, learn_weights: int) -> bool:
+    """Whether validation data was given; a usage error when a method, --verify or --learn-weights needs it."""
     given = [key for key in ("x_val", "y_val") if key in data]
     if len(given) == 1:
         raise _usage("val", "rank", "a file with both x_val and y_val (or both in --data)", f"only {given[0]}")
@@ -132,6 +132,13 @@ def _validation_data(data: dict[str, np.ndarray], methods: Sequence[str], verify
             "0 without validation data (verification compares validation losses; give --val or x_val/y_val in --data)",
             verify,
         )
+    if learn_weights:
+        raise _usage(
+            "learn-weights",
+            "rank",
+            "0 without validation data (the weights descend the validation loss; give --val or x_val/y_val in --data)",
+            learn_weights,
+        )
     return False
 
 
@@ -142,15 +149,16 @@ def cmd_rank(args: argparse.Namespace) -> int:
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise _usage(name.replace("_", "-"), "rank", "a positive int", getattr(args, name))
-    if args.verify < 0:
-        raise _usage("verify", "rank", "a non-negative int", args.verify)
+    for name in ("verify", "learn_weights"):
+        if getattr(args, name) < 0:
+            raise _usage(name.replace("_", "-"), "rank", "a non-negative int", getattr(args, name))
     if not args.input_gradient_penalty >= 0 or not np.isfinite(args.input_gradient_penalty):
         raise _usage("input-gradient-penalty", "rank", "a finite number ≥ 0", args.input_gradient_penalty)
     shape = _image_shape(args.image_shape, "rank")
     lr = _learning_rate(args)
     _check_out(args.out, "rank")
     data = load_data(args, "rank", need_val=False)
-    has_val = _validation_data(data, methods, args.verify)
+    has_val = _validation_data(data, methods, args.verify, args.learn_weights)
     x = data["x_train"]
     images = None
     if shape is not None:
@@ -186,6 +194,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         methods=methods,
         verify_top=args.verify,
         verify_random=args.verify,
+        learn_weights_steps=args.learn_weights,
         summary={
             "data": f"{args.data}{' + ' + args.val if args.val else ''}: {len(x)} train / "
             + (f"{len(data['x_val'])} validation" if has_val else "no validation")
@@ -383,6 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="K",
         help="retrain without each of the K most harmful and K random samples (default 0)",
+    )
+    rank.add_argument(
+        "--learn-weights",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="learn all sample weights in [0, 1] through training (influence.learn_sample_weights, Adam 0.1) "
+        "for STEPS outer steps and show them in the report (default 0: off)",
     )
     rank.add_argument("--image-shape", help="reshape flat inputs to HxW or HxWxC for the image grid, e.g. 28x28")
     rank.add_argument("--restart", action="store_true", help="discard saved shards instead of resuming")

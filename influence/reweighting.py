@@ -138,7 +138,9 @@ def learn_sample_weights(
     history, losses, errors, times, predicted = [], [], [], [], []
     run = trajectory
     start = time.perf_counter()
-    for step in progress_bar(range(int(steps) + 1), progress=progress, desc=f"learning weights ({goal})"):
+    for step in progress_bar(
+        range(int(steps) + 1), progress=progress, desc=f"learning sample weights ({goal})", unit="step"
+    ):
         run = trajectory.replayed_on(x, y, sample_weight=c)
         loss, error = evaluate_run(run, run.final_weights, xv, yv)
         history.append(c.copy())

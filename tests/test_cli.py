@@ -197,6 +197,23 @@ def test_rank_writes_report_scores_and_images(cli_runs, files):
     assert len(pd.read_csv(out / "verification.csv")) == 4
 
 
+def test_rank_learns_sample_weights_for_the_report(cli_runs, files, tmp_path):
+    out = tmp_path / "weights"
+    shutil.copytree(files / "reference", out)  # the ranking and verification are on record: only weights run
+    args = ["rank", "--model", files / "model.keras", "--data", files / "data.npz", *RANK_FLAGS, "--out", out]
+    code, _, err = in_process([*args, "--learn-weights", "2"])
+    assert code == 0, err
+    assert "[weights] learning all 60 sample weights, 2 outer steps" in err and "[train] loaded the recorded run" in err
+    html = (out / "index.html").read_text()
+    assert '<section id="learned-weights">' in html and "learned weight " in html
+    sources = [s.split('"')[0] for s in html.split('<img src="')[1:]]
+    assert len(sources) == 3 * 24 + 4  # the harmful, helpful and lowest-weight grids, four figures
+    assert all((out / s).read_bytes()[:8] == PNG for s in sources)
+    learned = pd.read_csv(out / "learned_weights.csv")
+    assert learned["index"].tolist() == list(range(60)) and learned["noisy"].sum() == 6
+    assert learned["learned_weight"].between(0, 1).all() and (learned["learned_weight"] < 1).any()
+
+
 def test_check_passes_with_exit_0(cli_runs):
     code, out, err = cli_runs["check"]
     assert code == 0, err
@@ -328,6 +345,14 @@ def run_main(args, capsys):
         (
             ["--data", "{f}/train.csv", "--method", "margin", "--verify", "2"],
             "The 'verify' parameter of influence rank must be 0 without validation data",
+        ),
+        (
+            ["--data", "{f}/train.csv", "--method", "margin", "--learn-weights", "3"],
+            "The 'learn-weights' parameter of influence rank must be 0 without validation data",
+        ),
+        (
+            ["--data", "{f}/data.npz", "--learn-weights", "-1"],
+            "The 'learn-weights' parameter of influence rank must be a non-negative int. Got -1",
         ),
         (["--data", "{f}/train.csv", "--val", "{f}/val.csv", "--label-column", "y"], "The 'label-column' parameter"),
         (

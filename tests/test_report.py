@@ -321,3 +321,47 @@ def test_score_histogram_tick_labels_do_not_overlap(monkeypatch):
     labels = [t for t in ax.get_xticklabels() if t.get_text() and low <= t.get_position()[0] <= high]
     boxes = sorted((t.get_window_extent(canvas.get_renderer()) for t in labels), key=lambda b: b.x0)
     assert 3 <= len(boxes) <= 7 and all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))
+
+
+def learned_frame(n=40, seed=3):
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({"index": rng.permutation(n), "learned_weight": rng.random(n)})
+    frame.attrs.update(val_loss=[0.5, 0.4, 0.35], seconds=[0.0, 0.1, 0.2], optimizer="Adam")
+    return frame
+
+
+def test_learned_weights_section_shows_the_lowest_weights_first(tmp_path):
+    table, learned = fake_table(), learned_frame()
+    noise = np.zeros(40, bool)
+    noise[[3, 7]] = True
+    images = np.random.default_rng(1).random((40, 5, 5))
+    path = render_report(tmp_path, table, summary={}, images=images, noise_mask=noise, learned_weights=learned, top=6)
+    refs = parse(path)
+    assert "learned-weights" in refs.ids and "images/learned_weights.png" in refs.images
+    assert len(refs.ids) == len(set(refs.ids))  # a sample in two grids has two distinct anchors
+    assert_valid_references(path, refs)
+    section = re.search(r'<section id="learned-weights">.*?</section>', path.read_text(), re.S).group(0)
+    lowest = learned.sort_values("learned_weight")["index"].to_numpy()[:6]
+    shown = [int(i) for i in re.findall(r"#(\d+)", section)]
+    assert shown == lowest.tolist(), shown
+    below = int((learned["learned_weight"] < 0.5).sum())
+    assert f"Validation loss 0.5 → 0.35; {below} samples learned below 0.5" in section and "2 outer steps" in section
+    saved = pd.read_csv(tmp_path / "learned_weights.csv")
+    assert saved["index"].tolist() == list(range(40)) and saved["noisy"].sum() == 2
+    np.testing.assert_allclose(saved["learned_weight"], learned.sort_values("index")["learned_weight"])
+
+
+@pytest.mark.parametrize(
+    "learned",
+    [
+        learned_frame().drop(columns="learned_weight"),
+        learned_frame().iloc[:39],
+        learned_frame().assign(index=np.arange(40) + 1),
+        pd.DataFrame({"index": np.arange(40), "learned_weight": np.ones(40)}),  # no val_loss curve in attrs
+        np.ones(40),
+    ],
+)
+def test_learned_weights_must_be_one_weight_per_sample_with_a_curve(tmp_path, learned):
+    with pytest.raises(ValueError, match=r"'learned_weights' parameter of render_report must be a DataFrame"):
+        render_report(tmp_path, fake_table(), summary={}, learned_weights=learned)
+    assert not (tmp_path / "scores.csv").exists()  # refused before anything is written

@@ -152,3 +152,37 @@ def convergence_plot(curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> byt
     by_step.legend(frameon=False, fontsize="small")
     fig.tight_layout()
     return _png(fig)
+
+
+def learned_weights_plot(val_loss: np.ndarray, weights: np.ndarray, noise_mask: np.ndarray | None = None) -> bytes:
+    """Validation loss per outer step of weight learning (left); histogram of the learned weights (right).
+
+    ``val_loss``: (steps + 1,); ``weights``: (n,) learned per-sample weights; known-noisy samples
+    stacked in their own colour.
+    """
+    fig = Figure(figsize=(10.0, 3.8))
+    by_step, hist = fig.subplots(1, 2)
+    by_step.plot(np.arange(len(val_loss)), val_loss, marker="o", ms=3, color=HELPFUL)
+    by_step.set_xlabel("outer step (one retraining + one unrolled pass each)")
+    by_step.set_ylabel("validation loss of the retrained model")
+    weights = np.asarray(weights, dtype=np.float64)
+    bins = list(np.linspace(min(0.0, weights.min()), max(1.0, weights.max()), 41))
+    if noise_mask is not None and np.any(noise_mask):
+        mask = np.asarray(noise_mask, dtype=bool)
+        hist.hist(
+            [weights[~mask], weights[mask]],
+            bins=bins,
+            stacked=True,
+            color=[NEUTRAL, NOISY],
+            label=[f"clean ({int((~mask).sum())})", f"known noisy ({int(mask.sum())})"],
+        )
+        hist.legend(frameon=False)
+    else:
+        hist.hist(weights, bins=bins, color=NEUTRAL)
+    hist.set_yscale("log")
+    hist.set_xlabel("learned weight c_i (1 = as recorded, 0 = dropped)")
+    hist.set_ylabel("training samples (log scale)")
+    for ax in (by_step, hist):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)

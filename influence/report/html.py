@@ -94,14 +94,18 @@ class Card:
     note: str = ""
 
 
-def grid(cards: Sequence[Card]) -> str:
-    """Sample cards in a wrapping grid; known-noisy samples get an orange frame and badge."""
+def grid(cards: Sequence[Card], *, id_prefix: str = "sample") -> str:
+    """Sample cards in a wrapping grid; known-noisy samples get an orange frame and badge.
+
+    Each card's anchor is ``{id_prefix}-{index}``: a grid that may repeat samples of another
+    grid takes its own prefix, so ids stay unique on the page.
+    """
     parts = []
     for card in cards:
         badge = f'<div><span class="badge">{esc(card.note or "noisy")}</span></div>' if card.noisy else ""
         lines = "".join(f"<div>{line}</div>" for line in card.lines)
         parts.append(
-            f'<figure class="card{" noisy" if card.noisy else ""}" id="sample-{card.index}">'
+            f'<figure class="card{" noisy" if card.noisy else ""}" id="{esc(id_prefix)}-{card.index}">'
             f'<img src="{esc(card.src)}" alt="training sample {card.index}">'
             f'<figcaption><div class="idx">#{card.index}</div>{lines}{badge}</figcaption></figure>'
         )

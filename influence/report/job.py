@@ -48,6 +48,9 @@ class RankingJob:
     random other samples are each retrained without (0 and 0: no verification).
     ``repair_top`` > 0 optimises the inputs of that many most harmful samples to lower the
     validation loss, once per outer optimizer, for the report's convergence section.
+    ``learn_weights_steps`` > 0 learns all training weights in [0, 1] with
+    :func:`influence.learn_sample_weights` (``Adam(0.1)``, that many outer steps) for the
+    report's learned-weights section.
     The remaining fields go to :func:`render_report`.
     """
 
@@ -69,6 +72,7 @@ class RankingJob:
     verify_random: int = 0
     repair_top: int = 0
     repair_steps: int = 5
+    learn_weights_steps: int = 0
     summary: Mapping[str, Any] = field(default_factory=dict)
     images: np.ndarray | None = None
     features: np.ndarray | None = None
@@ -266,6 +270,21 @@ def repair_curves(trajectory: Any, job: RankingJob, indices: np.ndarray) -> pd.D
     return pd.DataFrame(rows)
 
 
+def learned_weights_table(trajectory: Any, job: RankingJob) -> pd.DataFrame:
+    """Columns ``index``, ``learned_weight`` (n rows) from :func:`influence.learn_sample_weights`.
+
+    ``attrs``: ``val_loss`` and ``seconds`` per outer step, ``optimizer``.
+    """
+    from ..reweighting import learn_sample_weights
+
+    result = learn_sample_weights(
+        trajectory, job.x_train, job.y_train, job.x_val, job.y_val, steps=job.learn_weights_steps, progress=job.progress
+    )
+    table = pd.DataFrame({"index": np.arange(len(result.sample_weight)), "learned_weight": result.sample_weight})
+    table.attrs.update(val_loss=result.val_loss.tolist(), seconds=result.seconds.tolist(), optimizer=result.optimizer)
+    return table
+
+
 def _check_validation_data(job: RankingJob) -> None:
     """Without validation data only the methods that need none can run, with no verification or repair."""
     from .._methods import NEEDS_VALIDATION
@@ -275,6 +294,7 @@ def _check_validation_data(job: RankingJob) -> None:
     needs = [f"method '{m}'" for m in job.methods if m in NEEDS_VALIDATION]
     needs += ["verification"] if job.verify_top or job.verify_random else []
     needs += ["repair"] if job.repair_top else []
+    needs += ["learned weights"] if job.learn_weights_steps else []
     if needs:
         raise ValueError(param_error("x_val", "RankingJob", f"validation data for {', '.join(needs)}", "None"))
 
@@ -333,6 +353,15 @@ def run_ranking(job: RankingJob) -> RankingOutcome:
             lambda: repair_curves(trajectory(), job, harmful),
         )
         times["repair"] = f"{time.perf_counter() - t:.1f} s"
+    learned = None
+    if job.learn_weights_steps:
+        job.log(f"[weights] learning all {len(job.x_train)} sample weights, {job.learn_weights_steps} outer steps")
+        t = time.perf_counter()
+        learned = store.table(
+            store.key("weights", run=run, steps=job.learn_weights_steps),
+            lambda: learned_weights_table(trajectory(), job),
+        )
+        times["weights"] = f"{time.perf_counter() - t:.1f} s"
     if trajectory.seconds is None:
         job.log("[train] skipped: every result is on record")
     store.keep(trajectory.key)  # the recorded run stays, to serve a rerun with other methods
@@ -364,6 +393,7 @@ def run_ranking(job: RankingJob) -> RankingOutcome:
             clean_labels=job.clean_labels,
             comparison=tables,
             convergence=convergence,
+            learned_weights=learned,
         ),
         previous,
     )

@@ -95,6 +95,8 @@ def _cards(rows: pd.DataFrame, images: np.ndarray, out: Path, prefix: str, noise
             f"score {esc(fmt(row.score, 3))}",
             f"Δ val loss {esc(fmt(row.removal_effect, 3))}",
         ]
+        if hasattr(row, "learned_weight"):
+            lines.append(f"learned weight {esc(fmt(row.learned_weight, 2))}")
         noisy = bool(noise[i]) if noise is not None else False
         note = f"flipped; true {fmt(clean[i])}" if (noisy and clean is not None) else "known noisy"
         cards.append(Card(src=name, index=i, lines=lines, noisy=noisy, note=note))
@@ -104,6 +106,8 @@ def _cards(rows: pd.DataFrame, images: np.ndarray, out: Path, prefix: str, noise
 def _rows_table(rows: pd.DataFrame, features: np.ndarray | None, feature_names: Sequence[str] | None) -> str:
     shown = rows[["rank", "index", "label", "predicted_label", "score", "removal_effect", "train_loss"]].copy()
     shown.columns = ["rank", "index", "label", "predicted", "score", "Δ val loss if removed", "train loss"]
+    if "learned_weight" in rows:
+        shown["learned weight"] = rows["learned_weight"].to_numpy()
     if features is not None:
         flat = features.reshape(len(features), -1)
         names = list(feature_names) if feature_names is not None else [f"x[{j}]" for j in range(flat.shape[1])]
@@ -116,7 +120,10 @@ def _samples_section(
     sid: str, title: str, rows: pd.DataFrame, out: Path, *, images, features, feature_names, noise, clean, note: str
 ) -> Section:
     if images is not None:
-        body = grid(_cards(rows, images, out, sid, noise, clean))
+        # The harmful and helpful grids never share a sample (anchors #sample-<index>); any other grid
+        # may repeat one of theirs and gets its own prefix.
+        prefix = "sample" if sid in ("harmful", "helpful") else f"{sid}-sample"
+        body = grid(_cards(rows, images, out, sid, noise, clean), id_prefix=prefix)
     else:
         body = _rows_table(rows, features, feature_names)
     return Section(sid, title, body, note)
@@ -242,6 +249,60 @@ def _convergence_section(convergence: pd.DataFrame | None, out: Path) -> Section
     return Section("convergence", "Optimising training inputs: outer optimizers", body, esc(note))
 
 
+def _check_learned_weights(learned: Any, n: int) -> pd.DataFrame | None:
+    """``learned_weights`` of render_report: None, or a frame of one weight per sample with its loss curve."""
+    if learned is None:
+        return None
+    ok = isinstance(learned, pd.DataFrame) and {"index", "learned_weight"} <= set(learned.columns)
+    ok = ok and len(learned) == n and "val_loss" in learned.attrs
+    if ok:
+        index = np.sort(learned["index"].to_numpy())
+        ok = np.issubdtype(index.dtype, np.integer) and np.array_equal(index, np.arange(n))
+    if not ok:
+        raise ValueError(
+            param_error(
+                "learned_weights",
+                FUNC,
+                f"a DataFrame with columns 'index' and 'learned_weight', one row per training sample ({n}), "
+                "and attrs['val_loss'] (one per outer step)",
+                describe(learned),
+            )
+        )
+    return learned
+
+
+def _learned_weights_section(
+    learned: pd.DataFrame | None, shown: pd.DataFrame, out: Path, top: int, samples: dict[str, Any]
+) -> Section | None:
+    """The weights of :func:`influence.learn_sample_weights`: loss curve, histogram, lowest-weight samples."""
+    if learned is None:
+        return None
+    n = len(shown)
+    weights = learned.sort_values("index")["learned_weight"].to_numpy(dtype=np.float64)
+    val_loss = np.asarray(learned.attrs["val_loss"], dtype=np.float64)
+    noise = samples["noise"]
+    name = f"{IMAGE_DIR}/learned_weights.png"
+    atomic_write_bytes(out / name, figures.learned_weights_plot(val_loss, weights, noise))
+    lowest = np.argsort(weights, kind="stable")[:top]
+    rows = shown.set_index("index", drop=False).loc[lowest].reset_index(drop=True)
+    rows["learned_weight"] = weights[lowest]
+    below = weights < 0.5
+    counted = f"{int(below.sum())} samples learned below 0.5"
+    if noise is not None and np.any(noise):
+        counted += f", {int(np.sum(below & noise))} of them known noisy (of {int(noise.sum())} known noisy in all)"
+    note = (
+        f"All {n} training weights learned together by influence.learn_sample_weights "
+        f"({esc(str(learned.attrs.get('optimizer', 'Adam')))}, {len(val_loss) - 1} outer steps): each "
+        "step retrains the recorded run with the current weights and follows dE/dc from the unrolled pass, so "
+        "interactions between samples are taken into account. Validation loss "
+        f"{fmt(val_loss[0], 4)} → {fmt(val_loss[-1], 4)}; {counted}. The weights fit the validation data they "
+        f"were learned on: check them on held-out data before acting. Lowest {len(lowest)} weights first."
+    )
+    figure = f'<div class="figs">{image(name, "validation loss per outer step and learned weights")}</div>'
+    grid_section = _samples_section("learned", "", rows, out, note="", **samples)
+    return Section("learned-weights", "Learned sample weights", figure + grid_section.body, note)
+
+
 def render_report(
     out_dir: str | os.PathLike,
     table: pd.DataFrame,
@@ -255,6 +316,7 @@ def render_report(
     clean_labels: Any = None,
     comparison: Mapping[str, pd.DataFrame] | None = None,
     convergence: pd.DataFrame | None = None,
+    learned_weights: pd.DataFrame | None = None,
     top: int = 24,
     title: str = "influence: data-debugging report",
 ) -> Path:
@@ -274,6 +336,9 @@ def render_report(
             side in ``all_methods.csv/.parquet``.
         convergence: curves of :func:`influence.optimize_training_inputs` per outer optimizer,
             columns ``optimizer``, ``step``, ``val_loss``, ``seconds`` (``attrs["note"]`` explains them).
+        learned_weights: per-sample weights of :func:`influence.learn_sample_weights`, columns
+            ``index`` and ``learned_weight`` (one row per sample), ``attrs["val_loss"]`` per outer
+            step (and ``attrs["optimizer"]``); saved as ``learned_weights.csv``.
         top: samples per grid.
 
     Returns the path of ``index.html``. Every file is written atomically.
@@ -289,6 +354,7 @@ def render_report(
     features = _check_per_sample(features, "features", n, 1, 8)
     noise = _check_per_sample(noise_mask, "noise_mask", n, 1, 1, dtype=bool)
     clean = _check_per_sample(clean_labels, "clean_labels", n, 1, 2)
+    learned = _check_learned_weights(learned_weights, n)
     if verification is not None and not isinstance(verification, Verification):
         raise TypeError(param_error("verification", FUNC, "an influence.report.Verification", describe(verification)))
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
@@ -306,6 +372,13 @@ def render_report(
     if verification is not None:
         atomic_write_text(out / "verification.csv", verification.frame().to_csv(index=False))
         files.append(out / "verification.csv")
+
+    if learned is not None:
+        frame = learned[["index", "learned_weight"]].sort_values("index")
+        if noise is not None:
+            frame["noisy"] = noise[frame["index"].to_numpy()]
+        atomic_write_text(out / "learned_weights.csv", frame.to_csv(index=False))
+        files.append(out / "learned_weights.csv")
 
     samples = {"images": images, "features": features, "feature_names": feature_names, "noise": noise, "clean": clean}
     has_effect = not ranked["removal_effect"].isna().all()
@@ -334,6 +407,7 @@ def render_report(
         _found_at_k_section({method: ranked} | others, noise, n_top, out),
         _per_class_section(ranked, noise, n_top),
         *[s for s in [_convergence_section(convergence, out)] if s is not None],
+        *[s for s in [_learned_weights_section(learned, shown, out, top, samples)] if s is not None],
         Section(
             "files",
             "Files",
