@@ -205,6 +205,26 @@ def load(name: str, noise: float) -> Data:
     return Data(x[train], y_train, y[train], x[val], y[val], x[test], y[test], flipped)
 
 
+def run_all_cases(
+    quick: bool, run_seed: Callable[[str, float, int], dict[str, Any]], line: Callable[[dict[str, Any]], str]
+) -> tuple[dict[str, list[dict[str, Any]]], tuple[int, ...]]:
+    """``run_seed(data set, noise, training seed)`` for every case and seed, keyed ``"digits 10%"``.
+
+    ``quick``: digits 10 % with seed 0 only. Prints ``line(result)`` after each run; returns the
+    results per case and the seeds used. (For the benchmarks that reuse these cases.)
+    """
+    seeds = QUICK_TRAINING_SEEDS if quick else TRAINING_SEEDS
+    cases = [("digits", 0.1)] if quick else [(name, noise) for name in SPECS for noise in NOISES]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for name, noise in cases:
+        key = f"{name} {noise:.0%}"
+        runs[key] = []
+        for seed in seeds:
+            runs[key].append(run_seed(name, noise, seed))
+            print(f"{key} seed {seed}: {line(runs[key][-1])}", flush=True)
+    return runs, seeds
+
+
 class Evaluator:
     """Loss and accuracy of given trainable weights on the validation and test splits."""
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 from _common import benchmark_parser, machine_info, output_dir, write_report
-from data_debugging import LOSS, NOISES, QUICK_TRAINING_SEEDS, SPECS, TRAINING_SEEDS, Evaluator, load
+from data_debugging import LOSS, SPECS, Evaluator, load, run_all_cases
 
 import influence as inf
 
@@ -161,16 +161,9 @@ def main() -> None:
     parser = benchmark_parser(__doc__, "smoke run: digits 10 %% only, one training seed", "greedy_cleansing.{json,md}")
     args = parser.parse_args()
     started = time.perf_counter()
-    seeds = QUICK_TRAINING_SEEDS if args.quick else TRAINING_SEEDS
-    cases = [("digits", 0.1)] if args.quick else [(name, noise) for name in SPECS for noise in NOISES]
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for name, noise in cases:
-        key = f"{name} {noise:.0%}"
-        runs[key] = []
-        for seed in seeds:
-            run = run_seed(name, noise, seed)
-            runs[key].append(run)
-            print(f"{key} seed {seed}: " + ", ".join(f"{m} {v:.4f}" for m, v in run["test_loss"]["20"].items()))
+    runs, seeds = run_all_cases(
+        args.quick, run_seed, lambda run: ", ".join(f"{m} {v:.4f}" for m, v in run["test_loss"]["20"].items())
+    )
     all_seconds = [r["seconds"] for rs in runs.values() for r in rs]
     report = {
         "benchmark": NAME,

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 from _common import benchmark_parser, output_dir, report_header, write_report
-from data_debugging import LOSS, NOISES, QUICK_TRAINING_SEEDS, SPECS, TRAINING_SEEDS, Evaluator, load
+from data_debugging import LOSS, SPECS, Evaluator, load, run_all_cases
 from sklearn.metrics import roc_auc_score
 
 import influence as inf
@@ -92,6 +92,7 @@ def run_seed(spec_name: str, noise: float, seed: int) -> dict[str, Any]:
     return {
         "metrics": metrics,
         "m": m,
+        "flipped": len(data.flipped),
         "flipped_in_m": {name: int(np.sum(weights[name][data.flipped] == 0)) for name in VARIANTS[3:6]},
         "auc": {name: float(roc_auc_score(data.flipped_mask, 1 - weights[name])) for name in OUTER},
         "mean_weight": {
@@ -151,7 +152,7 @@ def markdown(report: dict[str, Any]) -> str:
             wins = s["lowest_test_loss_in_seeds"].get(name)
             won = "" if wins is None else f" [{wins}]"
             cells.append(f"{row['test_loss']:.4f} ({row['test_accuracy']:.3f}){won}")
-        lines.append(f"| {case} | " + " | ".join(cells) + f" | {s['m']:.0f} ({report['flipped'][case]}) |")
+        lines.append(f"| {case} | " + " | ".join(cells) + f" | {s['m']:.0f} ({report['runs'][case][0]['flipped']}) |")
     lines += [
         "",
         "## Validation loss (what the weights were learned on)",
@@ -191,23 +192,13 @@ def main() -> None:
     parser = benchmark_parser(__doc__, "smoke run: digits 10 %% only, one training seed", "reweighting.{json,md}")
     args = parser.parse_args()
     started = time.perf_counter()
-    seeds = QUICK_TRAINING_SEEDS if args.quick else TRAINING_SEEDS
-    cases = [("digits", 0.1)] if args.quick else [(name, noise) for name in SPECS for noise in NOISES]
-    runs: dict[str, list[dict[str, Any]]] = {}
-    flipped: dict[str, int] = {}
-    for name, noise in cases:
-        key = f"{name} {noise:.0%}"
-        flipped[key] = len(load(name, noise).flipped)
-        runs[key] = []
-        for seed in seeds:
-            run = run_seed(name, noise, seed)
-            runs[key].append(run)
-            print(f"{key} seed {seed}: " + ", ".join(f"{v} {r['test_loss']:.4f}" for v, r in run["metrics"].items()))
+    runs, seeds = run_all_cases(
+        args.quick, run_seed, lambda run: ", ".join(f"{v} {r['test_loss']:.4f}" for v, r in run["metrics"].items())
+    )
     report = {
         **report_header(NAME),
         "seeds": len(seeds),
         "outer_steps": OUTER_STEPS,
-        "flipped": flipped,
         "runs": runs,
         "summary": {case: summarize(seed_runs) for case, seed_runs in runs.items()},
         "total_s": time.perf_counter() - started,

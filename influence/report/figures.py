@@ -66,11 +66,20 @@ def score_distribution(score: np.ndarray, noise_mask: np.ndarray | None = None, 
     """Histogram of scores (higher = more harmful); known-noisy samples stacked in their own colour."""
     fig, ax = _figure()
     score = np.asarray(score, dtype=np.float64)
-    bins = list(np.histogram_bin_edges(score, bins=60))
+    _noise_stacked_hist(ax, score, list(np.histogram_bin_edges(score, bins=60)), noise_mask)
+    _few_ticks(ax.xaxis)
+    ax.set_xlabel(f"score ({method}; higher = more harmful)" if method else "score (higher = more harmful)")
+    ax.set_ylabel("training samples (log scale)")
+    ax.set_title("Score distribution")
+    return _png(fig)
+
+
+def _noise_stacked_hist(ax: Axes, values: np.ndarray, bins: list[float], noise_mask: np.ndarray | None) -> None:
+    """Histogram of ``values`` (n,) on a log count axis; known-noisy samples stacked in their own colour."""
     if noise_mask is not None and np.any(noise_mask):
         mask = np.asarray(noise_mask, dtype=bool)
         ax.hist(
-            [score[~mask], score[mask]],
+            [values[~mask], values[mask]],
             bins=bins,
             stacked=True,
             color=[NEUTRAL, NOISY],
@@ -78,13 +87,8 @@ def score_distribution(score: np.ndarray, noise_mask: np.ndarray | None = None, 
         )
         ax.legend(frameon=False)
     else:
-        ax.hist(score, bins=bins, color=NEUTRAL)
+        ax.hist(values, bins=bins, color=NEUTRAL)
     ax.set_yscale("log")
-    _few_ticks(ax.xaxis)
-    ax.set_xlabel(f"score ({method}; higher = more harmful)" if method else "score (higher = more harmful)")
-    ax.set_ylabel("training samples (log scale)")
-    ax.set_title("Score distribution")
-    return _png(fig)
 
 
 def removal_scatter(verification: Verification) -> bytes:
@@ -166,20 +170,9 @@ def learned_weights_plot(val_loss: np.ndarray, weights: np.ndarray, noise_mask: 
     by_step.set_xlabel("outer step (one retraining + one unrolled pass each)")
     by_step.set_ylabel("validation loss of the retrained model")
     weights = np.asarray(weights, dtype=np.float64)
-    bins = list(np.linspace(min(0.0, weights.min()), max(1.0, weights.max()), 41))
-    if noise_mask is not None and np.any(noise_mask):
-        mask = np.asarray(noise_mask, dtype=bool)
-        hist.hist(
-            [weights[~mask], weights[mask]],
-            bins=bins,
-            stacked=True,
-            color=[NEUTRAL, NOISY],
-            label=[f"clean ({int((~mask).sum())})", f"known noisy ({int(mask.sum())})"],
-        )
-        hist.legend(frameon=False)
-    else:
-        hist.hist(weights, bins=bins, color=NEUTRAL)
-    hist.set_yscale("log")
+    _noise_stacked_hist(
+        hist, weights, list(np.linspace(min(0.0, weights.min()), max(1.0, weights.max()), 41)), noise_mask
+    )
     hist.set_xlabel("learned weight c_i (1 = as recorded, 0 = dropped)")
     hist.set_ylabel("training samples (log scale)")
     for ax in (by_step, hist):
