@@ -125,20 +125,13 @@ def _validation_data(data: dict[str, np.ndarray], methods: Sequence[str], verify
             f"(methods {free} need none)",
             "no validation data",
         )
-    if verify:
-        raise _usage(
-            "verify",
-            "rank",
-            "0 without validation data (verification compares validation losses; give --val or x_val/y_val in --data)",
-            verify,
-        )
-    if learn_weights:
-        raise _usage(
-            "learn-weights",
-            "rank",
-            "0 without validation data (the weights descend the validation loss; give --val or x_val/y_val in --data)",
-            learn_weights,
-        )
+    options = (
+        ("verify", verify, "verification compares validation losses"),
+        ("learn-weights", learn_weights, "the weights descend the validation loss"),
+    )
+    for flag, value, why in options:
+        if value:
+            raise _usage(flag, "rank", f"0 without validation data ({why}; give --val or x_val/y_val in --data)", value)
     return False
 
 

@@ -103,10 +103,11 @@ def project_labels(loss: Any, y: np.ndarray) -> np.ndarray:
     return y
 
 
-def evaluate_run(trajectory: Trajectory, weights: list[np.ndarray], x_val: np.ndarray, y_val: np.ndarray):
+def evaluate_run(trajectory: Trajectory, weights: list[np.ndarray], x_val: np.ndarray, y_val: np.ndarray, func: str):
+    """(validation loss, classification error) of ``trajectory``'s model with ``weights``; ``func`` names the caller."""
     from .model_function import ModelFunction
 
-    fn = ModelFunction(trajectory.model, func="optimize_training_inputs")
+    fn = ModelFunction(trajectory.model, func=func)
     w = [tf.constant(v, dtype=fn.dtype) for v in weights]
     out = fn(w, tf.constant(x_val, dtype=fn.dtype))
     yv = tf.constant(y_val, dtype=fn.dtype if trajectory.loss.continuous_labels else tf.int32)
@@ -151,10 +152,18 @@ def outer_optimizer_named(outer_optimizer: Any, func: str) -> Optimizer:
     )
 
 
-def check_inside_bounds(x: np.ndarray, bounds: tuple[float, float] | None, func: str) -> None:
-    """Refuse starting inputs outside ``bounds``: the first projection would clip them silently.
+def check_inside_bounds(
+    x: np.ndarray,
+    bounds: tuple[float, float] | None,
+    func: str,
+    *,
+    what: str = "the starting inputs",
+    remedy: str = "pass bounds=None for no box, or a wider range",
+) -> None:
+    """Refuse starting values outside ``bounds``: the first projection would clip them silently.
 
-    ``x``: (k, ...) the inputs that will be optimised (and projected onto the box).
+    ``x``: the values that will be optimised (and projected onto the box): inputs (k, ...)
+    here, sample weights in :func:`influence.learn_sample_weights`; ``what`` names them.
     """
     if bounds is None:
         return
@@ -164,8 +173,8 @@ def check_inside_bounds(x: np.ndarray, bounds: tuple[float, float] | None, func:
             param_error(
                 "bounds",
                 func,
-                f"a (low, high) box that holds the starting inputs, which lie in [{low:.4g}, {high:.4g}] (the "
-                "first step would clip them into the box); pass bounds=None for no box, or a wider range",
+                f"a (low, high) box that holds {what}, which lie in [{low:.4g}, {high:.4g}] (the "
+                f"first step would clip them into the box); {remedy}",
                 describe(bounds),
             )
         )
@@ -269,7 +278,7 @@ def optimize_training_inputs(
     start = time.perf_counter()
     for step in progress_bar(range(int(steps) + 1), progress=progress, desc=f"{goal} ({type(opt).__name__})"):
         run = trajectory.replayed_on(x_cur, y_cur)
-        loss, error = evaluate_run(run, run.final_weights, xv, yv)
+        loss, error = evaluate_run(run, run.final_weights, xv, yv, func)
         losses.append(loss)
         errors.append(error)
         times.append(time.perf_counter() - start)

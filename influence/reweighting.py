@@ -29,8 +29,8 @@ import tensorflow as tf
 from ._inputs import validate_validation_data
 from ._progress import progress_bar
 from ._summary import compact_repr
-from ._validation import check_choice, check_positive, check_sample_indices, describe, param_error
-from .input_optimization import GOALS, evaluate_run, optimizer_label, outer_optimizer_named
+from ._validation import check_choice, check_positive, check_sample_indices, describe, is_real, param_error
+from .input_optimization import GOALS, check_inside_bounds, evaluate_run, optimizer_label, outer_optimizer_named
 from .trajectory import Trajectory, check_trajectory_data
 from .unroll import unrolled
 
@@ -120,42 +120,36 @@ def learn_sample_weights(
         else check_sample_indices(indices, trajectory.n_train, func=func)
     )
     c = np.array(trajectory.sample_weight, dtype=np.float64)
-    if np.min(c[idx]) < low or np.max(c[idx]) > high:
-        raise ValueError(
-            param_error(
-                "bounds",
-                func,
-                f"a box that holds the recorded weights of the learned samples, which lie in "
-                f"[{np.min(c[idx]):.4g}, {np.max(c[idx]):.4g}] (the first step would clip them)",
-                describe(bounds),
-            )
-        )
+    check_inside_bounds(
+        c[idx], (low, high), func, what="the recorded weights of the learned samples", remedy="pass a wider range"
+    )
     sign = 1.0 if goal == "repair" else -1.0  # the outer optimizer minimises sign·E
 
-    params = [tf.constant(c[idx])]
-    state = opt.init(params)
+    state = opt.init([tf.constant(c[idx])])
     rates = opt.learning_rates(int(steps))
     history, losses, errors, times, predicted = [], [], [], [], []
-    run = trajectory
     start = time.perf_counter()
     for step in progress_bar(
         range(int(steps) + 1), progress=progress, desc=f"learning sample weights ({goal})", unit="step"
     ):
         run = trajectory.replayed_on(x, y, sample_weight=c)
-        loss, error = evaluate_run(run, run.final_weights, xv, yv)
-        history.append(c.copy())
+        loss, error = evaluate_run(run, run.final_weights, xv, yv, func)
+        history.append(c)
         losses.append(loss)
         errors.append(error)
         times.append(time.perf_counter() - start)
         if step == int(steps):
             break
         grad = unrolled(run, x, y, xv, yv, progress=False, input_grad=False).sample_weight_grad[idx].astype(np.float64)
-        new_params, state = opt.update(
-            params, [tf.constant(sign * grad)], state, tf.constant(rates[step], tf.float64), tf.constant(step)
+        stepped, state = opt.update(
+            [tf.constant(c[idx])],
+            [tf.constant(sign * grad)],
+            state,
+            tf.constant(rates[step], tf.float64),
+            tf.constant(step),
         )
-        params = [tf.clip_by_value(new_params[0], low, high)]
-        c_new = c.copy()
-        c_new[idx] = params[0].numpy()
+        c_new = c.copy()  # a new array: history keeps the old one
+        c_new[idx] = np.clip(stepped[0].numpy(), low, high)
         predicted.append(float(np.dot(grad, c_new[idx] - c[idx])))
         c = c_new
     return SampleWeightLearning(
@@ -172,8 +166,7 @@ def learn_sample_weights(
 
 def _check_bounds(bounds: Any, func: str) -> tuple[float, float]:
     """(low, high) with 0 ≤ low < high: a negative weight would ascend its sample's loss."""
-    ok = isinstance(bounds, (tuple, list)) and len(bounds) == 2
-    ok = ok and all(isinstance(b, (int, float, np.integer, np.floating)) and np.isfinite(b) for b in bounds)
+    ok = isinstance(bounds, (tuple, list)) and len(bounds) == 2 and all(is_real(b) and np.isfinite(b) for b in bounds)
     if not ok or not 0 <= bounds[0] < bounds[1]:
         raise ValueError(param_error("bounds", func, "a (low, high) pair with 0 ≤ low < high", describe(bounds)))
     return float(bounds[0]), float(bounds[1])

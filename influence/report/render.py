@@ -116,17 +116,18 @@ def _rows_table(rows: pd.DataFrame, features: np.ndarray | None, feature_names: 
     return html_table(shown)
 
 
-def _samples_section(
-    sid: str, title: str, rows: pd.DataFrame, out: Path, *, images, features, feature_names, noise, clean, note: str
-) -> Section:
-    if images is not None:
-        # The harmful and helpful grids never share a sample (anchors #sample-<index>); any other grid
-        # may repeat one of theirs and gets its own prefix.
-        prefix = "sample" if sid in ("harmful", "helpful") else f"{sid}-sample"
-        body = grid(_cards(rows, images, out, sid, noise, clean), id_prefix=prefix)
-    else:
-        body = _rows_table(rows, features, feature_names)
-    return Section(sid, title, body, note)
+def _samples_body(sid: str, rows: pd.DataFrame, out: Path, *, images, features, feature_names, noise, clean) -> str:
+    """``rows`` as an image grid (tiles written under ``out``), or as a table without images."""
+    if images is None:
+        return _rows_table(rows, features, feature_names)
+    # The harmful and helpful grids never share a sample (anchors #sample-<index>); any other grid
+    # may repeat one of theirs and gets its own prefix.
+    prefix = "sample" if sid in ("harmful", "helpful") else f"{sid}-sample"
+    return grid(_cards(rows, images, out, sid, noise, clean), id_prefix=prefix)
+
+
+def _samples_section(sid: str, title: str, rows: pd.DataFrame, out: Path, *, note: str, **samples: Any) -> Section:
+    return Section(sid, title, _samples_body(sid, rows, out, **samples), note)
 
 
 def _summary(summary: Mapping[str, Any], table_: pd.DataFrame, verification, noise, n_top: int) -> dict[str, Any]:
@@ -299,8 +300,8 @@ def _learned_weights_section(
         f"were learned on: check them on held-out data before acting. Lowest {len(lowest)} weights first."
     )
     figure = f'<div class="figs">{image(name, "validation loss per outer step and learned weights")}</div>'
-    grid_section = _samples_section("learned", "", rows, out, note="", **samples)
-    return Section("learned-weights", "Learned sample weights", figure + grid_section.body, note)
+    cards = _samples_body("learned", rows, out, **samples)
+    return Section("learned-weights", "Learned sample weights", figure + cards, note)
 
 
 def render_report(
