@@ -8,8 +8,10 @@ Setup
 Compared (every variant retrains the *recorded* run: same batches, |B_t| and learning rates)
     * ``recorded``: all weights 1 (the replayed run);
     * ``learned/Adam``: ``learn_sample_weights`` with its default outer optimizer ``Adam(0.1)``,
-      10 outer steps, weights in [0, 1], learned on the validation split;
+      30 outer steps, weights in [0, 1], learned on the validation split;
     * ``learned/SGD``: the same with plain SGD, step size 30 (moves weights in proportion to dE/dc);
+    * ``learned/holdout``: Adam(0.1) with ``holdout=0.3`` (30 % of the validation split held out of E
+      and used to pick the step), up to 30 outer steps, ``patience=5``;
     * ``drop learned``: the Adam weights rounded: the samples learned below 0.5 removed, the rest kept
       at 1 (m samples);
     * ``unrolled top-m`` and ``loss top-m``: the one-shot top-m of ``rank(method="unrolled")`` and
@@ -19,9 +21,11 @@ Compared (every variant retrains the *recorded* run: same batches, |B_t| and lea
 Measured
     Validation loss (the outer objective), held-out test loss and accuracy; ROC AUC of 1 − c (Adam
     weights) against the flipped mask (``sklearn.metrics.roc_auc_score``), for comparison with the
-    mislabel-detection AUCs of data_debugging.md; m and how many of the m are flipped; wall time of
-    ``learn_sample_weights`` (10 retrainings + 10 unrolled passes + 11 evaluations; the Adam call is
-    the first on each seed's model, so it includes tracing). Means over the five seeds, and the seed-0 rows.
+    mislabel-detection AUCs of data_debugging.md; m and how many of the m are flipped; test loss of the
+    Adam weights after 0, 10, 20 and 30 outer steps (does the outer loop overfit the validation split?);
+    wall time of ``learn_sample_weights`` (30 retrainings + 30 unrolled passes + 31 evaluations; the
+    Adam call is the first on each seed's model, so it includes tracing). Means over the five seeds,
+    and the seed-0 rows.
 
 Outputs
     ``reports/benchmarks/reweighting.{json,md}``; ``--quick`` (seed 0, digits 10 % only) writes under
@@ -50,10 +54,20 @@ from sklearn.metrics import roc_auc_score
 import influence as inf
 
 NAME = "reweighting"
-OUTER_STEPS = 10
-OUTER = {"learned/Adam": lambda: inf.optimizers.Adam(0.1), "learned/SGD": lambda: inf.optimizers.SGD(30.0)}
+OUTER_STEPS = 30
+CURVE_EVERY = 10  # test loss of the Adam weights every CURVE_EVERY outer steps
+HOLDOUT = {"holdout": 0.3, "steps": OUTER_STEPS, "patience": 5}
+OUTER = {
+    "learned/Adam": (lambda: inf.optimizers.Adam(0.1), {"steps": OUTER_STEPS}),
+    "learned/SGD": (lambda: inf.optimizers.SGD(30.0), {"steps": OUTER_STEPS}),
+    "learned/holdout": (lambda: inf.optimizers.Adam(0.1), HOLDOUT),
+}
 DROP_BELOW = 0.5
-VARIANTS = ("recorded", "learned/Adam", "learned/SGD", "drop learned", "unrolled top-m", "loss top-m", "oracle")
+VARIANTS = (
+    "recorded", "learned/Adam", "learned/SGD", "learned/holdout", "drop learned", "unrolled top-m", "loss top-m",
+    "oracle",
+)  # fmt: skip
+REMOVALS = ("drop learned", "unrolled top-m", "loss top-m")
 
 
 def run_seed(spec_name: str, noise: float, seed: int) -> dict[str, Any]:
@@ -73,13 +87,19 @@ def run_seed(spec_name: str, noise: float, seed: int) -> dict[str, Any]:
 
     weights: dict[str, np.ndarray] = {"recorded": np.ones(n)}
     seconds: dict[str, float] = {}
-    for name, make in OUTER.items():
+    steps_run: dict[str, int] = {}
+    best_step: dict[str, int] = {}
+    histories: dict[str, np.ndarray] = {}
+    for name, (make, options) in OUTER.items():
         started = time.perf_counter()
         learned = inf.learn_sample_weights(
-            trajectory, x, y, data.x_val, data.y_val, outer_optimizer=make(), steps=OUTER_STEPS, progress=False
+            trajectory, x, y, data.x_val, data.y_val, outer_optimizer=make(), progress=False, **options
         )
         seconds[name] = time.perf_counter() - started
         weights[name] = learned.sample_weight
+        steps_run[name] = len(learned.history) - 1
+        best_step[name] = learned.best_step
+        histories[name] = learned.history
     dropped = np.flatnonzero(weights["learned/Adam"] < DROP_BELOW)
     m = len(dropped)
     weights["drop learned"] = removing(dropped)
@@ -93,7 +113,7 @@ def run_seed(spec_name: str, noise: float, seed: int) -> dict[str, Any]:
         "metrics": metrics,
         "m": m,
         "flipped": len(data.flipped),
-        "flipped_in_m": {name: int(np.sum(weights[name][data.flipped] == 0)) for name in VARIANTS[3:6]},
+        "flipped_in_m": {name: int(np.sum(weights[name][data.flipped] == 0)) for name in REMOVALS},
         "auc": {name: float(roc_auc_score(data.flipped_mask, 1 - weights[name])) for name in OUTER},
         "mean_weight": {
             name: {
@@ -103,6 +123,12 @@ def run_seed(spec_name: str, noise: float, seed: int) -> dict[str, Any]:
             for name in OUTER
         },
         "seconds": seconds,
+        "steps_run": steps_run,
+        "best_step": best_step,
+        "adam_test_loss_by_step": {
+            step: evaluator.metrics(inf.retrain(trajectory, x, y, sample_weight=c))["test_loss"]
+            for step, c in zip(range(0, OUTER_STEPS + 1, CURVE_EVERY), histories["learned/Adam"][::CURVE_EVERY])
+        },
     }  # fmt: skip
 
 
@@ -122,6 +148,11 @@ def summarize(seeds: list[dict[str, Any]]) -> dict[str, Any]:
         "m": mean(lambda s: s["m"]),
         "auc": {name: mean(lambda s, n=name: s["auc"][n]) for name in OUTER},
         "seconds": {name: mean(lambda s, n=name: s["seconds"][n]) for name in OUTER},
+        "steps_run": {name: mean(lambda s, n=name: s["steps_run"][n]) for name in OUTER},
+        "best_step": {name: mean(lambda s, n=name: s["best_step"][n]) for name in OUTER},
+        "adam_test_loss_by_step": {
+            step: mean(lambda s, k=step: s["adam_test_loss_by_step"][k]) for step in seeds[0]["adam_test_loss_by_step"]
+        },
     }
 
 
@@ -134,7 +165,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"(TensorFlow {m['tensorflow']}, Keras {m['keras']}). Cases, splits, models and seeds: "
         "`benchmarks/data_debugging.py`; protocol: module docstring of `benchmarks/reweighting.py`.",
         "",
-        f"Weights learned on the validation split, {OUTER_STEPS} outer steps, box [0, 1]. "
+        f"Weights learned on the validation split, {OUTER_STEPS} outer steps, box [0, 1]; *learned/holdout* "
+        f"learns on {1 - HOLDOUT['holdout']:.0%} of it and keeps the step with the lowest loss on the other "
+        f"{HOLDOUT['holdout']:.0%} (at most {HOLDOUT['steps']} steps, patience {HOLDOUT['patience']}). "
         f"*drop learned*: the m samples learned below {DROP_BELOW} removed; *top-m*: the same number removed "
         "from a one-shot ranking; *oracle* removes exactly the flipped samples (it knows them). "
         f"Means over {report['seeds']} training seeds; [w] = seeds where the variant has the lowest test loss "
@@ -162,27 +195,44 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for case, s in report["summary"].items():
         lines.append(f"| {case} | " + " | ".join(f"{s['metrics'][n]['val_loss']:.4f}" for n in VARIANTS) + " |")
+    curve_steps = list(next(iter(report["summary"].values()))["adam_test_loss_by_step"])
+    lines += [
+        "",
+        "## Test loss of the Adam weights along the outer steps (mean over seeds)",
+        "",
+        "| case | " + " | ".join(f"step {k}" for k in curve_steps) + " |",
+        "|---|" + "---:|" * len(curve_steps),
+    ]
+    for case, s in report["summary"].items():
+        curve = s["adam_test_loss_by_step"]
+        lines.append(f"| {case} | " + " | ".join(f"{curve[k]:.4f}" for k in curve_steps) + " |")
     lines += [
         "",
         "## Learned weights as a mislabel detector, and time",
         "",
-        "| case | AUC of 1 − c: Adam / SGD | mean weight flipped / clean (Adam, seed 0) | flipped among m "
-        "(drop learned / unrolled / loss, seed 0) | seconds: Adam / SGD |",
-        "|---|---|---|---|---|",
+        "| case | AUC of 1 − c: Adam / SGD / holdout | mean weight flipped / clean (Adam, seed 0) "
+        "| flipped among m (drop learned / unrolled / loss, seed 0) | holdout: steps run / best step "
+        "| seconds: Adam / SGD / holdout |",
+        "|---|---|---|---|---|---|",
     ]
     for case, s in report["summary"].items():
         seed0 = report["runs"][case][0]
         w = seed0["mean_weight"]["learned/Adam"]
         f = seed0["flipped_in_m"]
+        aucs = " / ".join(f"{s['auc'][n]:.3f}" for n in OUTER)
+        seconds = " / ".join(f"{s['seconds'][n]:.2f}" for n in OUTER)
         lines.append(
-            f"| {case} | {s['auc']['learned/Adam']:.3f} / {s['auc']['learned/SGD']:.3f} | "
+            f"| {case} | {aucs} | "
             f"{w['flipped']:.2f} / {w['clean']:.2f} | {f['drop learned']} / {f['unrolled top-m']} / {f['loss top-m']}"
-            f" of {seed0['m']} | {s['seconds']['learned/Adam']:.2f} / {s['seconds']['learned/SGD']:.2f} |"
+            f" of {seed0['m']} | {s['steps_run']['learned/holdout']:.1f} / {s['best_step']['learned/holdout']:.1f} | "
+            f"{seconds} |"
         )
     lines += [
         "",
         "Seconds: each seed builds a new model, and the Adam call is the first on it (tracing and compiling its "
-        "programs included); the SGD call reuses them (the per-step cost: 10 retrainings + 10 unrolled passes).",
+        "programs included); the other calls reuse them (the per-step cost: a retraining + an unrolled pass; "
+        "holdout runs its steps until the held-out loss has not improved for 5). Steps run and best step: means over "
+        "the seeds.",
         "",
     ]
     return "\n".join(lines)

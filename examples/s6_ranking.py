@@ -17,7 +17,7 @@ samples, 10 % of the training labels flipped to another class (fixed seed). An M
   members' effects; the real removals interact (here the group's actual effect is far
   smaller than the sum of its members' actual effects), so only the sign is asserted.
 - ``inf.learn_sample_weights`` learns all 500 training weights c ∈ [0, 1] at once by
-  descending the validation loss through the run (10 outer Adam steps, each a retraining
+  descending the validation loss through the run (30 outer Adam steps, each a retraining
   and an unrolled pass): the flipped labels end with low weights, and the run retrained
   with the learned weights has a lower validation loss.
 
@@ -94,12 +94,12 @@ def main() -> None:
 
     # All weights learned together: each outer step retrains with the current weights, so the
     # interactions a sum of single removals misses are followed as the run responds.
-    learned = inf.learn_sample_weights(traj, x_train, y_train, x_val, y_val, steps=10, progress=False)
+    learned = inf.learn_sample_weights(traj, x_train, y_train, x_val, y_val, progress=False)
     c = learned.sample_weight
     print(
-        f"  learned sample weights (10 outer Adam steps): val loss {learned.val_loss[0]:.3f} -> "
-        f"{learned.val_loss[-1]:.3f}; mean weight of flipped labels {c[flipped].mean():.2f}, "
-        f"of the others {c[~flipped].mean():.2f}"
+        f"  learned sample weights ({len(learned.history) - 1} outer Adam steps): "
+        f"val loss {learned.val_loss[0]:.3f} -> {learned.val_loss[-1]:.3f}; "
+        f"mean weight of flipped labels {c[flipped].mean():.2f}, of the others {c[~flipped].mean():.2f}"
     )
 
     # Tolerances are loose on purpose: first-order estimates on an SGD 0.5 run (see README).

@@ -54,9 +54,19 @@ def validate_data(
 
 
 def validate_validation_data(
-    func: str, model: keras.Model, loss: Loss, x_train: np.ndarray, y_train: np.ndarray, x_val: Any, y_val: Any
+    func: str,
+    model: keras.Model,
+    loss: Loss,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: Any,
+    y_val: Any,
+    names: tuple[str, str] = ("x_val", "y_val"),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """x_val / y_val as arrays: same length, samples shaped like the (validated) training data, valid labels."""
+    """x_val / y_val as arrays: same length, samples shaped like the (validated) training data, valid labels.
+
+    ``names`` are what errors call the two arrays (another evaluation set, e.g. a held-out one).
+    """
     return check_validation_arrays(
         func,
         model,
@@ -65,6 +75,7 @@ def validate_validation_data(
         y_val,
         sample_shape=(tuple(x_train.shape[1:]), "the shape of x_train's samples"),
         label_shape=(tuple(y_train.shape[1:]), "the shape of y_train's samples"),
+        names=names,
     )
 
 
@@ -77,19 +88,21 @@ def check_validation_arrays(
     *,
     sample_shape: tuple[tuple[int, ...], str],
     label_shape: tuple[tuple[int, ...], str] | None = None,
+    names: tuple[str, str] = ("x_val", "y_val"),
 ) -> tuple[np.ndarray, np.ndarray]:
     """x_val / y_val as arrays, checked against (shape, what it is) for samples and, if given, labels.
 
     :func:`validate_validation_data` compares with the training arrays; callers that hold
     only a recorded run (no labels) compare samples with its input shape.
     """
-    xv = as_model_inputs(model, as_array(x_val, param="x_val", func=func))
-    yv = as_array(y_val, param="y_val", func=func)
-    check_same_length(func, x_val=xv, y_val=yv)
-    check_feature_shape(func, "x_val", xv, *sample_shape)
+    x_name, y_name = names
+    xv = as_model_inputs(model, as_array(x_val, param=x_name, func=func))
+    yv = as_array(y_val, param=y_name, func=func)
+    check_same_length(func, **{x_name: xv, y_name: yv})
+    check_feature_shape(func, x_name, xv, *sample_shape)
     if label_shape is not None:
-        check_feature_shape(func, "y_val", yv, *label_shape)
-    check_labels_for_loss(func, "y_val", yv, loss, model)
+        check_feature_shape(func, y_name, yv, *label_shape)
+    check_labels_for_loss(func, y_name, yv, loss, model)
     return xv, yv
 
 

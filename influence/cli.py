@@ -145,6 +145,11 @@ def cmd_rank(args: argparse.Namespace) -> int:
     for name in ("verify", "learn_weights"):
         if getattr(args, name) < 0:
             raise _usage(name.replace("_", "-"), "rank", "a non-negative int", getattr(args, name))
+    holdout = args.learn_weights_holdout
+    if holdout and (not 0 < holdout < 1 or not args.learn_weights):
+        raise _usage(
+            "learn-weights-holdout", "rank", "0, or a fraction in (0, 1) together with --learn-weights", holdout
+        )
     if not args.input_gradient_penalty >= 0 or not np.isfinite(args.input_gradient_penalty):
         raise _usage("input-gradient-penalty", "rank", "a finite number ≥ 0", args.input_gradient_penalty)
     shape = _image_shape(args.image_shape, "rank")
@@ -188,6 +193,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         verify_top=args.verify,
         verify_random=args.verify,
         learn_weights_steps=args.learn_weights,
+        learn_weights_holdout=args.learn_weights_holdout,
         summary={
             "data": f"{args.data}{' + ' + args.val if args.val else ''}: {len(x)} train / "
             + (f"{len(data['x_val'])} validation" if has_val else "no validation")
@@ -393,6 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STEPS",
         help="learn all sample weights in [0, 1] through training (influence.learn_sample_weights, Adam 0.1) "
         "for STEPS outer steps and show them in the report (default 0: off)",
+    )
+    rank.add_argument(
+        "--learn-weights-holdout",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="with --learn-weights: keep FRACTION of the validation samples out of the learning, show the "
+        "weights of the step with the lowest loss on them and stop after 5 steps without improvement "
+        "(default 0: learn on all, show the last step)",
     )
     rank.add_argument("--image-shape", help="reshape flat inputs to HxW or HxWxC for the image grid, e.g. 28x28")
     rank.add_argument("--restart", action="store_true", help="discard saved shards instead of resuming")

@@ -106,7 +106,7 @@ def run_demo(
         verify_random=verify,
         repair_top=repair,
         repair_steps=2 if quick else 5,
-        learn_weights_steps=2 if quick else 10,
+        learn_weights_steps=2 if quick else 30,
         summary={
             "data": f"scikit-learn digits (8×8, /16): {len(data.x_train)} train / {len(data.x_val)} validation; "
             f"{int(data.flipped.sum())} train labels flipped ({data.flipped.mean():.0%}, seed {NOISE_SEED})",

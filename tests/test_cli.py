@@ -7,6 +7,7 @@ Subprocesses pay TensorFlow's import (~10 s here), so the independent ones start
 import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -214,6 +215,19 @@ def test_rank_learns_sample_weights_for_the_report(cli_runs, files, tmp_path):
     assert learned["learned_weight"].between(0, 1).all() and (learned["learned_weight"] < 1).any()
 
 
+def test_rank_selects_learned_weights_on_held_out_validation_samples(cli_runs, files, tmp_path):
+    out = tmp_path / "held"
+    shutil.copytree(files / "reference", out)
+    args = ["rank", "--model", files / "model.keras", "--data", files / "data.npz", *RANK_FLAGS, "--out", out]
+    code, _, err = in_process([*args, "--learn-weights", "4", "--learn-weights-holdout", "0.25"])
+    assert code == 0, err
+    assert "[weights] learning all 60 sample weights, 4 outer steps, 25% of the validation samples held out" in err
+    section = re.search(r'<section id="learned-weights">.*?</section>', (out / "index.html").read_text(), re.S)
+    assert "the lowest loss on 25% of the validation samples held out of the learning" in section.group(0)
+    learned = pd.read_csv(out / "learned_weights.csv")
+    assert learned["learned_weight"].between(0, 1).all()
+
+
 def test_check_passes_with_exit_0(cli_runs):
     code, out, err = cli_runs["check"]
     assert code == 0, err
@@ -349,6 +363,15 @@ def run_main(args, capsys):
         (
             ["--data", "{f}/train.csv", "--method", "margin", "--learn-weights", "3"],
             "The 'learn-weights' parameter of influence rank must be 0 without validation data",
+        ),
+        (
+            ["--data", "{f}/data.npz", "--learn-weights-holdout", "0.3"],
+            "The 'learn-weights-holdout' parameter of influence rank must be 0, or a fraction in (0, 1) together "
+            "with --learn-weights. Got 0.3 instead.",
+        ),
+        (
+            ["--data", "{f}/data.npz", "--learn-weights", "2", "--learn-weights-holdout", "1"],
+            "The 'learn-weights-holdout' parameter of influence rank must be 0, or a fraction",
         ),
         (
             ["--data", "{f}/data.npz", "--learn-weights", "-1"],

@@ -351,6 +351,20 @@ def test_learned_weights_section_shows_the_lowest_weights_first(tmp_path):
     np.testing.assert_allclose(saved["learned_weight"], learned.sort_values("index")["learned_weight"])
 
 
+def held_out_frame(**attrs):
+    frame = learned_frame()
+    frame.attrs.update({"holdout_loss": [0.6, 0.45, 0.5], "best_step": 1, "holdout": 0.3, **attrs})
+    return frame
+
+
+def test_learned_weights_with_a_holdout_say_which_step_they_show(tmp_path):
+    path = render_report(tmp_path, fake_table(), summary={}, learned_weights=held_out_frame(), top=6)
+    section = re.search(r'<section id="learned-weights">.*?</section>', path.read_text(), re.S).group(0)
+    assert "shown at step 1, the lowest loss on 30% of the validation samples held out" in section
+    assert "held-out loss 0.6 → 0.45, validation loss (learned on) 0.5 → 0.4;" in section
+    assert "check them on held-out data" not in section  # that caveat is for weights without a holdout
+
+
 @pytest.mark.parametrize(
     "learned",
     [
@@ -358,6 +372,9 @@ def test_learned_weights_section_shows_the_lowest_weights_first(tmp_path):
         learned_frame().iloc[:39],
         learned_frame().assign(index=np.arange(40) + 1),
         pd.DataFrame({"index": np.arange(40), "learned_weight": np.ones(40)}),  # no val_loss curve in attrs
+        held_out_frame(holdout_loss=[0.6, 0.5]),  # a held-out curve shorter than the validation one
+        held_out_frame(best_step=3),  # the step shown is not on the curve
+        held_out_frame(best_step=None),
         np.ones(40),
     ],
 )

@@ -78,6 +78,51 @@ def test_repair_down_weights_the_flipped_labels_and_lowers_the_validation_loss(n
     assert inf.validation_loss(res.trajectory, res.trajectory.final_weights, xv, yv) == pytest.approx(res.val_loss[-1])
 
 
+def test_holdout_returns_the_weights_of_its_best_step(noisy_blobs, noisy_run):
+    x, y, xv, yv, _ = noisy_blobs
+    # A held-out split with 3 of its 10 labels wrong: repairing on the other 20 lowers its loss
+    # at first, then raises it (1.23 → 1.02 at step 3 → 1.16 at step 8 when written).
+    y_held = np.where(np.arange(10) < 3, (yv[:10] + 1) % 3, yv[:10])
+    held = (xv[:10], y_held)
+    kwargs = {"outer_optimizer": Adam(0.3), "steps": 8, "progress": False}
+    res = inf.learn_sample_weights(noisy_run, x, y, xv[10:], yv[10:], holdout=held, **kwargs)
+    assert res.holdout_loss.shape == res.holdout_error.shape == res.val_loss.shape == (9,)
+    assert res.best_step == int(np.argmin(res.holdout_loss)) and 0 < res.best_step < 8
+    assert not res.stopped_early
+    np.testing.assert_array_equal(res.sample_weight, res.history[res.best_step])
+    np.testing.assert_array_equal(res.trajectory.sample_weight, res.sample_weight)
+    # Each entry is the held-out loss of the run retrained with that entry's weights.
+    for k in (0, res.best_step, 8):
+        run = inf.retrain(noisy_run, x, y, sample_weight=res.history[k])
+        assert inf.validation_loss(noisy_run, run, *held) == pytest.approx(res.holdout_loss[k], rel=1e-9)
+    # The held-out data never entered E: the same call without it takes the same path.
+    free = inf.learn_sample_weights(noisy_run, x, y, xv[10:], yv[10:], **kwargs)
+    np.testing.assert_array_equal(free.history, res.history)
+    assert free.holdout_loss is None and free.best_step == 8
+
+
+def test_patience_stops_once_the_holdout_loss_stops_improving(noisy_blobs, noisy_run):
+    x, y, xv, yv, _ = noisy_blobs
+    wrong = (xv, (yv + 1) % 3)  # held-out labels the repaired model gets worse on
+    res = inf.learn_sample_weights(
+        noisy_run, x, y, xv, yv, outer_optimizer=Adam(0.1), steps=8, holdout=wrong, patience=2, progress=False
+    )
+    assert res.holdout_loss[1] > res.holdout_loss[0] and res.holdout_loss[2] > res.holdout_loss[0]
+    assert res.best_step == 0 and res.stopped_early
+    assert res.history.shape == (3, 40) and res.predicted_change.shape == (2,)
+    np.testing.assert_array_equal(res.sample_weight, noisy_run.sample_weight)  # the recorded weights were best
+
+
+def test_holdout_fraction_splits_the_validation_samples(noisy_blobs, noisy_run):
+    x, y, xv, yv, _ = noisy_blobs
+    res = inf.learn_sample_weights(noisy_run, x, y, xv, yv, steps=1, holdout=0.3, progress=False)
+    # 9 of the 30 samples held out, 21 in E: their losses add up to the loss on all 30.
+    full = inf.validation_loss(noisy_run, noisy_run.final_weights, xv, yv)
+    assert (9 * res.holdout_loss[0] + 21 * res.val_loss[0]) / 30 == pytest.approx(full, rel=1e-9)
+    again = inf.learn_sample_weights(noisy_run, x, y, xv, yv, steps=1, holdout=0.3, progress=False)
+    np.testing.assert_array_equal(again.holdout_loss, res.holdout_loss)  # a fixed split
+
+
 def test_upper_bound_above_one_lets_helpful_samples_gain_weight(noisy_blobs, noisy_run):
     x, y, xv, yv, _ = noisy_blobs
     res = inf.learn_sample_weights(
@@ -129,6 +174,13 @@ def test_replayed_on_with_sample_weights_is_the_run_fit_with_them(noisy_blobs):
         ({"goal": "improve"}, r"'goal' parameter of learn_sample_weights must be one of"),
         ({"steps": 0}, r"'steps' parameter of learn_sample_weights must be"),
         ({"outer_optimizer": "newton"}, r"'outer_optimizer' parameter of learn_sample_weights"),
+        ({"patience": 2}, r"'patience' parameter of learn_sample_weights must be None unless holdout is given"),
+        ({"holdout": 0.3, "patience": 0}, r"'patience' parameter of learn_sample_weights must be"),
+        ({"holdout": 1.5}, r"'holdout' parameter of learn_sample_weights must be a fraction in \(0, 1\)"),
+        ({"holdout": "half"}, r"'holdout' parameter .* a fraction in \(0, 1\) or an \(x, y\) pair"),
+        ({"holdout": 0.01}, r"holdout=0.01 of 30 validation samples leaves 0 held out and 30 to learn from"),
+        ({"holdout": (np.zeros((5, 3)), np.zeros(5, int))}, r"'holdout\[0\]' parameter of learn_sample_weights"),
+        ({"holdout": (np.zeros((5, 4)), np.zeros(4, int))}, r"'holdout\[1\]' parameter .* as long as 'holdout\[0\]'"),
     ],
 )
 def test_learn_sample_weights_rejects_bad_input(kwargs, match, noisy_blobs, noisy_run):

@@ -89,6 +89,10 @@ def _noise_stacked_hist(ax: Axes, values: np.ndarray, bins: list[float], noise_m
     else:
         ax.hist(values, bins=bins, color=NEUTRAL)
     ax.set_yscale("log")
+    # Counts as plain numbers at 1, 2, 5, 10, …: matplotlib labels minor ticks 2×10⁰, 3×10⁰ … on a short axis.
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
 def removal_scatter(verification: Verification) -> bytes:
@@ -158,17 +162,31 @@ def convergence_plot(curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> byt
     return _png(fig)
 
 
-def learned_weights_plot(val_loss: np.ndarray, weights: np.ndarray, noise_mask: np.ndarray | None = None) -> bytes:
+def learned_weights_plot(
+    val_loss: np.ndarray,
+    weights: np.ndarray,
+    noise_mask: np.ndarray | None = None,
+    holdout_loss: np.ndarray | None = None,
+    best_step: int | None = None,
+) -> bytes:
     """Validation loss per outer step of weight learning (left); histogram of the learned weights (right).
 
     ``val_loss``: (steps + 1,); ``weights``: (n,) learned per-sample weights; known-noisy samples
-    stacked in their own colour.
+    stacked in their own colour. ``holdout_loss`` (steps + 1,) is drawn beside the validation loss,
+    and ``best_step`` (the step the weights come from) marked.
     """
     fig = Figure(figsize=(10.0, 3.8))
     by_step, hist = fig.subplots(1, 2)
-    by_step.plot(np.arange(len(val_loss)), val_loss, marker="o", ms=3, color=HELPFUL)
+    steps = np.arange(len(val_loss))
+    by_step.plot(steps, val_loss, marker="o", ms=3, color=HELPFUL, label="validation (learned on)")
+    if holdout_loss is not None:
+        by_step.plot(steps, holdout_loss, marker="s", ms=3, color=HARMFUL, label="held out (selects the step)")
+    if best_step is not None:
+        by_step.axvline(best_step, color="0.4", ls="--", lw=1, label=f"weights shown (step {best_step})")
+    if holdout_loss is not None or best_step is not None:
+        by_step.legend(frameon=False, fontsize="small")
     by_step.set_xlabel("outer step (one retraining + one unrolled pass each)")
-    by_step.set_ylabel("validation loss of the retrained model")
+    by_step.set_ylabel(f"{'' if holdout_loss is not None else 'validation '}loss of the retrained model")
     weights = np.asarray(weights, dtype=np.float64)
     _noise_stacked_hist(
         hist, weights, list(np.linspace(min(0.0, weights.min()), max(1.0, weights.max()), 41)), noise_mask

@@ -50,7 +50,9 @@ class RankingJob:
     validation loss, once per outer optimizer, for the report's convergence section.
     ``learn_weights_steps`` > 0 learns all training weights in [0, 1] with
     :func:`influence.learn_sample_weights` (``Adam(0.1)``, that many outer steps) for the
-    report's learned-weights section.
+    report's learned-weights section; ``learn_weights_holdout`` in (0, 1) keeps that fraction of
+    the validation samples out of the learning, returns the weights of the step with the lowest
+    loss on them and stops after ``LEARN_WEIGHTS_PATIENCE`` steps without improvement (0: off).
     The remaining fields go to :func:`render_report`.
     """
 
@@ -73,6 +75,7 @@ class RankingJob:
     repair_top: int = 0
     repair_steps: int = 5
     learn_weights_steps: int = 0
+    learn_weights_holdout: float = 0.0
     summary: Mapping[str, Any] = field(default_factory=dict)
     images: np.ndarray | None = None
     features: np.ndarray | None = None
@@ -232,6 +235,10 @@ def removal_effects(
     return np.asarray(effects)
 
 
+# Outer steps without a better held-out loss before weight learning with a holdout stops
+# (reports/benchmarks/reweighting.md: the best step came 12-24 steps in, patience 5).
+LEARN_WEIGHTS_PATIENCE = 5
+
 # Outer step sizes from reports/benchmarks/poisoning.md (tuned there for digits pixels in [0, 1]).
 REPAIR_OPTIMIZERS = {
     "SGD (300)": ("SGD", {"learning_rate": 300.0}),
@@ -273,15 +280,27 @@ def repair_curves(trajectory: Any, job: RankingJob, indices: np.ndarray) -> pd.D
 def learned_weights_table(trajectory: Any, job: RankingJob) -> pd.DataFrame:
     """Columns ``index``, ``learned_weight`` (n rows) from :func:`influence.learn_sample_weights`.
 
-    ``attrs``: ``val_loss`` and ``seconds`` per outer step, ``optimizer``.
+    ``attrs``: ``val_loss`` and ``seconds`` per outer step, ``optimizer``; with a holdout also
+    ``holdout_loss`` per outer step and ``best_step`` (the step whose weights the table holds).
     """
     from ..reweighting import learn_sample_weights
 
+    holdout = job.learn_weights_holdout or None
     result = learn_sample_weights(
-        trajectory, job.x_train, job.y_train, job.x_val, job.y_val, steps=job.learn_weights_steps, progress=job.progress
+        trajectory,
+        job.x_train,
+        job.y_train,
+        job.x_val,
+        job.y_val,
+        steps=job.learn_weights_steps,
+        holdout=holdout,
+        patience=LEARN_WEIGHTS_PATIENCE if holdout else None,
+        progress=job.progress,
     )
     table = pd.DataFrame({"index": np.arange(len(result.sample_weight)), "learned_weight": result.sample_weight})
     table.attrs.update(val_loss=result.val_loss.tolist(), seconds=result.seconds.tolist(), optimizer=result.optimizer)
+    if result.holdout_loss is not None:
+        table.attrs.update(holdout_loss=result.holdout_loss.tolist(), best_step=result.best_step, holdout=holdout)
     return table
 
 
@@ -355,10 +374,16 @@ def run_ranking(job: RankingJob) -> RankingOutcome:
         times["repair"] = f"{time.perf_counter() - t:.1f} s"
     learned = None
     if job.learn_weights_steps:
-        job.log(f"[weights] learning all {len(job.x_train)} sample weights, {job.learn_weights_steps} outer steps")
+        held = (
+            f", {job.learn_weights_holdout:.0%} of the validation samples held out" if job.learn_weights_holdout else ""
+        )
+        job.log(
+            f"[weights] learning all {len(job.x_train)} sample weights, {job.learn_weights_steps} outer steps{held}"
+        )
         t = time.perf_counter()
+        holdout = {"holdout": job.learn_weights_holdout} if job.learn_weights_holdout else {}  # old keys still match
         learned = store.table(
-            store.key("weights", run=run, steps=job.learn_weights_steps),
+            store.key("weights", run=run, steps=job.learn_weights_steps, **holdout),
             lambda: learned_weights_table(trajectory(), job),
         )
         times["weights"] = f"{time.perf_counter() - t:.1f} s"

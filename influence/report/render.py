@@ -256,6 +256,10 @@ def _check_learned_weights(learned: Any, n: int) -> pd.DataFrame | None:
         return None
     ok = isinstance(learned, pd.DataFrame) and {"index", "learned_weight"} <= set(learned.columns)
     ok = ok and len(learned) == n and "val_loss" in learned.attrs
+    if ok and "holdout_loss" in learned.attrs:  # a held-out curve as long as the validation one, and the step shown
+        best = learned.attrs.get("best_step")
+        steps = len(learned.attrs["val_loss"])
+        ok = len(learned.attrs["holdout_loss"]) == steps and isinstance(best, int) and 0 <= best < steps
     if ok:
         index = np.sort(learned["index"].to_numpy())
         ok = np.issubdtype(index.dtype, np.integer) and np.array_equal(index, np.arange(n))
@@ -265,7 +269,8 @@ def _check_learned_weights(learned: Any, n: int) -> pd.DataFrame | None:
                 "learned_weights",
                 FUNC,
                 f"a DataFrame with columns 'index' and 'learned_weight', one row per training sample ({n}), "
-                "and attrs['val_loss'] (one per outer step)",
+                "and attrs['val_loss'] (one per outer step; with attrs['holdout_loss'] as long, and "
+                "attrs['best_step'] an entry of it)",
                 describe(learned),
             )
         )
@@ -281,9 +286,13 @@ def _learned_weights_section(
     n = len(shown)
     weights = learned.sort_values("index")["learned_weight"].to_numpy(dtype=np.float64)
     val_loss = np.asarray(learned.attrs["val_loss"], dtype=np.float64)
+    held = learned.attrs.get("holdout_loss")
+    held_loss = None if held is None else np.asarray(held, dtype=np.float64)
+    best = int(learned.attrs["best_step"]) if held is not None else len(val_loss) - 1
     noise = samples["noise"]
     name = f"{IMAGE_DIR}/learned_weights.png"
-    atomic_write_bytes(out / name, figures.learned_weights_plot(val_loss, weights, noise))
+    plot = figures.learned_weights_plot(val_loss, weights, noise, held_loss, best if held is not None else None)
+    atomic_write_bytes(out / name, plot)
     lowest = np.argsort(weights, kind="stable")[:top]
     rows = shown.set_index("index", drop=False).loc[lowest].reset_index(drop=True)
     rows["learned_weight"] = weights[lowest]
@@ -291,13 +300,24 @@ def _learned_weights_section(
     counted = f"{int(below.sum())} samples learned below 0.5"
     if noise is not None and np.any(noise):
         counted += f", {int(np.sum(below & noise))} of them known noisy (of {int(noise.sum())} known noisy in all)"
+    if held_loss is None:
+        losses = f"Validation loss {fmt(val_loss[0], 4)} → {fmt(val_loss[-1], 4)}; {counted}. "
+        caveat = "The weights fit the validation data they were learned on: check them on held-out data before acting."
+    else:
+        fraction = learned.attrs.get("holdout")
+        part = f"{fraction:.0%} of the validation samples" if isinstance(fraction, float) else "held-out samples"
+        losses = (
+            f"Learned on the other validation samples, shown at step {best}, the lowest loss on {part} held out "
+            f"of the learning: held-out loss {fmt(held_loss[0], 4)} → {fmt(held_loss[best], 4)}, validation loss "
+            f"(learned on) {fmt(val_loss[0], 4)} → {fmt(val_loss[best], 4)}; {counted}. "
+        )
+        caveat = "The step was chosen on the held-out samples: a test set neither part saw judges it fairly."
     note = (
         f"All {n} training weights learned together by influence.learn_sample_weights "
         f"({esc(str(learned.attrs.get('optimizer', 'Adam')))}, {len(val_loss) - 1} outer steps): each "
         "step retrains the recorded run with the current weights and follows dE/dc from the unrolled pass, so "
-        "interactions between samples are taken into account. Validation loss "
-        f"{fmt(val_loss[0], 4)} → {fmt(val_loss[-1], 4)}; {counted}. The weights fit the validation data they "
-        f"were learned on: check them on held-out data before acting. Lowest {len(lowest)} weights first."
+        f"interactions between samples are taken into account. {losses}{caveat} "
+        f"Lowest {len(lowest)} weights first."
     )
     figure = f'<div class="figs">{image(name, "validation loss per outer step and learned weights")}</div>'
     cards = _samples_body("learned", rows, out, **samples)
