@@ -112,8 +112,8 @@ def learn_sample_weights(
             size is that of ``removal_effect``, ~1e-3 on digits), so it needs a step
             size of ~10–100.
         steps: outer steps (each: one retraining + one unrolled pass). Default 30: with
-            ``Adam(0.1)`` the test loss of reports/benchmarks/reweighting.md has levelled
-            off by then (10 steps stop short of it; 80 did not overfit there).
+            ``Adam(0.1)`` the test loss in reports/benchmarks/reweighting.md has levelled
+            off by then (10 steps stop short of it).
         bounds: (low, high) box the weights are projected onto after each step, 0 ≤ low < high;
             the recorded weights of ``indices`` must lie inside it. Default (0, 1): samples
             can be down-weighted or dropped, not up-weighted.
