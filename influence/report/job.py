@@ -305,7 +305,8 @@ def learned_weights_table(trajectory: Any, job: RankingJob) -> pd.DataFrame:
 
 
 def _check_validation_data(job: RankingJob) -> None:
-    """Without validation data only the methods that need none can run, with no verification or repair."""
+    """Without validation data only the methods that need none can run, with no verification, repair
+    or learned weights."""
     from .._methods import NEEDS_VALIDATION
 
     if job.x_val is not None and job.y_val is not None:

@@ -251,7 +251,8 @@ def _convergence_section(convergence: pd.DataFrame | None, out: Path) -> Section
 
 
 def _check_learned_weights(learned: Any, n: int) -> pd.DataFrame | None:
-    """``learned_weights`` of render_report: None, or a frame of one weight per sample with its loss curve."""
+    """``learned_weights`` of render_report: None, or its frame (one weight per sample, with its loss
+    curve) with the rows in sample order."""
     if learned is None:
         return None
     ok = isinstance(learned, pd.DataFrame) and {"index", "learned_weight"} <= set(learned.columns)
@@ -274,7 +275,7 @@ def _check_learned_weights(learned: Any, n: int) -> pd.DataFrame | None:
                 describe(learned),
             )
         )
-    return learned
+    return learned.sort_values("index", ignore_index=True)  # row i is sample i from here on
 
 
 def _learned_weights_section(
@@ -284,15 +285,9 @@ def _learned_weights_section(
     if learned is None:
         return None
     n = len(shown)
-    weights = learned.sort_values("index")["learned_weight"].to_numpy(dtype=np.float64)
+    weights = learned["learned_weight"].to_numpy(dtype=np.float64)
     val_loss = np.asarray(learned.attrs["val_loss"], dtype=np.float64)
-    held = learned.attrs.get("holdout_loss")
-    held_loss = None if held is None else np.asarray(held, dtype=np.float64)
-    best = int(learned.attrs["best_step"]) if held is not None else len(val_loss) - 1
     noise = samples["noise"]
-    name = f"{IMAGE_DIR}/learned_weights.png"
-    plot = figures.learned_weights_plot(val_loss, weights, noise, held_loss, best if held is not None else None)
-    atomic_write_bytes(out / name, plot)
     lowest = np.argsort(weights, kind="stable")[:top]
     rows = shown.set_index("index", drop=False).loc[lowest].reset_index(drop=True)
     rows["learned_weight"] = weights[lowest]
@@ -300,10 +295,13 @@ def _learned_weights_section(
     counted = f"{int(below.sum())} samples learned below 0.5"
     if noise is not None and np.any(noise):
         counted += f", {int(np.sum(below & noise))} of them known noisy (of {int(noise.sum())} known noisy in all)"
-    if held_loss is None:
+    held = learned.attrs.get("holdout_loss")
+    if held is None:  # the weights are the last step's
+        held_loss, best = None, None
         losses = f"Validation loss {fmt(val_loss[0], 4)} → {fmt(val_loss[-1], 4)}; {counted}. "
         caveat = "The weights fit the validation data they were learned on: check them on held-out data before acting."
     else:
+        held_loss, best = np.asarray(held, dtype=np.float64), int(learned.attrs["best_step"])
         fraction = learned.attrs.get("holdout")
         part = f"{fraction:.0%} of the validation samples" if isinstance(fraction, float) else "held-out samples"
         losses = (
@@ -312,6 +310,8 @@ def _learned_weights_section(
             f"(learned on) {fmt(val_loss[0], 4)} → {fmt(val_loss[best], 4)}; {counted}. "
         )
         caveat = "The step was chosen on the held-out samples: a test set neither part saw judges it fairly."
+    name = f"{IMAGE_DIR}/learned_weights.png"
+    atomic_write_bytes(out / name, figures.learned_weights_plot(val_loss, weights, noise, held_loss, best))
     note = (
         f"All {n} training weights learned together by influence.learn_sample_weights "
         f"({esc(str(learned.attrs.get('optimizer', 'Adam')))}, {len(val_loss) - 1} outer steps): each "
@@ -359,7 +359,9 @@ def render_report(
             columns ``optimizer``, ``step``, ``val_loss``, ``seconds`` (``attrs["note"]`` explains them).
         learned_weights: per-sample weights of :func:`influence.learn_sample_weights`, columns
             ``index`` and ``learned_weight`` (one row per sample), ``attrs["val_loss"]`` per outer
-            step (and ``attrs["optimizer"]``); saved as ``learned_weights.csv``.
+            step (and ``attrs["optimizer"]``); with a holdout also ``attrs["holdout_loss"]`` per
+            outer step, ``attrs["best_step"]`` (the step the weights are) and ``attrs["holdout"]``
+            (the fraction held out); saved as ``learned_weights.csv``.
         top: samples per grid.
 
     Returns the path of ``index.html``. Every file is written atomically.
@@ -395,7 +397,7 @@ def render_report(
         files.append(out / "verification.csv")
 
     if learned is not None:
-        frame = learned[["index", "learned_weight"]].sort_values("index")
+        frame = learned[["index", "learned_weight"]].copy()
         if noise is not None:
             frame["noisy"] = noise[frame["index"].to_numpy()]
         atomic_write_text(out / "learned_weights.csv", frame.to_csv(index=False))
