@@ -18,6 +18,11 @@ Compared (every variant retrains the *recorded* run: same batches, |B_t| and lea
       ``rank(method="loss")`` removed, with the same m as ``drop learned`` (m = 0 keeps everything);
     * ``oracle``: exactly the flipped samples removed (not a method: it knows the flips).
 
+Diagnostic (knows the flips): the *clean* samples the Adam weights learn below 0.5 (set D). Are they
+    harmful on the test split too, or do the weights fit the validation split? Test loss of
+    ``oracle`` with D removed as well, against ``oracle`` with |D| random clean samples removed (mean of
+    3 draws); how often the oracle-trained model misclassifies D, against all clean samples.
+
 Measured
     Validation loss (the outer objective), held-out test loss and accuracy; ROC AUC of 1 − c (Adam
     weights) against the flipped mask (``sklearn.metrics.roc_auc_score``), for comparison with the
@@ -47,6 +52,7 @@ import time
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 from _common import benchmark_parser, output_dir, report_header, write_report
 from data_debugging import LOSS, SPECS, Evaluator, load, run_all_cases
 from sklearn.metrics import roc_auc_score
@@ -63,10 +69,12 @@ OUTER = {
     "learned/holdout": (lambda: inf.optimizers.Adam(0.1), HOLDOUT),
 }
 DROP_BELOW = 0.5
+RANDOM_CLEAN_DRAWS = 3  # oracle − |D| random clean samples, averaged
 VARIANTS = (
     "recorded", "learned/Adam", "learned/SGD", "learned/holdout", "drop learned", "unrolled top-m", "loss top-m",
     "oracle",
 )  # fmt: skip
+METRIC_KEYS = ("val_loss", "test_loss", "test_accuracy")
 REMOVALS = ("drop learned", "unrolled top-m", "loss top-m")
 
 
@@ -111,6 +119,7 @@ def run_seed(spec_name: str, noise: float, seed: int) -> dict[str, Any]:
     metrics = {name: evaluator.metrics(inf.retrain(trajectory, x, y, sample_weight=c)) for name, c in weights.items()}
     return {
         "metrics": metrics,
+        "clean_dropped": clean_dropped(trajectory, data, evaluator, weights["learned/Adam"], seed),
         "m": m,
         "flipped": len(data.flipped),
         "flipped_in_m": {name: int(np.sum(weights[name][data.flipped] == 0)) for name in REMOVALS},
@@ -132,6 +141,40 @@ def run_seed(spec_name: str, noise: float, seed: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def clean_dropped(
+    trajectory: inf.Trajectory, data: Any, evaluator: Evaluator, learned: np.ndarray, seed: int
+) -> dict[str, Any]:
+    """Diagnostic: the clean samples D learned below DROP_BELOW, removed on top of the oracle's removal."""
+    x, y, flipped = data.x_train, data.y_train, data.flipped_mask
+    clean = np.flatnonzero(~flipped)
+    dropped = np.flatnonzero((learned < DROP_BELOW) & ~flipped)
+    oracle = np.where(flipped, 0.0, 1.0)
+
+    def without(indices: np.ndarray) -> dict[str, float]:
+        c = oracle.copy()
+        c[indices] = 0.0
+        return evaluator.metrics(inf.retrain(trajectory, x, y, sample_weight=c))
+
+    rng = np.random.default_rng(seed)
+    draws = [without(rng.choice(clean, len(dropped), replace=False)) for _ in range(RANDOM_CLEAN_DRAWS)]
+    oracle_weights = inf.retrain(trajectory, x, y, sample_weight=oracle)
+    out = evaluator.fn(
+        [tf.constant(w, dtype=evaluator.fn.dtype) for w in oracle_weights], tf.constant(x, dtype=evaluator.fn.dtype)
+    )
+    wrong = np.argmax(np.asarray(out), axis=-1) != y
+    return {
+        "count": len(dropped),
+        "oracle_model_misclassifies": {
+            "dropped": float(wrong[dropped].mean()) if len(dropped) else float("nan"),
+            "all_clean": float(wrong[clean].mean()),
+        },
+        "metrics": {
+            "oracle − D": without(dropped),
+            "oracle − random": {key: float(np.mean([d[key] for d in draws])) for key in draws[0]},
+        },
+    }
+
+
 def summarize(seeds: list[dict[str, Any]]) -> dict[str, Any]:
     def mean(get) -> float:
         return float(np.mean([get(s) for s in seeds]))
@@ -146,6 +189,21 @@ def summarize(seeds: list[dict[str, Any]]) -> dict[str, Any]:
             for name in VARIANTS[:-1]
         },
         "m": mean(lambda s: s["m"]),
+        "clean_dropped": {
+            "count": mean(lambda s: s["clean_dropped"]["count"]),
+            "misclassified": {
+                key: mean(lambda s, k=key: s["clean_dropped"]["oracle_model_misclassifies"][k])
+                for key in ("dropped", "all_clean")
+            },
+            "metrics": {
+                name: {key: mean(lambda s, n=name, k=key: s["clean_dropped"]["metrics"][n][k]) for key in METRIC_KEYS}
+                for name in ("oracle − D", "oracle − random")
+            },
+            "lower_test_loss_than_oracle_in_seeds": sum(
+                s["clean_dropped"]["metrics"]["oracle − D"]["test_loss"] < s["metrics"]["oracle"]["test_loss"]
+                for s in seeds
+            ),
+        },
         "auc": {name: mean(lambda s, n=name: s["auc"][n]) for name in OUTER},
         "seconds": {name: mean(lambda s, n=name: s["seconds"][n]) for name in OUTER},
         "steps_run": {name: mean(lambda s, n=name: s["steps_run"][n]) for name in OUTER},
@@ -206,6 +264,31 @@ def markdown(report: dict[str, Any]) -> str:
     for case, s in report["summary"].items():
         curve = s["adam_test_loss_by_step"]
         lines.append(f"| {case} | " + " | ".join(f"{curve[k]:.4f}" for k in curve_steps) + " |")
+    lines += [
+        "",
+        "## Clean samples the Adam weights drop (diagnostic: knows the flips)",
+        "",
+        f"D = the clean samples learned below {DROP_BELOW}. *oracle − D* removes the flipped samples and D; "
+        f"*oracle − random* removes the flipped samples and |D| random clean ones (mean of {RANDOM_CLEAN_DRAWS} "
+        "draws). If D only fitted the validation split, removing it would lower the validation loss but not "
+        "the test loss. Misclassified: by the model retrained without the flipped samples. Means over the seeds; "
+        "[s] = seeds where oracle − D has a lower test loss than oracle.",
+        "",
+        "| case | size of D | misclassified: D / all clean | val loss: oracle / oracle − D / oracle − random "
+        "| test loss: oracle / oracle − D / oracle − random [s] |",
+        "|---|---:|---|---|---|",
+    ]
+    for case, s in report["summary"].items():
+        d = s["clean_dropped"]
+        rows = (s["metrics"]["oracle"], d["metrics"]["oracle − D"], d["metrics"]["oracle − random"])
+        wrong = d["misclassified"]
+        lines.append(
+            f"| {case} | {d['count']:.0f} | {wrong['dropped']:.3f} / {wrong['all_clean']:.3f} | "
+            + " / ".join(f"{r['val_loss']:.4f}" for r in rows)
+            + " | "
+            + " / ".join(f"{r['test_loss']:.4f}" for r in rows)
+            + f" [{d['lower_test_loss_than_oracle_in_seeds']}] |"
+        )
     lines += [
         "",
         "## Learned weights as a mislabel detector, and time",

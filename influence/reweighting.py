@@ -17,7 +17,10 @@ The weights fit the validation set they were learned on: judge them on data the
 outer loop did not see. ``holdout=`` does that inside the loop: a held-out split (given, or a
 fraction of the validation data kept out of the gradients) is scored after every outer step,
 the weights of the best held-out step are returned, and ``patience=`` stops the loop once the
-held-out loss has not improved for that many steps.
+held-out loss has not improved for that many steps. In reports/benchmarks/reweighting.md a
+30 % held-out split lowered the test loss with 113 validation samples (breast cancer), where
+the weights otherwise fit the validation split, and raised it with 400 (digits), where the
+samples it takes from E cost more than the early stop saves.
 """
 
 from __future__ import annotations
@@ -119,9 +122,10 @@ def learn_sample_weights(
             can be down-weighted or dropped, not up-weighted.
         holdout: data the weights are *selected* on but not learned from: an ``(x, y)`` pair
             shaped like the validation data, or a fraction in (0, 1) of the validation samples
-            (a fixed random split; the rest defines E). Scored after every outer step (one
-            forward pass); the weights of the best step are returned. None (default): the
-            last step's weights, every validation sample in E.
+            (a fixed random split, stratified by class for classification losses; the rest
+            defines E). Scored after every outer step (one forward pass); the weights of the
+            best step are returned. None (default): the last step's weights, every
+            validation sample in E.
         patience: with ``holdout``, stop once the held-out loss has not improved for this many
             outer steps (each costs a retraining and an unrolled pass). None: run all ``steps``.
         progress: a bar over the outer steps: ``None`` (default) once they have run 2 s,
@@ -221,7 +225,9 @@ def _split_holdout(
     """(x_val, y_val) that define E, and the held-out (x, y) or None.
 
     A fraction takes a fixed random subset of the validation samples (seed 0, so a rerun
-    selects on the same split); both parts must keep at least one sample.
+    selects on the same split), stratified by class for classification losses so that a
+    small validation set does not lose a class to one side; both parts must keep at least
+    one sample.
     """
     if holdout is None:
         return xv, yv, None
@@ -235,15 +241,47 @@ def _split_holdout(
                 f"{n_held} held out and {len(xv) - n_held} to learn from; both need at least one — "
                 "pass another fraction or an (x, y) pair"
             )
-        order = np.random.default_rng(0).permutation(len(xv))
-        out, kept = np.sort(order[:n_held]), np.sort(order[n_held:])
-        return xv[kept], yv[kept], (xv[out], yv[out])
+        held = _stratified_choice(_label_classes(trajectory.loss, yv), n_held)
+        kept = np.setdiff1d(np.arange(len(xv)), held)
+        return xv[kept], yv[kept], (xv[held], yv[held])
     if not (isinstance(holdout, (tuple, list)) and len(holdout) == 2):
         raise ValueError(param_error("holdout", func, "a fraction in (0, 1) or an (x, y) pair", describe(holdout)))
     given = validate_validation_data(
         func, trajectory.model, trajectory.loss, x, y, holdout[0], holdout[1], names=("holdout[0]", "holdout[1]")
     )
     return xv, yv, given
+
+
+def _label_classes(loss: Any, y: np.ndarray) -> np.ndarray:
+    """Class of each sample, shape (n,), for stratifying; all zeros (one stratum) for regression.
+
+    Class indices as given, one-hot/soft labels by their argmax, single binary targets by
+    the 0.5 threshold; other labels (regression, several binary outputs) are one stratum.
+    """
+    y = np.asarray(y)
+    if loss.integer_labels:
+        return y.reshape(len(y))
+    if loss.name == "categorical_crossentropy":
+        return np.argmax(y.reshape(len(y), -1), axis=-1)
+    if loss.name == "binary_crossentropy" and y.size == len(y):
+        return (y.reshape(len(y)) > 0.5).astype(np.int64)
+    return np.zeros(len(y), dtype=np.int64)
+
+
+def _stratified_choice(classes: np.ndarray, count: int) -> np.ndarray:
+    """``count`` sorted indices drawn at random (seed 0) with each class in proportion.
+
+    Class k gets floor(count·n_k/n) indices, and the samples left over go to the classes
+    with the largest remainders (Hamilton's method), so the total is exactly ``count``.
+    """
+    rng = np.random.default_rng(0)
+    labels, inverse, sizes = np.unique(classes, return_inverse=True, return_counts=True)
+    quotas = count * sizes / len(classes)
+    taken = np.floor(quotas).astype(int)
+    by_remainder = np.argsort(-(quotas - taken), kind="stable")
+    taken[by_remainder[: count - taken.sum()]] += 1
+    chosen = [rng.permutation(np.flatnonzero(inverse == k))[: taken[k]] for k in range(len(labels))]
+    return np.sort(np.concatenate(chosen))
 
 
 def _check_bounds(bounds: Any, func: str) -> tuple[float, float]:

@@ -3,9 +3,12 @@
 import numpy as np
 import pytest
 from conftest import mlp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import influence as inf
 from influence.optimizers import SGD, Adam
+from influence.reweighting import _label_classes, _stratified_choice
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +124,35 @@ def test_holdout_fraction_splits_the_validation_samples(noisy_blobs, noisy_run):
     assert (9 * res.holdout_loss[0] + 21 * res.val_loss[0]) / 30 == pytest.approx(full, rel=1e-9)
     again = inf.learn_sample_weights(noisy_run, x, y, xv, yv, steps=1, holdout=0.3, progress=False)
     np.testing.assert_array_equal(again.holdout_loss, res.holdout_loss)  # a fixed split
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 12), min_size=1, max_size=5),
+    fraction=st.floats(0.05, 0.95),
+)
+def test_holdout_split_keeps_every_class_in_proportion(sizes, fraction):
+    classes = np.random.default_rng(1).permutation(np.repeat(np.arange(len(sizes)), sizes))
+    count = int(round(fraction * len(classes)))
+    held = _stratified_choice(classes, count)
+    assert len(held) == count and len(np.unique(held)) == count and np.all(np.diff(held) > 0)
+    for k, size in enumerate(sizes):  # each class gets floor or ceil of its share
+        share = count * size / len(classes)
+        assert np.floor(share) <= np.sum(classes[held] == k) <= np.ceil(share)
+    np.testing.assert_array_equal(_stratified_choice(classes, count), held)  # a fixed split
+
+
+def test_holdout_strata_follow_the_loss():
+    def loss(name):
+        return inf.losses.get_loss(name)
+
+    np.testing.assert_array_equal(
+        _label_classes(loss("sparse_categorical_crossentropy"), np.array([2, 0, 1])), [2, 0, 1]
+    )
+    one_hot = np.eye(3)[[2, 0, 1]]
+    np.testing.assert_array_equal(_label_classes(loss("categorical_crossentropy"), one_hot), [2, 0, 1])
+    np.testing.assert_array_equal(_label_classes(loss("binary_crossentropy"), np.array([[0.9], [0.1]])), [1, 0])
+    np.testing.assert_array_equal(_label_classes(loss("mse"), np.array([[0.3, 1.0], [2.0, 0.1]])), [0, 0])
 
 
 def test_upper_bound_above_one_lets_helpful_samples_gain_weight(noisy_blobs, noisy_run):
