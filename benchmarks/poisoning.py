@@ -62,7 +62,6 @@ import os
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 
 import argparse
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,7 +77,6 @@ from sklearn.datasets import load_digits
 
 import influence as inf
 from influence.demo import mlp as demo_mlp
-from influence.input_optimization import project_to_simplex
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -136,41 +134,14 @@ GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
 }
 
 
-def make_optimizer(key: str, lr: float, *, labels: bool = False) -> inf.optimizers.Optimizer:
-    opt: inf.optimizers.Optimizer
+def make_optimizer(key: str, lr: float) -> inf.optimizers.Optimizer:
     if key == "sgd":
-        opt = inf.optimizers.SGD(float(lr))
-    elif key == "momentum":
-        opt = inf.optimizers.SGD(float(lr), momentum=0.9)
-    elif key == "rmsprop":
-        opt = inf.optimizers.RMSprop(float(lr))
-    else:
-        opt = inf.optimizers.Adam(float(lr))
-    return label_safe(opt) if labels else opt
-
-
-# --------------------------------------------------------------------------- workaround for a package bug
-# influence.input_optimization.project_to_simplex returns float64 for float32 soft labels (the division by
-# an int64 ``arange`` promotes), so from the second outer step on the optimizer mixes float64 labels with
-# float32 gradients and learning rates: target="labels" on a float32 model fails with InvalidArgumentError
-# (the package's tests use float64 models only). Until that is fixed, the outer optimizer casts the
-# parameters back to the gradients' dtype; this is a no-op once the projection keeps the dtype.
-SIMPLEX_PROMOTES = project_to_simplex(np.eye(3, dtype=np.float32)).dtype != np.float32
-_CASTING: dict[type, type] = {}
-
-
-def label_safe(opt: inf.optimizers.Optimizer) -> inf.optimizers.Optimizer:
-    if not SIMPLEX_PROMOTES:
-        return opt
-    base = type(opt)
-    if base not in _CASTING:
-
-        def update(self, weights, grads, state, lr, step):  # noqa: ANN001, ANN202
-            weights = [tf.cast(w, g.dtype) for w, g in zip(weights, grads)]
-            return base.update(self, weights, grads, state, lr, step)
-
-        _CASTING[base] = type(base.__name__, (base,), {"update": update, "__module__": __name__})
-    return _CASTING[base](**{f.name: getattr(opt, f.name) for f in dataclasses.fields(opt)})
+        return inf.optimizers.SGD(float(lr))
+    if key == "momentum":
+        return inf.optimizers.SGD(float(lr), momentum=0.9)
+    if key == "rmsprop":
+        return inf.optimizers.RMSprop(float(lr))
+    return inf.optimizers.Adam(float(lr))
 
 
 # --------------------------------------------------------------------------- data, models, evaluation
@@ -501,7 +472,7 @@ def section_repair(data: Data, quick: bool) -> dict[str, Any]:
             flipped if idx is None else idx,
             goal="repair",
             target="labels",
-            outer_optimizer=make_optimizer(key, lr, labels=True),
+            outer_optimizer=make_optimizer(key, lr),
             steps=n_steps,
         )
 
@@ -890,8 +861,6 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     out += comparison_table(adv["comparison"], (0, 1, 2, 5, 10, 30))
     out += ["", "## Interpretation", ""] + [f"- {line}" for line in report["interpretation"]]
-    if report["workaround"]["active"]:
-        out += ["", "## Package issue found", "", report["workaround"]["note"]]
     return "\n".join(out) + "\n"
 
 
@@ -1142,18 +1111,6 @@ def run(args: argparse.Namespace) -> None:
             "adam": {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7},
         },
         "machine": machine_info(),
-        "workaround": {
-            "active": bool(SIMPLEX_PROMOTES),
-            "note": (
-                "`influence.input_optimization.project_to_simplex` returns float64 for float32 soft labels "
-                "(`cumulative / ks` divides by an int64 `arange`), so with a float32 model "
-                '`optimize_training_inputs(..., target="labels")` fails from the second outer step on '
-                "(InvalidArgumentError: float32 vs float64 in the optimizer update) for every outer optimizer; the "
-                "package's tests use float64 models only. This benchmark works around it by casting the "
-                "parameters back to float32 inside the outer optimizer's `update` (a subclass in this script); the "
-                "results are otherwise the package's own."
-            ),
-        },
         "poisoning": poison,
         "repair": repair,
         "adversarial": adversarial,
