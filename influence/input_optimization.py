@@ -114,21 +114,39 @@ def evaluate_run(trajectory: Trajectory, weights: list[np.ndarray], x_val: np.nd
     return float(trajectory.loss.mean(yv, out)), classification_error(trajectory.loss, out, y_val)
 
 
+def label_classes(loss: Any, labels: np.ndarray) -> np.ndarray | None:
+    """The class each label names, shape (n,); None where a label names no single class.
+
+    Class indices as given (shape (n,) or (n, 1)), the argmax of one-hot/soft labels, and
+    for one binary target 1 above 0.5, else 0; None for regression targets and for several
+    binary outputs per sample.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if loss.integer_labels:
+        return labels.reshape(n)
+    if loss.name == "categorical_crossentropy":
+        return np.argmax(labels.reshape(n, -1), axis=-1)
+    if loss.name == "binary_crossentropy" and labels.size == n:
+        return (labels.reshape(n) > 0.5).astype(np.int64)
+    return None
+
+
 def classification_error(loss: Any, outputs: tf.Tensor, labels: np.ndarray) -> float:
     """Fraction of predictions that miss the class; NaN for regression.
 
-    Class indices and one-hot/soft labels compare argmaxes; binary targets compare each output
-    with its decision threshold (0.5 for probabilities, 0 for logits) and count per output.
+    Class indices and one-hot/soft labels compare argmaxes (:func:`label_classes`); binary
+    targets compare each output with its decision threshold (0.5 for probabilities, 0 for
+    logits) and count per output.
     """
-    if loss.integer_labels:
-        return float(np.mean(np.argmax(np.asarray(outputs), -1) != labels))
-    if loss.name == "categorical_crossentropy":
-        return float(np.mean(np.argmax(np.asarray(outputs), -1) != np.argmax(labels, -1)))
     if loss.name == "binary_crossentropy":
         threshold = 0.0 if loss.from_logits else 0.5
         predicted = np.asarray(outputs) > threshold
         return float(np.mean(predicted != (np.asarray(labels).reshape(predicted.shape) > 0.5)))
-    return float("nan")
+    classes = label_classes(loss, labels)
+    if classes is None:
+        return float("nan")
+    return float(np.mean(np.argmax(np.asarray(outputs), -1) != classes))
 
 
 def optimizer_label(opt: Optimizer) -> str:

@@ -36,7 +36,14 @@ from ._inputs import validate_validation_data
 from ._progress import progress_bar
 from ._summary import compact_repr
 from ._validation import check_choice, check_positive, check_sample_indices, describe, is_real, param_error
-from .input_optimization import GOALS, check_inside_bounds, evaluate_run, optimizer_label, outer_optimizer_named
+from .input_optimization import (
+    GOALS,
+    check_inside_bounds,
+    evaluate_run,
+    label_classes,
+    optimizer_label,
+    outer_optimizer_named,
+)
 from .trajectory import Trajectory, check_trajectory_data
 from .unroll import unrolled
 
@@ -245,7 +252,8 @@ def _split_holdout(
                 f"{n_held} held out and {len(xv) - n_held} to learn from; both need at least one — "
                 "pass another fraction or an (x, y) pair"
             )
-        held = _stratified_choice(_label_classes(trajectory.loss, yv), n_held)
+        classes = label_classes(trajectory.loss, yv)  # None: regression, one stratum
+        held = _stratified_choice(np.zeros(len(yv), np.int64) if classes is None else classes, n_held)
         kept = np.setdiff1d(np.arange(len(xv)), held)
         return xv[kept], yv[kept], (xv[held], yv[held])
     if not (isinstance(holdout, (tuple, list)) and len(holdout) == 2):
@@ -254,22 +262,6 @@ def _split_holdout(
         func, trajectory.model, trajectory.loss, x, y, holdout[0], holdout[1], names=("holdout[0]", "holdout[1]")
     )
     return xv, yv, given
-
-
-def _label_classes(loss: Any, y: np.ndarray) -> np.ndarray:
-    """Class of each sample, shape (n,), for stratifying; all zeros (one stratum) for regression.
-
-    Class indices as given, one-hot/soft labels by their argmax, single binary targets by
-    the 0.5 threshold; other labels (regression, several binary outputs) are one stratum.
-    """
-    y = np.asarray(y)
-    if loss.integer_labels:
-        return y.reshape(len(y))
-    if loss.name == "categorical_crossentropy":
-        return np.argmax(y.reshape(len(y), -1), axis=-1)
-    if loss.name == "binary_crossentropy" and y.size == len(y):
-        return (y.reshape(len(y)) > 0.5).astype(np.int64)
-    return np.zeros(len(y), dtype=np.int64)
 
 
 def _stratified_choice(classes: np.ndarray, count: int) -> np.ndarray:

@@ -215,6 +215,16 @@ def test_binary_targets_report_a_classification_error(from_logits):
     assert np.all(np.isfinite(res.val_error))
 
 
+def test_class_index_labels_of_shape_n_by_1_count_one_error_per_sample():
+    from influence.input_optimization import classification_error
+
+    loss = inf.losses.get_loss("sparse_categorical_crossentropy")
+    outputs = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])  # predicts 0, 1, 0
+    labels = np.array([0, 1, 1])
+    # (n, 1) labels once broadcast against the (n,) predictions and counted n² pairs (5/9)
+    assert classification_error(loss, outputs, labels) == classification_error(loss, outputs, labels[:, None]) == 1 / 3
+
+
 def test_simplex_projection_is_the_closest_point_on_the_simplex():
     from influence.input_optimization import project_to_simplex
 

@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import influence as inf
+from influence.input_optimization import label_classes
 from influence.optimizers import SGD, Adam
-from influence.reweighting import _label_classes, _stratified_choice
+from influence.reweighting import _stratified_choice
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +147,13 @@ def test_holdout_strata_follow_the_loss():
     def loss(name):
         return inf.losses.get_loss(name)
 
-    np.testing.assert_array_equal(
-        _label_classes(loss("sparse_categorical_crossentropy"), np.array([2, 0, 1])), [2, 0, 1]
-    )
+    for labels in (np.array([2, 0, 1]), np.array([[2], [0], [1]])):  # class indices, (n,) or (n, 1)
+        np.testing.assert_array_equal(label_classes(loss("sparse_categorical_crossentropy"), labels), [2, 0, 1])
     one_hot = np.eye(3)[[2, 0, 1]]
-    np.testing.assert_array_equal(_label_classes(loss("categorical_crossentropy"), one_hot), [2, 0, 1])
-    np.testing.assert_array_equal(_label_classes(loss("binary_crossentropy"), np.array([[0.9], [0.1]])), [1, 0])
-    np.testing.assert_array_equal(_label_classes(loss("mse"), np.array([[0.3, 1.0], [2.0, 0.1]])), [0, 0])
+    np.testing.assert_array_equal(label_classes(loss("categorical_crossentropy"), one_hot), [2, 0, 1])
+    np.testing.assert_array_equal(label_classes(loss("binary_crossentropy"), np.array([[0.9], [0.1]])), [1, 0])
+    assert label_classes(loss("binary_crossentropy"), np.array([[0.9, 0.1], [0.1, 0.2]])) is None  # several outputs
+    assert label_classes(loss("mse"), np.array([[0.3, 1.0], [2.0, 0.1]])) is None  # one stratum
 
 
 def test_upper_bound_above_one_lets_helpful_samples_gain_weight(noisy_blobs, noisy_run):
