@@ -116,10 +116,10 @@ def run_seed(spec_name: str, noise: float, seed: int) -> dict[str, Any]:
         weights[f"{method} top-m"] = removing(table["index"].to_numpy()[:m])
     weights["oracle"] = removing(data.flipped)
 
-    metrics = {name: evaluator.metrics(inf.retrain(trajectory, x, y, sample_weight=c)) for name, c in weights.items()}
+    retrained = {name: inf.retrain(trajectory, x, y, sample_weight=c) for name, c in weights.items()}
     return {
-        "metrics": metrics,
-        "clean_dropped": clean_dropped(trajectory, data, evaluator, weights["learned/Adam"], seed),
+        "metrics": {name: evaluator.metrics(w) for name, w in retrained.items()},
+        "clean_dropped": clean_dropped(trajectory, data, evaluator, weights["learned/Adam"], retrained["oracle"], seed),
         "m": m,
         "flipped": len(data.flipped),
         "flipped_in_m": {name: int(np.sum(weights[name][data.flipped] == 0)) for name in REMOVALS},
@@ -142,9 +142,17 @@ def run_seed(spec_name: str, noise: float, seed: int) -> dict[str, Any]:
 
 
 def clean_dropped(
-    trajectory: inf.Trajectory, data: Any, evaluator: Evaluator, learned: np.ndarray, seed: int
+    trajectory: inf.Trajectory,
+    data: Any,
+    evaluator: Evaluator,
+    learned: np.ndarray,
+    oracle_weights: list[np.ndarray],
+    seed: int,
 ) -> dict[str, Any]:
-    """Diagnostic: the clean samples D learned below DROP_BELOW, removed on top of the oracle's removal."""
+    """Diagnostic: the clean samples D learned below DROP_BELOW, removed on top of the oracle's removal.
+
+    ``oracle_weights``: the run retrained without the flipped samples (already computed by the caller).
+    """
     x, y, flipped = data.x_train, data.y_train, data.flipped_mask
     clean = np.flatnonzero(~flipped)
     dropped = np.flatnonzero((learned < DROP_BELOW) & ~flipped)
@@ -157,7 +165,6 @@ def clean_dropped(
 
     rng = np.random.default_rng(seed)
     draws = [without(rng.choice(clean, len(dropped), replace=False)) for _ in range(RANDOM_CLEAN_DRAWS)]
-    oracle_weights = inf.retrain(trajectory, x, y, sample_weight=oracle)
     out = evaluator.fn(
         [tf.constant(w, dtype=evaluator.fn.dtype) for w in oracle_weights], tf.constant(x, dtype=evaluator.fn.dtype)
     )

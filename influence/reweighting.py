@@ -271,12 +271,12 @@ def _stratified_choice(classes: np.ndarray, count: int) -> np.ndarray:
     with the largest remainders (Hamilton's method), so the total is exactly ``count``.
     """
     rng = np.random.default_rng(0)
-    labels, inverse, sizes = np.unique(classes, return_inverse=True, return_counts=True)
+    _, inverse, sizes = np.unique(classes, return_inverse=True, return_counts=True)
     quotas = count * sizes / len(classes)
     taken = np.floor(quotas).astype(int)
     by_remainder = np.argsort(-(quotas - taken), kind="stable")
     taken[by_remainder[: count - taken.sum()]] += 1
-    chosen = [rng.permutation(np.flatnonzero(inverse == k))[: taken[k]] for k in range(len(labels))]
+    chosen = [rng.permutation(np.flatnonzero(inverse == k))[: taken[k]] for k in range(len(sizes))]
     return np.sort(np.concatenate(chosen))
 
 
