@@ -60,13 +60,20 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def report_header(benchmark: str) -> dict[str, Any]:
-    """The first keys of every benchmark's JSON: what it measures, the command, the date and the machine."""
+def report_header(benchmark: str, load_at_start: tuple[float, float, float] | None = None) -> dict[str, Any]:
+    """The first keys of every benchmark's JSON: what it measures, the command, the date and the machine.
+
+    ``load_at_start``: ``os.getloadavg()`` taken when the measurements began; with it the machine
+    entry records the load average at start and now (other processes inflate and scatter timings).
+    """
+    machine = machine_info()
+    if load_at_start is not None:
+        machine["loadavg_1_5_15_min"] = {"start": load_at_start, "end": os.getloadavg()}
     return {
         "benchmark": benchmark,
         "command": " ".join(["python", *sys.argv]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
+        "machine": machine,
     }
 
 

@@ -94,7 +94,7 @@ import keras
 import matplotlib
 import numpy as np
 import tensorflow as tf
-from _common import benchmark_parser, fmt, machine_info, output_dir, write_report
+from _common import benchmark_parser, fmt, output_dir, report_header, write_report
 from scipy import stats
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.metrics import roc_auc_score
@@ -1090,7 +1090,7 @@ def run(args: argparse.Namespace) -> None:
     text, facts = recommendation(runs, ks)
     targets = {"detection": target_detection(cases), "cleansing": target_cleansing(cases, ks)}
     report: dict[str, Any] = {
-        "benchmark": NAME,
+        **report_header(NAME, load_at_start=load_before),
         "settings": {
             "quick": quick,
             "methods": METHODS,
@@ -1124,7 +1124,6 @@ def run(args: argparse.Namespace) -> None:
                 for s in SPECS.values()
             },
         },
-        "machine": machine_info() | {"loadavg_1_5_15_min": {"start": load_before, "end": os.getloadavg()}},
         "targets": {
             "detection_best_toolkit_ge_loss_every_budget": targets["detection"]["met"],
             "cleansing_unrolled_beats_loss_tracin_random_k10_k20": targets["cleansing"]["met"],

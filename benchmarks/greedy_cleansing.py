@@ -38,7 +38,7 @@ import time
 from typing import Any
 
 import numpy as np
-from _common import benchmark_parser, machine_info, output_dir, write_report
+from _common import benchmark_parser, output_dir, report_header, write_report
 from data_debugging import LOSS, SPECS, Evaluator, load, run_all_cases
 
 import influence as inf
@@ -166,9 +166,7 @@ def main() -> None:
     )
     all_seconds = [r["seconds"] for rs in runs.values() for r in rs]
     report = {
-        "benchmark": NAME,
-        "command": "python benchmarks/greedy_cleansing.py" + (" --quick" if args.quick else ""),
-        "machine": machine_info(),
+        **report_header(NAME),
         "seeds": len(seeds),
         "ks": KS,
         "runs": runs,

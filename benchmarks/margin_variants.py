@@ -47,7 +47,7 @@ from typing import Any
 import data_debugging as dd
 import numpy as np
 import tensorflow as tf
-from _common import benchmark_parser, machine_info, output_dir, write_report
+from _common import benchmark_parser, output_dir, report_header, write_report
 
 import influence as inf
 from influence.losses import label_margin
@@ -233,7 +233,7 @@ def main() -> None:
                 flush=True,
             )
     report = {
-        "benchmark": NAME,
+        **report_header(NAME),
         "settings": {
             "flip_seeds": {group: sorted({g[2] for g in grid}) for group, grid in groups.items()},
             "training_seeds": {group: sorted({g[3] for g in grid}) for group, grid in groups.items()},
@@ -241,7 +241,6 @@ def main() -> None:
             "variants": VARIANTS,
             "quick": args.quick,
         },
-        "machine": machine_info(),
         "runs": runs,
         "summary": {group: summarize(group_runs) for group, group_runs in runs.items()},
     }

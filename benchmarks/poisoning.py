@@ -72,7 +72,7 @@ import keras
 import matplotlib
 import numpy as np
 import tensorflow as tf
-from _common import benchmark_parser, fmt, machine_info, output_dir, write_report
+from _common import benchmark_parser, fmt, output_dir, report_header, write_report
 from sklearn.datasets import load_digits
 
 import influence as inf
@@ -1072,7 +1072,7 @@ def run(args: argparse.Namespace) -> None:
     plot_soft_labels(repair, out_dir / f"{NAME}_soft_labels.png")
 
     report: dict[str, Any] = {
-        "benchmark": NAME,
+        **report_header(NAME),
         "settings": {
             "quick": quick,
             "data": "sklearn digits, x / 16, shuffled with seed 0",
@@ -1110,7 +1110,6 @@ def run(args: argparse.Namespace) -> None:
             "rmsprop": {"rho": 0.9, "epsilon": 1e-7},
             "adam": {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7},
         },
-        "machine": machine_info(),
         "poisoning": poison,
         "repair": repair,
         "adversarial": adversarial,

@@ -101,9 +101,9 @@ from _common import (
     REPO_ROOT,
     benchmark_parser,
     fmt,
-    machine_info,
     output_dir,
     proc_status_kb,
+    report_header,
     reset_peak_rss,
     run_json_worker,
     write_report,
@@ -501,7 +501,7 @@ def run(args: argparse.Namespace) -> None:
         str(package_dir) in r.get("package_file", "") for r in [*rows, devices] if r.get("status") == "ok"
     )
     report = {
-        "benchmark": "scaling",
+        **report_header("scaling", load_at_start=load_start),
         "package": package,
         "settings": {
             "quick": args.quick,
@@ -524,7 +524,6 @@ def run(args: argparse.Namespace) -> None:
             "rss_sample_interval_s": SAMPLE_INTERVAL_S,
             "worker_timeout_s": args.timeout,
         },
-        "machine": machine_info() | {"loadavg_1_5_15_min": {"start": load_start, "end": os.getloadavg()}},
         "scaling": rows,
         "slopes": slopes(rows),
         "devices": devices,
