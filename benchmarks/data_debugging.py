@@ -178,17 +178,21 @@ SPECS = {
 }
 
 
-def load(name: str, noise: float) -> Data:
-    """Shuffled split (seed 0), standardized/scaled features, ``noise`` of the training labels flipped."""
+def load(name: str, noise: float, split_seed: int = SPLIT_SEED, flip_seed: int = FLIP_SEED) -> Data:
+    """Shuffled split, standardized/scaled features, ``noise`` of the training labels flipped.
+
+    The seeds default to this benchmark's (SPLIT_SEED, FLIP_SEED); benchmarks/reweighting.py
+    also draws other splits and flips.
+    """
     if name == "digits":
         raw = load_digits()
         x, y = raw.data / 16.0, raw.target.astype(np.int64)
-        order = np.random.default_rng(SPLIT_SEED).permutation(len(x))
+        order = np.random.default_rng(split_seed).permutation(len(x))
         n_train, n_val = 1000, 400
     else:
         raw = load_breast_cancer()
         x, y = raw.data, raw.target.astype(np.int64)
-        order = np.random.default_rng(SPLIT_SEED).permutation(len(x))
+        order = np.random.default_rng(split_seed).permutation(len(x))
         n_train, n_val = int(0.5 * len(x)), int(0.2 * len(x))
     train, val, test = order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
     if name == "breast_cancer":
@@ -196,7 +200,7 @@ def load(name: str, noise: float) -> Data:
         x = (x - mean) / std
     x = x.astype(np.float32)
     classes = SPECS[name].classes
-    rng = np.random.default_rng(FLIP_SEED)
+    rng = np.random.default_rng(flip_seed)
     flip_order = rng.permutation(n_train)
     shifts = rng.integers(1, classes, size=n_train)  # to a different class (binary: the other one)
     flipped = np.sort(flip_order[: int(round(noise * n_train))])
@@ -206,14 +210,19 @@ def load(name: str, noise: float) -> Data:
 
 
 def run_all_cases(
-    quick: bool, run_seed: Callable[[str, float, int], dict[str, Any]], line: Callable[[dict[str, Any]], str]
+    quick: bool,
+    run_seed: Callable[[str, float, int], dict[str, Any]],
+    line: Callable[[dict[str, Any]], str],
+    seeds: tuple[int, ...] | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], tuple[int, ...]]:
-    """``run_seed(data set, noise, training seed)`` for every case and seed, keyed ``"digits 10%"``.
+    """``run_seed(data set, noise, seed)`` for every case and seed, keyed ``"digits 10%"``.
 
-    ``quick``: digits 10 % with seed 0 only. Prints ``line(result)`` after each run; returns the
-    results per case and the seeds used. (For the benchmarks that reuse these cases.)
+    ``seeds``: default TRAINING_SEEDS. ``quick``: digits 10 % with the first seed only. Prints
+    ``line(result)`` after each run; returns the results per case and the seeds used. (For the
+    benchmarks that reuse these cases.)
     """
-    seeds = QUICK_TRAINING_SEEDS if quick else TRAINING_SEEDS
+    seeds = seeds or TRAINING_SEEDS
+    seeds = seeds[:1] if quick else seeds
     cases = [("digits", 0.1)] if quick else [(name, noise) for name in SPECS for noise in NOISES]
     runs: dict[str, list[dict[str, Any]]] = {}
     for name, noise in cases:

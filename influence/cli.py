@@ -152,6 +152,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
         )
     if not args.input_gradient_penalty >= 0 or not np.isfinite(args.input_gradient_penalty):
         raise _usage("input-gradient-penalty", "rank", "a finite number ≥ 0", args.input_gradient_penalty)
+    penalty = args.learn_weights_penalty
+    if penalty is not None and (not penalty >= 0 or not np.isfinite(penalty) or not args.learn_weights):
+        raise _usage("learn-weights-penalty", "rank", "a finite number ≥ 0 together with --learn-weights", penalty)
     shape = _image_shape(args.image_shape, "rank")
     lr = _learning_rate(args)
     _check_out(args.out, "rank")
@@ -194,6 +197,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         verify_random=args.verify,
         learn_weights_steps=args.learn_weights,
         learn_weights_holdout=args.learn_weights_holdout,
+        learn_weights_penalty=args.learn_weights_penalty,
         summary={
             "data": f"{args.data}{' + ' + args.val if args.val else ''}: {len(x)} train / "
             + (f"{len(data['x_val'])} validation" if has_val else "no validation")
@@ -408,6 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --learn-weights: keep FRACTION of the validation samples out of the learning, show the "
         "weights of the step with the lowest loss on them and stop after 5 steps without improvement "
         "(default 0: learn on all, show the last step)",
+    )
+    rank.add_argument(
+        "--learn-weights-penalty",
+        type=float,
+        default=None,
+        metavar="LAMBDA",
+        help="with --learn-weights: pull the weights towards 1 with LAMBDA/2 · mean (c - 1)^2 "
+        "(default: that of influence.learn_sample_weights; 0: off)",
     )
     rank.add_argument("--image-shape", help="reshape flat inputs to HxW or HxWxC for the image grid, e.g. 28x28")
     rank.add_argument("--restart", action="store_true", help="discard saved shards instead of resuming")

@@ -204,7 +204,8 @@ def test_rank_learns_sample_weights_for_the_report(cli_runs, files, tmp_path):
     args = ["rank", "--model", files / "model.keras", "--data", files / "data.npz", *RANK_FLAGS, "--out", out]
     code, _, err = in_process([*args, "--learn-weights", "2"])
     assert code == 0, err
-    assert "[weights] learning all 60 sample weights, 2 outer steps" in err and "[train] loaded the recorded run" in err
+    assert "[weights] learning all 60 sample weights, 2 outer steps, penalty 0.1" in err  # the library's default
+    assert "[train] loaded the recorded run" in err
     html = (out / "index.html").read_text()
     assert '<section id="learned-weights">' in html and "learned weight " in html
     sources = [s.split('"')[0] for s in html.split('<img src="')[1:]]
@@ -219,9 +220,14 @@ def test_rank_selects_learned_weights_on_held_out_validation_samples(cli_runs, f
     out = tmp_path / "held"
     shutil.copytree(files / "reference", out)
     args = ["rank", "--model", files / "model.keras", "--data", files / "data.npz", *RANK_FLAGS, "--out", out]
-    code, _, err = in_process([*args, "--learn-weights", "4", "--learn-weights-holdout", "0.25"])
+    code, _, err = in_process(
+        [*args, "--learn-weights", "4", "--learn-weights-holdout", "0.25", "--learn-weights-penalty", "0.5"]
+    )
     assert code == 0, err
-    assert "[weights] learning all 60 sample weights, 4 outer steps, 25% of the validation samples held out" in err
+    assert (
+        "[weights] learning all 60 sample weights, 4 outer steps, 25% of the validation samples held out, penalty 0.5"
+        in err
+    )
     section = re.search(r'<section id="learned-weights">.*?</section>', (out / "index.html").read_text(), re.S)
     assert "the lowest loss on 25% of the validation samples held out of the learning" in section.group(0)
     learned = pd.read_csv(out / "learned_weights.csv")
@@ -372,6 +378,15 @@ def run_main(args, capsys):
         (
             ["--data", "{f}/data.npz", "--learn-weights", "2", "--learn-weights-holdout", "1"],
             "The 'learn-weights-holdout' parameter of influence rank must be 0, or a fraction",
+        ),
+        (
+            ["--data", "{f}/data.npz", "--learn-weights", "2", "--learn-weights-penalty", "-1"],
+            "The 'learn-weights-penalty' parameter of influence rank must be a finite number ≥ 0 together with "
+            "--learn-weights. Got -1.0 instead.",
+        ),
+        (
+            ["--data", "{f}/data.npz", "--learn-weights-penalty", "0.1"],
+            "The 'learn-weights-penalty' parameter of influence rank must be a finite number ≥ 0 together with",
         ),
         (
             ["--data", "{f}/data.npz", "--learn-weights", "-1"],

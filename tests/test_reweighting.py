@@ -64,6 +64,39 @@ def test_one_outer_step_changes_the_retrained_loss_as_predicted_to_first_order(g
     np.testing.assert_array_equal(res.history[1], res.sample_weight)
 
 
+def test_penalty_adds_its_pull_towards_the_recorded_weights_to_each_step(noisy_blobs, noisy_run):
+    x, y, xv, yv, _ = noisy_blobs
+    learned = np.array([0, 1, 2, 10, 11, 12])
+    start = np.full(40, 0.8)
+    run = noisy_run.replayed_on(x, y, sample_weight=start)
+    lam, eta = 0.5, 1.0
+    res = inf.learn_sample_weights(
+        run, x, y, xv, yv, indices=learned, outer_optimizer=SGD(eta), steps=2, penalty=lam, progress=False
+    )
+    # Step 1 starts at c⁰ (no pull); step 2 descends dE/dc + λ(c¹ − c⁰)/m at c¹.
+    c1 = start.copy()
+    c1[learned] -= eta * inf.unrolled(run, x, y, xv, yv, input_grad=False).sample_weight_grad[learned]
+    np.testing.assert_allclose(res.history[1], c1, rtol=1e-12)
+    at_c1 = noisy_run.replayed_on(x, y, sample_weight=c1)
+    grad = inf.unrolled(at_c1, x, y, xv, yv, input_grad=False).sample_weight_grad[learned]
+    pull = lam * (c1[learned] - start[learned]) / len(learned)
+    assert np.abs(pull).max() > 1e-3 * np.abs(grad).max()  # the pull is not lost in round-off
+    np.testing.assert_allclose(res.history[2][learned], c1[learned] - eta * (grad + pull), rtol=1e-10)
+    # predicted_change stays about E: ⟨dE/dc, Δc⟩ without the penalty's gradient.
+    np.testing.assert_allclose(res.predicted_change[1], np.dot(grad, res.history[2][learned] - c1[learned]), rtol=1e-10)
+
+
+def test_a_larger_penalty_keeps_the_learned_weights_nearer_the_recorded_ones(noisy_blobs, noisy_run):
+    x, y, xv, yv, _ = noisy_blobs
+    distance = []
+    for lam in (0.0, 3.0, 30.0):
+        res = inf.learn_sample_weights(
+            noisy_run, x, y, xv, yv, outer_optimizer=Adam(0.1), steps=8, penalty=lam, progress=False
+        )
+        distance.append(np.abs(res.sample_weight - 1.0).sum())
+    assert distance[0] > distance[1] > distance[2]
+
+
 def test_repair_down_weights_the_flipped_labels_and_lowers_the_validation_loss(noisy_blobs, noisy_run):
     x, y, xv, yv, flipped = noisy_blobs
     res = inf.learn_sample_weights(noisy_run, x, y, xv, yv, outer_optimizer=Adam(0.1), steps=12, progress=False)
@@ -206,6 +239,9 @@ def test_replayed_on_with_sample_weights_is_the_run_fit_with_them(noisy_blobs):
         ({"indices": []}, r"'indices' parameter .* integer sample indices"),
         ({"goal": "improve"}, r"'goal' parameter of learn_sample_weights must be one of"),
         ({"steps": 0}, r"'steps' parameter of learn_sample_weights must be"),
+        ({"penalty": -0.1}, r"'penalty' parameter of learn_sample_weights must be a finite number ≥ 0"),
+        ({"penalty": float("inf")}, r"'penalty' parameter .* finite number ≥ 0"),
+        ({"penalty": True}, r"'penalty' parameter .* finite number ≥ 0"),
         ({"outer_optimizer": "newton"}, r"'outer_optimizer' parameter of learn_sample_weights"),
         ({"patience": 2}, r"'patience' parameter of learn_sample_weights must be None unless holdout is given"),
         ({"holdout": 0.3, "patience": 0}, r"'patience' parameter of learn_sample_weights must be"),

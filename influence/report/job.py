@@ -52,7 +52,8 @@ class RankingJob:
     :func:`influence.learn_sample_weights` (``Adam(0.1)``, that many outer steps) for the
     report's learned-weights section; ``learn_weights_holdout`` in (0, 1) keeps that fraction of
     the validation samples out of the learning, returns the weights of the step with the lowest
-    loss on them and stops after ``LEARN_WEIGHTS_PATIENCE`` steps without improvement (0: off).
+    loss on them and stops after ``LEARN_WEIGHTS_PATIENCE`` steps without improvement (0: off);
+    ``learn_weights_penalty`` is its ``penalty`` (None: its default).
     The remaining fields go to :func:`render_report`.
     """
 
@@ -76,6 +77,7 @@ class RankingJob:
     repair_steps: int = 5
     learn_weights_steps: int = 0
     learn_weights_holdout: float = 0.0
+    learn_weights_penalty: float | None = None
     summary: Mapping[str, Any] = field(default_factory=dict)
     images: np.ndarray | None = None
     features: np.ndarray | None = None
@@ -280,7 +282,7 @@ def repair_curves(trajectory: Any, job: RankingJob, indices: np.ndarray) -> pd.D
 def learned_weights_table(trajectory: Any, job: RankingJob) -> pd.DataFrame:
     """Columns ``index``, ``learned_weight`` (n rows) from :func:`influence.learn_sample_weights`.
 
-    ``attrs``: ``val_loss`` and ``seconds`` per outer step, ``optimizer``; with a holdout also
+    ``attrs``: ``val_loss`` and ``seconds`` per outer step, ``optimizer``, ``penalty``; with a holdout also
     ``holdout_loss`` per outer step and ``best_step`` (the step whose weights the table holds).
     """
     from ..reweighting import learn_sample_weights
@@ -295,13 +297,26 @@ def learned_weights_table(trajectory: Any, job: RankingJob) -> pd.DataFrame:
         steps=job.learn_weights_steps,
         holdout=holdout,
         patience=LEARN_WEIGHTS_PATIENCE if holdout else None,
+        penalty=learn_weights_penalty(job),
         progress=job.progress,
     )
     table = pd.DataFrame({"index": np.arange(len(result.sample_weight)), "learned_weight": result.sample_weight})
-    table.attrs.update(val_loss=result.val_loss.tolist(), seconds=result.seconds.tolist(), optimizer=result.optimizer)
+    table.attrs.update(
+        val_loss=result.val_loss.tolist(),
+        seconds=result.seconds.tolist(),
+        optimizer=result.optimizer,
+        penalty=learn_weights_penalty(job),
+    )
     if result.holdout_loss is not None:
         table.attrs.update(holdout_loss=result.holdout_loss.tolist(), best_step=result.best_step, holdout=holdout)
     return table
+
+
+def learn_weights_penalty(job: RankingJob) -> float:
+    """The ``penalty`` the job's weights are learned with: its own, or learn_sample_weights' default."""
+    from ..reweighting import DEFAULT_PENALTY
+
+    return DEFAULT_PENALTY if job.learn_weights_penalty is None else float(job.learn_weights_penalty)
 
 
 def _check_validation_data(job: RankingJob) -> None:
@@ -378,13 +393,16 @@ def run_ranking(job: RankingJob) -> RankingOutcome:
         held = (
             f", {job.learn_weights_holdout:.0%} of the validation samples held out" if job.learn_weights_holdout else ""
         )
+        penalty = learn_weights_penalty(job)
         job.log(
-            f"[weights] learning all {len(job.x_train)} sample weights, {job.learn_weights_steps} outer steps{held}"
+            f"[weights] learning all {len(job.x_train)} sample weights, {job.learn_weights_steps} outer steps"
+            f"{held}, penalty {penalty:g}"
         )
         t = time.perf_counter()
-        holdout = {"holdout": job.learn_weights_holdout} if job.learn_weights_holdout else {}  # old keys still match
+        options = {"holdout": job.learn_weights_holdout, "penalty": penalty}
+        # Options at 0 (their former defaults) stay out of the key, so that results saved before them still match.
         learned = store.table(
-            store.key("weights", run=run, steps=job.learn_weights_steps, **holdout),
+            store.key("weights", run=run, steps=job.learn_weights_steps, **{k: v for k, v in options.items() if v}),
             lambda: learned_weights_table(trajectory(), job),
         )
         times["weights"] = f"{time.perf_counter() - t:.1f} s"

@@ -310,11 +310,13 @@ def _learned_weights_section(
             f"(learned on) {fmt(val_loss[0], 4)} → {fmt(val_loss[best], 4)}; {counted}. "
         )
         caveat = "The step was chosen on the held-out samples: a test set neither part saw judges it fairly."
+    lam = learned.attrs.get("penalty")  # absent from tables saved before the option
+    penalty = f", a pull of λ = {fmt(lam, 2)} towards the recorded weights" if lam else ""
     name = f"{IMAGE_DIR}/learned_weights.png"
     atomic_write_bytes(out / name, figures.learned_weights_plot(val_loss, weights, noise, held_loss, best))
     note = (
         f"All {n} training weights learned together by influence.learn_sample_weights "
-        f"({esc(str(learned.attrs.get('optimizer', 'Adam')))}, {len(val_loss) - 1} outer steps): each "
+        f"({esc(str(learned.attrs.get('optimizer', 'Adam')))}, {len(val_loss) - 1} outer steps{penalty}): each "
         "step retrains the recorded run with the current weights and follows dE/dc from the unrolled pass, so "
         f"interactions between samples are taken into account. {losses}{caveat} "
         f"Lowest {len(lowest)} weights first."
