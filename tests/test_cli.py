@@ -214,6 +214,12 @@ def test_rank_learns_sample_weights_for_the_report(cli_runs, files, tmp_path):
     learned = pd.read_csv(out / "learned_weights.csv")
     assert learned["index"].tolist() == list(range(60)) and learned["noisy"].sum() == 6
     assert learned["learned_weight"].between(0, 1).all() and (learned["learned_weight"] < 1).any()
+    # Another penalty is another result: the saved weights (λ = 0.1) are not reused for λ = 0.
+    code, _, err = in_process([*args, "--learn-weights", "2", "--learn-weights-penalty", "0"])
+    assert code == 0, err
+    assert "penalty 0" in err and "1 computed" in err, err
+    unpenalized = pd.read_csv(out / "learned_weights.csv")["learned_weight"]
+    assert not np.allclose(unpenalized, learned["learned_weight"], rtol=0, atol=1e-6)
 
 
 def test_rank_selects_learned_weights_on_held_out_validation_samples(cli_runs, files, tmp_path):
