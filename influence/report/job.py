@@ -297,7 +297,7 @@ def learned_weights_table(trajectory: Any, job: RankingJob) -> pd.DataFrame:
         steps=job.learn_weights_steps,
         holdout=holdout,
         patience=LEARN_WEIGHTS_PATIENCE if holdout else None,
-        penalty=learn_weights_penalty(job),
+        penalty=weight_penalty(job),
         progress=job.progress,
     )
     table = pd.DataFrame({"index": np.arange(len(result.sample_weight)), "learned_weight": result.sample_weight})
@@ -305,14 +305,14 @@ def learned_weights_table(trajectory: Any, job: RankingJob) -> pd.DataFrame:
         val_loss=result.val_loss.tolist(),
         seconds=result.seconds.tolist(),
         optimizer=result.optimizer,
-        penalty=learn_weights_penalty(job),
+        penalty=weight_penalty(job),
     )
     if result.holdout_loss is not None:
         table.attrs.update(holdout_loss=result.holdout_loss.tolist(), best_step=result.best_step, holdout=holdout)
     return table
 
 
-def learn_weights_penalty(job: RankingJob) -> float:
+def weight_penalty(job: RankingJob) -> float:
     """The ``penalty`` the job's weights are learned with: its own, or learn_sample_weights' default."""
     from ..reweighting import DEFAULT_PENALTY
 
@@ -393,7 +393,7 @@ def run_ranking(job: RankingJob) -> RankingOutcome:
         held = (
             f", {job.learn_weights_holdout:.0%} of the validation samples held out" if job.learn_weights_holdout else ""
         )
-        penalty = learn_weights_penalty(job)
+        penalty = weight_penalty(job)
         job.log(
             f"[weights] learning all {len(job.x_train)} sample weights, {job.learn_weights_steps} outer steps"
             f"{held}, penalty {penalty:g}"
