@@ -64,24 +64,27 @@ def test_one_outer_step_changes_the_retrained_loss_as_predicted_to_first_order(g
     np.testing.assert_array_equal(res.history[1], res.sample_weight)
 
 
-def test_penalty_adds_its_pull_towards_the_recorded_weights_to_each_step(noisy_blobs, noisy_run):
+@pytest.mark.parametrize("goal", ["repair", "poison"])
+def test_penalty_adds_its_pull_towards_the_recorded_weights_to_each_step(goal, noisy_blobs, noisy_run):
     x, y, xv, yv, _ = noisy_blobs
     learned = np.array([0, 1, 2, 10, 11, 12])
     start = np.full(40, 0.8)
     run = noisy_run.replayed_on(x, y, sample_weight=start)
-    lam, eta = 0.5, 1.0
+    lam, eta, sign = 0.5, 1.0, (1.0 if goal == "repair" else -1.0)
     res = inf.learn_sample_weights(
-        run, x, y, xv, yv, indices=learned, outer_optimizer=SGD(eta), steps=2, penalty=lam, progress=False
+        run, x, y, xv, yv, indices=learned, goal=goal, outer_optimizer=SGD(eta), steps=2, penalty=lam, progress=False
     )
-    # Step 1 starts at c⁰ (no pull); step 2 descends dE/dc + λ(c¹ − c⁰)/m at c¹.
+    # Step 1 starts at c⁰ (no pull); step 2 descends sign·dE/dc + λ(c¹ − c⁰)/m at c¹.
     c1 = start.copy()
-    c1[learned] -= eta * inf.unrolled(run, x, y, xv, yv, input_grad=False).sample_weight_grad[learned]
+    c1[learned] -= eta * sign * inf.unrolled(run, x, y, xv, yv, input_grad=False).sample_weight_grad[learned]
     np.testing.assert_allclose(res.history[1], c1, rtol=1e-12)
     at_c1 = noisy_run.replayed_on(x, y, sample_weight=c1)
     grad = inf.unrolled(at_c1, x, y, xv, yv, input_grad=False).sample_weight_grad[learned]
     pull = lam * (c1[learned] - start[learned]) / len(learned)
-    assert np.abs(pull).max() > 1e-3 * np.abs(grad).max()  # the pull is not lost in round-off
-    np.testing.assert_allclose(res.history[2][learned], c1[learned] - eta * (grad + pull), rtol=1e-10)
+    expected = c1[learned] - eta * (sign * grad + pull)
+    np.testing.assert_allclose(res.history[2][learned], expected, rtol=1e-10)
+    without_pull = c1[learned] - eta * sign * grad
+    assert np.abs(without_pull - expected).max() > 1e-3  # the check above would see a missing pull
     # predicted_change stays about E: ⟨dE/dc, Δc⟩ without the penalty's gradient.
     np.testing.assert_allclose(res.predicted_change[1], np.dot(grad, res.history[2][learned] - c1[learned]), rtol=1e-10)
 
