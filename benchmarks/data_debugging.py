@@ -209,6 +209,14 @@ def load(name: str, noise: float, split_seed: int = SPLIT_SEED, flip_seed: int =
     return Data(x[train], y_train, y[train], x[val], y[val], x[test], y[test], flipped)
 
 
+OWN_SPLIT_SEEDS = (1, 2, 3, 4)  # for benchmarks that also draw other splits: one per training seed
+
+
+def load_split(name: str, noise: float, seed: int, own_split: bool) -> Data:
+    """This benchmark's split and flips, or (``own_split``) a split and flips drawn with ``seed``."""
+    return load(name, noise, split_seed=seed, flip_seed=seed) if own_split else load(name, noise)
+
+
 def run_all_cases(
     quick: bool,
     run_seed: Callable[[str, float, int], dict[str, Any]],

@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 from _common import benchmark_parser, output_dir, report_header, write_report
-from data_debugging import LOSS, SPECS, TRAINING_SEEDS, Evaluator, load, run_all_cases
+from data_debugging import LOSS, OWN_SPLIT_SEEDS, SPECS, TRAINING_SEEDS, Evaluator, load_split, run_all_cases
 from sklearn.metrics import roc_auc_score
 
 import influence as inf
@@ -87,13 +87,13 @@ METRIC_KEYS = ("val_loss", "test_loss", "test_accuracy")
 REMOVALS = ("drop learned", "unrolled top-m", "loss top-m")
 GROUPS = {  # name: (seeds, whether each seed draws its own split and flips)
     "split 0": (TRAINING_SEEDS, False),
-    "own splits": ((1, 2, 3, 4), True),
+    "own splits": (OWN_SPLIT_SEEDS, True),
 }
 
 
 def run_seed(spec_name: str, noise: float, seed: int, own_split: bool = False) -> dict[str, Any]:
     spec = SPECS[spec_name]
-    data = load(spec_name, noise, split_seed=seed, flip_seed=seed) if own_split else load(spec_name, noise)
+    data = load_split(spec_name, noise, seed, own_split)
     x, y, n = data.x_train, data.y_train, len(data.x_train)
     trajectory = inf.fit(
         spec.build(seed), x, y, loss=LOSS, optimizer=inf.optimizers.SGD(spec.learning_rate),
