@@ -242,6 +242,27 @@ def run_all_cases(
     return runs, seeds
 
 
+def run_split_groups(
+    quick: bool,
+    run_seed: Callable[[str, float, int, bool], dict[str, Any]],
+    line: Callable[[dict[str, Any]], str],
+) -> dict[str, dict[str, Any]]:
+    """:func:`run_all_cases` in two groups, for benchmarks that test a finding beyond one split.
+
+    ``"split 0"``: this benchmark's split and flips, TRAINING_SEEDS; ``"own splits"``:
+    OWN_SPLIT_SEEDS, each drawing its own split and flips (:func:`load_split`).
+    ``run_seed(data set, noise, seed, own_split)``. Returns ``{group: {"seeds", "own_split", "runs"}}``.
+    """
+    groups: dict[str, dict[str, Any]] = {}
+    for group, group_seeds, own_split in (("split 0", TRAINING_SEEDS, False), ("own splits", OWN_SPLIT_SEEDS, True)):
+        print(f"-- {group}", flush=True)
+        runs, seeds = run_all_cases(
+            quick, lambda name, noise, seed, own=own_split: run_seed(name, noise, seed, own), line, seeds=group_seeds
+        )
+        groups[group] = {"seeds": list(seeds), "own_split": own_split, "runs": runs}
+    return groups
+
+
 class Evaluator:
     """Loss and accuracy of given trainable weights on the validation and test splits."""
 

@@ -22,7 +22,7 @@ Measured
     data_debugging.md measures on seed 0 of split 0); and the seed-0 rows in that form.
 
 Outputs
-    ``reports/benchmarks/greedy_cleansing.{json,md}``; ``--quick`` (seed 0, digits 10 % only) writes
+    ``reports/benchmarks/greedy_cleansing.{json,md}``; ``--quick`` (digits 10 % only, one seed per group) writes
     under ``reports/_scratch/benchmarks/``.
 
 Usage (from the repository root)::
@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 from _common import benchmark_parser, output_dir, report_header, write_report
-from data_debugging import LOSS, OWN_SPLIT_SEEDS, SPECS, Evaluator, load_split, run_all_cases
+from data_debugging import LOSS, SPECS, Evaluator, load_split, run_split_groups
 
 import influence as inf
 
@@ -188,16 +188,11 @@ def main() -> None:
     parser = benchmark_parser(__doc__, "smoke run: digits 10 %% only, one seed per group", "greedy_cleansing.{json,md}")
     args = parser.parse_args()
     started = time.perf_counter()
-    groups = {}
-    for group, group_seeds, own_split in (("split 0", None, False), ("own splits", OWN_SPLIT_SEEDS, True)):
-        print(f"-- {group}", flush=True)
-        runs, seeds = run_all_cases(
-            args.quick,
-            lambda name, noise, seed, own=own_split: run_seed(name, noise, seed, own_split=own),
-            lambda run: ", ".join(f"{m} {v:.4f}" for m, v in run["test_loss"]["20"].items()),
-            seeds=group_seeds,
-        )
-        groups[group] = {"seeds": list(seeds), "own_split": own_split, "runs": runs, "summary": summarize(runs)}
+    groups = run_split_groups(
+        args.quick, run_seed, lambda run: ", ".join(f"{m} {v:.4f}" for m, v in run["test_loss"]["20"].items())
+    )
+    for group in groups.values():
+        group["summary"] = summarize(group["runs"])
     all_seconds = [r["seconds"] for g in groups.values() for rs in g["runs"].values() for r in rs]
     report = {
         **report_header(NAME),

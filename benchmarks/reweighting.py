@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 from _common import benchmark_parser, output_dir, report_header, write_report
-from data_debugging import LOSS, OWN_SPLIT_SEEDS, SPECS, TRAINING_SEEDS, Evaluator, load_split, run_all_cases
+from data_debugging import LOSS, SPECS, Evaluator, load_split, run_split_groups
 from sklearn.metrics import roc_auc_score
 
 import influence as inf
@@ -85,10 +85,6 @@ VARIANTS = (
 )  # fmt: skip
 METRIC_KEYS = ("val_loss", "test_loss", "test_accuracy")
 REMOVALS = ("drop learned", "unrolled top-m", "loss top-m")
-GROUPS = {  # name: (seeds, whether each seed draws its own split and flips)
-    "split 0": (TRAINING_SEEDS, False),
-    "own splits": (OWN_SPLIT_SEEDS, True),
-}
 
 
 def run_seed(spec_name: str, noise: float, seed: int, own_split: bool = False) -> dict[str, Any]:
@@ -385,21 +381,11 @@ def main() -> None:
     parser = benchmark_parser(__doc__, "smoke run: digits 10 %% only, one seed per group", "reweighting.{json,md}")
     args = parser.parse_args()
     started = time.perf_counter()
-    groups = {}
-    for group, (group_seeds, own_split) in GROUPS.items():
-        print(f"-- {group}", flush=True)
-        runs, seeds = run_all_cases(
-            args.quick,
-            lambda name, noise, seed, own=own_split: run_seed(name, noise, seed, own_split=own),
-            lambda run: ", ".join(f"{v} {r['test_loss']:.4f}" for v, r in run["metrics"].items()),
-            seeds=group_seeds,
-        )
-        groups[group] = {
-            "seeds": list(seeds),
-            "own_split": own_split,
-            "runs": runs,
-            "summary": {case: summarize(seed_runs) for case, seed_runs in runs.items()},
-        }
+    groups = run_split_groups(
+        args.quick, run_seed, lambda run: ", ".join(f"{v} {r['test_loss']:.4f}" for v, r in run["metrics"].items())
+    )
+    for group in groups.values():
+        group["summary"] = {case: summarize(seed_runs) for case, seed_runs in group["runs"].items()}
     report = {
         **report_header(NAME),
         "outer_steps": OUTER_STEPS,

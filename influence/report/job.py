@@ -288,6 +288,7 @@ def learned_weights_table(trajectory: Any, job: RankingJob) -> pd.DataFrame:
     from ..reweighting import learn_sample_weights
 
     holdout = job.learn_weights_holdout or None
+    penalty = weight_penalty(job)
     result = learn_sample_weights(
         trajectory,
         job.x_train,
@@ -297,7 +298,7 @@ def learned_weights_table(trajectory: Any, job: RankingJob) -> pd.DataFrame:
         steps=job.learn_weights_steps,
         holdout=holdout,
         patience=LEARN_WEIGHTS_PATIENCE if holdout else None,
-        penalty=weight_penalty(job),
+        penalty=penalty,
         progress=job.progress,
     )
     table = pd.DataFrame({"index": np.arange(len(result.sample_weight)), "learned_weight": result.sample_weight})
@@ -305,7 +306,7 @@ def learned_weights_table(trajectory: Any, job: RankingJob) -> pd.DataFrame:
         val_loss=result.val_loss.tolist(),
         seconds=result.seconds.tolist(),
         optimizer=result.optimizer,
-        penalty=weight_penalty(job),
+        penalty=penalty,
     )
     if result.holdout_loss is not None:
         table.attrs.update(holdout_loss=result.holdout_loss.tolist(), best_step=result.best_step, holdout=holdout)
