@@ -55,14 +55,13 @@ from influence.rankers.methods import margin_steps
 
 NAME = "margin_variants"
 FLIP_SEEDS, TRAINING_SEEDS = (11, 12, 13, 14, 15), (11, 12)  # the "independent" runs
-MAIN_FLIP_SEED = dd.FLIP_SEED  # data_debugging's own runs (run_one sets dd.FLIP_SEED per run)
+MAIN_FLIP_SEED = dd.FLIP_SEED  # data_debugging's own runs
 VARIANTS = ("loss", "margin", "aum_visit", "aum_all_steps", "aum_last_half")
 
 
 def run_one(name: str, noise: float, flip_seed: int, training_seed: int) -> dict[str, Any]:
     """Scores of every variant for one run; found@budget and AUC."""
-    dd.FLIP_SEED = flip_seed  # load() reads it when called
-    data = dd.load(name, noise)
+    data = dd.load(name, noise, flip_seed=flip_seed)
     spec = dd.SPECS[name]
     x, y, n = data.x_train, data.y_train, len(data.x_train)
     trajectory = inf.fit(
