@@ -112,7 +112,9 @@ def run_seed(spec_name: str, noise: float, seed: int, own_split: bool = False) -
         actual[i] = val_loss(c) - baseline
     loo_s = time.perf_counter() - start
 
-    out: dict[str, Any] = {"n": n, "loo_retrain_s": loo_s, "actual": actual, "methods": {}}
+    # kept for reanalysis to 6 significant digits: a difference of two float32 losses carries fewer
+    kept = [float(f"{value:.6g}") for value in actual]
+    out: dict[str, Any] = {"n": n, "loo_retrain_s": loo_s, "actual": kept, "methods": {}}
     for name, kwargs in VARIANTS.items():
         start = time.perf_counter()
         try:
