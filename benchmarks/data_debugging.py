@@ -144,6 +144,14 @@ class Spec:
     batch_size: int
     epochs: int
 
+    def fit(self, x: np.ndarray, y: np.ndarray, seed: int) -> inf.Trajectory:
+        """The recorded run every benchmark on these cases trains: this model (weights from ``seed``),
+        SGD at this learning rate, batch and epochs, batch order from ``seed``, loss LOSS."""
+        return inf.fit(
+            self.build(seed), x, y, loss=LOSS, optimizer=inf.optimizers.SGD(self.learning_rate),
+            batch_size=self.batch_size, epochs=self.epochs, seed=seed,
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Data:
@@ -340,16 +348,7 @@ def run_case(
     )
 
     start = time.perf_counter()
-    trajectory = inf.fit(
-        spec.build(seed),
-        x,
-        y,
-        loss=LOSS,
-        optimizer=inf.optimizers.SGD(spec.learning_rate),
-        batch_size=spec.batch_size,
-        epochs=spec.epochs,
-        seed=seed,
-    )
+    trajectory = spec.fit(x, y, seed)
     fit_wall = time.perf_counter() - start
     evaluator = Evaluator(trajectory, data)
     full = inf.retrain(trajectory, x, y)  # the replayed baseline (replay round-off cancels in differences)
@@ -357,16 +356,7 @@ def run_case(
     baseline = evaluator.metrics(full)
 
     # clean-label reference (same split, same schedule, true labels): what the noise costs
-    clean_trajectory = inf.fit(
-        spec.build(seed),
-        x,
-        data.y_train_clean,
-        loss=LOSS,
-        optimizer=inf.optimizers.SGD(spec.learning_rate),
-        batch_size=spec.batch_size,
-        epochs=spec.epochs,
-        seed=seed,
-    )
+    clean_trajectory = spec.fit(x, data.y_train_clean, seed)
     clean = Evaluator(clean_trajectory, data).metrics(clean_trajectory.final_weights)
     print(
         f"   fit {fit_wall:.1f} s, T = {trajectory.steps}; test loss {baseline['test_loss']:.4f} "

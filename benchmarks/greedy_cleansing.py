@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 from _common import benchmark_parser, output_dir, report_header, write_report
-from data_debugging import LOSS, SPECS, Evaluator, load_split, run_split_groups
+from data_debugging import SPECS, Evaluator, load_split, run_split_groups
 
 import influence as inf
 
@@ -59,10 +59,7 @@ def run_seed(spec_name: str, noise: float, seed: int, own_split: bool = False) -
     spec = SPECS[spec_name]
     data = load_split(spec_name, noise, seed, own_split)
     x, y, n = data.x_train, data.y_train, len(data.x_train)
-    trajectory = inf.fit(
-        spec.build(seed), x, y, loss=LOSS, optimizer=inf.optimizers.SGD(spec.learning_rate),
-        batch_size=spec.batch_size, epochs=spec.epochs, seed=seed,
-    )  # fmt: skip
+    trajectory = spec.fit(x, y, seed)
     evaluator = Evaluator(trajectory, data)
 
     def test_loss(removed: np.ndarray) -> float:

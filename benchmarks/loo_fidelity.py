@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 from _common import benchmark_parser, output_dir, report_header, write_report
-from data_debugging import LOSS, SPECS, load_split, run_split_groups
+from data_debugging import SPECS, Evaluator, load_split, run_split_groups
 from scipy import stats
 
 import influence as inf
@@ -94,14 +94,12 @@ def run_seed(spec_name: str, noise: float, seed: int, own_split: bool = False) -
     spec = SPECS[spec_name]
     data = load_split(spec_name, noise, seed, own_split)
     x, y, n = data.x_train, data.y_train, len(data.x_train)
-    trajectory = inf.fit(
-        spec.build(seed), x, y, loss=LOSS, optimizer=inf.optimizers.SGD(spec.learning_rate),
-        batch_size=spec.batch_size, epochs=spec.epochs, seed=seed,
-    )  # fmt: skip
+    trajectory = spec.fit(x, y, seed)
+
+    evaluator = Evaluator(trajectory, data)
 
     def val_loss(sample_weight: np.ndarray | None = None) -> float:
-        weights = inf.retrain(trajectory, x, y, sample_weight=sample_weight)
-        return inf.validation_loss(trajectory, weights, data.x_val, data.y_val)
+        return evaluator.loss(inf.retrain(trajectory, x, y, sample_weight=sample_weight), "val")
 
     start = time.perf_counter()
     baseline = val_loss()

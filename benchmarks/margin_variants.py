@@ -64,10 +64,7 @@ def run_one(name: str, noise: float, flip_seed: int, training_seed: int) -> dict
     data = dd.load(name, noise, flip_seed=flip_seed)
     spec = dd.SPECS[name]
     x, y, n = data.x_train, data.y_train, len(data.x_train)
-    trajectory = inf.fit(
-        spec.build(training_seed), x, y, loss=dd.LOSS, optimizer=inf.optimizers.SGD(spec.learning_rate),
-        batch_size=spec.batch_size, epochs=spec.epochs, seed=training_seed,
-    )  # fmt: skip
+    trajectory = spec.fit(x, y, training_seed)
     assert trajectory.weights_history is not None  # small runs: fit records every step's weights
     fn = inf.ModelFunction(trajectory.model)
     x_t, y_t = tf.constant(x), tf.constant(y)

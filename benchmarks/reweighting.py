@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 from _common import benchmark_parser, output_dir, report_header, write_report
-from data_debugging import LOSS, SPECS, Evaluator, load_split, run_split_groups
+from data_debugging import SPECS, Evaluator, load_split, run_split_groups
 from sklearn.metrics import roc_auc_score
 
 import influence as inf
@@ -91,10 +91,7 @@ def run_seed(spec_name: str, noise: float, seed: int, own_split: bool = False) -
     spec = SPECS[spec_name]
     data = load_split(spec_name, noise, seed, own_split)
     x, y, n = data.x_train, data.y_train, len(data.x_train)
-    trajectory = inf.fit(
-        spec.build(seed), x, y, loss=LOSS, optimizer=inf.optimizers.SGD(spec.learning_rate),
-        batch_size=spec.batch_size, epochs=spec.epochs, seed=seed,
-    )  # fmt: skip
+    trajectory = spec.fit(x, y, seed)
     evaluator = Evaluator(trajectory, data)
 
     def removing(indices: np.ndarray) -> np.ndarray:
