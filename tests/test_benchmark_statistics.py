@@ -62,3 +62,87 @@ def test_best_per_budget_group_separates_a_steady_lead_from_a_tie():
     assert large["best_lower_in_runs"] == 6
     advice = dd.budget_advice(groups, len(runs))
     assert "for k ≤ 20 use `unrolled`" in advice and "are level within two standard errors" in advice
+
+
+def scored_case(
+    found: dict[str, float],
+    test_loss: dict[str, float],
+    *,
+    auc: dict[str, float] | None = None,
+    lds: dict[str, float] | None = None,
+    seed: int = 0,
+) -> dict:
+    """A data_debugging case whose methods find ``found[m]`` of the flips at every budget and reach
+    ``test_loss[m]`` (``"random"`` included) after removing the top-k at every k."""
+    auc = auc or {m: 0.5 + found[m] / 2 for m in dd.METHODS}
+    lds = lds or {m: 0.0 for m in dd.EFFECT_METHODS}
+
+    def removal(loss: float) -> dict:
+        return {"test_loss": loss, "val_loss": loss}
+
+    return {
+        "dataset": "digits",
+        "noise": 0.1,
+        "seed": seed,
+        "no_removal": {"test_loss": 1.0},
+        "random_removal": {
+            str(k): {"test_loss": {"mean": test_loss["random"]}, "val_loss": {"mean": test_loss["random"]}}
+            for k in dd.KS
+        },
+        "diagnostics": {"unrolled_test_objective": {str(k): removal(test_loss["unrolled"]) for k in dd.KS}},
+        "methods": {
+            m: {
+                "detection": {"found": {f"{b:.2f}": found[m] for b in dd.BUDGETS}, "auc": auc[m]},
+                "cleansing": {str(k): removal(test_loss[m]) for k in dd.KS},
+                **({"lds": {"spearman": lds[m]}} if m in dd.EFFECT_METHODS else {}),
+            }
+            for m in dd.METHODS
+        },
+    }
+
+
+FOUND = {"unrolled": 0.3, "influence_function": 0.3, "tracin": 0.4, "self_influence": 0.6, "margin": 0.8, "loss": 0.8}
+LOSSES = {m: 1.0 for m in (*dd.METHODS, "random")}
+
+
+def test_detection_target_holds_on_a_tie_with_loss_and_fails_one_flip_short():
+    met = dd.target_detection([scored_case(FOUND, LOSSES)])
+    assert met["met"] and met["single_methods_meeting_everywhere"] == ["margin"]
+    assert all(row["best_method"] == "margin" for row in met["rows"])
+    short = dd.target_detection([scored_case(FOUND, LOSSES), scored_case({**FOUND, "margin": 0.79}, LOSSES)])
+    assert not short["met"] and short["single_methods_meeting_everywhere"] == []
+    assert [row["met"] for row in short["rows"]] == [True] * len(dd.BUDGETS) + [False] * len(dd.BUDGETS)
+
+
+def test_cleansing_target_needs_unrolled_strictly_below_loss_tracin_and_random():
+    below = {**LOSSES, "unrolled": 0.9}
+    result = dd.target_cleansing([scored_case(FOUND, below)], dd.KS)
+    assert result["met"] and [row["k"] for row in result["rows"]] == list(dd.TARGET_KS)
+    assert all(row["unrolled_val_lowest"] for row in result["rows"])
+    level_with_random = {**below, "random": 0.9}  # a tie is not a win
+    result = dd.target_cleansing([scored_case(FOUND, level_with_random)], dd.KS)
+    assert not result["met"]
+    assert all(row["beats"] == {"loss": True, "tracin": True, "random": False} for row in result["rows"])
+
+
+def test_recommendation_names_the_winners_and_counts_the_cells_against_loss():
+    runs = []
+    for seed in range(4):
+        found = {**FOUND, "margin": 0.8 if seed else 0.75}  # margin one cell-row short of loss in one run
+        auc = {m: 0.5 + found[m] / 2 for m in dd.METHODS} | {"margin": 0.99, "loss": 0.98}
+        losses = {**LOSSES, "unrolled": 0.9, "influence_function": 0.95}
+        lds = {"unrolled": 0.8, "influence_function": 0.5, "tracin": 0.3}
+        runs.append(scored_case(found, losses, auc=auc, lds=lds, seed=seed))
+    text, facts = dd.recommendation(runs, dd.KS)
+    assert facts["detection_default"] == "margin" and facts["auc_wins"]["margin"] == 4
+    assert facts["detection_default_vs_loss_cells"] == {
+        "cells": 4 * len(dd.BUDGETS),
+        "at_least_loss": 3 * len(dd.BUDGETS),
+        "above_loss": 0,
+        "below_loss": len(dd.BUDGETS),
+    }
+    assert facts["cleansing_default"] == "unrolled" and facts["removal_effect_default"] == "unrolled"
+    assert "use `margin` (needs no validation data)" in text
+    assert f"in {3 * len(dd.BUDGETS)} of {4 * len(dd.BUDGETS)} (run, budget) cells" in text
+    assert "4 runs (1 data set/noise cases × 4 training seeds)" in text
+    assert "mean LDS +0.800 vs +0.500 for `influence_function`, highest in 4 of 4 runs" in text
