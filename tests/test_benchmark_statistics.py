@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import data_debugging as dd  # noqa: E402
 import loo_fidelity  # noqa: E402
+import unrolled as unrolled_benchmark  # noqa: E402
 
 
 def test_agreement_of_a_perfect_and_of_a_reversed_prediction():
@@ -146,3 +147,29 @@ def test_recommendation_names_the_winners_and_counts_the_cells_against_loss():
     assert f"in {3 * len(dd.BUDGETS)} of {4 * len(dd.BUDGETS)} (run, budget) cells" in text
     assert "4 runs (1 data set/noise cases × 4 training seeds)" in text
     assert "mean LDS +0.800 vs +0.500 for `influence_function`, highest in 4 of 4 runs" in text
+
+
+def test_unrolled_targets_compare_each_figure_with_its_own_threshold():
+    speed = {kind: {"ratio": r} for kind, r in zip(("cold", "warm", "steady", "loop"), (2.0, 1.5, 2.01, 1.0))}
+    fidelity = [
+        {"role": "main", "key": "mlp_sgd", "model": "MLP", "optimizer": "SGD", "pearson": 0.97, "spearman": 0.979,
+         "pearson_target": 0.97, "spearman_target": 0.98},
+        {"role": "main", "key": "cnn_sgd", "model": "CNN", "optimizer": "SGD", "pearson": 0.95, "spearman": 0.5,
+         "pearson_target": 0.9, "spearman_target": None},
+        {"role": "extra", "key": "mlp_seed1", "model": "MLP", "optimizer": "SGD", "pearson": 0.0, "spearman": 0.0,
+         "pearson_target": 0.97, "spearman_target": 0.98},
+    ]  # fmt: skip
+    memory = {"loglog_slopes": {"checkpointed": {"states_held": 0.5}}, "agreement": None}
+    met = {k: v["met"] for k, v in unrolled_benchmark.evaluate_targets(speed, fidelity, memory).items()}
+    assert met == {
+        "speed_cold": True,  # ≤ 2.0 includes 2.0
+        "speed_warm": True,
+        "speed_steady": False,
+        "speed_loop": True,
+        "fidelity_mlp_sgd_pearson": True,
+        "fidelity_mlp_sgd_spearman": False,
+        "fidelity_cnn_sgd_pearson": True,  # no Spearman target for the CNN, and extra rows are not targets
+        "checkpointed_sqrt_T": True,
+    }
+    memory["loglog_slopes"]["checkpointed"]["states_held"] = 1.0  # held states growing like T
+    assert not unrolled_benchmark.evaluate_targets(speed, fidelity, memory)["checkpointed_sqrt_T"]["met"]
