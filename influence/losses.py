@@ -211,7 +211,9 @@ def get_loss(loss: object, *, func: str = "get_loss", from_logits: bool = False,
     another ``axis`` or ``reduction="sum"`` are refused), a Keras loss function
     (``keras.losses.categorical_crossentropy``, …: taken as its name), or a callable
     ``(y_true, y_pred) -> per-sample losses (B,)``, refused when traced unless it returns
-    shape (B,) in the predictions' dtype.
+    shape (B,) in the predictions' dtype. As in Keras, a callable's labels and predictions are
+    brought to the same rank first when they differ by a trailing axis of 1 (labels (B,) against a
+    ``Dense(1)``'s (B, 1) predictions), so ``y_true - y_pred`` does not broadcast to (B, B).
     """
     if isinstance(loss, Loss):
         return loss
@@ -290,9 +292,28 @@ def _warn_fused_cross_entropy(per_sample: Callable[..., object], ops: list[tf.Op
     return bool(found)
 
 
+def _same_rank(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Labels and predictions whose ranks differ by a trailing axis of 1, brought level as Keras does.
+
+    Keras wraps every loss function it compiles this way; without it the loss from Keras's own docs,
+    ``mean(square(y_true - y_pred), axis=-1)``, broadcasts labels (B,) against predictions (B, 1)
+    to (B, B) and still returns B values, so a wrong run would pass every shape check.
+    """
+    true_rank, pred_rank = y_true.shape.rank, y_pred.shape.rank
+    if true_rank is None or pred_rank is None:
+        return y_true, y_pred
+    if true_rank == pred_rank - 1 and y_pred.shape[-1] == 1:
+        return (tf.expand_dims(y_true, -1), y_pred) if true_rank == 1 else (y_true, tf.squeeze(y_pred, -1))
+    if pred_rank == true_rank - 1 and y_true.shape[-1] == 1:
+        return (y_true, tf.expand_dims(y_pred, -1)) if pred_rank == 1 else (tf.squeeze(y_true, -1), y_pred)
+    return y_true, y_pred
+
+
 @functools.cache  # one wrapper per callable: equal Loss objects share compiled programs
 def _checked(per_sample: Callable[..., object]) -> PerSampleLoss:
     """A user's per-sample loss, refused (when traced) unless it returns (B,) values in the prediction's dtype.
+
+    Labels and predictions reach it at the same rank (:func:`_same_rank`).
 
     A Keras loss object called inside returns float32 on float64 predictions: a float64 check through
     it would be quantized (DESIGN §4), and the training step would fail on mixed dtypes.
@@ -304,7 +325,7 @@ def _checked(per_sample: Callable[..., object]) -> PerSampleLoss:
         nonlocal warned
         graph = None if warned or tf.executing_eagerly() else tf.compat.v1.get_default_graph()
         before = len(graph.get_operations()) if graph is not None else 0
-        values = tf.convert_to_tensor(per_sample(y_true, y_pred))
+        values = tf.convert_to_tensor(per_sample(*_same_rank(y_true, y_pred)))
         if graph is not None:  # traced: the ops the callable just added are the loss's own
             warned = _warn_fused_cross_entropy(per_sample, graph.get_operations()[before:])
         if values.dtype != y_pred.dtype:

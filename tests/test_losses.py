@@ -140,3 +140,25 @@ def test_a_callable_named_like_a_built_in_keeps_its_own_identity(tmp_path):
     traj = inf.fit(mlp(4, 2), x, y, loss=mse, optimizer=SGD(0.1), batch_size=4)
     with pytest.raises(ValueError, match="custom callables cannot be saved"):
         inf.save_trajectory(traj, tmp_path / "run")
+
+
+def keras_docs_mse(y_true, y_pred):
+    """The custom loss of Keras's documentation, verbatim: it relies on Keras aligning the ranks."""
+    return keras.ops.mean(keras.ops.square(y_true - y_pred), axis=-1)
+
+
+@pytest.mark.parametrize("label_shape", [(10,), (10, 1)])
+def test_a_callable_gets_labels_at_the_predictions_rank_as_in_keras(label_shape):
+    # Labels (B,) against Dense(1)'s (B, 1) would broadcast to (B, B) and still return B values.
+    rng = np.random.default_rng(5)
+    x, xv = rng.normal(size=(10, 4)), rng.normal(size=(6, 4))
+    y, yv = rng.normal(size=label_shape), rng.normal(size=(6, *label_shape[1:]))
+    common = dict(optimizer=SGD(0.1), batch_size=4, epochs=2, seed=0)
+    custom = inf.fit(mlp(4, 1), x, y, loss=keras_docs_mse, **common)
+    built_in = inf.fit(mlp(4, 1), x, y, loss="mse", **common)
+    for got, expected in zip(custom.final_weights, built_in.final_weights):
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
+    a, b = inf.unrolled(custom, x, y, xv, yv), inf.unrolled(built_in, x, y, xv, yv)
+    np.testing.assert_allclose(a.removal_effect, b.removal_effect, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(a.label_grad, b.label_grad, rtol=1e-10, atol=1e-14)
+    assert a.label_grad.shape == label_shape
