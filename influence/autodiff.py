@@ -47,7 +47,7 @@ def gradient(loss_fn: ScalarFn, weights: Sequence[tf.Tensor]) -> list[tf.Tensor]
         tape.watch(weights)
         with exact_ops():
             value = loss_fn(weights)
-    return _zeros_for_none(tape.gradient(value, weights), weights)
+    return dense_gradients(tape.gradient(value, weights), weights)
 
 
 def hvp(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], vector: Sequence[tf.Tensor]) -> list[tf.Tensor]:
@@ -58,7 +58,7 @@ def hvp(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], vector: Sequence[tf.Ten
     weights = _as_tensors(weights)
     with tf.autodiff.ForwardAccumulator(weights, list(vector)) as acc:
         grads = gradient(loss_fn, weights)
-    return _zeros_for_none(acc.jvp(grads), weights)
+    return dense_gradients(acc.jvp(grads), weights)
 
 
 def hvp_reverse(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], vector: Sequence[tf.Tensor]) -> list[tf.Tensor]:
@@ -67,7 +67,7 @@ def hvp_reverse(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], vector: Sequenc
     with tf.GradientTape() as outer:
         outer.watch(weights)
         inner_dot = _tree.dot(gradient(loss_fn, weights), vector)
-    return _zeros_for_none(outer.gradient(inner_dot, weights), weights)
+    return dense_gradients(outer.gradient(inner_dot, weights), weights)
 
 
 def mixed_product(
@@ -89,7 +89,7 @@ def mixed_product(
             inner.watch(weights)
             with exact_ops():
                 value = loss_fn(weights, inputs)
-        grads = _zeros_for_none(inner.gradient(value, weights), weights)
+        grads = dense_gradients(inner.gradient(value, weights), weights)
         inner_dot = _tree.dot(grads, vector)
     result = outer.gradient(inner_dot, inputs)
     return tf.zeros_like(inputs) if result is None else result
@@ -113,24 +113,28 @@ def per_sample_dots(
     return tf.zeros_like(losses) if dots is None else dots
 
 
-def hessian(loss_fn: ScalarFn, weights: Sequence[tf.Tensor]) -> tf.Tensor:
+def hessian(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], *, vectorized: bool = True) -> tf.Tensor:
     """Dense Hessian over the flattened weights, shape (P, P). Small models only.
 
     The flat order: each tensor of ``weights`` raveled in C order, concatenated in list order.
+    ``vectorized=False`` takes the P rows in a loop instead of pfor, which cannot vectorize
+    everything (the loops of recurrent layers): slower, same numbers.
     """
     weights = _as_tensors(weights)
     count = _tree.size(weights)
     if count > 20_000:
         raise ValueError(param_error("weights", "hessian", "at most 20000 parameters for a dense Hessian", f"{count}"))
     flat = _tree.flatten(weights)
-    with tf.GradientTape() as outer:
+    with tf.GradientTape(persistent=not vectorized) as outer:  # a loop of rows re-reads the tape
         outer.watch(flat)
         with tf.GradientTape() as inner:
             inner.watch(flat)
             with exact_ops():
                 value = loss_fn(_tree.unflatten(flat, weights))
         grad = inner.gradient(value, flat, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return outer.jacobian(grad, flat, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return outer.jacobian(
+        grad, flat, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=vectorized
+    )
 
 
 def newton_step(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], *, damping: float = 0.0) -> list[tf.Tensor]:
@@ -228,7 +232,7 @@ def vjp_chain(
     for i in reversed(range(len(stages))):
         params = list(getattr(stages[i], "trainable_variables", []))
         grads = tapes[i].gradient(stage_outputs[i], [stage_inputs[i], *params], output_gradients=cotangent)
-        stage_grads[i] = _zeros_for_none(grads[1:], params)
+        stage_grads[i] = dense_gradients(grads[1:], params)
         cotangent = grads[0] if grads[0] is not None else tf.zeros_like(stage_inputs[i])
     return ChainGradients(input_grad=cotangent, stage_grads=stage_grads, output=h)
 
@@ -286,7 +290,11 @@ def _as_tensors(weights: Sequence[Any]) -> list[tf.Tensor]:
     return [tf.convert_to_tensor(w) for w in weights]
 
 
-def _zeros_for_none(grads: Sequence[Any], like: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-    # Weights that do not affect the loss get None from tapes; zeros keep lists aligned. An
-    # Embedding's gradient comes as IndexedSlices, which dot products and JVPs cannot take: dense.
+def dense_gradients(grads: Sequence[Any], like: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    """A tape's gradients as dense tensors shaped like ``like``.
+
+    Weights that do not affect the loss get None from tapes; zeros keep lists aligned. An
+    Embedding's gradient comes as IndexedSlices, which dot products, JVPs and the optimizers'
+    updates cannot take: dense.
+    """
     return [tf.zeros_like(w) if g is None else tf.convert_to_tensor(g) for g, w in zip(grads, like)]

@@ -50,6 +50,7 @@ import tensorflow as tf
 
 from . import _tree
 from ._graphs import graph_function
+from .autodiff import dense_gradients
 from .losses import Loss
 from .model_function import ModelFunction
 from .objective import Objective
@@ -174,11 +175,6 @@ def _native_log_held() -> Iterator[_HeldLog]:
                     os.write(2, text)
 
 
-def _dense(grads: list[Any]) -> list[tf.Tensor]:
-    """Gradients as dense tensors: an Embedding's arrives as IndexedSlices, which the optimizers and tapes reject."""
-    return [tf.convert_to_tensor(g) for g in grads]
-
-
 def _xla_refused(error: Exception) -> bool:
     text = str(error)
     return "XLA" in text or "compil" in text.lower()
@@ -258,7 +254,7 @@ class Program:
         with tf.GradientTape() as tape:
             tape.watch(w)
             value = self.loss.mean(y_val, self.fn(w, x_val, training=False))
-        return value, _dense(tape.gradient(value, w, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+        return value, dense_gradients(tape.gradient(value, w), w)
 
     # ------------------------------------------------------------------ forward
 
@@ -295,7 +291,7 @@ class Program:
             with tf.GradientTape() as tape:
                 tape.watch(w)
                 value = self.batch_loss(schedule, w, t, xb, yb, cb)
-            return _dense(tape.gradient(value, w, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+            return dense_gradients(tape.gradient(value, w), w)
 
         if self.distribute is None:
             return shard_gradient(w, xb, yb, cb)
@@ -479,15 +475,13 @@ class Program:
             with tf.GradientTape() as inner:
                 inner.watch(w)
                 value = self.batch_loss(schedule, w, t, xb, yb, cb)
-            g = _dense(inner.gradient(value, w, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+            g = dense_gradients(inner.gradient(value, w), w)
             with outer.stop_recording():
                 g_bar = g_bar_of(g)
             # Every reduction the outer tape differentiates happens inside it (DESIGN §4).
             contracted = _tree.dot(g, g_bar)
-        hess_g_bar, target_grads = outer.gradient(
-            contracted, [w, targets], unconnected_gradients=tf.UnconnectedGradients.ZERO
-        )
-        return _dense(hess_g_bar), _dense(target_grads)
+        hess_g_bar, target_grads = outer.gradient(contracted, [w, targets])
+        return dense_gradients(hess_g_bar, w), dense_gradients(target_grads, targets)
 
     def _reverse_step_distributed(self, schedule: Schedule, w, s, t, lam_w, lam_s, x, y, c, xb=None):
         # ḡ needs the full-batch gradient first (Adam/RMSprop adjoints depend on it), so the
@@ -522,7 +516,7 @@ class Program:
             output_gradients=list(lam_w) + list(lam_s),
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
-        return _dense(grads[0]), _dense(grads[1]), _dense(grads[2])
+        return dense_gradients(grads[0], w), dense_gradients(grads[1], g), dense_gradients(grads[2], s)
 
 
 class BoundProgram:

@@ -514,3 +514,67 @@ def test_the_dense_hessian_is_compiled_once_and_equals_the_full_hessian(run):
         return tf.reduce_mean(ops.objective(weights, ops.x, ops.y, training=False))
 
     np.testing.assert_allclose(dense, autodiff.hessian(mean_loss, w).numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_the_reverse_mode_bodies_equal_forward_mode_and_pfor(run):
+    """Where forward mode or pfor cannot trace (recurrent layers), reverse tapes and loops give the same numbers."""
+    import tensorflow as tf
+
+    traj, x, y, _, _ = run
+    bodies = _compiled_bodies(traj.program().program)
+    w = [tf.constant(a) for a in traj.final_weights]
+    v = [tf.constant(np.random.default_rng(i).normal(size=a.shape)) for i, a in enumerate(traj.final_weights)]
+    xb, yb, cb = tf.constant(x), tf.constant(y, tf.int32), tf.constant(np.linspace(0.5, 1.5, len(x)))
+    np.testing.assert_allclose(bodies._dots_reverse_impl(w, v, xb, yb), bodies._dots_impl(w, v, xb, yb), rtol=1e-12)
+    for fast, general in zip(bodies._hvp_impl(w, v, xb, yb, cb), bodies._hvp_reverse_impl(w, v, xb, yb, cb)):
+        np.testing.assert_allclose(general, fast, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(bodies._sq_norms_loop_impl(w, xb, yb), bodies._sq_norms_impl(w, xb, yb), rtol=1e-12)
+    count = tf.constant(40.0, tf.float64)
+    np.testing.assert_allclose(
+        bodies._hessian_loop_impl(w, xb, yb, cb, count), bodies._hessian_impl(w, xb, yb, cb, count), atol=1e-14
+    )
+
+
+@pytest.mark.parametrize("layer", ["embedding", "lstm"])
+def test_every_method_ranks_embedding_and_recurrent_models(layer):
+    """An Embedding's gradients come as IndexedSlices; forward mode and pfor cannot pass an LSTM's loop."""
+    rng = np.random.default_rng(0)
+    tokens, tokens_val = rng.integers(0, 9, size=(30, 5)), rng.integers(0, 9, size=(12, 5))
+    y, yv = (tokens[:, 1] > 4).astype(int), (tokens_val[:, 1] > 4).astype(int)
+    keras.utils.set_random_seed(0)
+    middle = keras.layers.LSTM(3) if layer == "lstm" else keras.layers.GlobalAveragePooling1D()
+    model = keras.Sequential([keras.Input((5,), dtype="int32"), keras.layers.Embedding(10, 3), middle,
+                              keras.layers.Dense(2, activation="softmax")])  # fmt: skip
+    traj = inf.fit(inf.as_float64(model), tokens, y, loss=LOSS, optimizer=SGD(0.5), batch_size=10, epochs=2)
+    for method in ("unrolled", "tracin", "self_influence", "margin", "loss"):
+        assert len(inf.rank(traj, tokens, y, tokens_val, yv, method=method)) == 30, method
+    effect = {}
+    for name, solver in {"exact": Exact(), "cg": ConjugateGradient()}.items():
+        table = inf.rank(traj, tokens, y, tokens_val, yv, method="influence_function", solver=solver, damping=1.0)
+        effect[name] = table.sort_values("index")["removal_effect"].to_numpy()
+    np.testing.assert_allclose(effect["cg"], effect["exact"], rtol=1e-4, atol=1e-6 * np.abs(effect["exact"]).max())
+
+
+def test_a_body_that_cannot_be_traced_gives_way_to_its_general_form_for_good():
+    import tensorflow as tf
+
+    from influence.rankers._samples import _FirstThatTraces
+
+    calls = []
+
+    def fast(x):
+        calls.append("fast")
+        raise TypeError("forward mode cannot pass this loop")
+
+    def general(x):
+        calls.append("general")
+        if x < 0:
+            raise tf.errors.InvalidArgumentError(None, None, "a runtime error is the caller's")
+        return 2 * x
+
+    body = _FirstThatTraces(fast, general)
+    assert (body(1), body(2)) == (2, 4) and calls == ["fast", "general", "general"]
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        body(-1)
+    with pytest.raises(TypeError, match="forward mode"):
+        _FirstThatTraces(fast)(1)  # the last candidate's error is raised as it is

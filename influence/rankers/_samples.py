@@ -5,6 +5,9 @@ moving statistics) at given weights, in chunks of ``chunk`` samples, each
 chunk one compiled call: per-sample losses, predictions, assigned-label
 margins, ∇ℓ_i·v for a fixed v (one forward-mode pass per chunk), squared
 per-sample gradient norms, and the Hessian-vector product of the mean training loss.
+Where forward mode or pfor cannot go (TensorFlow's forward mode does not pass the
+TensorList loops of Keras's recurrent layers), the same quantities come from nested
+reverse-mode tapes instead (:class:`_FirstThatTraces`).
 Gradients and Hessians are those of the run's training objective ℓ_i (with its
 input-gradient penalty, if any: :mod:`influence.objective`); losses, outputs and
 margins are the plain loss's.
@@ -17,12 +20,14 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
+from .. import _tree
 from .._graphs import graph_function
 from .._progress import progress_bar, progress_counter
-from ..autodiff import hessian
+from ..autodiff import dense_gradients, hessian
 from ..losses import label_margin
 from ..trajectory import Trajectory
 
@@ -44,10 +49,17 @@ class _Bodies:
         self.fn, self.loss, self.objective = fn, loss, objective
         self.losses = graph_function(self._losses_impl, reduce_retracing=True)
         self.margins = graph_function(self._margins_impl, reduce_retracing=True)
-        self.dots = graph_function(self._dots_impl, reduce_retracing=True)
-        self.sq_norms = graph_function(self._sq_norms_impl, reduce_retracing=True)
-        self.hvp = graph_function(self._hvp_impl, reduce_retracing=True)
-        self.hessian = graph_function(self._hessian_impl, reduce_retracing=True)
+        # Forward mode and pfor first (faster); reverse tapes and loops where they cannot trace.
+        loops = _has_recurrent_layers(fn.model)  # known not to trace: skip the failed attempt and its logs
+
+        def first_that_traces(fast, general) -> _FirstThatTraces:
+            candidates = (general,) if loops else (fast, general)
+            return _FirstThatTraces(*(graph_function(f, reduce_retracing=True) for f in candidates))
+
+        self.dots = first_that_traces(self._dots_impl, self._dots_reverse_impl)
+        self.sq_norms = first_that_traces(self._sq_norms_impl, self._sq_norms_loop_impl)
+        self.hvp = first_that_traces(self._hvp_impl, self._hvp_reverse_impl)
+        self.hessian = first_that_traces(self._hessian_impl, self._hessian_loop_impl)
 
     def _losses_impl(self, w, xb, yb):
         out = self.fn(w, xb, training=False)
@@ -61,26 +73,42 @@ class _Bodies:
             losses = self.objective(w, xb, yb, training=False)
         return acc.jvp(losses, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
+    def _dots_reverse_impl(self, w, v, xb, yb):
+        # J·v by reverse over reverse: u ↦ Jᵀu is linear, so ∂(Jᵀu · v)/∂u = J·v (u = 0 will do).
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                inner.watch(w)
+                losses = self.objective(w, xb, yb, training=False)
+                u = tf.zeros_like(losses)
+                outer.watch(u)
+                weighted = tf.reduce_sum(u * losses)
+            dot = _tree.dot(dense_gradients(inner.gradient(weighted, w), w), v)
+        dots = outer.gradient(dot, u)
+        return tf.zeros_like(losses) if dots is None else dots
+
     def _sq_norms_impl(self, w, xb, yb):
         # Each sample's gradient from its own one-sample forward and backward pass, vectorized
         # over the chunk (pfor): work linear in the chunk, memory chunk × |w|. (tape.jacobian of
         # the chunk's loss vector back-propagated every output through the whole chunk: work
         # and memory grew with the chunk squared, 481 s and 17 GiB for a 4000-sample CNN.)
-        def one(sample):
-            xi, yi = sample
-            with tf.GradientTape() as tape:
-                tape.watch(w)
-                loss = self.objective(w, xi[None], yi[None], training=False)[0]
-            grads = tape.gradient(loss, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return tf.add_n([tf.reduce_sum(g * g) for g in grads])
+        return tf.vectorized_map(lambda sample: self._sq_norm(w, *sample), (xb, yb))
 
-        return tf.vectorized_map(one, (xb, yb))
+    def _sq_norms_loop_impl(self, w, xb, yb):
+        # The same one-sample passes in a loop, where pfor cannot vectorize them (recurrent layers).
+        return tf.map_fn(lambda sample: self._sq_norm(w, *sample), (xb, yb), fn_output_signature=self.fn.dtype)
+
+    def _sq_norm(self, w, xi, yi):
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            loss = self.objective(w, xi[None], yi[None], training=False)[0]
+        grads = dense_gradients(tape.gradient(loss, w), w)
+        return tf.add_n([tf.reduce_sum(g * g) for g in grads])
 
     def _grad_impl(self, w, xb, yb, cb):
         with tf.GradientTape() as tape:
             tape.watch(w)
             total = tf.reduce_sum(cb * self.objective(w, xb, yb, training=False))
-        return tape.gradient(total, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return dense_gradients(tape.gradient(total, w), w)
 
     def _hessian_impl(self, w, xb, yb, cb, count):
         # Compiled: the eager pfor of autodiff.hessian retraced on every chunk (and TF warned about it).
@@ -92,7 +120,47 @@ class _Bodies:
     def _hvp_impl(self, w, v, xb, yb, cb):
         with tf.autodiff.ForwardAccumulator(w, v) as acc:
             g = self._grad_impl(w, xb, yb, cb)
-        return acc.jvp(g, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return dense_gradients(acc.jvp(g), w)  # an Embedding's tangent comes as IndexedSlices too
+
+    def _hvp_reverse_impl(self, w, v, xb, yb, cb):
+        with tf.GradientTape() as outer:
+            outer.watch(w)
+            dot = _tree.dot(self._grad_impl(w, xb, yb, cb), v)
+        return dense_gradients(outer.gradient(dot, w), w)
+
+    def _hessian_loop_impl(self, w, xb, yb, cb, count):
+        def chunk_loss(weights):
+            return tf.reduce_sum(cb * self.objective(weights, xb, yb, training=False)) / count
+
+        return hessian(chunk_loss, w, vectorized=False)
+
+
+def _has_recurrent_layers(model: Any) -> bool:
+    """Whether the model holds Keras recurrent layers, whose loops forward mode and pfor cannot trace."""
+    return any(isinstance(layer, keras.layers.RNN) for layer in model._flatten_layers(include_self=False))
+
+
+class _FirstThatTraces:
+    """Calls the first of several compiled equivalents that can be traced, and keeps to it.
+
+    A candidate that fails while being traced (TypeError / ValueError / NotImplementedError, as
+    forward mode and pfor do on loops they cannot differentiate) is dropped for good; the last
+    candidate's error is raised as it is. Runtime errors of TensorFlow ops are not caught.
+    """
+
+    def __init__(self, *candidates: Any) -> None:
+        self.candidates = list(candidates)
+
+    def __call__(self, *args: Any) -> Any:
+        while len(self.candidates) > 1:
+            try:
+                return self.candidates[0](*args)
+            except (TypeError, ValueError, NotImplementedError):
+                self.candidates.pop(0)
+        return self.candidates[0](*args)
+
+    def __getattr__(self, name: str) -> Any:  # the chosen function's own (experimental_get_tracing_count, …)
+        return getattr(self.candidates[0], name)
 
 
 _bodies_by_program: weakref.WeakKeyDictionary[Any, _Bodies] = weakref.WeakKeyDictionary()
