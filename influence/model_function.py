@@ -200,11 +200,15 @@ def _check_input_precision(model: keras.Model, dtype: tf.DType, func: str) -> No
 
 
 def coupling_layers(model: keras.Model) -> list[str]:
-    """Names of layers that mix samples within a batch in training mode."""
+    """Names of layers that mix samples within a batch in training mode.
+
+    A frozen BatchNormalization (``trainable=False``, as in a frozen backbone) is not one: Keras 3
+    runs it on its moving statistics even in training mode.
+    """
     return [
         layer.name
         for layer in model._flatten_layers(include_self=False, recursive=True)
-        if type(layer).__name__ in COUPLING_LAYER_CLASSES
+        if type(layer).__name__ in COUPLING_LAYER_CLASSES and layer.trainable
     ]
 
 
@@ -212,20 +216,52 @@ def couples_samples(fn: ModelFunction, x: tf.Tensor, *, training: bool) -> bool:
     """Numerical probe: does changing sample 0 change the outputs of the others?
 
     Catches coupling from layers we do not know by name. Both calls share one
-    seed so dropout masks are identical.
+    seed so dropout masks are identical. Real-valued inputs are bumped by 1; integer
+    inputs (token ids) take another sample's row instead, which stays a valid id.
     """
     if int(x.shape[0]) < 2:
         return False
-    bumped = tf.concat([x[:1] + tf.ones_like(x[:1]), x[1:]], axis=0)
+    if x.dtype.is_floating:
+        bumped = tf.concat([x[:1] + tf.ones_like(x[:1]), x[1:]], axis=0)
+    else:
+        rows = np.asarray(x)
+        other = next((i for i in range(1, len(rows)) if not np.array_equal(rows[i], rows[0])), None)
+        if other is None:  # every row alike: nothing to swap in
+            return False
+        bumped = tf.concat([x[other : other + 1], x[1:]], axis=0)
     out_a = fn(fn.weights, x, training=training, seed=0)
     out_b = fn(fn.weights, bumped, training=training, seed=0)
     return not np.allclose(np.asarray(out_a[1:]), np.asarray(out_b[1:]), rtol=0, atol=0)
+
+
+def require_seeded_randomness(fn: ModelFunction, x: tf.Tensor, *, training: bool, func: str) -> None:
+    """Refuse a forward pass that differs between two calls with the same seed.
+
+    Keras layers draw their noise (Dropout, GaussianNoise, …) from the seed each step records;
+    a layer calling ``tf.random.normal`` itself draws new numbers on every call, so no recorded
+    run could be replayed, and the sample-interaction probe would misread the noise as coupling.
+    """
+    first = np.asarray(fn(fn.weights, x, training=training, seed=0))
+    again = np.asarray(fn(fn.weights, x, training=training, seed=0))
+    if not np.array_equal(first, again, equal_nan=True):
+        raise ValueError(
+            param_error(
+                "model",
+                func,
+                "a model whose forward pass is fixed by its seed (training mode replays each step's noise)",
+                "one whose outputs differ between two calls with the same seed: a layer draws random numbers "
+                "outside Keras's seeded generators (e.g. tf.random.normal in call()); draw them with "
+                "keras.random.normal(shape, seed=self.seed_generator) and a keras.random.SeedGenerator",
+            )
+        )
 
 
 def require_independent_samples(fn: ModelFunction, x: tf.Tensor | None, *, training: bool, func: str, why: str) -> None:
     """Refuse models whose samples interact when a per-sample trick is about to be used."""
     if not training:
         return
+    if x is not None:
+        require_seeded_randomness(fn, x, training=training, func=func)
     names = coupling_layers(fn.model)
     if not names and x is not None and couples_samples(fn, x, training=training):
         names = ["(found numerically: one sample's input changes other samples' outputs)"]

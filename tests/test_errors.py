@@ -3,9 +3,11 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import mlp
 
 import influence as inf
+from influence.optimizers import SGD
 
 
 @pytest.fixture
@@ -164,6 +166,48 @@ def test_per_sample_trick_finds_unknown_coupling_numerically():
     v = [np.ones(w.shape) for w in coupled.trainable_variables]
     with pytest.raises(ValueError, match="found numerically: one sample's input changes other samples' outputs"):
         inf.per_sample_gradient_dots(coupled, "mse", x, y, v, training=True)
+
+
+def test_a_frozen_batchnorm_runs_on_moving_statistics_and_is_not_refused():
+    """A frozen backbone with BatchNorm and a Dropout head: Keras 3 runs a non-trainable BatchNorm in
+    inference mode, so its samples do not interact and training mode (the head's dropout) stays valid."""
+    backbone = _batchnorm_model()
+    backbone.layers[1].trainable = False
+    model = keras.Sequential(
+        [keras.Input((3,), dtype="float64"), backbone, keras.layers.Dropout(0.3, dtype="float64"),
+         keras.layers.Dense(2, activation="softmax", dtype="float64")]
+    )  # fmt: skip
+    assert inf.coupling_layers(model) == []
+    rng = np.random.default_rng(0)
+    x, y, xv, yv = rng.normal(size=(12, 3)), rng.integers(0, 2, 12), rng.normal(size=(6, 3)), rng.integers(0, 2, 6)
+    traj = inf.fit(model, x, y, loss=LOSS, optimizer=SGD(0.3), batch_size=4, epochs=2)
+    assert traj.training
+    for wrt in ("inputs", "sample_weights"):
+        chk = inf.check_unrolled(traj, x, y, xv, yv, 2, wrt=wrt)
+        assert chk.ok, (wrt, chk)
+
+
+def test_noise_drawn_outside_the_recorded_seeds_is_named_not_mistaken_for_coupling():
+    class Noisy(keras.layers.Layer):
+        def call(self, inputs, training=False):
+            return inputs + 0.1 * tf.random.normal(tf.shape(inputs), dtype=inputs.dtype) if training else inputs
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), Noisy(), keras.layers.Dense(2)])
+    x, y = np.random.default_rng(0).normal(size=(8, 3)).astype("float32"), np.zeros(8, int)
+    with pytest.raises(ValueError, match=r"outputs differ between two calls with the same seed.*tf.random.normal"):
+        inf.fit(model, x, y, loss=LOSS, from_logits=True)
+
+
+def test_the_interaction_probe_keeps_token_ids_in_range():
+    """It bumped sample 0's inputs by 1: the largest token id went out of the Embedding's range."""
+    tokens = np.random.default_rng(0).integers(0, 10, size=(12, 5))
+    tokens[0, 0] = 9  # the largest id, in the probe's first row
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,), dtype="int32"), keras.layers.Embedding(10, 3),
+                              keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)])  # fmt: skip
+    traj = inf.fit(model, tokens, tokens[:, 1] % 2, loss=LOSS, from_logits=True, training=True)
+    assert traj.training
 
 
 def test_per_sample_gradient_dots_rejects_a_misshaped_vector(setup):
