@@ -170,23 +170,47 @@ def _data_tensors(program: BoundProgram, x: np.ndarray, y: np.ndarray, c: np.nda
     return x_t, y_t, tf.constant(c, dtype=dtype)
 
 
-# Rows read for the fingerprint: enough that a shuffle or relabelling is caught, few enough for any data size.
-_FINGERPRINT_ROWS = 256
+# Rows converted to float32 at a time: memory stays bounded for memory-mapped data sets.
+_FINGERPRINT_CHUNK_BYTES = 1 << 24
+# Fingerprints written before every row counted hashed 256 evenly spaced rows and have no prefix.
+_ALL_ROWS = "rows:"
+_SAMPLED_ROWS = 256
 
 
 def data_fingerprint(x: np.ndarray, y: np.ndarray) -> str:
-    """A hash of up to 256 evenly spaced rows of (x, y), as float32 values.
+    """A hash of every row of (x, y), as float32 values.
 
     float32 so that the same data in another precision or container (float64 copies, pandas,
     integer pixels, boolean one-hot labels) has the same fingerprint, while shuffled rows or
-    changed labels get another one.
+    a changed value anywhere get another one. Read in chunks of 16 MiB.
     """
-    rows = np.unique(np.linspace(0, len(x) - 1, min(len(x), _FINGERPRINT_ROWS)).astype(np.int64))
+    digest = hashlib.sha256()
+    for array in (x, y):
+        row_bytes = 4 * max(1, int(np.prod(array.shape[1:])))
+        step = max(1, _FINGERPRINT_CHUNK_BYTES // row_bytes)
+        for start in range(0, len(array), step):
+            part = np.asarray(array[start : start + step]).astype(np.float32).reshape(-1)
+            digest.update(part.tobytes())
+    return _ALL_ROWS + digest.hexdigest()[:16]
+
+
+def _sampled_rows_fingerprint(x: np.ndarray, y: np.ndarray) -> str:
+    """The fingerprint of runs saved before every row counted: 256 evenly spaced rows."""
+    rows = np.unique(np.linspace(0, len(x) - 1, min(len(x), _SAMPLED_ROWS)).astype(np.int64))
     digest = hashlib.sha256()
     for array in (x, y):
         part = np.asarray(array[rows]).astype(np.float32).reshape(len(rows), -1)
         digest.update(np.ascontiguousarray(part).tobytes())
     return digest.hexdigest()[:16]
+
+
+def is_recorded_data(fingerprint: str | None, x: np.ndarray, y: np.ndarray) -> bool:
+    """Whether (x, y) has the recorded ``fingerprint`` (True when none was recorded)."""
+    if fingerprint is None:
+        return True
+    if fingerprint.startswith(_ALL_ROWS):
+        return data_fingerprint(x, y) == fingerprint
+    return _sampled_rows_fingerprint(x, y) == fingerprint  # a run saved by an earlier version
 
 
 def make_batches(n: int, batch_size: int, epochs: int, rng: np.random.Generator, shuffle: bool) -> list[np.ndarray]:
@@ -423,7 +447,7 @@ def check_trajectory_data(
                 f"{len(x)} samples of shape {tuple(x.shape[1:])}",
             )
         )
-    if recorded and trajectory.data_fingerprint is not None and data_fingerprint(x, y) != trajectory.data_fingerprint:
+    if recorded and not is_recorded_data(trajectory.data_fingerprint, x, y):
         raise ValueError(
             param_error(
                 "x_train",

@@ -28,7 +28,7 @@ from ._progress import progress_bar
 from ._validation import as_array, check_choice, check_sample_indices, describe, param_error
 from .checks import GradientCheck, as_float64, check_gradient
 from .model_function import ModelFunction
-from .trajectory import Trajectory, check_trajectory_data, data_fingerprint, retrain
+from .trajectory import Trajectory, check_trajectory_data, is_recorded_data, retrain
 
 
 def validation_loss(trajectory: Trajectory, weights: Sequence[Any], x_val: Any, y_val: Any) -> float:
@@ -179,7 +179,7 @@ class _RetrainedChange:
 
 
 def _exact_hash(*arrays: Any) -> str:
-    """sha256 of the arrays' dtypes, shapes and bytes (unlike data_fingerprint, every value counts)."""
+    """sha256 of the arrays' dtypes, shapes and bytes (unlike data_fingerprint, the precision counts too)."""
     digest = hashlib.sha256()
     for array in arrays:
         a = np.ascontiguousarray(np.asarray(array))
@@ -203,7 +203,7 @@ def as_float64_trajectory(trajectory: Trajectory, x_train: np.ndarray, y_train: 
     ValueError: a float64 check of it would check another run); on other data it is the recorded
     schedule replayed there (:meth:`Trajectory.replayed_on`).
     """
-    same_data = trajectory.data_fingerprint == data_fingerprint(x_train, y_train)
+    same_data = is_recorded_data(trajectory.data_fingerprint, x_train, y_train)
     if trajectory.model.trainable_variables[0].dtype == "float64":
         return trajectory if same_data else trajectory.replayed_on(x_train, y_train)
     initial = [np.asarray(w, np.float64) for w in trajectory.initial_weights]

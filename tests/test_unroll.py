@@ -590,6 +590,26 @@ def test_data_other_than_the_recorded_is_refused_but_the_same_data_in_another_fo
     assert not np.allclose(inf.retrain(traj, x * 2, y)[0], traj.final_weights[0])
 
 
+def test_a_change_to_any_row_of_a_large_data_set_is_refused_and_older_saved_runs_still_match():
+    """The fingerprint hashed 256 evenly spaced rows: with 400 samples, a relabelled row 2 passed unseen."""
+    from dataclasses import replace
+
+    from influence.trajectory import _sampled_rows_fingerprint
+
+    rng = np.random.default_rng(0)
+    x, y, xv, yv = rng.normal(size=(400, 3)), rng.integers(0, 2, 400), rng.normal(size=(5, 3)), rng.integers(0, 2, 5)
+    traj = inf.fit(mlp(3, 2, out_activation="softmax"), x, y, loss=LOSS, optimizer=SGD(0.1), batch_size=100)
+    relabelled = y.copy()
+    relabelled[2] = 1 - relabelled[2]
+    assert _sampled_rows_fingerprint(x, relabelled) == _sampled_rows_fingerprint(x, y)  # the old blind spot
+    with pytest.raises(ValueError, match="must be the data the trajectory was recorded on, in its order"):
+        inf.unrolled(traj, x, relabelled, xv, yv)
+    saved_before = replace(traj, data_fingerprint=_sampled_rows_fingerprint(x, y))  # no prefix, as saved then
+    assert inf.unrolled(saved_before, x, y, xv, yv).removal_effect.shape == (400,)
+    with pytest.raises(ValueError, match="must be the data the trajectory was recorded on"):
+        inf.unrolled(saved_before, x[::-1], y[::-1], xv, yv)
+
+
 def test_reprs_summarise_arrays_instead_of_printing_them(data):
     x, y, xv, yv = data
     traj = inf.fit(mlp(5, 3, out_activation="softmax"), x, y, loss=LOSS, optimizer=SGD(0.3), batch_size=5, epochs=2)
