@@ -297,6 +297,7 @@ def fit(
     if not isinstance(shuffle, (bool, np.bool_)):
         raise ValueError(param_error("shuffle", func, "True or False", describe(shuffle)))
     _check_no_regularization(model, func)
+    _check_no_constraints(model, func)
     check_model_input(func, model, x)
     check_labels_for_loss(func, "y_train", y, per_sample, model)
     penalty = check_input_gradient_penalty(input_gradient_penalty, x, func)
@@ -383,6 +384,25 @@ def _check_no_regularization(model: keras.Model, func: str) -> None:
                 "λ‖w‖² equals SGD(weight_decay=2·λ) only for plain SGD; the optimizers' weight_decay is "
                 "decoupled, so with momentum, RMSprop or Adam it is a different method (AdamW-style)",
                 "regularizers on " + ", ".join(regularized) if regularized else "a model with add_loss terms",
+            )
+        )
+
+
+def _check_no_constraints(model: keras.Model, func: str) -> None:
+    """Refuse trainable weights with constraints (``kernel_constraint=NonNeg()``, ``MaxNorm``, …).
+
+    Keras projects such a weight after every update; the recorded updates do not, so the run
+    would silently leave the constraint (a NonNeg kernel ending at −0.52).
+    """
+    constrained = [v.path for v in model.trainable_variables if getattr(v, "constraint", None) is not None]
+    if constrained:
+        raise ValueError(
+            param_error(
+                "model",
+                func,
+                "a model without weight constraints (the recorded updates do not project weights onto them)",
+                "constraints on " + ", ".join(constrained) + "; remove them, or reparametrize (e.g. a kernel "
+                "passed through softplus for non-negativity)",
             )
         )
 

@@ -649,6 +649,15 @@ def test_sample_weight_of_shape_n_by_1_is_one_weight_per_sample(data):
         inf.retrain(runs[0], x, y, sample_weight=np.ones(12))
 
 
+@pytest.mark.parametrize("constraint", [keras.constraints.NonNeg(), keras.constraints.MaxNorm(0.5)])
+def test_models_with_weight_constraints_are_refused_by_fit(constraint, data):
+    """Keras projects constrained weights after each update; the recorded updates did not, silently."""
+    x, y, _, _ = data
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, bias_constraint=constraint)])
+    with pytest.raises(ValueError, match=r"'model' parameter of fit must be a model without weight constraints.*bias"):
+        inf.fit(model, x.astype("float32"), y, loss=LOSS, from_logits=True)
+
+
 @pytest.mark.parametrize("kind", ["kernel_regularizer", "bias_regularizer", "activity_regularizer"])
 def test_models_with_regularization_losses_are_refused_by_fit(kind, data):
     # fit trains on the per-sample loss only: Keras's penalty would be dropped silently.
