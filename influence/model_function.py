@@ -29,6 +29,11 @@ _SEED_STATE_SUFFIX = "seed_generator_state"
 # Name scopes of TensorFlow ops whose internal stop_gradient leaves every derivative exact:
 # logsumexp subtracts a stopped max that cancels algebraically, whatever its value.
 _EXACT_STOP_GRADIENT_SCOPES = ("ReduceLogSumExp",)
+# Ops whose registered gradient is not the derivative of their value. ImageProjectiveTransform
+# (Keras's RandomTranslation, RandomZoom, RandomRotation in training mode) back-projects the
+# output gradient through the inverse transform instead of transposing the interpolation:
+# off by 51 % (bilinear) and 65 % (nearest) from the exact transpose for a shift of (0.37, -0.61).
+_APPROXIMATE_GRADIENT_OPS = ("ImageProjectiveTransformV2", "ImageProjectiveTransformV3")
 # Ops that run function graphs, and the attributes naming those graphs (inspected for overrides too).
 _FUNCTION_ATTRS = {
     "While": ("body",),
@@ -278,7 +283,8 @@ def require_independent_samples(fn: ModelFunction, x: tf.Tensor | None, *, train
 
 
 class GradientOverrideWarning(UserWarning):
-    """The model's forward pass contains ``stop_gradient`` or a custom gradient.
+    """The model's forward pass contains ``stop_gradient``, a custom gradient, or an op whose
+    registered gradient is only approximate (image transforms of random-augmentation layers).
 
     Hypergradients then follow the overridden gradient, not the true derivative of
     retraining, unless the override happens to be exact; :func:`influence.check_unrolled`
@@ -294,7 +300,8 @@ _inspected: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def gradient_overrides(fn: ModelFunction, input_spec: tf.TensorSpec, *, training: bool) -> dict[str, list[str]]:
     """Ops of the traced forward pass whose gradient is not autodiff's derivative of their value.
 
-    Returns ``{"stop_gradient": [op names], "custom_gradient": [op names]}``. Op names
+    Returns ``{"stop_gradient": [...], "custom_gradient": [...], "approximate_gradient": [...]}``
+    (op names; the last: ops whose registered gradient is only approximate). Op names
     carry the layer's name scope (e.g. ``"detached_scale/StopGradient"``, or
     ``"rnn/while/cell/StopGradient"`` inside a recurrent layer's loop). Left out:
     TensorFlow's own exact uses (logsumexp's stopped max), and overrides whose input
@@ -309,7 +316,7 @@ def gradient_overrides(fn: ModelFunction, input_spec: tf.TensorSpec, *, training
     graph = graph_function(forward).get_concrete_function(weight_specs, input_spec).graph
     # The explicit arguments come first among the graph's inputs, captured constants after them.
     differentiable = {t.name for t in graph.inputs[: len(weight_specs) + 1]}
-    found: dict[str, list[str]] = {"stop_gradient": [], "custom_gradient": []}
+    found: dict[str, list[str]] = {"stop_gradient": [], "custom_gradient": [], "approximate_gradient": []}
     _find_overrides(graph, differentiable, found)
     return found
 
@@ -325,6 +332,8 @@ def _find_overrides(graph: Any, differentiable: set[str], found: dict[str, list[
                 continue
         elif op.type == "IdentityN" and _has_custom_gradient(op):
             kind = "custom_gradient"
+        elif op.type in _APPROXIMATE_GRADIENT_OPS:
+            kind = "approximate_gradient"
         else:
             continue
         if any(_depends_on(t, differentiable) for t in op.inputs):
@@ -423,6 +432,14 @@ def warn_gradient_overrides(
             f"a custom gradient at {_listed(found['custom_gradient'])}: the results are exact only if its "
             "gradient function is the true derivative of its value and is itself differentiable (H·v "
             "differentiates it again)"
+        )
+    if found["approximate_gradient"]:
+        parts.append(
+            f"an approximate gradient at {_listed(found['approximate_gradient'])} (TensorFlow's gradient of an "
+            "image transform, as in RandomTranslation, RandomZoom and RandomRotation, is not its exact "
+            "transpose): input gradients through it are wrong, and so are removal effects when weights come "
+            "before it; augment the data outside the model, or put the layer before every weight and leave "
+            "input gradients aside"
         )
     if parts:
         warnings.warn(
