@@ -107,7 +107,7 @@ def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".trajectory-", dir=parent)
     try:
-        trajectory.model.save(os.path.join(staging, "model.keras"))
+        _save_model_at_final_weights(trajectory, os.path.join(staging, "model.keras"))
         np.savez(os.path.join(staging, "arrays.npz"), **arrays)  # type: ignore[arg-type]
         with open(os.path.join(staging, "meta.json"), "w") as fh:
             json.dump(meta, fh, indent=2)
@@ -117,6 +117,20 @@ def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _save_model_at_final_weights(trajectory: Trajectory, path: str) -> None:
+    """Save the model with the run's final weights, then give it back the weights it had.
+
+    A replayed or reweighted run shares its model object with the fit it came from, whose
+    weights the object holds; the file must hold this run's.
+    """
+    before = [np.asarray(v) for v in trajectory.model.trainable_variables]
+    try:
+        trajectory.final_model().save(path)
+    finally:
+        for variable, value in zip(trajectory.model.trainable_variables, before):
+            variable.assign(value)
 
 
 def load_trajectory(
@@ -246,6 +260,14 @@ def _check_model_matches(model: keras.Model, arrays: dict[str, np.ndarray], meta
             folder,
             f"model.keras has trainable weights of shapes {shapes[:4]}{' …' if len(shapes) > 4 else ''} but arrays.npz "
             f"recorded {recorded[:4]}{' …' if len(recorded) > 4 else ''} (files from different runs)",
+        )
+    # Same shapes, another run's weights: a model file of another architecture (a Dropout more) fits too.
+    differ = [v.path for i, v in enumerate(model.trainable_variables) if not np.array_equal(v, arrays[f"final_{i}"])]
+    if differ:
+        raise _damaged(
+            folder,
+            f"model.keras holds weights other than the run's final weights ({', '.join(differ[:3])}"
+            f"{' …' if len(differ) > 3 else ''}; files from different runs)",
         )
 
 

@@ -29,7 +29,9 @@ class Trajectory:
     """A recorded training run (DESIGN §3).
 
     Attributes:
-        model: the Keras model; after :func:`fit` its weights equal ``final_weights``.
+        model: the Keras model; after :func:`fit` its weights equal ``final_weights``. Runs
+            derived from this one (:meth:`replayed_on`, learned sample weights) share the model
+            object and leave its weights alone: :meth:`final_model` assigns theirs.
         loss: the per-sample loss used for training.
         optimizer: the pure optimizer (:mod:`influence.optimizers`).
         initial_weights: trainable weights before step 0, ``model.trainable_variables``
@@ -135,12 +137,23 @@ class Trajectory:
         """Optimizer state before step 0."""
         return self.initial_tensors()[1]
 
+    def final_model(self) -> keras.Model:
+        """The Keras model with this run's ``final_weights`` assigned to its trainable weights.
+
+        The model object is shared with the runs derived from the same fit (replays, learned
+        sample weights), so this assigns them now: call it on the run you mean to predict with.
+        """
+        for variable, value in zip(self.model.trainable_variables, self.final_weights):
+            variable.assign(value)
+        return self.model
+
     def replayed_on(self, x_train: Any, y_train: Any, *, sample_weight: Any = None) -> Trajectory:
         """This run's schedule (initial weights, batches, rates, seeds, sample weights) replayed on other data.
 
         The result is the run that training on ``x_train``/``y_train`` would have been:
         its final weights are :func:`retrain`'s, its data fingerprint that data's, and it
-        keeps no weight history (the reverse pass recomputes it). Use it to ask
+        keeps no weight history (the reverse pass recomputes it). Its ``model`` is this run's
+        object, still at this run's weights: predict with ``replayed.final_model()``. Use it to ask
         :func:`influence.unrolled` about modified data (poisoned inputs, repaired labels,
         other sample weights: ``sample_weight`` (n,) replaces the recorded c);
         the recorded trajectory itself refuses data other than its own.
@@ -350,8 +363,7 @@ def fit(
         trajectory.state_history = [np.asarray(h) for h in outputs[3]]
     trajectory.final_weights = final
     trajectory.seconds = time.perf_counter() - start
-    for variable, value in zip(model.trainable_variables, final):
-        variable.assign(value)
+    trajectory.final_model()
     return trajectory
 
 

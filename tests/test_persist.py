@@ -173,6 +173,12 @@ def test_damaged_or_mixed_folders_are_named_not_raw_errors(tmp_path):
             tmp_path / "other" / "model.keras", f / "model.keras"
         ),
     }
+    # Same shapes, another run: a model.keras of the same architecture trained another way.
+    same_shapes = inf.fit(mlp(4, 2), x, y, loss="mse", optimizer=SGD(0.3), batch_size=3)
+    inf.save_trajectory(same_shapes, tmp_path / "same_shapes")
+    cases[r"model.keras holds weights other than the run's final weights .*files from different runs"] = lambda f: (
+        shutil.copy(tmp_path / "same_shapes" / "model.keras", f / "model.keras")
+    )
     inf.save_trajectory(other, tmp_path / "other")
     for i, (message, damage) in enumerate(cases.items()):
         folder = damaged(f"run{i}", damage)
@@ -193,3 +199,20 @@ def test_a_lambda_model_loads_with_safe_mode_off(tmp_path):
         inf.load_trajectory(tmp_path / "run")
     loaded = inf.load_trajectory(tmp_path / "run", safe_mode=False)
     assert all(np.array_equal(a, b) for a, b in zip(inf.retrain(loaded, x, y), traj.final_weights))
+
+
+def test_a_replayed_run_saves_and_predicts_with_its_own_weights(tmp_path):
+    """A replay shares its model object with the fit it came from, which holds the fit's weights:
+    saving it wrote the fit's weights to model.keras, and predicting with it scored the fit."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 4)), rng.normal(size=(8, 2))
+    traj = inf.fit(mlp(4, 2), x, y, loss="mse", optimizer=SGD(0.1), batch_size=4)
+    replay = traj.replayed_on(x, y + 1.0)
+    assert not np.allclose(replay.final_weights[0], traj.final_weights[0])
+    inf.save_trajectory(replay, tmp_path / "replay")
+    np.testing.assert_array_equal(traj.model.trainable_variables[0], traj.final_weights[0])  # saving changed nothing
+    loaded = inf.load_trajectory(tmp_path / "replay")
+    for got, expected in zip(loaded.model.trainable_variables, replay.final_weights):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_allclose(replay.final_model().predict(x, verbose=0), loaded.model.predict(x, verbose=0))
+    np.testing.assert_array_equal(traj.model.trainable_variables[0], replay.final_weights[0])
