@@ -50,7 +50,12 @@ def read_table_file(path: str, param: str, command: str, label_column: str | Non
     bad = [str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
     if bad:
         raise _usage(param, command, "a CSV with numeric columns only", f"non-numeric column(s) {', '.join(bad)}")
-    return {"x": features.to_numpy(np.float32), "y": frame[label].to_numpy(), "columns": np.array(features.columns)}
+    return {
+        "x": features.to_numpy(np.float32),
+        "y": frame[label].to_numpy(),
+        "columns": np.array(features.columns),
+        "label": label,
+    }
 
 
 def read_npz(path: Path, param: str, command: str) -> dict[str, np.ndarray]:
@@ -86,6 +91,24 @@ def _clean(arrays: dict[str, np.ndarray], class_labels: bool) -> dict[str, np.nd
     return out
 
 
+def _in_order(table: dict[str, Any], columns: np.ndarray, command: str) -> np.ndarray:
+    """The validation table's features in the training table's column order (matched by name).
+
+    Matched by position, a validation CSV with its columns in another order was read as other
+    features, silently (validation loss 0.2951 instead of 0.2128 in the report that found it).
+    """
+    wanted, have = [str(c) for c in columns], [str(c) for c in table["columns"]]
+    if sorted(wanted) != sorted(have):
+        missing, extra = sorted(set(wanted) - set(have)), sorted(set(have) - set(wanted))
+        differences = []
+        if missing:
+            differences.append(f"without {', '.join(missing)}")
+        if extra:
+            differences.append(f"with other column(s) {', '.join(extra)}")
+        raise _usage("val", command, "a CSV with the training file's columns", "one " + " and ".join(differences))
+    return table["x"][:, [have.index(c) for c in wanted]]
+
+
 def load_data(args: argparse.Namespace, command: str, *, need_val: bool) -> dict[str, np.ndarray]:
     """``x_train``, ``y_train`` (and ``x_val``, ``y_val``, optional ``noisy``, ``columns``) from --data / --val.
 
@@ -95,6 +118,7 @@ def load_data(args: argparse.Namespace, command: str, *, need_val: bool) -> dict
     if data_path.suffix.lower() == ".csv":
         table = read_table_file(str(data_path), "data", command, args.label_column)
         arrays = {"x_train": table["x"], "y_train": table["y"], "columns": table["columns"]}
+        train_label = table["label"]
     else:
         arrays = read_npz(data_path, "data", command)
     for key in ("x_train", "y_train"):
@@ -103,8 +127,12 @@ def load_data(args: argparse.Namespace, command: str, *, need_val: bool) -> dict
     if getattr(args, "val", None):
         val_path = _existing(args.val, "val", command, (".npz", ".csv"))
         if val_path.suffix.lower() == ".csv":
-            table = read_table_file(str(val_path), "val", command, args.label_column)
-            arrays.update(x_val=table["x"], y_val=table["y"])
+            if "columns" in arrays:  # both tables: the training file's label column and feature order
+                table = read_table_file(str(val_path), "val", command, train_label)
+                arrays.update(x_val=_in_order(table, arrays["columns"], command), y_val=table["y"])
+            else:
+                table = read_table_file(str(val_path), "val", command, args.label_column)
+                arrays.update(x_val=table["x"], y_val=table["y"])
         else:
             val = read_npz(val_path, "val", command)
             if "x_val" not in val or "y_val" not in val:

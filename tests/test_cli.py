@@ -695,3 +695,29 @@ def test_usage_errors_are_answered_before_tensorflow_is_imported(files):
     assert len(done.stderr.strip().splitlines()) == len(cases)  # one line each, no TensorFlow log lines
     assert "'out' parameter of influence rank must be a folder for the report" in done.stderr
     assert "must be a boolean 'noisy' array of shape (60,)" in done.stderr
+
+
+def test_a_validation_csv_is_matched_to_the_training_columns_by_name(tmp_path):
+    """Matched by position, a validation CSV with its columns reordered was read as other features, silently."""
+    import argparse
+
+    from influence._files import UsageError, load_data
+
+    rng = np.random.default_rng(0)
+    train = pd.DataFrame(rng.normal(size=(6, 3)), columns=["a", "b", "c"]).assign(label=[0, 1] * 3)
+    val = pd.DataFrame(rng.normal(size=(4, 3)), columns=["a", "b", "c"]).assign(label=[1, 0] * 2)
+    train.to_csv(tmp_path / "train.csv", index=False)
+    val[["label", "c", "a", "b"]].to_csv(tmp_path / "reordered.csv", index=False)  # the label first, too
+    val.rename(columns={"b": "B"}).to_csv(tmp_path / "renamed.csv", index=False)
+
+    def load(val_file):
+        args = argparse.Namespace(data=str(tmp_path / "train.csv"), val=str(tmp_path / val_file), label_column=None,
+                                  loss="sparse_categorical_crossentropy")  # fmt: skip
+        return load_data(args, "rank", need_val=True)
+
+    arrays = load("reordered.csv")
+    np.testing.assert_allclose(arrays["x_val"], val[["a", "b", "c"]].to_numpy(np.float32))
+    np.testing.assert_array_equal(arrays["y_val"], val["label"])
+    with pytest.raises(UsageError, match="of influence rank must be a CSV with the training file's columns. Got one "
+                       "without b and with other column"):  # fmt: skip
+        load("renamed.csv")
