@@ -33,7 +33,7 @@ def _existing(path: str, param: str, command: str, suffixes: Sequence[str]) -> P
     return p
 
 
-def read_table_file(path: str, param: str, command: str, label_column: str | None) -> dict[str, np.ndarray]:
+def read_table_file(path: str, param: str, command: str, label_column: str | None) -> dict[str, Any]:
     """A CSV file as ``{"x": (n, d) float32, "y": (n,)}``: numeric columns, label last or ``label_column``."""
     import pandas as pd
 
@@ -118,7 +118,7 @@ def load_data(args: argparse.Namespace, command: str, *, need_val: bool) -> dict
     if data_path.suffix.lower() == ".csv":
         table = read_table_file(str(data_path), "data", command, args.label_column)
         arrays = {"x_train": table["x"], "y_train": table["y"], "columns": table["columns"]}
-        train_label = table["label"]
+        train_label: str = table["label"]
     else:
         arrays = read_npz(data_path, "data", command)
     for key in ("x_train", "y_train"):

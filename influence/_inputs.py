@@ -146,6 +146,15 @@ def check_labels_for_loss(func: str, name: str, labels: np.ndarray, loss: Loss, 
     except (AttributeError, TypeError, ValueError):
         return
     got = tuple(labels.shape[1:])
+    if outputs == ():  # Reshape(()) after Dense(1): the built-in losses reduce over the last axis, the batch's
+        raise ValueError(
+            param_error(
+                "model",
+                func,
+                f"a model whose outputs have a feature axis, (B, k), for loss {loss.name!r}",
+                "a model with one number per sample, output shape (B,); end it with Dense(1) (no Reshape(()))",
+            )
+        )
     squeezed = (1,) if got == () else got  # (n,) targets for a single output
     if None not in outputs and squeezed != outputs:
         hint = " (class indices need loss='sparse_categorical_crossentropy')" if got == () and outputs[-1] > 1 else ""

@@ -393,7 +393,7 @@ def _check_same_function(model: keras.Model, clone: keras.Model) -> None:
                 "as_float64",
                 "a model whose float64 copy computes the same function",
                 f"a copy whose outputs differ by {gap:.2g} (relative) on random inputs: a layer keeps state "
-                "outside its weights and config; build the model in float64 (dtype='float64') instead",
+                "outside its weights and config; build the model in float64 (dtype='float64')",
             )
         )
 

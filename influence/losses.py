@@ -245,6 +245,15 @@ def get_loss(loss: object, *, func: str = "get_loss", from_logits: bool = False,
                     )
                 )
         logits = bool(getattr(loss, "from_logits", False) or options.get("from_logits"))
+        if from_logits and not logits and "from_logits" in options:  # the object's own setting would win silently
+            raise ValueError(
+                param_error(
+                    "from_logits",
+                    func,
+                    "the loss object's own setting (pass from_logits=True to the Keras loss itself)",
+                    f"True with keras.losses.{cls}(from_logits=False)",
+                )
+            )
         return _by_name(_KERAS_CLASSES[cls], logits, delta=options.get("delta", 1.0))
     keras_function = _keras_function_name(loss)
     if keras_function is not None:  # keras.losses.categorical_crossentropy & co.: their names, exactly

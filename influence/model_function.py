@@ -84,6 +84,7 @@ class ModelFunction:
         _check_single_input_and_output(model, func)
         _check_stateless(model, func)
         _check_input_precision(model, self.dtype, func)
+        _check_no_mixed_precision(model, func)
         self.non_trainable = [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables]
         self._seed_slots = seed_state_slots(model)
         # stateless_call hands ``training`` to ``call`` as it is; a subclassed ``call(self, x)``
@@ -202,6 +203,29 @@ def _check_input_precision(model: keras.Model, dtype: tf.DType, func: str) -> No
                     f"keras.Input(..., dtype='{dtype.name}') or use influence.as_float64(model)",
                 )
             )
+
+
+def _check_no_mixed_precision(model: keras.Model, func: str) -> None:
+    """Refuse layers that compute in another dtype than their weights (mixed_bfloat16, mixed_float16).
+
+    Training, hypergradients and their checks would silently run in half precision: removal
+    effects 0.7 % and input gradients 1 % off the float32 run's, and a float64 check then fails.
+    """
+    mixed = [
+        f"{layer.name} ({policy.name})"
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if (policy := getattr(layer, "dtype_policy", None)) is not None
+        and getattr(policy, "compute_dtype", None) != getattr(policy, "variable_dtype", None)
+    ]
+    if mixed:
+        raise ValueError(
+            param_error(
+                "model",
+                func,
+                "a model that computes in its weights' dtype",
+                f"mixed-precision layer(s) {_listed(mixed)}; build it under keras.config.set_dtype_policy('float32')",
+            )
+        )
 
 
 def coupling_layers(model: keras.Model) -> list[str]:

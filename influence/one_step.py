@@ -104,7 +104,7 @@ def one_step(
     c = tf.constant(weights_c, dtype=dtype)
     y = tf.constant(data.y_train, dtype=dtype if per_sample.continuous_labels else None)
     xv = tf.constant(data.x_val, dtype=dtype)
-    yv = tf.constant(data.y_val)
+    yv = tf.constant(data.y_val, dtype=dtype if per_sample.continuous_labels else None)
     eta = tf.constant(learning_rate, dtype=dtype)
     w = fn.weights
     targets = {"inputs": x, "sample_weights": c, "labels": y}

@@ -309,6 +309,8 @@ def fit(
         raise ValueError(param_error("seed", func, "an int", describe(seed)))
     if not isinstance(shuffle, (bool, np.bool_)):
         raise ValueError(param_error("shuffle", func, "True or False", describe(shuffle)))
+    if not (training is None or isinstance(training, (bool, np.bool_))):  # bool("False") would turn dropout on
+        raise ValueError(param_error("training", func, "True, False or None", describe(training)))
     _check_no_regularization(model, func)
     _check_no_constraints(model, func)
     check_model_input(func, model, x)

@@ -32,7 +32,7 @@ import tensorflow as tf
 from ._inputs import check_model_input, validate_validation_data
 from ._progress import progress_bar
 from ._summary import compact_repr
-from ._validation import describe, param_error
+from ._validation import check_positive, describe, param_error
 from .trajectory import Trajectory, _data_tensors, check_trajectory_data
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # 1 GiB for stored weights/state
@@ -315,6 +315,7 @@ def _resolve_strategy(
 ) -> MemoryStrategy:
     if isinstance(strategy, MemoryStrategy):
         return strategy
+    check_positive(budget, param="memory_budget_bytes", func=func, kind=int)
     named = {"store_all": StoreAll(), "checkpointed": Checkpointed(), "replay": Replay()}
     if strategy == "auto":
         return choose_strategy(steps, state_bytes, budget, step_buffer_bytes)

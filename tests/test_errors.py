@@ -302,3 +302,46 @@ def test_per_sample_gradient_dots_checks_its_data_as_fit_does(change, match):
     vector = [np.ones(w.shape) for w in args["model"].trainable_variables]
     with pytest.raises(ValueError, match=match):
         inf.per_sample_gradient_dots(args["model"], "sparse_categorical_crossentropy", args["x"], args["y"], vector)
+
+
+def test_mixed_precision_and_one_number_per_sample_outputs_are_refused_clearly():
+    """mixed_bfloat16 trained and differentiated in bfloat16 without a word; a Reshape(()) output crashed with
+    an IndexError in the label check."""
+    x, y = np.random.default_rng(0).normal(size=(8, 3)).astype("float32"), np.zeros(8)
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        keras.utils.set_random_seed(0)
+        half = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(1, dtype="float32")])
+    finally:
+        keras.config.set_dtype_policy("float32")
+    with pytest.raises(ValueError, match=r"must be a model that computes in its weights' dtype.*mixed_bfloat16"):
+        inf.fit(half, x, y, loss="mse")
+    scalar = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1), keras.layers.Reshape(())])
+    with pytest.raises(ValueError, match=r"outputs have a feature axis.*output shape \(B,\); end it with Dense\(1\)"):
+        inf.fit(scalar, x, y, loss="mse")
+
+
+def test_one_step_takes_float64_validation_targets_for_a_float32_model():
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    x, xv = rng.normal(size=(6, 3)).astype("float32"), rng.normal(size=(4, 3)).astype("float32")
+    y, yv = rng.normal(size=(6, 1)), rng.normal(size=(4, 1))  # float64, as numpy makes them
+
+    def squared(y_true, y_pred):
+        return tf.reduce_sum(tf.square(y_true - y_pred), axis=-1)
+
+    grad = inf.one_step(model, squared, x, y, xv, yv, learning_rate=0.1)
+    assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_a_string_for_training_and_a_budget_that_is_not_a_byte_count_are_refused():
+    x, y = np.random.default_rng(0).normal(size=(8, 3)).astype("float32"), np.zeros(8, int)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="'training' parameter of fit must be True, False or None. Got 'False'"):
+        inf.fit(model, x, y, from_logits=True, training="False")  # bool("False") is True: dropout would be on
+    traj = inf.fit(model, x, y, from_logits=True)
+    for budget in (-1, "1GB", None):
+        with pytest.raises(ValueError, match="'memory_budget_bytes' parameter of unrolled must be a positive int"):
+            inf.unrolled(traj, x, y, x, y, memory_budget_bytes=budget)

@@ -162,3 +162,9 @@ def test_a_callable_gets_labels_at_the_predictions_rank_as_in_keras(label_shape)
     np.testing.assert_allclose(a.removal_effect, b.removal_effect, rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(a.label_grad, b.label_grad, rtol=1e-10, atol=1e-14)
     assert a.label_grad.shape == label_shape
+
+
+def test_from_logits_that_contradicts_the_loss_object_is_refused_not_ignored():
+    with pytest.raises(ValueError, match=r"'from_logits' parameter of get_loss must be the loss object's own setting"):
+        get_loss(keras.losses.BinaryCrossentropy(), from_logits=True)
+    assert get_loss(keras.losses.BinaryCrossentropy(from_logits=True), from_logits=True).from_logits
