@@ -115,10 +115,11 @@ def load_data(args: argparse.Namespace, command: str, *, need_val: bool) -> dict
     Integral float labels become ints for ``--loss sparse_categorical_crossentropy`` only.
     """
     data_path = _existing(args.data, "data", command, (".npz", ".csv"))
+    train_label: str | None = None  # the training table's label column (CSV only)
     if data_path.suffix.lower() == ".csv":
         table = read_table_file(str(data_path), "data", command, args.label_column)
         arrays = {"x_train": table["x"], "y_train": table["y"], "columns": table["columns"]}
-        train_label: str = table["label"]
+        train_label = table["label"]
     else:
         arrays = read_npz(data_path, "data", command)
     for key in ("x_train", "y_train"):
@@ -127,7 +128,7 @@ def load_data(args: argparse.Namespace, command: str, *, need_val: bool) -> dict
     if getattr(args, "val", None):
         val_path = _existing(args.val, "val", command, (".npz", ".csv"))
         if val_path.suffix.lower() == ".csv":
-            if "columns" in arrays:  # both tables: the training file's label column and feature order
+            if train_label is not None:  # both tables: the training file's label column and feature order
                 table = read_table_file(str(val_path), "val", command, train_label)
                 arrays.update(x_val=_in_order(table, arrays["columns"], command), y_val=table["y"])
             else:

@@ -721,3 +721,9 @@ def test_a_validation_csv_is_matched_to_the_training_columns_by_name(tmp_path):
     with pytest.raises(UsageError, match="of influence rank must be a CSV with the training file's columns. Got one "
                        "without b and with other column"):  # fmt: skip
         load("renamed.csv")
+    # Training arrays from an .npz (even one holding a 'columns' array): no names to match, read by position.
+    np.savez(tmp_path / "train.npz", x_train=train[["a", "b", "c"]].to_numpy(), y_train=train["label"].to_numpy(),
+             columns=np.array(["a", "b", "c"]))  # fmt: skip
+    args = argparse.Namespace(data=str(tmp_path / "train.npz"), val=str(tmp_path / "renamed.csv"), label_column=None,
+                              loss="sparse_categorical_crossentropy")  # fmt: skip
+    np.testing.assert_allclose(load_data(args, "rank", need_val=True)["x_val"], val[["a", "b", "c"]].to_numpy())
