@@ -241,12 +241,13 @@ def coupling_layers(model: keras.Model) -> list[str]:
     ]
 
 
-def couples_samples(fn: ModelFunction, x: tf.Tensor, *, training: bool) -> bool:
+def couples_samples(fn: ModelFunction, x: tf.Tensor, *, training: bool, outputs: np.ndarray | None = None) -> bool:
     """Numerical probe: does changing sample 0 change the outputs of the others?
 
     Catches coupling from layers we do not know by name. Both calls share one
     seed so dropout masks are identical. Real-valued inputs are bumped by 1; integer
     inputs (token ids) take another sample's row instead, which stays a valid id.
+    ``outputs``: the model's outputs at ``x`` with seed 0, when the caller has them.
     """
     if int(x.shape[0]) < 2:
         return False
@@ -258,13 +259,13 @@ def couples_samples(fn: ModelFunction, x: tf.Tensor, *, training: bool) -> bool:
         if other is None:  # every row alike: nothing to swap in
             return False
         bumped = tf.concat([x[other : other + 1], x[1:]], axis=0)
-    out_a = fn(fn.weights, x, training=training, seed=0)
-    out_b = fn(fn.weights, bumped, training=training, seed=0)
-    return not np.allclose(np.asarray(out_a[1:]), np.asarray(out_b[1:]), rtol=0, atol=0)
+    out_a = np.asarray(fn(fn.weights, x, training=training, seed=0)) if outputs is None else outputs
+    out_b = np.asarray(fn(fn.weights, bumped, training=training, seed=0))
+    return not np.allclose(out_a[1:], out_b[1:], rtol=0, atol=0)
 
 
-def require_seeded_randomness(fn: ModelFunction, x: tf.Tensor, *, training: bool, func: str) -> None:
-    """Refuse a forward pass that differs between two calls with the same seed.
+def require_seeded_randomness(fn: ModelFunction, x: tf.Tensor, *, training: bool, func: str) -> np.ndarray:
+    """Refuse a forward pass that differs between two calls with the same seed; the outputs at ``x`` (seed 0).
 
     Keras layers draw their noise (Dropout, GaussianNoise, …) from the seed each step records;
     a layer calling ``tf.random.normal`` itself draws new numbers on every call, so no recorded
@@ -283,16 +284,16 @@ def require_seeded_randomness(fn: ModelFunction, x: tf.Tensor, *, training: bool
                 "keras.random.normal(shape, seed=self.seed_generator) and a keras.random.SeedGenerator",
             )
         )
+    return first
 
 
 def require_independent_samples(fn: ModelFunction, x: tf.Tensor | None, *, training: bool, func: str, why: str) -> None:
     """Refuse models whose samples interact when a per-sample trick is about to be used."""
     if not training:
         return
-    if x is not None:
-        require_seeded_randomness(fn, x, training=training, func=func)
+    outputs = None if x is None else require_seeded_randomness(fn, x, training=training, func=func)
     names = coupling_layers(fn.model)
-    if not names and x is not None and couples_samples(fn, x, training=training):
+    if not names and x is not None and couples_samples(fn, x, training=training, outputs=outputs):
         names = ["(found numerically: one sample's input changes other samples' outputs)"]
     if names:
         raise ValueError(

@@ -110,12 +110,12 @@ class _Bodies:
             total = tf.reduce_sum(cb * self.objective(w, xb, yb, training=False))
         return dense_gradients(tape.gradient(total, w), w)
 
-    def _hessian_impl(self, w, xb, yb, cb, count):
+    def _hessian_impl(self, w, xb, yb, cb, count, vectorized=True):
         # Compiled: the eager pfor of autodiff.hessian retraced on every chunk (and TF warned about it).
         def chunk_loss(weights):
             return tf.reduce_sum(cb * self.objective(weights, xb, yb, training=False)) / count
 
-        return hessian(chunk_loss, w)
+        return hessian(chunk_loss, w, vectorized=vectorized)
 
     def _hvp_impl(self, w, v, xb, yb, cb):
         with tf.autodiff.ForwardAccumulator(w, v) as acc:
@@ -129,10 +129,8 @@ class _Bodies:
         return dense_gradients(outer.gradient(dot, w), w)
 
     def _hessian_loop_impl(self, w, xb, yb, cb, count):
-        def chunk_loss(weights):
-            return tf.reduce_sum(cb * self.objective(weights, xb, yb, training=False)) / count
-
-        return hessian(chunk_loss, w, vectorized=False)
+        # The same Hessian row by row, where pfor cannot vectorize it (recurrent layers).
+        return self._hessian_impl(w, xb, yb, cb, count, vectorized=False)
 
 
 def _has_recurrent_layers(model: Any) -> bool:
