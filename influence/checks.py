@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from ._inputs import check_samples, prepare
 from ._validation import as_array, check_non_negative, check_positive, describe, param_error
+from .model_function import warn_reduced_precision
 
 DEFAULT_RTOL = 1e-6
 # One-sided slopes of a smooth f differ by s·f'' (halving with s); across a kink they
@@ -448,6 +449,7 @@ def check_input_gradient(
         x64 = x64 + jitter * np.random.default_rng(seed).standard_normal(x64.shape)
     y_arr = as_array(y, param="y", func=func)
     check_samples(func, fn, per_sample, x64, y_arr)
+    warn_reduced_precision(fn, x64[:1], training=training, func=func)
     weights = fn.weights
 
     def mean_loss(inputs: tf.Tensor) -> tf.Tensor:

@@ -9,6 +9,7 @@ never touched. This module also knows which models mix samples within a batch
 
 from __future__ import annotations
 
+import re
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ _FUNCTION_ATTRS = {
     "PartitionedCall": ("f",),
     "StatefulPartitionedCall": ("f",),
 }
+# The name scope of every model call (ops are named "model/dense/MatMul").
+_CALL_SCOPE = "model"
 # Spread seeds of different dropout layers apart so their masks differ.
 _SEED_STRIDE = 1_000_003
 
@@ -124,7 +127,9 @@ class ModelFunction:
         (exact second derivatives; the same masks in every dtype and graph mode).
         """
         mode = {"training": training} if self._takes_training else {}
-        with exact_ops():
+        # Under a scope of ours: a layer named after a private class ("__square") is not a valid *root*
+        # name scope, which it would be in a graph function that calls the model first thing.
+        with exact_ops(), tf.name_scope(_CALL_SCOPE):
             outputs, _ = self.model.stateless_call(list(weights), self.state_for_seed(seed), x, **mode)
         return _one_output(outputs, self.func)
 
@@ -318,32 +323,49 @@ class GradientOverrideWarning(UserWarning):
     """
 
 
-# Models already inspected, per training mode: the inspection traces the forward pass once.
+# Forward passes already inspected: model -> {(training, input dtype, input shape): found}.
+_inspections: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Models already warned about, per training mode.
 _inspected: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def gradient_overrides(fn: ModelFunction, input_spec: tf.TensorSpec, *, training: bool) -> dict[str, list[str]]:
     """Ops of the traced forward pass whose gradient is not autodiff's derivative of their value.
 
-    Returns ``{"stop_gradient": [...], "custom_gradient": [...], "approximate_gradient": [...]}``
-    (op names; the last: ops whose registered gradient is only approximate). Op names
-    carry the layer's name scope (e.g. ``"detached_scale/StopGradient"``, or
-    ``"rnn/while/cell/StopGradient"`` inside a recurrent layer's loop). Left out:
-    TensorFlow's own exact uses (logsumexp's stopped max), and overrides whose input
-    does not depend on the weights or inputs along floating-point tensors (or tensor
-    lists, which carry a sequence into a loop).
+    Returns ``{"stop_gradient": [...], "custom_gradient": [...], "approximate_gradient": [...],
+    "reduced_precision": [...]}`` (op names; the third: ops whose registered gradient is only
+    approximate; the last: ops computing in a narrower float than their input, e.g. TensorFlow's
+    ResizeBilinear, which returns float32 for float64 images, so a float64 check through it is
+    only float32-precise). Op names carry the layer's name scope (e.g.
+    ``"detached_scale/StopGradient"``, or ``"rnn/while/cell/StopGradient"`` inside a recurrent
+    layer's loop). Left out: TensorFlow's own exact uses (logsumexp's stopped max), and ops whose
+    input does not depend on the weights or inputs along floating-point tensors (or tensor lists,
+    which carry a sequence into a loop). Traced once per model, mode and input signature.
     """
+    key = (bool(training), tf.as_dtype(input_spec.dtype).name, tuple(input_spec.shape.as_list()))
+    try:
+        done = _inspections.setdefault(fn.model, {})
+    except TypeError:  # an unhashable model: inspect every time
+        done = {}
+    if key not in done:
 
-    def forward(weights: list[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
-        return fn(weights, x, training=training, seed=0)
+        def forward(weights: list[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
+            return fn(weights, x, training=training, seed=0)
 
-    weight_specs = [tf.TensorSpec(w.shape, w.dtype) for w in fn.weights]
-    graph = graph_function(forward).get_concrete_function(weight_specs, input_spec).graph
-    # The explicit arguments come first among the graph's inputs, captured constants after them.
-    differentiable = {t.name for t in graph.inputs[: len(weight_specs) + 1]}
-    found: dict[str, list[str]] = {"stop_gradient": [], "custom_gradient": [], "approximate_gradient": []}
-    _find_overrides(graph, differentiable, found)
-    return found
+        weight_specs = [tf.TensorSpec(w.shape, w.dtype) for w in fn.weights]
+        graph = graph_function(forward).get_concrete_function(weight_specs, input_spec).graph
+        # The explicit arguments come first among the graph's inputs, captured constants after them.
+        differentiable = {t.name for t in graph.inputs[: len(weight_specs) + 1]}
+        found: dict[str, list[str]] = {
+            "stop_gradient": [],
+            "custom_gradient": [],
+            "approximate_gradient": [],
+            "reduced_precision": [],
+        }
+        _find_overrides(graph, differentiable, found)
+        found["reduced_precision"] = [_layer_named(site, fn.model) for site in found["reduced_precision"]]
+        done[key] = found
+    return {kind: list(names) for kind, names in done[key].items()}
 
 
 def _find_overrides(graph: Any, differentiable: set[str], found: dict[str, list[str]]) -> None:
@@ -359,10 +381,42 @@ def _find_overrides(graph: Any, differentiable: set[str], found: dict[str, list[
             kind = "custom_gradient"
         elif op.type in _APPROXIMATE_GRADIENT_OPS:
             kind = "approximate_gradient"
+        elif _narrowed_to(op):
+            kind = "reduced_precision"
         else:
             continue
         if any(_depends_on(t, differentiable) for t in op.inputs):
-            found[kind].append(op.name)
+            found[kind].append(_narrowing_site(op) if kind == "reduced_precision" else _op_name(op))
+
+
+def _layer_named(site: str, model: keras.Model) -> str:
+    """``site`` with the layer's own name: a graph's name scope may carry a suffix ("dropout_1" for "dropout")."""
+    match = re.match(r"layer (\S+?)_\d+ ", site)
+    names = {layer.name for layer in model._flatten_layers()}
+    if match and site.split()[1] not in names and match.group(1) in names:
+        return f"layer {match.group(1)} {site.split(' ', 2)[2]}"
+    return site
+
+
+def _op_name(op: tf.Operation) -> str:
+    return op.name.removeprefix(f"{_CALL_SCOPE}/")
+
+
+def _narrowed_to(op: tf.Operation) -> str | None:
+    """The float type ``op`` returns when it is narrower than its widest float input (float64 in, float32 out)."""
+    widths = [t.dtype.size for t in op.inputs if t.dtype.is_floating]
+    narrow = [t.dtype.name for t in op.outputs if widths and t.dtype.is_floating and t.dtype.size < max(widths)]
+    return narrow[0] if narrow else None
+
+
+def _narrowing_site(op: tf.Operation) -> str:
+    """Where precision is lost, in the user's words: the layer whose inputs Keras casts down, else the op."""
+    narrow = _narrowed_to(op)
+    if op.type == "Cast":  # Keras casts a layer's inputs to the layer's dtype outside its name scope
+        layers = {_op_name(c).split("/")[0] for c in op.outputs[0].consumers()}
+        if len(layers) == 1:
+            return f"layer {layers.pop()} (its inputs cast to {narrow})"
+    return f"{_op_name(op)} (returns {narrow})"
 
 
 def _called_graphs(graph: Any, op: tf.Operation, differentiable: set[str]) -> list[tuple[Any, set[str]]]:
@@ -474,6 +528,40 @@ def warn_gradient_overrides(
             GradientOverrideWarning,
             stacklevel=stacklevel,
         )
+    if found["reduced_precision"]:
+        warnings.warn(
+            reduced_precision_note(found["reduced_precision"], fn, func), RuntimeWarning, stacklevel=stacklevel
+        )
+
+
+def warn_reduced_precision(
+    fn: ModelFunction, x: np.ndarray | tf.Tensor, *, training: bool, func: str, stacklevel: int = 3
+) -> None:
+    """Warn when the model computes part of its forward pass in a float narrower than its weights.
+
+    Float64 checks call this on their float64 copy: a float32 model with a Resizing layer
+    computes in float32 anyway, but its float64 copy does not become float64 there.
+    """
+    x = tf.convert_to_tensor(x)
+    found = gradient_overrides(fn, tf.TensorSpec([None, *x.shape[1:]], x.dtype), training=training)
+    if found["reduced_precision"]:
+        warnings.warn(
+            reduced_precision_note(found["reduced_precision"], fn, func), RuntimeWarning, stacklevel=stacklevel
+        )
+
+
+def reduced_precision_note(sites: list[str], fn: ModelFunction, func: str) -> str:
+    """Why results through ``sites`` (found by :func:`gradient_overrides`) are less precise than the model's dtype."""
+    dtype = fn.dtype.name
+    shown = "; ".join(sites[:3]) + (f"; and {len(sites) - 3} more" if len(sites) > 3 else "")
+    return (
+        f"{func}: the {dtype} model computes in a narrower float type at: {shown}. Keras casts a layer's inputs "
+        f"to the layer's own dtype (a layer left at float32 in a {dtype} model computes in float32), and "
+        "TensorFlow's image resizing returns float32 whatever its input. Values and gradients through them are "
+        f"only as precise as that type, so a {dtype} finite-difference check through them cannot meet 1e-6 "
+        "(measured on a digits convolution + Resizing model: 2e-2 to 9e-2). Give every layer the model's dtype "
+        "(influence.as_float64 does) and resize the data outside the model."
+    )
 
 
 def _listed(names: list[str], limit: int = 3) -> str:

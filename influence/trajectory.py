@@ -102,6 +102,7 @@ class Trajectory:
         streamed runs, whose program reads this run's host array.
         """
         key = (bool(label_grad), bool(input_grad), id(self.distribute), self.streamed, self.jit_compile)
+        require_recorded_variables(self, "Trajectory.program")
         if key not in self._program_cache:
             replicas = 1 if self.distribute is None else int(self.distribute.num_replicas_in_sync)
 
@@ -143,6 +144,7 @@ class Trajectory:
         The model object is shared with the runs derived from the same fit (replays, learned
         sample weights), so this assigns them now: call it on the run you mean to predict with.
         """
+        require_recorded_variables(self, "Trajectory.final_model")
         for variable, value in zip(self.model.trainable_variables, self.final_weights):
             variable.assign(value)
         return self.model
@@ -455,6 +457,29 @@ def retrain(trajectory: Trajectory, x_train: Any, y_train: Any, *, sample_weight
     return [np.asarray(wi) for wi in w]
 
 
+def require_recorded_variables(trajectory: Trajectory, func: str) -> None:
+    """The model's trainable variables must still be the ones the run recorded, in number and shape.
+
+    A layer frozen or unfrozen after ``fit`` (a second fine-tuning stage) changes which
+    variables are trainable; the recorded weights would then be fed to other variables
+    (Keras: "trainable_variables must be 1:1"), or silently to the wrong ones.
+    """
+    now = [tuple(v.shape) for v in trajectory.model.trainable_variables]
+    recorded = [tuple(np.shape(w)) for w in trajectory.initial_weights]
+    if now != recorded:
+        raise ValueError(
+            param_error(
+                "trajectory",
+                func,
+                f"a run whose model still has the {len(recorded)} trainable variable(s) it recorded",
+                f"a model whose trainable variables changed since fit ({len(recorded)} recorded, {len(now)} now"
+                f"{'' if len(now) != len(recorded) else ', of other shapes'}; was a layer's `trainable` flag "
+                "changed after fit?). Restore the flags as they were during fit, or fit again to record "
+                "the new set-up",
+            )
+        )
+
+
 def check_trajectory_data(
     trajectory: Any, x_train: Any, y_train: Any, func: str, *, recorded: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -468,6 +493,7 @@ def check_trajectory_data(
         raise TypeError(
             param_error("trajectory", func, "an influence.Trajectory (from influence.fit)", describe(trajectory))
         )
+    require_recorded_variables(trajectory, func)
     x = as_array(x_train, param="x_train", func=func)
     y = as_array(y_train, param="y_train", func=func)
     check_same_length(func, x_train=x, y_train=y)

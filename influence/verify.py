@@ -27,7 +27,7 @@ from ._inputs import check_validation_arrays, validate_validation_data
 from ._progress import progress_bar
 from ._validation import as_array, check_choice, check_sample_indices, describe, param_error
 from .checks import GradientCheck, as_float64, check_gradient
-from .model_function import ModelFunction
+from .model_function import ModelFunction, gradient_overrides, reduced_precision_note, warn_reduced_precision
 from .trajectory import Trajectory, check_trajectory_data, is_recorded_data, retrain
 
 
@@ -208,6 +208,15 @@ def as_float64_trajectory(trajectory: Trajectory, x_train: np.ndarray, y_train: 
         return trajectory if same_data else trajectory.replayed_on(x_train, y_train)
     initial = [np.asarray(w, np.float64) for w in trajectory.initial_weights]
     float64_run = replace(trajectory, model=as_float64(trajectory.model), initial_weights=initial, _program_cache={})
+    floating = np.issubdtype(x_train.dtype, np.floating)
+    probe = x_train[:1].astype(np.float64) if floating else x_train[:1]  # as check_unrolled feeds it
+    warn_reduced_precision(
+        ModelFunction(float64_run.model, func="check_unrolled"),
+        probe,
+        training=trajectory.training,
+        func="check_unrolled",
+        stacklevel=4,
+    )
     traj64 = float64_run.replayed_on(x_train, y_train)
     if same_data:
         _check_same_run(trajectory, traj64.final_weights)
@@ -267,8 +276,15 @@ def check_unrolled(
         raise ValueError(
             param_error("index", func, f"a sample index in [0, {trajectory.n_train - 1}]", describe(index))
         )
+    integer_inputs = not np.issubdtype(x.dtype, np.floating)
+    if wrt == "inputs" and integer_inputs:  # token ids: a finite difference would feed fractional ids
+        raise ValueError(
+            param_error(
+                "wrt", func, "'sample_weights' (or 'labels') for integer inputs, which have no gradient", "'inputs'"
+            )
+        )
     traj64 = as_float64_trajectory(trajectory, x, y)
-    x64 = x.astype(np.float64)
+    x64 = x if integer_inputs else x.astype(np.float64)
     y64 = y.astype(np.float64) if trajectory.loss.has_label_grad(y) else y
     result = unrolled(traj64, x64, y64, x_val, y_val, progress=False)
     if wrt == "labels" and result.label_grad is None:
@@ -304,7 +320,26 @@ def check_unrolled(
 
         point, grad = y64[index], result.label_grad[index]  # type: ignore[index]
     check = check_gradient(f, point, grad, directions=directions, h=h, rtol=rtol, seed=seed)
-    return check if check.ok else replace(check, explanation=check.explanation + _epsilon_hint(trajectory, h))
+    if check.ok:
+        return check
+    cause = _known_cause(traj64, x64, func)
+    return replace(check, explanation=cause + check.explanation + _epsilon_hint(trajectory, h))
+
+
+def _known_cause(traj64: Trajectory, x64: np.ndarray, func: str) -> str:
+    """A failure's cause that the model's forward graph shows: an approximate gradient, or float32 ops."""
+    fn = ModelFunction(traj64.model, func=func)
+    spec = tf.TensorSpec([None, *x64.shape[1:]], tf.as_dtype(x64.dtype))
+    found = gradient_overrides(fn, spec, training=traj64.training)
+    causes = []
+    if found["approximate_gradient"]:
+        causes.append(
+            f"the model runs {found['approximate_gradient'][0]!r}, whose registered gradient is only approximate "
+            "(see the GradientOverrideWarning of fit): the hypergradient follows it, retraining does not"
+        )
+    if found["reduced_precision"]:
+        causes.append(reduced_precision_note(found["reduced_precision"], fn, func).removeprefix(f"{func}: "))
+    return f"Likely cause, from the model's graph: {'; and '.join(causes)}. " if causes else ""
 
 
 def _epsilon_hint(trajectory: Trajectory, h: float) -> str:

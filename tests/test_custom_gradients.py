@@ -1,5 +1,6 @@
 """custom_gradient and stop_gradient inside models work end to end through the unrolled pass (S4)."""
 
+import re
 import warnings
 
 import keras
@@ -144,7 +145,8 @@ class ShapeOnlyConstant(keras.layers.Layer):
 
 
 @pytest.mark.parametrize(
-    "layer", [LogSoftmaxByLogsumexp, IntegerSideChannel, ShapeOnlyConstant, lambda: keras.layers.Dropout(0.3)]
+    "layer",
+    [LogSoftmaxByLogsumexp, IntegerSideChannel, ShapeOnlyConstant, lambda: keras.layers.Dropout(0.3, dtype="float64")],
 )
 def test_exact_uses_of_stop_gradient_do_not_warn(layer):
     x, y, _, _ = _data()
@@ -158,7 +160,25 @@ def test_exact_uses_of_stop_gradient_do_not_warn(layer):
         ]
     )
     with warnings.catch_warnings():
-        warnings.simplefilter("error", inf.GradientOverrideWarning)
+        warnings.simplefilter("error")
+        inf.fit(model, x, y, loss="sparse_categorical_crossentropy", optimizer=SGD(0.3), batch_size=4, epochs=1)
+
+
+def test_a_float32_layer_inside_a_float64_model_is_named():
+    """Keras casts a layer's inputs to its own dtype: a Dropout left at float32 quantised a "float64" model."""
+    x, y, _, _ = _data()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4,), dtype="float64"),
+            keras.layers.Dense(6, activation="tanh", dtype="float64", name="hidden"),
+            keras.layers.Dropout(0.3, name="left_at_float32"),
+            keras.layers.Dense(3, activation="softmax", dtype="float64"),
+        ]
+    )
+    with pytest.warns(
+        RuntimeWarning, match=r"narrower float type at: layer left_at_float32 \(its inputs cast to float32"
+    ):
         inf.fit(model, x, y, loss="sparse_categorical_crossentropy", optimizer=SGD(0.3), batch_size=4, epochs=1)
 
 
@@ -246,3 +266,43 @@ def test_augmentation_through_an_image_transform_warns_that_its_gradient_is_appr
         inf.fit(model(keras.layers.RandomFlip()), x, y, loss="sparse_categorical_crossentropy", from_logits=True)
         # In inference mode the layer is the identity: nothing to warn about.
         inf.fit(model(augment()), x, y, loss="sparse_categorical_crossentropy", from_logits=True, training=False)
+
+
+def _image_model(layer, *, conv=True):
+    keras.utils.set_random_seed(0)
+    head = [keras.layers.Conv2D(3, 3, padding="same", activation="tanh")] if conv else []
+    return keras.Sequential(
+        [keras.Input((6, 6, 1)), *head, layer, keras.layers.Flatten(), keras.layers.Dense(2, activation="softmax")]
+    )
+
+
+def _images(n=24):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 6, 6, 1)).astype("float32"), rng.integers(0, 2, n)
+
+
+def test_a_float32_op_in_the_float64_check_is_named_and_xla_falls_back():
+    """TensorFlow's bilinear resize returns float32 for float64 images: the float64 copy was quantised without a word
+    (relative error 2e-2), and under XLA its gradient raised 'floating point types of different precisions'."""
+    x, y = _images()
+    traj = inf.fit(_image_model(keras.layers.Resizing(4, 4)), x, y, optimizer=SGD(0.2), batch_size=8)
+    with (
+        pytest.warns(
+            RuntimeWarning, match=r"computes in a narrower float type at: .*ResizeBilinear \(returns float32\)"
+        ),
+        pytest.warns(RuntimeWarning, match="XLA cannot compile"),
+    ):
+        check = inf.check_unrolled(traj, x, y, x[:8], y[:8], index=2, directions=1)
+    assert not check.ok
+    assert check.explanation.startswith(
+        "Likely cause, from the model's graph: the float64 model computes in a narrower"
+    )
+
+
+def test_a_failed_check_through_an_approximate_gradient_names_the_op_not_a_kink():
+    x, y = _images()
+    with pytest.warns(inf.GradientOverrideWarning):
+        traj = inf.fit(_image_model(keras.layers.RandomTranslation(0.3, 0.3), conv=False), x, y, optimizer=SGD(0.2))
+    check = inf.check_unrolled(traj, x, y, x[:8], y[:8], index=1, directions=1)
+    assert not check.ok
+    assert re.match(r"Likely cause.*ImageProjectiveTransformV3.*only approximate", check.explanation)

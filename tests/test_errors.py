@@ -107,6 +107,11 @@ def test_integer_data_for_a_float_input_is_differentiated_as_floats_and_token_id
     )
     with pytest.raises(TypeError, match="'x_train' parameter of one_step must be floating-point inputs"):
         inf.one_step(tokens, "mse", x, np.ones((4, 1)), x, np.ones((4, 1)))
+    traj = inf.fit(tokens, x, np.ones((4, 1)), loss="mse", batch_size=2)
+    # A finite difference of token ids would feed fractional ids (the check's "gradient" was 0 vs FD 0.9).
+    with pytest.raises(ValueError, match="'wrt' parameter of check_unrolled must be 'sample_weights' .* for integer"):
+        inf.check_unrolled(traj, x, np.ones((4, 1)), x, np.ones((4, 1)), index=1)
+    assert inf.check_unrolled(traj, x, np.ones((4, 1)), x, np.ones((4, 1)), index=1, wrt="sample_weights").ok
 
 
 def test_unbuilt_model_is_rejected():
@@ -345,3 +350,18 @@ def test_a_string_for_training_and_a_budget_that_is_not_a_byte_count_are_refused
     for budget in (-1, "1GB", None):
         with pytest.raises(ValueError, match="'memory_budget_bytes' parameter of unrolled must be a positive int"):
             inf.unrolled(traj, x, y, x, y, memory_budget_bytes=budget)
+
+
+def test_a_trainable_flag_changed_after_fit_is_named_not_a_keras_internal_error(class_data):
+    x, y, xv, yv = class_data
+    model = mlp(5, 3, out_activation="softmax")
+    model.layers[0].trainable = False
+    traj = inf.fit(model, x, y, optimizer=SGD(0.3), batch_size=3)
+    model.layers[0].trainable = True  # a second fine-tuning stage unfreezes it
+    expected = r"trainable variables changed since fit \(2 recorded, 4 now; was a layer's `trainable` flag changed"
+    with pytest.raises(ValueError, match=expected):
+        inf.unrolled(traj, x, y, xv, yv)
+    with pytest.raises(ValueError, match="'trajectory' parameter of Trajectory.final_model"):
+        traj.final_model()
+    model.layers[0].trainable = False  # restored: the run is usable again
+    assert inf.unrolled(traj, x, y, xv, yv).removal_effect.shape == (6,)
