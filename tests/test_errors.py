@@ -365,3 +365,17 @@ def test_a_trainable_flag_changed_after_fit_is_named_not_a_keras_internal_error(
         traj.final_model()
     model.layers[0].trainable = False  # restored: the run is usable again
     assert inf.unrolled(traj, x, y, xv, yv).removal_effect.shape == (6,)
+
+
+class _Square(keras.layers.Layer):  # Keras names it "__square", which is no valid root name scope
+    def call(self, inputs):
+        return inputs * inputs
+
+
+def test_a_layer_of_a_private_class_runs_through_fit_and_unrolled(class_data):
+    x, y, xv, yv = class_data
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4), _Square(), keras.layers.Dense(3)])
+    assert model.layers[1].name == "__square"
+    traj = inf.fit(model, x, y, from_logits=True, batch_size=3)
+    assert np.all(np.isfinite(inf.unrolled(traj, x, y, xv, yv).removal_effect))
