@@ -144,13 +144,17 @@ def load_data(args: argparse.Namespace, command: str, *, need_val: bool) -> dict
     return _clean(arrays, class_labels=getattr(args, "loss", None) == "sparse_categorical_crossentropy")
 
 
-def load_model(path: str, command: str) -> Any:
-    """A Keras model from a ``.keras`` (or ``.h5``) file, uncompiled."""
+def load_model(path: str, command: str, *, safe_mode: bool = True) -> Any:
+    """A Keras model from a ``.keras`` (or ``.h5``) file, uncompiled.
+
+    ``safe_mode=False`` (``--no-safe-mode``) lets Keras run the Python code a file holds (``Lambda``
+    layers): only for files one trusts.
+    """
     model_path = _existing(path, "model", command, (".keras", ".h5"))
     import keras
 
     try:
-        return keras.saving.load_model(model_path, compile=False)
+        return keras.saving.load_model(model_path, compile=False, safe_mode=safe_mode)
     except Exception as exc:  # Keras raises many types for unreadable files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _usage(

@@ -330,7 +330,9 @@ def as_float64(model: keras.Model) -> keras.Model:
         raise TypeError(param_error("model", "as_float64", "a keras.Model", describe(model)))
     try:
         config = keras.saving.serialize_keras_object(model)
-        clone = keras.saving.deserialize_keras_object(_float64_config(config))
+        # Not Keras's safe mode: the model is already in this process (its Lambda code included), and
+        # only its own config is rebuilt; safe mode would refuse every model with a Lambda layer.
+        clone = keras.saving.deserialize_keras_object(_float64_config(config), safe_mode=False)
     except Exception as exc:
         raise ValueError(
             param_error(

@@ -82,6 +82,8 @@ def _learning_rate(args: argparse.Namespace) -> float:
         )
     if args.momentum is not None and not 0 <= args.momentum < 1:
         raise _usage("momentum", "rank", "a number in [0, 1)", args.momentum)
+    if not args.weight_decay >= 0 or not np.isfinite(args.weight_decay):
+        raise _usage("weight-decay", "rank", "a finite number ≥ 0", args.weight_decay)
     return lr
 
 
@@ -89,12 +91,13 @@ def _optimizer(args: argparse.Namespace, lr: float) -> Any:
     """The update rule of --optimizer at learning rate ``lr`` (from :func:`_learning_rate`)."""
     from . import optimizers
 
+    decay = {"weight_decay": args.weight_decay} if args.weight_decay else {}
     if args.optimizer == "sgd":
-        return optimizers.SGD(lr)
+        return optimizers.SGD(lr, **decay)
     if args.optimizer in ("momentum", "nesterov"):
         momentum = 0.9 if args.momentum is None else args.momentum
-        return optimizers.SGD(lr, momentum=momentum, nesterov=args.optimizer == "nesterov")
-    options = {} if args.epsilon is None else {"epsilon": args.epsilon}
+        return optimizers.SGD(lr, momentum=momentum, nesterov=args.optimizer == "nesterov", **decay)
+    options = decay | ({} if args.epsilon is None else {"epsilon": args.epsilon})
     if args.optimizer == "rmsprop":
         return optimizers.RMSprop(lr, momentum=args.momentum or 0.0, **options)
     return optimizers.Adam(lr, **options)
@@ -174,7 +177,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     if noisy is not None and (noisy.shape != (len(x),) or noisy.dtype != np.bool_):
         # An int array passed as truthiness: np.arange(n) marked every sample but one as noisy.
         raise _usage("data", "rank", f"a boolean 'noisy' array of shape ({len(x)},)", describe(noisy))
-    model = load_model(args.model, "rank")
+    model = load_model(args.model, "rank", safe_mode=not args.no_safe_mode)
     from .report.job import RankingJob, run_ranking
 
     optimizer = _optimizer(args, lr)
@@ -192,6 +195,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         seed=args.seed,
         input_gradient_penalty=args.input_gradient_penalty,
+        training=not args.inference_mode,
         methods=methods,
         verify_top=args.verify,
         verify_random=args.verify,
@@ -205,7 +209,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
             "model": f"{args.model} ({describe_model(model)})",
             "training": f"influence.fit: {args.optimizer} {optimizer!r}, batch {args.batch_size}, "
             f"{args.epochs} epoch(s), seed {args.seed}, loss {args.loss}{' (logits)' if args.from_logits else ''}"
-            + (f" + {args.input_gradient_penalty:g}·‖∂loss/∂x‖²" if args.input_gradient_penalty else ""),
+            + (f" + {args.input_gradient_penalty:g}·‖∂loss/∂x‖²" if args.input_gradient_penalty else "")
+            + (", layers in inference mode" if args.inference_mode else ""),
         },
         images=images,
         features=None if images is not None else x,
@@ -226,7 +231,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not args.jitter >= 0 or not np.isfinite(args.jitter):
         raise _usage("jitter", "check", "a finite number ≥ 0", args.jitter)
     data = load_data(args, "check", need_val=False)
-    model = load_model(args.model, "check")
+    model = load_model(args.model, "check", safe_mode=not args.no_safe_mode)
     from .checks import check_input_gradient
 
     x, y = data["x_train"][: args.samples], data["y_train"][: args.samples]
@@ -319,6 +324,20 @@ def _training_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="epsilon of rmsprop/adam (default 1e-7, as Keras); 1e-5 gives more faithful rankings under adam",
     )
+    group.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        metavar="LAMBDA",
+        help="decoupled weight decay w ← w − lr·LAMBDA·w per step (default 0); for plain sgd it equals an L2 "
+        "term LAMBDA/2·‖w‖², which fit refuses as a layer regularizer",
+    )
+    group.add_argument(
+        "--inference-mode",
+        action="store_true",
+        help="train with layers in inference mode (influence.fit(training=False)): dropout off, "
+        "BatchNormalization on its moving statistics, as models with BatchNormalization need",
+    )
     group.add_argument("--seed", type=int, default=0, help="seed of the batch order and dropout masks (default 0)")
     group.add_argument(
         "--input-gradient-penalty",
@@ -344,6 +363,12 @@ def _data_flags(parser: argparse.ArgumentParser, *, val: bool) -> None:
             "(needed by unrolled, influence_function, tracin and --verify)",
         )
     parser.add_argument("--label-column", help="CSV column holding the label (default: the last column)")
+    parser.add_argument(
+        "--no-safe-mode",
+        action="store_true",
+        help="let Keras run the Python code in the model file (Lambda layers; keras safe_mode=False): "
+        "only for files you trust",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -489,10 +514,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prefix}: interrupted{reason}; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (FloatingPointError, RuntimeError) as exc:
-        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{prefix}: error: {_one_line(exc)}{_flags_for(exc, args.command)}", file=sys.stderr)
         return EXIT_FAILED
     except (ValueError, TypeError, OSError) as exc:
-        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{prefix}: error: {_one_line(exc)}{_flags_for(exc, args.command)}", file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -501,6 +526,21 @@ def _quiet_tensorflow() -> None:
     import logging
 
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+# Library errors name the Python API's remedies; the command's flags for them, per command that has them.
+_FLAG_FOR = (
+    ("training=False", "--inference-mode", ("rank",)),
+    ("safe_mode=False", "--no-safe-mode", ("rank", "check")),
+    ("weight_decay", "--weight-decay, with the regularizers removed from the model file,", ("rank",)),
+)
+
+
+def _flags_for(exc: BaseException, command: str) -> str:
+    """Flags for the remedies an error names: " (on the command line: --inference-mode for training=False)"."""
+    text = str(exc)
+    named = [f"{flag} for {api}" for api, flag, commands in _FLAG_FOR if api in text and command in commands]
+    return f" (on the command line: {'; '.join(named)})" if named else ""
 
 
 def _one_line(exc: BaseException) -> str:

@@ -32,7 +32,7 @@ from ._validation import check_positive, describe, param_error
 
 
 def _score_shard(
-    path: str, data: tuple, method: str, shard: np.ndarray, options: dict, threads: int
+    path: str, data: tuple, method: str, shard: np.ndarray, options: dict, threads: int, loading: dict
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
@@ -42,7 +42,7 @@ def _score_shard(
     from .persist import load_trajectory
     from .rank import rank
 
-    trajectory = load_trajectory(path)
+    trajectory = load_trajectory(path, **loading)
     table = rank(trajectory, *data, method=method, samples=shard, **options)
     return pd.DataFrame(table), dict(table.attrs)  # a DataFrame's attrs do not survive pickling
 
@@ -57,6 +57,8 @@ def rank_in_processes(
     method: str = "influence_function",
     processes: int = 2,
     threads_per_process: int = 1,
+    custom_objects: dict[str, Any] | None = None,
+    safe_mode: bool = True,
     **options: Any,
 ) -> pd.DataFrame:
     """:func:`influence.rank` with the training samples split over ``processes`` worker processes.
@@ -66,6 +68,9 @@ def rank_in_processes(
         x_train, y_train, x_val, y_val, method, **options: as for :func:`influence.rank`.
         processes: number of worker processes (shards).
         threads_per_process: TensorFlow intra/inter-op threads per worker.
+        custom_objects, safe_mode: as for :func:`influence.load_trajectory`, which each worker
+            calls: a model with custom layers needs their classes (registered, or given here),
+            one with ``Lambda`` layers ``safe_mode=False``.
 
     Returns the same table as :func:`influence.rank` (most harmful first), with the
     same ``attrs``; ``seconds`` is the wall time of the whole call, and ``processes``
@@ -91,11 +96,13 @@ def rank_in_processes(
         None if x_val is None else np.asarray(x_val),
         None if y_val is None else np.asarray(y_val),
     )
+    loading = {"custom_objects": custom_objects, "safe_mode": bool(safe_mode)}
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=len(shards), mp_context=context) as pool:
         futures = [
-            pool.submit(_score_shard, path, data, method, shard, options, threads_per_process) for shard in shards
+            pool.submit(_score_shard, path, data, method, shard, options, threads_per_process, loading)
+            for shard in shards
         ]
         parts = [f.result() for f in futures]
     from .rank import order_by_harm

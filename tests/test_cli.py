@@ -727,3 +727,61 @@ def test_a_validation_csv_is_matched_to_the_training_columns_by_name(tmp_path):
     args = argparse.Namespace(data=str(tmp_path / "train.npz"), val=str(tmp_path / "renamed.csv"), label_column=None,
                               loss="sparse_categorical_crossentropy")  # fmt: skip
     np.testing.assert_allclose(load_data(args, "rank", need_val=True)["x_val"], val[["a", "b", "c"]].to_numpy())
+
+
+def _model_file(folder: Path, name: str, middle) -> Path:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(6), middle, keras.layers.Dense(3)])
+    model.save(folder / name)
+    return folder / name
+
+
+def test_batchnorm_and_lambda_models_rank_with_the_flags_the_errors_name(files, tmp_path, capsys):
+    """The errors advised training=False and safe_mode=False, which the command had no flag for."""
+    args = ["--data", files / "data.npz", "--method", "loss", "--from-logits", "--no-progress"]
+    bn = ["rank", "--model", _model_file(tmp_path, "bn.keras", keras.layers.BatchNormalization()), *args]
+    code, captured = run_main(bn + ["--out", tmp_path / "bn"], capsys)
+    assert code == 2 and "(on the command line: --inference-mode for training=False)" in captured.err
+    code, captured = run_main(bn + ["--out", tmp_path / "bn", "--inference-mode"], capsys)
+    assert code == 0, captured.err
+    assert "layers in inference mode" in (tmp_path / "bn" / "index.html").read_text()
+
+    lam = _model_file(tmp_path, "lambda.keras", keras.layers.Lambda(lambda t: t * t))
+    code, captured = run_main(["rank", "--model", lam, *args, "--out", tmp_path / "lam"], capsys)
+    assert code == 2 and "(on the command line: --no-safe-mode for safe_mode=False)" in captured.err
+    code, captured = run_main(["rank", "--model", lam, *args, "--out", tmp_path / "lam", "--no-safe-mode"], capsys)
+    assert code == 0, captured.err
+    check = ["check", "--model", lam, "--data", files / "data.npz", "--from-logits", "--samples", "4"]
+    code, captured = run_main(check + ["--no-safe-mode"], capsys)  # its float64 copy rebuilt the Lambda too
+    assert code == 0 and "gradient check passed" in captured.out, captured.err
+
+
+def test_weight_decay_flag_reaches_the_update_rule():
+    args = cli.build_parser().parse_args(["rank", "--model", "m", "--data", "d", "--optimizer", "adam"])
+    args.weight_decay = 0.01
+    assert cli._optimizer(args, cli._learning_rate(args)) == Adam(0.001, weight_decay=0.01)
+    args.weight_decay = -1.0
+    with pytest.raises(ValueError, match="'weight-decay' parameter of influence rank must be a finite number ≥ 0"):
+        cli._learning_rate(args)
+
+
+def test_data_errors_and_an_unusable_report_folder_come_before_training(files, tmp_path, capsys):
+    """They came after training (minutes on real data): NaN in x_val, x_val of another shape, --out unwritable."""
+    x_val = np.load(files / "data.npz")["x_val"]
+    bad = {"nan.npz": x_val.copy(), "short.npz": x_val[:, :10]}
+    bad["nan.npz"][0, 0] = np.nan
+    for name, array in bad.items():
+        np.savez(tmp_path / name, x_val=array, y_val=np.zeros(len(array), int))
+    rank = ["rank", "--model", files / "model.keras", "--data", files / "data.npz", "--no-progress"]
+    expected = {
+        "nan.npz": "The 'x_val' parameter of rank must be finite (no NaN or Inf)",
+        "short.npz": "The 'x_val' parameter of rank must be samples of shape (16,)",
+    }
+    for name, message in expected.items():
+        code, captured = run_main(rank + ["--val", tmp_path / name, "--out", tmp_path / "o"], capsys)
+        assert code == 2 and message in captured.err and "[train]" not in captured.err, captured.err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code, captured = run_main(rank + ["--out", blocker / "report"], capsys)
+    assert code == 2 and "'out_dir' parameter of RankingJob must be a folder that can be created" in captured.err
+    assert "[train]" not in captured.err

@@ -1,5 +1,6 @@
 """Scoring in shards (in one process and across processes) gives the single-run numbers."""
 
+import keras
 import numpy as np
 import pytest
 from conftest import mlp
@@ -59,3 +60,14 @@ def test_sharding_rejects_bad_input(saved, tmp_path):
         inf.rank_in_processes(path, *data, processes=0)
     with pytest.raises(FileNotFoundError, match="'trajectory_path' parameter of rank_in_processes must be a folder"):
         inf.rank_in_processes(tmp_path / "missing", *data)
+
+
+def test_workers_load_a_lambda_model_with_safe_mode_off(tmp_path):
+    """Each worker loads the saved run; a Lambda layer needs safe_mode=False there as in load_trajectory."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 4)), rng.integers(0, 2, 12)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda t: 2.0 * t), keras.layers.Dense(2)])
+    traj = inf.fit(model, x, y, from_logits=True, batch_size=4)
+    inf.save_trajectory(traj, tmp_path / "run")
+    sharded = inf.rank_in_processes(tmp_path / "run", x, y, x, y, method="loss", processes=1, safe_mode=False)
+    assert list(sharded["index"]) == list(inf.rank(traj, x, y, x, y, method="loss")["index"])

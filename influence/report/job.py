@@ -53,7 +53,8 @@ class RankingJob:
     report's learned-weights section; ``learn_weights_holdout`` in (0, 1) keeps that fraction of
     the validation samples out of the learning, returns the weights of the step with the lowest
     loss on them and stops after ``LEARN_WEIGHTS_PATIENCE`` steps without improvement (0: off);
-    ``learn_weights_penalty`` is its ``penalty`` (None: its default).
+    ``learn_weights_penalty`` is its ``penalty`` (None: its default). ``training`` is
+    :func:`influence.fit`'s (False: dropout off, BatchNormalization on its moving statistics).
     The remaining fields go to :func:`render_report`.
     """
 
@@ -70,6 +71,7 @@ class RankingJob:
     epochs: int = 1
     seed: int = 0
     input_gradient_penalty: float = 0.0
+    training: bool = True
     methods: Sequence[str] = ("unrolled",)
     verify_top: int = 0
     verify_random: int = 0
@@ -103,6 +105,8 @@ class RankingJob:
         }
         if self.input_gradient_penalty:  # absent at 0, so fingerprints of earlier jobs still match
             settings["input_gradient_penalty"] = float(self.input_gradient_penalty)
+        if not self.training:  # likewise absent in the default training mode
+            settings["training"] = False
         data = [self.x_train, self.y_train, self.x_val, self.y_val]
         return fingerprint(data, model_fingerprint(self.model), settings)
 
@@ -179,6 +183,7 @@ class LazyTraining:
                 seed=job.seed,
                 from_logits=job.from_logits,
                 input_gradient_penalty=job.input_gradient_penalty,
+                training=job.training,
             )
             # fit leaves the final weights in the model; the job's model stays at the initial weights
             # it documents, so running the same job again finds its shards (and trains the same run).
@@ -320,6 +325,23 @@ def weight_penalty(job: RankingJob) -> float:
     return DEFAULT_PENALTY if job.learn_weights_penalty is None else float(job.learn_weights_penalty)
 
 
+def _check_before_training(job: RankingJob) -> None:
+    """What would fail only after training (minutes on real data) is checked first: the data, as
+    :func:`influence.rank` will check it, and a report folder that can be created."""
+    from .._inputs import prepare, validate_data
+
+    _check_validation_data(job)
+    if job.x_val is not None and job.y_val is not None:
+        _, loss = prepare("rank", job.model, job.loss, job.from_logits)
+        validate_data("rank", job.model, loss, job.x_train, job.y_train, job.x_val, job.y_val)
+    try:
+        Path(job.out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(
+            param_error("out_dir", "RankingJob", "a folder that can be created", f"{str(job.out_dir)!r} ({exc})")
+        ) from exc
+
+
 def _check_validation_data(job: RankingJob) -> None:
     """Without validation data only the methods that need none can run, with no verification, repair
     or learned weights."""
@@ -339,7 +361,7 @@ def run_ranking(job: RankingJob) -> RankingOutcome:
     """Train, rank with each method, verify by retraining and write the report; resumes from ``out_dir/shards``."""
     from ..rank import rank
 
-    _check_validation_data(job)
+    _check_before_training(job)
     start = time.perf_counter()
     previous = previous_report_files(Path(job.out_dir))
     shards = Path(job.out_dir) / "shards"
