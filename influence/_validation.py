@@ -44,7 +44,12 @@ def as_array(
     except Exception as exc:  # pragma: no cover - defensive: exotic array likes
         raise TypeError(param_error(param, func, "an array", describe(value))) from exc
     if numeric and not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise TypeError(param_error(param, func, "a numeric array", describe(array)))
+        # A dict or a tf.data.Dataset becomes a 0-d object array: name what was passed, not that.
+        got = describe(array) if array.ndim else f"a {type(value).__name__}"
+        hint = " (collect a tf.data.Dataset into arrays first)" if "Dataset" in type(value).__name__ else ""
+        raise TypeError(param_error(param, func, "a numeric array", got + hint))
+    if numeric and np.iscomplexobj(array):  # its imaginary part would be dropped without a word
+        raise TypeError(param_error(param, func, "a real-valued array", describe(array)))
     if not allow_int and not np.issubdtype(array.dtype, np.floating):
         raise TypeError(param_error(param, func, "a floating-point array", describe(array)))
     if array.ndim < min_ndim:

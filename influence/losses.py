@@ -224,14 +224,9 @@ def get_loss(loss: object, *, func: str = "get_loss", from_logits: bool = False,
     if isinstance(loss, keras.losses.Loss):
         cls = type(loss).__name__
         if cls not in _KERAS_CLASSES:
-            raise ValueError(
-                param_error(
-                    "loss",
-                    func,
-                    "a Keras loss among " + ", ".join(_KERAS_CLASSES) + " or a per-sample callable",
-                    f"keras.losses.{cls}",
-                )
-            )
+            # Another Keras loss, or the user's subclass: its call(y_true, y_pred) gives the per-sample
+            # losses before Keras reduces them, so it is a per-sample callable (checked when traced).
+            return Loss(cls, _checked(loss.call), continuous_labels=True)
         # Keras 3 keeps a LossFunctionWrapper's options (Huber's delta) in _fn_kwargs, not in its config.
         options = {**getattr(loss, "_fn_kwargs", {}), **loss.get_config()}
         for option, supported in _UNSUPPORTED_KERAS_OPTIONS.items():

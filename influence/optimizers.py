@@ -252,13 +252,15 @@ _NAMED: dict[str, tuple[Callable[[float], Optimizer], float]] = {
     "nesterov": (lambda rate: SGD(rate, momentum=0.9, nesterov=True), 0.1),
     "rmsprop": (lambda rate: RMSprop(rate), 0.001),
     "adam": (lambda rate: Adam(rate), 0.001),
+    # Adam with decoupled weight decay, at keras.optimizers.AdamW's default decay
+    "adamw": (lambda rate: Adam(rate, weight_decay=0.004), 0.001),
 }
 
 
 def get_optimizer(
     optimizer: Any, *, func: str, param: str = "optimizer", learning_rate: float | None = None, also: str = ""
 ) -> Optimizer:
-    """An :class:`Optimizer` as given, or one named 'sgd', 'momentum', 'nesterov', 'rmsprop', 'adam' (any case).
+    """An :class:`Optimizer` as given, or one named sgd, momentum, nesterov, rmsprop, adam, adamw (any case).
 
     ``learning_rate`` sets the rate of a named one (default: 0.1 for SGD, 0.001 for RMSprop and
     Adam); ``param`` and ``also`` (other accepted values, e.g. "None, ") shape the error message.

@@ -79,14 +79,21 @@ def rank(
     xv = yv = None
     if method in NEEDS_VALIDATION or x_val is not None:
         if x_val is None or y_val is None:
-            raise ValueError(param_error("x_val", func, f"validation data for method '{method}'", "None"))
+            missing = "x_val" if x_val is None else "y_val"  # the one missing, not always x_val
+            raise ValueError(param_error(missing, func, f"validation data for method '{method}'", "None"))
         xv, yv = validate_validation_data(func, trajectory.model, trajectory.loss, x, y, x_val, y_val)
     if damping != "auto" and not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping >= 0):
         raise ValueError(param_error("damping", func, "'auto' or a non-negative number", describe(damping)))
-    if checkpoint_every is not None and (
-        isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1
-    ):
-        raise ValueError(param_error("checkpoint_every", func, "a positive int or None", describe(checkpoint_every)))
+    if checkpoint_every is not None:
+        if (
+            isinstance(checkpoint_every, bool)
+            or not isinstance(checkpoint_every, (int, np.integer))
+            or checkpoint_every < 1
+        ):
+            raise ValueError(
+                param_error("checkpoint_every", func, "a positive int or None", describe(checkpoint_every))
+            )
+        checkpoint_every = int(checkpoint_every)  # np.int64 (from an array of settings) too
 
     chosen = np.arange(len(x))
     if samples is not None:

@@ -263,9 +263,11 @@ def fit(
         model: built Keras 3 model; trained in its own dtype (use
             :func:`influence.as_float64` for float64 checks).
         x_train: (n, ...) inputs. y_train: (n,) class labels or (n, ...) targets.
-        loss: loss name, Keras loss object or :class:`influence.losses.Loss`.
+        loss: loss name, Keras loss object, per-sample callable or :class:`influence.losses.Loss`
+            (see :func:`influence.losses.get_loss`).
         optimizer: :class:`influence.optimizers.SGD` / ``RMSprop`` / ``Adam``
-            (learning-rate schedules allowed) or a name.
+            (learning-rate schedules allowed) or a name: "sgd", "momentum", "nesterov", "rmsprop",
+            "adam", "adamw" (Adam with weight_decay=0.004, Keras's AdamW default).
         batch_size, epochs: each epoch visits a permutation of the data in
             batches of ``batch_size`` (the last one may be shorter).
         seed: seeds the batch order and the per-step dropout seeds.

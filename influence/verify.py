@@ -265,7 +265,11 @@ def check_unrolled(
     recorded trajectory in float64 for each evaluation, and compares the
     central differences with the unrolled gradient. A float32 trajectory is
     replayed on a float64 copy of its model (same batches, rates and seeds).
-    Costs 4·directions + 2 retrainings.
+    Costs 4·directions + 2 retrainings. ``rtol`` is 1e-5 by default, the end-to-end tolerance of
+    the issue that specified this check, not :func:`check_gradient`'s 1e-6 (DESIGN §2): each
+    evaluation here is a whole retraining, whose round-off enters every difference; pass
+    ``rtol=1e-6`` for the stricter test. Integer inputs (token ids) have no input gradient:
+    check them with ``wrt="sample_weights"``.
     """
     from .unroll import unrolled
 

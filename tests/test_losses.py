@@ -168,3 +168,30 @@ def test_from_logits_that_contradicts_the_loss_object_is_refused_not_ignored():
     with pytest.raises(ValueError, match=r"'from_logits' parameter of get_loss must be the loss object's own setting"):
         get_loss(keras.losses.BinaryCrossentropy(), from_logits=True)
     assert get_loss(keras.losses.BinaryCrossentropy(from_logits=True), from_logits=True).from_logits
+
+
+class DocsMSE(keras.losses.Loss):
+    """A keras.losses.Loss subclass as Keras's guide writes one: call returns per-sample values."""
+
+    def call(self, y_true, y_pred):
+        return keras.ops.mean(keras.ops.square(y_true - y_pred), axis=-1)
+
+
+def test_keras_loss_subclasses_and_other_keras_losses_are_their_per_sample_call():
+    """They were refused ('a Keras loss among ...'), though their call is the per-sample loss."""
+    rng = np.random.default_rng(6)
+    x, y, xv, yv = rng.normal(size=(10, 4)), rng.normal(size=(10, 2)), rng.normal(size=(6, 4)), rng.normal(size=(6, 2))
+    common = dict(optimizer=SGD(0.1), batch_size=4, epochs=2, seed=0)
+    custom = inf.fit(mlp(4, 2), x, y, loss=DocsMSE(), **common)
+    built_in = inf.fit(mlp(4, 2), x, y, loss="mse", **common)
+    assert custom.loss.name == "DocsMSE"
+    a, b = inf.unrolled(custom, x, y, xv, yv), inf.unrolled(built_in, x, y, xv, yv)
+    np.testing.assert_allclose(a.removal_effect, b.removal_effect, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(a.label_grad, b.label_grad, rtol=1e-10, atol=1e-14)
+    labels, outputs = (
+        tf.constant([[1.0, 0.0], [0.0, 1.0]], tf.float64),
+        tf.constant([[0.3, -0.2], [0.5, 2.0]], tf.float64),
+    )
+    hinge = get_loss(keras.losses.Hinge())  # a built-in Keras class without a translation
+    expected = np.mean(np.maximum(1 - (2 * labels.numpy() - 1) * outputs.numpy(), 0), axis=-1)
+    np.testing.assert_allclose(hinge.per_sample(labels, outputs), expected, rtol=1e-12)

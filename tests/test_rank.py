@@ -180,7 +180,7 @@ def test_tracin_with_one_checkpoint_per_step_equals_an_explicit_loop_over_visits
     from influence.autodiff import gradient
 
     traj, x, y, xv, yv = run
-    table = inf.rank(traj, x, y, xv, yv, method="tracin", checkpoint_every=1)
+    table = inf.rank(traj, x, y, xv, yv, method="tracin", checkpoint_every=np.int64(1))  # NumPy ints as ints
     assert table.attrs["checkpoints"] == traj.steps
     fn = inf.ModelFunction(traj.model)
     expected = np.zeros(len(x))
@@ -271,6 +271,7 @@ def test_group_and_verification_inputs_are_checked_before_any_work(call, match, 
     [
         ({"method": "shapley"}, "'method' parameter of rank must be one of 'unrolled', 'influence_function'"),
         ({"x_val": None}, "'x_val' parameter of rank must be validation data for method 'unrolled'"),
+        ({"y_val": None}, "'y_val' parameter of rank must be validation data for method 'unrolled'"),
         ({"damping": -1}, "'damping' parameter of rank must be 'auto' or a non-negative number"),
         (
             {"y_val": np.zeros((20, 2), int)},
