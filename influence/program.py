@@ -90,6 +90,9 @@ class Schedule(NamedTuple):
         )
 
 
+_XLA_REFUSALS_SAID: set[tuple[str, str]] = set()
+
+
 class _GraphFunction:
     """A traced function, XLA-compiled while its program allows it.
 
@@ -123,12 +126,18 @@ class _GraphFunction:
             except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.InternalError) as error:
                 if not _xla_refused(error):
                     raise
-                warnings.warn(
-                    f"influence: XLA cannot compile this model's {self.group} steps; using plain TensorFlow "
-                    f"graphs for them (slower for small models). XLA said: {str(error).splitlines()[0][:300]}",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+                reason = str(error).splitlines()[0][:300]
+                # Once per process and reason: each float64 check builds a new program of the same model,
+                # and its refusal differs only in numbered graph and node names.
+                said = (self.group, re.sub(r"\d+", "#", re.sub(r"\{\{node [^}]*\}\}", "", reason)))
+                if said not in _XLA_REFUSALS_SAID:
+                    _XLA_REFUSALS_SAID.add(said)
+                    warnings.warn(
+                        f"influence: XLA cannot compile this model's {self.group} steps; using plain TensorFlow "
+                        f"graphs for them (slower for small models; said once per process). XLA said: {reason}",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
                 self.program.xla_refused.add(self.group)
                 if self.group == "forward":
                     self.program.jit_compile = False

@@ -1,5 +1,7 @@
 """Compiled programs: XLA by default, shared across runs of one model, plain-graph fallback."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -126,6 +128,9 @@ def test_when_xla_refuses_only_the_reverse_pass_replays_stay_exact():
     with pytest.warns(RuntimeWarning, match="XLA cannot compile this model's reverse steps"):
         res = inf.unrolled(traj, x, y, xv, yv)
     assert traj.jit_compile and traj.program().xla_refused == {"reverse"}
+    with warnings.catch_warnings():  # the same refusal by another model's program: said once per process
+        warnings.simplefilter("error", RuntimeWarning)
+        inf.unrolled(fit(), x, y, xv, yv)
     # The forward steps stayed compiled: retraining reproduces the recorded run bit for bit.
     assert all(np.array_equal(a, b) for a, b in zip(inf.retrain(traj, x, y), traj.final_weights))
     plain = fit(jit_compile=False)
