@@ -333,10 +333,11 @@ def gradient_overrides(fn: ModelFunction, input_spec: tf.TensorSpec, *, training
     """Ops of the traced forward pass whose gradient is not autodiff's derivative of their value.
 
     Returns ``{"stop_gradient": [...], "custom_gradient": [...], "approximate_gradient": [...],
-    "reduced_precision": [...]}`` (op names; the third: ops whose registered gradient is only
-    approximate; the last: ops computing in a narrower float than their input, e.g. TensorFlow's
-    ResizeBilinear, which returns float32 for float64 images, so a float64 check through it is
-    only float32-precise). Op names carry the layer's name scope (e.g.
+    "reduced_precision": [...], "discretized": [...]}`` (op names; the third: ops whose registered
+    gradient is only approximate; the fourth: where the pass computes in a narrower float than its
+    input, e.g. TensorFlow's ResizeBilinear, which returns float32 for float64 images, so a float64
+    check through it is only float32-precise; the last: casts of floats to integers, e.g. an
+    Embedding fed float token ids, through which every gradient is 0). Op names carry the layer's name scope (e.g.
     ``"detached_scale/StopGradient"``, or ``"rnn/while/cell/StopGradient"`` inside a recurrent
     layer's loop). Left out: TensorFlow's own exact uses (logsumexp's stopped max), and ops whose
     input does not depend on the weights or inputs along floating-point tensors (or tensor lists,
@@ -361,10 +362,10 @@ def gradient_overrides(fn: ModelFunction, input_spec: tf.TensorSpec, *, training
             "custom_gradient": [],
             "approximate_gradient": [],
             "reduced_precision": [],
+            "discretized": [],
         }
         _find_overrides(graph, differentiable, found)
-        found["reduced_precision"] = [_layer_named(site, fn.model) for site in found["reduced_precision"]]
-        done[key] = found
+        done[key] = {kind: [_layer_named(site, fn.model) for site in sites] for kind, sites in found.items()}
     return {kind: list(names) for kind, names in done[key].items()}
 
 
@@ -383,18 +384,26 @@ def _find_overrides(graph: Any, differentiable: set[str], found: dict[str, list[
             kind = "approximate_gradient"
         elif _narrowed_to(op):
             kind = "reduced_precision"
+        elif op.type == "Cast" and op.inputs[0].dtype.is_floating and op.outputs[0].dtype.is_integer:
+            kind = "discretized"
         else:
             continue
         if any(_depends_on(t, differentiable) for t in op.inputs):
             found[kind].append(_narrowing_site(op) if kind == "reduced_precision" else _op_name(op))
+    found["discretized"] = list(dict.fromkeys(found["discretized"]))
 
 
 def _layer_named(site: str, model: keras.Model) -> str:
-    """``site`` with the layer's own name: a graph's name scope may carry a suffix ("dropout_1" for "dropout")."""
-    match = re.match(r"layer (\S+?)_\d+ ", site)
+    """``site`` with the layer's own name: a graph's name scope may carry a suffix ("dropout_1" for "dropout").
+
+    ``site`` is an op name ("dropout_1/Cast") or a described site ("layer dropout_1 (…)").
+    """
+    prefix, rest = ("layer ", site[6:]) if site.startswith("layer ") else ("", site)
+    scope, sep, tail = rest.partition(" " if prefix else "/")
     names = {layer.name for layer in model._flatten_layers()}
-    if match and site.split()[1] not in names and match.group(1) in names:
-        return f"layer {match.group(1)} {site.split(' ', 2)[2]}"
+    base = re.sub(r"_\d+$", "", scope)
+    if scope not in names and base in names:
+        return f"{prefix}{base}{sep}{tail}"
     return site
 
 
@@ -548,6 +557,26 @@ def warn_reduced_precision(
         warnings.warn(
             reduced_precision_note(found["reduced_precision"], fn, func), RuntimeWarning, stacklevel=stacklevel
         )
+
+
+def integer_casts(fn: ModelFunction, x: np.ndarray | tf.Tensor, *, training: bool) -> list[str]:
+    """Ops of the forward pass that cast floats computed from the weights or inputs to integers.
+
+    Gradients through them are 0: an ``Embedding`` fed token ids as floats (a ``keras.Input``
+    left at float32) gives an input gradient of 0 and finite differences that jump between ids.
+    """
+    x = tf.convert_to_tensor(x)
+    return gradient_overrides(fn, tf.TensorSpec([None, *x.shape[1:]], x.dtype), training=training)["discretized"]
+
+
+def discretized_note(casts: list[str]) -> str:
+    """Why an input gradient through ``casts`` (from :func:`integer_casts`) is 0."""
+    return (
+        f"the model casts floats to integers at {_listed(casts)} (token ids given as floats to an Embedding?), "
+        "so gradients through them are 0 and input_grad is 0 there. Declare the ids as integers "
+        "(keras.Input(shape, dtype='int32')): input_grad is then None, as for token ids, and removal effects "
+        "are unchanged"
+    )
 
 
 def reduced_precision_note(sites: list[str], fn: ModelFunction, func: str) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,6 +34,7 @@ from ._inputs import check_model_input, validate_validation_data
 from ._progress import progress_bar
 from ._summary import compact_repr
 from ._validation import check_positive, describe, param_error
+from .model_function import discretized_note, integer_casts
 from .trajectory import Trajectory, _data_tensors, check_trajectory_data
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # 1 GiB for stored weights/state
@@ -228,6 +230,8 @@ def unrolled(
     start_time = time.perf_counter()
     label_grad = trajectory.loss.has_label_grad(y)
     program = trajectory.program(label_grad=label_grad, input_grad=input_grad)
+    if input_grad and (casts := integer_casts(program.fn, x[:1], training=trajectory.training)):
+        warnings.warn(f"{func}: {discretized_note(casts)}.", RuntimeWarning, stacklevel=2)
     dtype = program.fn.dtype
     steps = trajectory.steps
     initial = _InitialState(trajectory)

@@ -27,7 +27,14 @@ from ._inputs import check_validation_arrays, validate_validation_data
 from ._progress import progress_bar
 from ._validation import as_array, check_choice, check_sample_indices, describe, param_error
 from .checks import GradientCheck, as_float64, check_gradient
-from .model_function import ModelFunction, gradient_overrides, reduced_precision_note, warn_reduced_precision
+from .model_function import (
+    ModelFunction,
+    discretized_note,
+    gradient_overrides,
+    integer_casts,
+    reduced_precision_note,
+    warn_reduced_precision,
+)
 from .trajectory import Trajectory, check_trajectory_data, is_recorded_data, retrain
 
 
@@ -287,10 +294,14 @@ def check_unrolled(
                 "wrt", func, "'sample_weights' (or 'labels') for integer inputs, which have no gradient", "'inputs'"
             )
         )
+    if wrt == "inputs" and (casts := integer_casts(trajectory.program().fn, x[:1], training=trajectory.training)):
+        raise ValueError(
+            param_error("wrt", func, "'sample_weights' (or 'labels')", f"'inputs', but {discretized_note(casts)}")
+        )
     traj64 = as_float64_trajectory(trajectory, x, y)
     x64 = x if integer_inputs else x.astype(np.float64)
     y64 = y.astype(np.float64) if trajectory.loss.has_label_grad(y) else y
-    result = unrolled(traj64, x64, y64, x_val, y_val, progress=False)
+    result = unrolled(traj64, x64, y64, x_val, y_val, progress=False, input_grad=wrt == "inputs")
     if wrt == "labels" and result.label_grad is None:
         raise ValueError(param_error("wrt", func, "'inputs' or 'sample_weights' for class-index labels", "'labels'"))
 

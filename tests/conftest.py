@@ -23,7 +23,9 @@ import influence as inf  # noqa: E402
 def _seeds():
     keras.utils.set_random_seed(0)
     # XLA refusals are warned about once per process: each test that expects the warning gets it.
-    inf.program._XLA_REFUSALS_SAID.clear()
+    from influence import program
+
+    program._XLA_REFUSALS_SAID.clear()
 
 
 def mlp(n_in: int, n_out: int, *, hidden=(8,), activation="tanh", out_activation=None, seed=0):

@@ -1,5 +1,7 @@
 """Every rejected argument gets one clear message naming the parameter (DESIGN §3)."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -392,3 +394,23 @@ def test_complex_dict_and_dataset_inputs_are_named_as_given():
     dataset = tf.data.Dataset.from_tensor_slices(x)
     with pytest.raises(TypeError, match=r"Got a _TensorSliceDataset \(collect a tf.data.Dataset into arrays first\)"):
         inf.fit(model, dataset, y)
+
+
+def test_token_ids_given_as_floats_are_named_where_input_gradients_are_zero():
+    """An Embedding behind a float keras.Input casts the ids: input_grad was 0 without a word, and
+    check_unrolled compared that 0 with finite differences that jump between ids."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 8, size=(12, 5)).astype("float32")
+    y = (x[:, 1] > 4).astype(int)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Embedding(10, 3, name="tokens"), keras.layers.Flatten(), keras.layers.Dense(2)]
+    )
+    traj = inf.fit(model, x, y, from_logits=True, batch_size=4)
+    with pytest.warns(RuntimeWarning, match=r"unrolled: the model casts floats to integers at 'tokens/Cast'"):
+        assert not np.any(inf.unrolled(traj, x, y, x, y).input_grad)
+    with pytest.raises(ValueError, match=r"'wrt' parameter of check_unrolled .* Got 'inputs', but the model casts"):
+        inf.check_unrolled(traj, x, y, x, y, index=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # removal effects alone: nothing to warn about
+        inf.unrolled(traj, x, y, x, y, input_grad=False)
