@@ -61,6 +61,7 @@ class ModelFunction:
         model: the Keras model (its variables are only read, never written).
         dtype: dtype of the trainable weights (``tf.float32`` or ``tf.float64``).
         weights: current trainable weights as tensors, ``model.trainable_variables`` order.
+        non_trainable: current non-trainable values (read at each call; see :meth:`pin_state`).
     """
 
     def __init__(self, model: keras.Model, *, func: str = "ModelFunction") -> None:
@@ -88,7 +89,7 @@ class ModelFunction:
         _check_stateless(model, func)
         _check_input_precision(model, self.dtype, func)
         _check_no_mixed_precision(model, func)
-        self.non_trainable = [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables]
+        self._pinned: list[tf.Tensor] | None = None
         self._seed_slots = seed_state_slots(model)
         # stateless_call hands ``training`` to ``call`` as it is; a subclassed ``call(self, x)``
         # without it raised TypeError (``model(x, training=...)`` drops it for such models).
@@ -97,6 +98,26 @@ class ModelFunction:
     @property
     def weights(self) -> list[tf.Tensor]:
         return [tf.convert_to_tensor(v.value) for v in self.model.trainable_variables]
+
+    @property
+    def non_trainable(self) -> list[tf.Tensor]:
+        """The model's non-trainable values (moving statistics, seeds): read at each call, unless pinned.
+
+        Read live, as ``weights`` is: a function kept across ``model.set_weights`` or a Keras
+        ``fit`` follows the model (a copy taken once made outputs and H·v through BatchNorm stale).
+        """
+        if self._pinned is not None:
+            return self._pinned
+        return [tf.convert_to_tensor(v.value) for v in self.model.non_trainable_variables]
+
+    def pin_state(self) -> ModelFunction:
+        """Fix the non-trainable values at their current values, as constants (returns ``self``).
+
+        A compiled :class:`~influence.program.Program` pins them: its recorded run keeps the
+        moving statistics it was trained with, whatever the model's variables hold later.
+        """
+        self._pinned = [tf.convert_to_tensor(v.value) for v in self.model.non_trainable_variables]
+        return self
 
     def state_for_seed(self, seed: int | tf.Tensor | None) -> list[tf.Tensor]:
         """Non-trainable state with every random layer's seed set from ``seed``.

@@ -126,6 +126,12 @@ class _GraphFunction:
             except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.InternalError) as error:
                 if not _xla_refused(error):
                     raise
+                # Only a refusal if plain graphs run it: an error of the arguments themselves (labels of
+                # another shape given to retrain) fails there too, is raised as it is, and leaves XLA on.
+                try:
+                    result = self.plain(*args)
+                except Exception as plain_error:
+                    raise plain_error from None
                 reason = str(error).splitlines()[0][:300]
                 # Once per process and reason: each float64 check builds a new program of the same model,
                 # and its refusal differs only in numbered graph and node names.
@@ -141,6 +147,7 @@ class _GraphFunction:
                 self.program.xla_refused.add(self.group)
                 if self.group == "forward":
                     self.program.jit_compile = False
+                return result
         return self.plain(*args)
 
 
@@ -234,7 +241,8 @@ class Program:
         jit_compile: bool = True,
         input_gradient_penalty: float = 0.0,
     ) -> None:
-        self.fn, self.loss, self.optimizer = fn, loss, optimizer
+        # The recorded run keeps the non-trainable values (moving statistics) it was trained with.
+        self.fn, self.loss, self.optimizer = fn.pin_state(), loss, optimizer
         self.objective = Objective(fn, loss, input_gradient_penalty)
         self.training, self.n_train, self.label_grad = training, n_train, label_grad
         self.input_grad = input_grad

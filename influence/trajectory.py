@@ -509,6 +509,8 @@ def check_trajectory_data(
                 f"{len(x)} samples of shape {tuple(x.shape[1:])}",
             )
         )
+    if not recorded:  # other data: labels as fit checks them (retrain dropped a class label 12 of 10 classes)
+        check_labels_for_loss(func, "y_train", y, trajectory.loss, trajectory.model)
     if recorded and not is_recorded_data(trajectory.data_fingerprint, x, y):
         raise ValueError(
             param_error(

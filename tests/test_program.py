@@ -213,3 +213,31 @@ def test_fresh_models_in_one_process_raise_no_retracing_warnings(data):
     finally:
         logger.removeHandler(handler)
     assert not [r for r in records if "retracing" in r.getMessage()]
+
+
+def test_an_error_of_the_arguments_is_raised_and_leaves_xla_on():
+    """A shape error raised while XLA compiled (one-hot labels given to retrain) was taken for XLA refusing the
+    model: the shared program switched to plain graphs for good, and replays left the recorded run by 4e-7."""
+    from types import SimpleNamespace
+
+    from influence.program import _GraphFunction
+
+    def broken(x):
+        raise tf.errors.InvalidArgumentError(None, None, "while compiling: dimensions must be equal, 10 and 100")
+
+    program = SimpleNamespace(jit_compile=True, xla_refused=set())
+    with pytest.raises(tf.errors.InvalidArgumentError, match="dimensions must be equal"):
+        _GraphFunction(program, broken, group="forward")(tf.constant(1.0))
+    assert program.jit_compile and not program.xla_refused
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 4)), rng.integers(0, 3, 12)
+    traj = inf.fit(mlp(4, 3, out_activation="softmax"), x, y, optimizer=SGD(0.3), **FIT)
+    with pytest.raises(ValueError, match="'y_train' parameter of retrain must be class indices"):
+        inf.retrain(traj, x, np.eye(3)[y])
+    with pytest.raises(
+        ValueError, match=r"'y_train' parameter of Trajectory.replayed_on must be class labels in \[0, 2\]"
+    ):
+        traj.replayed_on(x, np.where(np.arange(12) == 0, 5, y))
+    assert traj.program().jit_compile
+    assert all(np.array_equal(a, b) for a, b in zip(inf.retrain(traj, x, y), traj.final_weights))
