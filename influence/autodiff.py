@@ -34,20 +34,47 @@ import tensorflow as tf
 
 from . import _tree
 from ._exact_ops import exact_ops
-from ._validation import describe, param_error
+from ._validation import check_non_negative, describe, param_error
 
 ScalarFn = Callable[[list[tf.Tensor]], tf.Tensor]
 MixedFn = Callable[[list[tf.Tensor], tf.Tensor], tf.Tensor]
 
 
-def gradient(loss_fn: ScalarFn, weights: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+def gradient(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], *, func: str = "gradient") -> list[tf.Tensor]:
     """∇_w loss, shaped like ``weights``."""
     weights = _as_tensors(weights)
     with tf.GradientTape() as tape:
         tape.watch(weights)
         with exact_ops():
-            value = loss_fn(weights)
+            value = _scalar(loss_fn(weights), func)
     return dense_gradients(tape.gradient(value, weights), weights)
+
+
+def _scalar(value: Any, func: str) -> tf.Tensor:
+    """A loss must be one number: a tape silently sums a per-sample vector (B times the mean's H·v)."""
+    value = tf.convert_to_tensor(value)
+    if value.shape.num_elements() not in (1, None):
+        raise ValueError(
+            param_error(
+                "loss_fn",
+                func,
+                "a function returning a scalar loss (e.g. loss.mean(y, fn(w, x)), not per-sample losses)",
+                f"shape {tuple(value.shape)}",
+            )
+        )
+    return value
+
+
+def _check_vector(vector: Sequence[Any], weights: list[tf.Tensor], func: str) -> list[tf.Tensor]:
+    """``vector`` shaped like ``weights``: one tensor per weight, same shapes (a short list was zipped away)."""
+    vector = list(vector)
+    shapes = [tuple(tf.convert_to_tensor(v).shape) for v in vector]
+    expected = [tuple(w.shape) for w in weights]
+    if shapes != expected:
+        raise ValueError(
+            param_error("vector", func, f"{len(expected)} tensors shaped like the weights {expected}", f"{shapes}")
+        )
+    return [tf.cast(v, w.dtype) for v, w in zip(vector, weights)]
 
 
 def hvp(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], vector: Sequence[tf.Tensor]) -> list[tf.Tensor]:
@@ -56,17 +83,18 @@ def hvp(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], vector: Sequence[tf.Ten
     Memory O(|w|); the Hessian is never formed.
     """
     weights = _as_tensors(weights)
-    with tf.autodiff.ForwardAccumulator(weights, list(vector)) as acc:
-        grads = gradient(loss_fn, weights)
+    with tf.autodiff.ForwardAccumulator(weights, _check_vector(vector, weights, "hvp")) as acc:
+        grads = gradient(loss_fn, weights, func="hvp")
     return dense_gradients(acc.jvp(grads), weights)
 
 
 def hvp_reverse(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], vector: Sequence[tf.Tensor]) -> list[tf.Tensor]:
     """H·v by reverse-over-reverse (nested tapes); a cross-check for :func:`hvp`."""
     weights = _as_tensors(weights)
+    vector = _check_vector(vector, weights, "hvp_reverse")
     with tf.GradientTape() as outer:
         outer.watch(weights)
-        inner_dot = _tree.dot(gradient(loss_fn, weights), vector)
+        inner_dot = _tree.dot(gradient(loss_fn, weights, func="hvp_reverse"), vector)
     return dense_gradients(outer.gradient(inner_dot, weights), weights)
 
 
@@ -83,12 +111,16 @@ def mixed_product(
     O(|w| + |x|), unlike contracting the |w|×|x| Jacobian ∂(∇_w L)/∂x.
     """
     weights = _as_tensors(weights)
+    vector = _check_vector(vector, weights, "mixed_product")
+    inputs = tf.convert_to_tensor(inputs)
+    if not inputs.dtype.is_floating:  # a tape gives integer tensors no gradient: zeros came back
+        raise TypeError(param_error("inputs", "mixed_product", "floating-point inputs", f"{inputs.dtype.name} inputs"))
     with tf.GradientTape() as outer:
         outer.watch(inputs)
         with tf.GradientTape() as inner:
             inner.watch(weights)
             with exact_ops():
-                value = loss_fn(weights, inputs)
+                value = _scalar(loss_fn(weights, inputs), "mixed_product")
         grads = dense_gradients(inner.gradient(value, weights), weights)
         inner_dot = _tree.dot(grads, vector)
     result = outer.gradient(inner_dot, inputs)
@@ -106,9 +138,18 @@ def per_sample_dots(
     :func:`influence.model_function.require_independent_samples`).
     """
     weights = _as_tensors(weights)
-    with tf.autodiff.ForwardAccumulator(weights, list(vector)) as acc:
+    with tf.autodiff.ForwardAccumulator(weights, _check_vector(vector, weights, "per_sample_dots")) as acc:
         with exact_ops():
-            losses = per_sample_loss_fn(weights)
+            losses = tf.convert_to_tensor(per_sample_loss_fn(weights))
+    if losses.shape.rank != 1:
+        raise ValueError(
+            param_error(
+                "per_sample_loss_fn",
+                "per_sample_dots",
+                "a function returning per-sample losses (B,)",
+                f"shape {tuple(losses.shape)}",
+            )
+        )
     dots = acc.jvp(losses)
     return tf.zeros_like(losses) if dots is None else dots
 
@@ -130,7 +171,7 @@ def hessian(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], *, vectorized: bool
         with tf.GradientTape() as inner:
             inner.watch(flat)
             with exact_ops():
-                value = loss_fn(_tree.unflatten(flat, weights))
+                value = _scalar(loss_fn(_tree.unflatten(flat, weights)), "hessian")
         grad = inner.gradient(value, flat, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return outer.jacobian(
         grad, flat, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=vectorized
@@ -145,9 +186,10 @@ def newton_step(loss_fn: ScalarFn, weights: Sequence[tf.Tensor], *, damping: flo
     would return an arbitrary null-space component (e.g. a softmax regression's Hessian, which
     is singular along the direction that shifts every logit together).
     """
+    check_non_negative(damping, param="damping", func="newton_step")  # NaN gave all-NaN weights
     weights = _as_tensors(weights)
     h = hessian(loss_fn, weights).numpy()
-    g = _tree.flatten(gradient(loss_fn, weights)).numpy()
+    g = _tree.flatten(gradient(loss_fn, weights, func="newton_step")).numpy()
     # One symmetric eigendecomposition both tells a numerically singular H and solves with it.
     values, vectors = np.linalg.eigh((h + h.T) / 2 + damping * np.eye(len(h)))
     size = np.abs(values)

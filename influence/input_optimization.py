@@ -34,7 +34,7 @@ import tensorflow as tf
 from ._inputs import check_samples, prepare, validate_validation_data
 from ._progress import progress_bar
 from ._summary import compact_repr
-from ._validation import as_array, check_choice, check_positive, check_sample_indices, describe, param_error
+from ._validation import as_array, check_choice, check_positive, check_sample_indices, describe, is_real, param_error
 from .optimizers import Adam, Optimizer, get_optimizer
 from .trajectory import Trajectory, check_trajectory_data
 from .unroll import unrolled
@@ -201,8 +201,12 @@ def check_inside_bounds(
 def _check_common(func: str, outer_optimizer: Any, steps: Any, bounds: Any, budget: Any) -> Optimizer:
     opt = outer_optimizer_named(outer_optimizer, func)
     check_positive(steps, param="steps", func=func, kind=int)
-    if bounds is not None and (not isinstance(bounds, (tuple, list)) or len(bounds) != 2 or not bounds[0] < bounds[1]):
-        raise ValueError(param_error("bounds", func, "None or a (low, high) pair with low < high", describe(bounds)))
+    if bounds is not None:
+        pair = list(bounds) if isinstance(bounds, (tuple, list, np.ndarray)) else []
+        if len(pair) != 2 or not all(is_real(b) for b in pair) or not pair[0] < pair[1]:
+            raise ValueError(
+                param_error("bounds", func, "None or a (low, high) pair of numbers with low < high", describe(bounds))
+            )
     if budget is not None:
         check_positive(budget, param="budget", func=func)
     return opt
@@ -277,8 +281,22 @@ def optimize_training_inputs(
             )
         )
     wants_inputs = target in ("inputs", "both")
+    if wants_inputs and not np.issubdtype(x.dtype, np.floating):  # token ids: cast to floats, nothing moved
+        raise ValueError(
+            param_error("target", func, "'labels' for integer inputs (token ids have no gradient)", repr(target))
+        )
     if wants_inputs:
         check_inside_bounds(x[idx], bounds, func)
+    unused = idx[trajectory.sample_weight[idx] == 0]
+    if len(unused):  # their inputs and labels never reach training: every step would change nothing
+        raise ValueError(
+            param_error(
+                "indices",
+                func,
+                "samples trained on (sample weight ≠ 0)",
+                f"samples {unused.tolist()[:10]} of sample weight 0 in this run",
+            )
+        )
     sign = 1.0 if goal == "repair" else -1.0  # the outer optimizer minimises sign·E
 
     dtype = tf.as_dtype(trajectory.model.trainable_variables[0].dtype)

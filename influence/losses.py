@@ -32,8 +32,29 @@ def _per_sample_mean(per_output: tf.Tensor) -> tf.Tensor:
     return tf.reduce_mean(tf.reshape(per_output, [tf.shape(per_output)[0], -1]), axis=1)
 
 
+def _as_predictions(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    """Targets in the predictions' shape and dtype: (B,) targets for (B, 1) predictions are reshaped.
+
+    Any other layout is refused where the shapes are known: a reshape by element count alone
+    scrambled (3, 4) targets into (4, 3) predictions without a word.
+    """
+    got, want = y_true.shape, y_pred.shape
+    if got.rank is not None and want.rank is not None:
+        a, b = _without_trailing_one(got.as_list()), _without_trailing_one(want.as_list())
+        if len(a) != len(b) or any(m is not None and n is not None and m != n for m, n in zip(a, b)):
+            raise ValueError(
+                f"influence.losses: targets of shape {tuple(got.as_list())} do not match predictions of shape "
+                f"{tuple(want.as_list())} (one target per output; a trailing axis of 1 may be left out)."
+            )
+    return tf.cast(tf.reshape(y_true, tf.shape(y_pred)), y_pred.dtype)
+
+
+def _without_trailing_one(dims: list[int | None]) -> list[int | None]:
+    return dims[:-1] if dims and dims[-1] == 1 else dims
+
+
 def _residual(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-    return y_pred - tf.cast(tf.reshape(y_true, tf.shape(y_pred)), y_pred.dtype)
+    return y_pred - _as_predictions(y_true, y_pred)
 
 
 def _mse(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
@@ -97,7 +118,7 @@ def _categorical_ce(from_logits: bool) -> PerSampleLoss:
 @functools.cache  # one function per setting: equal Loss objects share compiled programs
 def _binary_ce(from_logits: bool) -> PerSampleLoss:
     def loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-        target = tf.cast(tf.reshape(y_true, tf.shape(y_pred)), y_pred.dtype)
+        target = _as_predictions(y_true, y_pred)
         if from_logits:
             per_output = tf.nn.sigmoid_cross_entropy_with_logits(labels=target, logits=y_pred)
         else:

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from ._inputs import as_model_inputs, check_samples, prepare
-from ._validation import as_array, param_error
+from ._validation import as_array, describe, param_error
 from .autodiff import per_sample_dots
 from .model_function import require_independent_samples
 
@@ -51,7 +51,9 @@ def per_sample_gradient_dots(
                 "vector",
                 func,
                 f"a list of {len(weights)} tensors shaped like the trainable weights",
-                type(vector).__name__,
+                f"a {type(vector).__name__} of {len(vector)}"
+                if isinstance(vector, (list, tuple))
+                else describe(vector),
             )
         )
     v = []

@@ -196,6 +196,35 @@ def _predicted_labels(trajectory: Trajectory, outputs: np.ndarray) -> np.ndarray
     return np.full(len(outputs), np.nan)
 
 
+def effects_by_sample(value: Any, *, param: str, func: str) -> dict[int, float] | np.ndarray:
+    """Removal effects keyed by sample: a rank table's by its ``index`` column (a dict), an
+    :class:`~influence.UnrolledResult`'s or an (n,) array's by position.
+
+    A column taken out of a rank table (``table["removal_effect"]``) is refused: the table is
+    sorted most harmful first, so its positions are ranks, not samples (it was read as if they were).
+    """
+    if isinstance(value, pd.DataFrame):
+        if not {"index", "removal_effect"} <= set(value.columns):
+            raise ValueError(param_error(param, func, "a rank table", "a DataFrame without them"))
+        return dict(zip(value["index"].astype(np.int64).tolist(), value["removal_effect"].astype(np.float64)))
+    if isinstance(value, pd.Series):
+        raise ValueError(
+            param_error(
+                param,
+                func,
+                "the rank table itself, an UnrolledResult or an (n,) array in sample order",
+                "a pandas Series (a column of a rank table is in ranking order, most harmful first; "
+                "its positions are not sample indices)",
+            )
+        )
+    if hasattr(value, "removal_effect"):  # an UnrolledResult
+        return np.asarray(value.removal_effect)
+    effect = as_array(value, param=param, func=func)
+    if effect.ndim != 1:
+        raise ValueError(param_error(param, func, "an (n,) array of removal effects", f"shape {effect.shape}"))
+    return effect
+
+
 def predicted_group_effect(table_or_effect: Any, groups: Sequence[Sequence[int]]) -> np.ndarray:
     """First-order effect of removing each group: the sum of its members' removal effects.
 
@@ -212,22 +241,11 @@ def predicted_group_effect(table_or_effect: Any, groups: Sequence[Sequence[int]]
     remove, :func:`influence.greedy_removal` re-differentiates after each removal.
     """
     func = "predicted_group_effect"
-    if isinstance(table_or_effect, pd.DataFrame):
-        if not {"index", "removal_effect"} <= set(table_or_effect.columns):
-            raise ValueError(param_error("table_or_effect", func, "a rank table", "a DataFrame without them"))
-        effect_of = dict(zip(table_or_effect["index"].astype(np.int64), table_or_effect["removal_effect"]))
-        known = f"indices of the table's 'index' column ({len(effect_of)} samples)"
+    found = effects_by_sample(table_or_effect, param="table_or_effect", func=func)
+    if isinstance(found, dict):
+        effect_of, known = found, f"indices of the table's 'index' column ({len(found)} samples)"
     else:
-        if hasattr(table_or_effect, "removal_effect"):  # an UnrolledResult
-            effect = np.asarray(table_or_effect.removal_effect)
-        else:
-            effect = as_array(table_or_effect, param="table_or_effect", func=func)
-            if effect.ndim != 1:
-                raise ValueError(
-                    param_error("table_or_effect", func, "an (n,) array of removal effects", f"shape {effect.shape}")
-                )
-        effect_of = dict(enumerate(effect))
-        known = f"indices in [0, {len(effect) - 1}]"
+        effect_of, known = dict(enumerate(found)), f"indices in [0, {len(found) - 1}]"
     if any(np.isnan(v) for v in effect_of.values()):
         raise ValueError(
             param_error(

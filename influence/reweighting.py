@@ -126,7 +126,8 @@ def learn_sample_weights(
         trajectory: from :func:`influence.fit`; its schedule is replayed at every outer step.
         x_train, y_train: the training data it was recorded on.
         x_val, y_val: validation data defining E.
-        indices: the samples whose weights are learned (int array); None (default) for all.
+        indices: the samples whose weights are learned (int array); None (default) for all,
+            samples of recorded weight 0 included (they start at 0 and may be brought back).
         goal: ``"repair"`` lowers E, ``"poison"`` raises it.
         outer_optimizer: :mod:`influence.optimizers` instance, or a name as for
             :func:`influence.fit`; default ``Adam(0.1)``. Adam and RMSprop move every

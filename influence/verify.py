@@ -35,6 +35,7 @@ from .model_function import (
     reduced_precision_note,
     warn_reduced_precision,
 )
+from .rank import effects_by_sample
 from .trajectory import Trajectory, check_trajectory_data, is_recorded_data, retrain
 
 
@@ -123,7 +124,8 @@ def removal_curve(
         indices: one sample index, or a group whose weights are scaled together.
         scales: multipliers of the recorded weights (1 = as recorded, 0 = removed;
             values above 1 up-weight). One retraining per scale other than 1.
-        removal_effect: (n,) from :func:`unrolled` or ``rank(method="unrolled")``
+        removal_effect: (n,) from :func:`unrolled`, or a ``rank(method="unrolled")`` table (its rows are
+            matched by their ``index`` column; a column taken out of it, in ranking order, is refused)
             for the prediction; computed with ``unrolled(..., input_grad=False)`` if None.
         progress: a progress bar over the retrainings: ``None`` (default) once they have run 2 s,
             ``True`` at once, ``False`` never.
@@ -138,13 +140,26 @@ def removal_curve(
     x_val, y_val = validate_validation_data(func, trajectory.model, trajectory.loss, x, y, x_val, y_val)
     group = _sample_group(trajectory, indices, func)
     scale_values = as_array(scales, param="scales", func=func).astype(np.float64).reshape(-1)  # finite, non-empty
+    if np.any(scale_values < 0):  # a negative weight ascends the sample's loss: no removal curve
+        raise ValueError(param_error("scales", func, "multipliers ≥ 0", describe(scales)))
     if removal_effect is None:
         from .unroll import unrolled
 
         removal_effect = unrolled(trajectory, x, y, x_val, y_val, input_grad=False, progress=False).removal_effect
-    effect = as_array(removal_effect, param="removal_effect", func=func).reshape(-1)
+    found = effects_by_sample(removal_effect, param="removal_effect", func=func)
+    if isinstance(found, dict):  # a rank table: its rows by their 'index' column
+        effect = np.full(trajectory.n_train, np.nan)
+        effect[[i for i in found if 0 <= i < trajectory.n_train]] = [
+            v for i, v in found.items() if 0 <= i < trajectory.n_train
+        ]
+    else:
+        effect = np.asarray(found, np.float64)
     if effect.shape != (trajectory.n_train,):
         raise ValueError(param_error("removal_effect", func, f"shape ({trajectory.n_train},)", f"shape {effect.shape}"))
+    if np.isnan(effect[group]).any():
+        raise ValueError(
+            param_error("removal_effect", func, f"removal effects of samples {group.tolist()}", "a table lacking them")
+        )
     slope = float(np.sum(effect[group]))  # change per unit of (1 − s): the removal effects are for s = 0
     change = _RetrainedChange(trajectory, x, y, x_val, y_val)
     actual = [

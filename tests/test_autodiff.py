@@ -372,3 +372,42 @@ def test_a_model_function_follows_the_models_non_trainable_state_unless_pinned()
     assert np.abs(model(x).numpy() - before).max() > 0.5  # the change is visible…
     moved_weights_old_stats = pinned(pinned.weights, x).numpy()  # …and a pinned function keeps the old statistics
     assert not np.allclose(moved_weights_old_stats, model(x).numpy())
+
+
+def test_building_blocks_refuse_per_sample_losses_short_vectors_and_bad_damping(regressor, reg_data):
+    """A per-sample loss was summed (H·v 5x too large for B=5), a short vector zipped away (mixed_product 0.76 off),
+    damping=nan gave NaN weights, and (3, 4) targets were reshaped into (4, 3) predictions."""
+    x, y, _, _ = reg_data
+    fn, mse = inf.ModelFunction(regressor), get_loss("mse")
+    w = fn.weights
+    v = _random_like(w)
+    per_sample = lambda w_: mse(tf.constant(y), fn(w_, tf.constant(x)))  # noqa: E731
+    mean = lambda w_: mse.mean(tf.constant(y), fn(w_, tf.constant(x)))  # noqa: E731
+    for call in (
+        lambda: inf.hvp(per_sample, w, v),
+        lambda: inf.hessian(per_sample, w),
+        lambda: inf.newton_step(per_sample, w),
+        lambda: inf.mixed_product(lambda w_, xx: mse(tf.constant(y), fn(w_, xx)), w, tf.constant(x), v),
+    ):
+        with pytest.raises(ValueError, match="'loss_fn' parameter of .* must be a function returning a scalar loss"):
+            call()
+    with pytest.raises(ValueError, match="'per_sample_loss_fn' parameter of per_sample_dots must be a function"):
+        inf.per_sample_dots(mean, w, v)
+    for call in (
+        lambda: inf.mixed_product(lambda w_, xx: mse.mean(tf.constant(y), fn(w_, xx)), w, tf.constant(x), v[:2]),
+        lambda: autodiff.hvp_reverse(mean, w, v[:1]),
+        lambda: inf.hvp(mean, w, v[:2]),
+    ):
+        with pytest.raises(ValueError, match=r"'vector' parameter of \w+ must be 4 tensors shaped like the weights"):
+            call()
+    with pytest.raises(TypeError, match="'inputs' parameter of mixed_product must be floating-point inputs"):
+        inf.mixed_product(
+            lambda w_, xx: mse.mean(y, fn(w_, tf.cast(xx, w_[0].dtype))), w, tf.constant([[1, 2, 3, 4]]), v
+        )
+    for damping in (np.nan, np.inf, -1.0):
+        with pytest.raises(ValueError, match="'damping' parameter of newton_step must be a finite number ≥ 0"):
+            inf.newton_step(mean, w, damping=damping)
+    outputs = tf.zeros((4, 3), tf.float64)
+    with pytest.raises(ValueError, match=r"targets of shape \(3, 4\) do not match predictions of shape \(4, 3\)"):
+        mse(tf.zeros((3, 4), tf.float64), outputs)
+    assert mse(tf.zeros((4,), tf.float64), tf.zeros((4, 1), tf.float64)).shape == (4,)  # (B,) for (B, 1): as ever

@@ -156,6 +156,7 @@ def test_adversarial_examples_raise_the_frozen_models_loss_within_the_budget(blo
         ({"indices": [3, 3]}, "'indices' parameter of optimize_training_inputs must be distinct sample indices"),
         ({"steps": 0}, "'steps' parameter of optimize_training_inputs must be a positive int"),
         ({"bounds": (1, 0)}, "'bounds' parameter of optimize_training_inputs must be None or a"),
+        ({"bounds": ("0", "1")}, "'bounds' parameter of optimize_training_inputs must be None or a"),  # was TypeError
         ({"budget": -0.1}, "'budget' parameter of optimize_training_inputs must be a positive number"),
         (
             {"outer_optimizer": keras.optimizers.Adam()},
@@ -307,3 +308,24 @@ def test_curves_name_momentum_and_nesterov_apart(blobs):
         for opt in (SGD(0.1), SGD(0.1, momentum=0.9), SGD(0.1, momentum=0.9, nesterov=True), Adam(0.1))
     ]
     assert labels == ["SGD", "SGD (momentum)", "SGD (Nesterov)", "Adam"]
+
+
+def test_inputs_that_cannot_move_training_are_refused_and_an_array_box_is_taken(blobs):
+    """Token ids were cast to floats and never moved (val_loss constant), samples of weight 0 likewise;
+    bounds=np.array([0, 1]) was refused as not a (low, high) pair."""
+    x, y, xv, yv = blobs
+    c = np.ones(len(x))
+    c[:2] = 0.0
+    traj = inf.fit(mlp(4, 3, out_activation="softmax"), x, y, optimizer=SGD(0.5), batch_size=10, sample_weight=c)
+    with pytest.raises(ValueError, match=r"'indices' .* must be samples trained on .* Got samples \[0, 1\] of sample"):
+        inf.optimize_training_inputs(traj, x, y, xv, yv, [0, 1, 5], steps=1)
+    out = inf.optimize_training_inputs(traj, x, y, xv, yv, [5], steps=1, bounds=np.array([0.0, 1.0]))
+    assert np.all((out.x >= 0) & (out.x <= 1))
+    ids = np.random.default_rng(0).integers(0, 6, size=(12, 3))
+    keras.utils.set_random_seed(0)
+    tokens = keras.Sequential(
+        [keras.Input((3,), dtype="int32"), keras.layers.Embedding(6, 2), keras.layers.Flatten(), keras.layers.Dense(2)]
+    )
+    run = inf.fit(tokens, ids, ids[:, 0] % 2, from_logits=True, batch_size=4)
+    with pytest.raises(ValueError, match="'target' parameter of optimize_training_inputs must be 'labels' for integer"):
+        inf.optimize_training_inputs(run, ids, ids[:, 0] % 2, ids, ids[:, 0] % 2, [0], steps=1)

@@ -212,6 +212,24 @@ def test_group_effect_is_the_sum_of_members_and_is_verified_by_retraining(run):
         inf.predicted_group_effect(inf.rank(traj, x, y, method="loss"), groups)
 
 
+def test_a_column_of_the_ranked_table_is_refused_and_the_table_is_read_by_its_index(run):
+    """table["removal_effect"] is in ranking order: it was read by position as if it were by sample."""
+    traj, x, y, xv, yv = run
+    table = inf.rank(traj, x, y, xv, yv)
+    effect = table.sort_values("index")["removal_effect"].to_numpy()
+    sample = int(table["index"].iloc[-1])  # the least harmful: far from its position in the table
+    for call in (
+        lambda e: inf.predicted_group_effect(e, [[sample]]),
+        lambda e: inf.removal_curve(traj, x, y, xv, yv, sample, scales=[0.0], removal_effect=e, progress=False),
+    ):
+        with pytest.raises(ValueError, match="Got a pandas Series .*its positions are not sample indices"):
+            call(table["removal_effect"])
+    curve = inf.removal_curve(traj, x, y, xv, yv, sample, scales=[0.0], removal_effect=table, progress=False)
+    assert curve["predicted_change"].iloc[0] == pytest.approx(effect[sample], rel=1e-12)
+    with pytest.raises(ValueError, match=r"'removal_effect' parameter of removal_curve must be removal effects of"):
+        inf.removal_curve(traj, x, y, xv, yv, sample, scales=[0.0], removal_effect=table.head(3), progress=False)
+
+
 def test_group_effect_reads_sample_indices_from_a_shard_or_filtered_table(run):
     traj, x, y, xv, yv = run
     effect = inf.rank(traj, x, y, xv, yv).sort_values("index")["removal_effect"].to_numpy()

@@ -298,6 +298,8 @@ def test_removal_curve_ends_at_the_actual_removal_effect_and_follows_the_slope_n
     assert curve["actual_change"][3] == pytest.approx(removed, rel=1e-12, abs=1e-15)
     # a group's weights move together; its prediction is the sum of the members' effects
     group = inf.removal_curve(traj, x, y, xv, yv, [0, 5], scales=(0.0,), removal_effect=res.removal_effect)
+    with pytest.raises(ValueError, match="'scales' parameter of removal_curve must be multipliers ≥ 0"):
+        inf.removal_curve(traj, x, y, xv, yv, 5, scales=(-2.0,), removal_effect=res.removal_effect)
     assert group["predicted_change"][0] == pytest.approx(res.removal_effect[[0, 5]].sum(), rel=1e-12)
     assert group["actual_change"][0] == pytest.approx(
         inf.actual_removal_effect(traj, x, y, xv, yv, [[0, 5]], progress=False)[0], rel=1e-12, abs=1e-15
