@@ -390,6 +390,11 @@ def gradient_overrides(fn: ModelFunction, input_spec: tf.TensorSpec, *, training
     return {kind: list(names) for kind, names in done[key].items()}
 
 
+def overrides_at(fn: ModelFunction, x: np.ndarray | tf.Tensor, *, training: bool) -> dict[str, list[str]]:
+    """:func:`gradient_overrides` for inputs shaped like ``x`` (only its shape and dtype are read)."""
+    return gradient_overrides(fn, tf.TensorSpec([None, *x.shape[1:]], tf.as_dtype(x.dtype)), training=training)
+
+
 def _find_overrides(graph: Any, differentiable: set[str], found: dict[str, list[str]]) -> None:
     """Add the overrides of ``graph`` (and of the loop bodies, branches and calls in it) to ``found``."""
     for op in graph.get_operations():
@@ -528,8 +533,7 @@ def warn_gradient_overrides(
     if training in seen:
         return
     seen.add(training)
-    x = tf.convert_to_tensor(x)
-    found = gradient_overrides(fn, tf.TensorSpec([None, *x.shape[1:]], x.dtype), training=training)
+    found = overrides_at(fn, x, training=training)
     parts = []
     if found["stop_gradient"]:
         parts.append(
@@ -558,10 +562,7 @@ def warn_gradient_overrides(
             GradientOverrideWarning,
             stacklevel=stacklevel,
         )
-    if found["reduced_precision"]:
-        warnings.warn(
-            reduced_precision_note(found["reduced_precision"], fn, func), RuntimeWarning, stacklevel=stacklevel
-        )
+    warn_reduced_precision(fn, x, training=training, func=func, stacklevel=stacklevel + 1)
 
 
 def warn_reduced_precision(
@@ -572,8 +573,7 @@ def warn_reduced_precision(
     Float64 checks call this on their float64 copy: a float32 model with a Resizing layer
     computes in float32 anyway, but its float64 copy does not become float64 there.
     """
-    x = tf.convert_to_tensor(x)
-    found = gradient_overrides(fn, tf.TensorSpec([None, *x.shape[1:]], x.dtype), training=training)
+    found = overrides_at(fn, x, training=training)
     if found["reduced_precision"]:
         warnings.warn(
             reduced_precision_note(found["reduced_precision"], fn, func), RuntimeWarning, stacklevel=stacklevel
@@ -586,8 +586,7 @@ def integer_casts(fn: ModelFunction, x: np.ndarray | tf.Tensor, *, training: boo
     Gradients through them are 0: an ``Embedding`` fed token ids as floats (a ``keras.Input``
     left at float32) gives an input gradient of 0 and finite differences that jump between ids.
     """
-    x = tf.convert_to_tensor(x)
-    return gradient_overrides(fn, tf.TensorSpec([None, *x.shape[1:]], x.dtype), training=training)["discretized"]
+    return overrides_at(fn, x, training=training)["discretized"]
 
 
 def discretized_note(casts: list[str]) -> str:

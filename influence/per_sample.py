@@ -14,8 +14,8 @@ import numpy as np
 import tensorflow as tf
 
 from ._inputs import as_model_inputs, check_samples, prepare
-from ._validation import as_array, describe, param_error
-from .autodiff import per_sample_dots
+from ._validation import as_array
+from .autodiff import check_vector, per_sample_dots
 from .model_function import require_independent_samples
 
 
@@ -45,25 +45,7 @@ def per_sample_gradient_dots(
     ys = as_array(y, param="y", func=func)
     check_samples(func, fn, per_sample, xs, ys)
     weights = fn.weights
-    if not isinstance(vector, (list, tuple)) or len(vector) != len(weights):
-        raise ValueError(
-            param_error(
-                "vector",
-                func,
-                f"a list of {len(weights)} tensors shaped like the trainable weights",
-                f"a {type(vector).__name__} of {len(vector)}"
-                if isinstance(vector, (list, tuple))
-                else describe(vector),
-            )
-        )
-    v = []
-    for i, (vi, wi) in enumerate(zip(vector, weights)):
-        vi = tf.convert_to_tensor(vi, dtype=fn.dtype)
-        if vi.shape != wi.shape:
-            raise ValueError(
-                param_error("vector", func, f"entry {i} of shape {tuple(wi.shape)}", f"shape {tuple(vi.shape)}")
-            )
-        v.append(vi)
+    v = check_vector(vector, weights, func)
     xt = tf.constant(xs, dtype=fn.dtype if np.issubdtype(xs.dtype, np.floating) else None)
     require_independent_samples(fn, xt, training=training, func=func, why="per-sample gradients")
     yt = tf.constant(ys)

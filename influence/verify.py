@@ -30,8 +30,8 @@ from .checks import GradientCheck, as_float64, check_gradient
 from .model_function import (
     ModelFunction,
     discretized_note,
-    gradient_overrides,
     integer_casts,
+    overrides_at,
     reduced_precision_note,
     warn_reduced_precision,
 )
@@ -149,9 +149,8 @@ def removal_curve(
     found = effects_by_sample(removal_effect, param="removal_effect", func=func)
     if isinstance(found, dict):  # a rank table: its rows by their 'index' column
         effect = np.full(trajectory.n_train, np.nan)
-        effect[[i for i in found if 0 <= i < trajectory.n_train]] = [
-            v for i, v in found.items() if 0 <= i < trajectory.n_train
-        ]
+        rows = {i: v for i, v in found.items() if 0 <= i < trajectory.n_train}
+        effect[list(rows)] = list(rows.values())
     else:
         effect = np.asarray(found, np.float64)
     if effect.shape != (trajectory.n_train,):
@@ -359,8 +358,7 @@ def check_unrolled(
 def _known_cause(traj64: Trajectory, x64: np.ndarray, func: str) -> str:
     """A failure's cause that the model's forward graph shows: an approximate gradient, or float32 ops."""
     fn = ModelFunction(traj64.model, func=func)
-    spec = tf.TensorSpec([None, *x64.shape[1:]], tf.as_dtype(x64.dtype))
-    found = gradient_overrides(fn, spec, training=traj64.training)
+    found = overrides_at(fn, x64, training=traj64.training)
     causes = []
     if found["approximate_gradient"]:
         causes.append(

@@ -398,7 +398,9 @@ def test_building_blocks_refuse_per_sample_losses_short_vectors_and_bad_damping(
         lambda: autodiff.hvp_reverse(mean, w, v[:1]),
         lambda: inf.hvp(mean, w, v[:2]),
     ):
-        with pytest.raises(ValueError, match=r"'vector' parameter of \w+ must be 4 tensors shaped like the weights"):
+        with pytest.raises(
+            ValueError, match=r"'vector' parameter of \w+ must be a list of 4 tensors shaped like the weights"
+        ):
             call()
     with pytest.raises(TypeError, match="'inputs' parameter of mixed_product must be floating-point inputs"):
         inf.mixed_product(
