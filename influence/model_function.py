@@ -344,10 +344,22 @@ class GradientOverrideWarning(UserWarning):
     """
 
 
-# Forward passes already inspected: model -> {(training, input dtype, input shape): found}.
+# Forward passes already inspected: model -> {(layers, training, input dtype, input shape): found}.
 _inspections: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# Models already warned about, per training mode.
+# Models already warned about: model -> {(layers, training)}.
 _inspected: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _layers_key(model: keras.Model) -> tuple:
+    """Which layers the model holds, and at which precision: part of both inspection caches' keys.
+
+    A model edited after its inspection (``Sequential.pop``/``add``, a layer's dtype policy
+    changed) is inspected again instead of keeping the first answer.
+    """
+    return tuple(
+        (id(layer), getattr(layer.dtype_policy, "name", None))
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+    )
 
 
 def gradient_overrides(fn: ModelFunction, input_spec: tf.TensorSpec, *, training: bool) -> dict[str, list[str]]:
@@ -364,7 +376,12 @@ def gradient_overrides(fn: ModelFunction, input_spec: tf.TensorSpec, *, training
     input does not depend on the weights or inputs along floating-point tensors (or tensor lists,
     which carry a sequence into a loop). Traced once per model, mode and input signature.
     """
-    key = (bool(training), tf.as_dtype(input_spec.dtype).name, tuple(input_spec.shape.as_list()))
+    key = (
+        _layers_key(fn.model),
+        bool(training),
+        tf.as_dtype(input_spec.dtype).name,
+        tuple(input_spec.shape.as_list()),
+    )
     try:
         done = _inspections.setdefault(fn.model, {})
     except TypeError:  # an unhashable model: inspect every time
@@ -517,7 +534,7 @@ def _has_custom_gradient(op: tf.Operation) -> bool:
 def warn_gradient_overrides(
     fn: ModelFunction, x: np.ndarray | tf.Tensor, *, training: bool, func: str, stacklevel: int = 3
 ) -> None:
-    """Warn once per model and mode when hypergradients would follow an overridden gradient (DESIGN §4).
+    """Warn once per model, set of layers and mode when hypergradients follow an overridden gradient (DESIGN §4).
 
     ``stop_gradient`` inside the model makes training's gradient a function of weights
     and inputs that autodiff does not differentiate through, at any order: H·v, the
@@ -530,9 +547,10 @@ def warn_gradient_overrides(
         seen = _inspected.setdefault(model, set())
     except TypeError:  # an unhashable model: inspect every time
         seen = set()
-    if training in seen:
+    key = (_layers_key(model), bool(training))
+    if key in seen:
         return
-    seen.add(training)
+    seen.add(key)
     found = overrides_at(fn, x, training=training)
     parts = []
     if found["stop_gradient"]:

@@ -306,3 +306,25 @@ def test_a_failed_check_through_an_approximate_gradient_names_the_op_not_a_kink(
     check = inf.check_unrolled(traj, x, y, x[:8], y[:8], index=1, directions=1)
     assert not check.ok
     assert re.match(r"Likely cause.*ImageProjectiveTransformV3.*only approximate", check.explanation)
+
+
+def test_a_model_edited_after_its_inspection_is_inspected_again():
+    # The graph inspection is cached per model; a Sequential edited in place (pop/add) must
+    # not keep the answer of its first inspection, or the new stop_gradient goes unwarned.
+    x, y, _, _ = _data()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4,), dtype="float64"),
+            keras.layers.Dense(6, dtype="float64"),
+            keras.layers.Dense(3, activation="softmax", dtype="float64"),
+        ]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", inf.GradientOverrideWarning)
+        inf.fit(model, x, y, loss="sparse_categorical_crossentropy", optimizer=SGD(0.3), batch_size=4, epochs=1)
+    model.pop()
+    model.add(DetachedScale(dtype="float64"))
+    model.add(keras.layers.Dense(3, activation="softmax", dtype="float64"))
+    with pytest.warns(inf.GradientOverrideWarning, match=r"stop_gradient at '[^']*detached_scale"):
+        inf.fit(model, x, y, loss="sparse_categorical_crossentropy", optimizer=SGD(0.3), batch_size=4, epochs=1)
