@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow as tf
@@ -71,6 +71,8 @@ class Optimizer(ABC):
 
     learning_rate: float | Schedule = 0.01
     weight_decay: float = 0.0
+    # Whether :meth:`decay_curvature` reads the final state (SGD's does not: no replay needed).
+    decay_reads_state: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -128,6 +130,25 @@ class Optimizer(ABC):
             weights = [w - lr * self.weight_decay * w for w in weights]
         return self._step(weights, grads, state, lr, step)
 
+    def decay_curvature(self, weights: list[tf.Tensor], state: State, steps: int) -> list[tf.Tensor] | None:
+        """The curvature D of the L2 penalty that weight decay amounts to where the run settles.
+
+        At a fixed point of :meth:`update` (the gradient g and the state no longer change),
+        decoupled weight decay λ balances the gradient as g + D ⊙ w = 0: the run minimises the
+        loss plus ½ Σ D w², whose Hessian adds diag(D). Influence functions, which assume a
+        minimum, need it (:func:`influence.rank`). ``state``: the optimizer state after the
+        last step; ``steps``: how many steps the run took (Adam's bias correction). None
+        without weight decay. The adaptive optimizers' D comes from the final second moments,
+        taken as constant.
+        """
+        if not self.weight_decay:
+            return None
+        return [self.weight_decay * scale for scale in self._decay_scales(weights, state, steps)]
+
+    @abstractmethod
+    def _decay_scales(self, weights: list[tf.Tensor], state: State, steps: int) -> list[tf.Tensor]:
+        """D / λ per weight (see :meth:`decay_curvature`)."""
+
 
 def _positive(value: Any, param: str, name: str, expected: str = "a positive number") -> None:
     if not is_real(value) or not value > 0 or not np.isfinite(value):
@@ -150,6 +171,7 @@ class SGD(Optimizer):
 
     momentum: float = 0.0
     nesterov: bool = False
+    decay_reads_state: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -168,6 +190,10 @@ class SGD(Optimizer):
         else:
             new = [w + m for w, m in zip(weights, velocity)]
         return new, velocity
+
+    def _decay_scales(self, weights, state, steps):
+        # At rest the velocity is −ηg/(1−μ), so ηλw = ηg/(1−μ) up to sign (Nesterov alike): D = λ(1−μ).
+        return [tf.fill(tf.shape(w), tf.constant(1 - self.momentum, w.dtype)) for w in weights]
 
 
 @dataclass(frozen=True)
@@ -211,6 +237,14 @@ class RMSprop(Optimizer):
         velocity = [self.momentum * m + inc for m, inc in zip(state[len(new_state) :], increments)]
         return [w - m for w, m in zip(weights, velocity)], new_state + velocity
 
+    def _decay_scales(self, weights, state, steps):
+        # At rest each step moves ηg/√d (1/(1−μ) of it with momentum), so g + λ(1−μ)√d w = 0.
+        k = len(weights)
+        denominators = [v + self.epsilon for v in state[:k]]
+        if self.centered:
+            denominators = [d - a * a for d, a in zip(denominators, state[k : 2 * k])]
+        return [(1 - self.momentum) * tf.sqrt(d) for d in denominators]
+
 
 @dataclass(frozen=True)
 class Adam(Optimizer):
@@ -243,6 +277,12 @@ class Adam(Optimizer):
         alpha = lr * tf.sqrt(1 - self.beta_2**t) / (1 - self.beta_1**t)
         new = [w - alpha * m / (safe_sqrt(v) + self.epsilon) for w, m, v in zip(weights, first, second)]
         return new, first + second
+
+    def _decay_scales(self, weights, state, steps):
+        # At rest m = g and ηλw = −α g/(√v + ε), with α/η the bias correction of the last step.
+        t = float(steps)
+        correction = (1 - self.beta_1**t) / np.sqrt(1 - self.beta_2**t)
+        return [correction * (tf.sqrt(v) + self.epsilon) for v in state[len(weights) :]]
 
 
 # Optimizers by name: the rule and its default learning rate.

@@ -46,7 +46,8 @@ def rank(
         solver: inverse-Hessian solver for ``influence_function``: ``"exact"``,
             ``"cg"``, ``"lissa"``, an :class:`~influence.rankers.inverse_hvp.InverseHVP`,
             or ``"auto"`` (exact up to 1000 parameters, else CG).
-        damping: λ added to the Hessian for ``influence_function``; ``"auto"``
+        damping: λ added to the Hessian (which includes weight decay's curvature) for
+            ``influence_function``; ``"auto"``
             shifts by the estimated most negative eigenvalue (non-convex nets)
             and keeps the condition number ≤ 100 (recorded in ``attrs["damping"]``).
         checkpoint_every: steps between TracIn / self-influence / margin checkpoints
@@ -68,8 +69,10 @@ def rank(
         listed after all others, see :func:`order_by_harm`). ``attrs`` holds
         ``method``, ``seconds``, ``val_loss`` and ``outside_run`` (how many
         samples have ``in_run`` False); for ``influence_function`` also ``damping``,
-        ``solver`` and ``relative_residual`` (‖(H + λI)s − ∇E‖/‖∇E‖ of the solve,
-        measured with one more Hessian-vector product; above 1 % it warns).
+        ``solver``, ``relative_residual`` (‖(H + λI)s − ∇E‖/‖∇E‖ of the solve,
+        measured with one more Hessian-vector product; above 1 % it warns) and ``decay``
+        (the mean of D, the curvature the optimizer's weight decay adds to H; 0 without
+        decay; see :mod:`influence.rankers.methods`).
     """
     func = "rank"
     check_choice(method, METHODS, param="method", func=func)

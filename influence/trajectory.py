@@ -138,6 +138,22 @@ class Trajectory:
         """Optimizer state before step 0."""
         return self.initial_tensors()[1]
 
+    def final_state(self, x_train: Any, y_train: Any) -> list[tf.Tensor]:
+        """Optimizer state after the last step: one step from the stored history, else a replay of the run.
+
+        ``x_train``, ``y_train``: the data the run was recorded on (the state is not stored).
+        """
+        x, y = check_trajectory_data(self, x_train, y_train, "Trajectory.final_state")
+        program = self.program()
+        x_t, y_t, c_t = _data_tensors(program, x, y, self.sample_weight)
+        last = self.steps - 1
+        if self.weights_history is not None and self.state_history is not None and last >= 0:
+            dtype = program.fn.dtype
+            w = [tf.constant(h[last], dtype=dtype) for h in self.weights_history]
+            s = [tf.constant(h[last], dtype=dtype) for h in self.state_history]
+            return list(program.run(w, s, last, self.steps, x_t, y_t, c_t)[1])
+        return list(program.run(*self.initial_tensors(), 0, self.steps, x_t, y_t, c_t)[1])
+
     def final_model(self) -> keras.Model:
         """The Keras model with this run's ``final_weights`` assigned to its trainable weights.
 

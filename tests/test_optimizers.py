@@ -68,3 +68,44 @@ def test_a_schedule_that_turns_negative_or_nan_names_its_first_bad_step(schedule
     with pytest.raises(ValueError, match="must be a schedule of finite rates ≥ 0 for steps 0 … 5") as info:
         SGD(schedule).learning_rates(6)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "optimizer, decay_time, tolerance",
+    [
+        (SGD(0.3, weight_decay=0.1), 0, 1e-12),
+        (SGD(0.05, momentum=0.9, nesterov=True, weight_decay=0.1), 0, 1e-12),
+        # RMSprop's steps are sign-like: only a decaying rate brings it to rest.
+        (RMSprop(0.01, weight_decay=0.1), 200, 1e-9),
+        (RMSprop(0.01, momentum=0.5, centered=True, weight_decay=0.1), 200, 1e-3),
+        # Adam at rate 1e-3 is still moving 0.3 % of a step after 20 000 steps: that sets the tolerance.
+        (Adam(0.001, weight_decay=0.1), 0, 1e-2),
+        (Adam(0.001, weight_decay=0.1, epsilon=1e-3), 0, 1e-2),
+    ],
+    ids=["sgd", "nesterov", "rmsprop", "rmsprop_centered_momentum", "adam", "adam_eps"],
+)
+def test_decay_curvature_balances_the_gradient_where_a_run_comes_to_rest(optimizer, decay_time, tolerance):
+    """Run each optimizer on a quadratic until it stops: there g + D ⊙ w = 0 for the D it reports."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 6))
+    a = tf.constant(a @ a.T / 6 + 0.1 * np.eye(6))
+    target = tf.constant(rng.normal(size=6) * 3)
+    steps = 20_000
+
+    @tf.function
+    def run():
+        w = [tf.zeros(6, tf.float64)]
+        state = optimizer.init(w)
+        for t in tf.range(steps):
+            rate = tf.constant(optimizer.learning_rate, tf.float64)
+            if decay_time:
+                rate = rate / (1 + tf.cast(t, tf.float64) / decay_time)
+            w, state = optimizer.update(w, [tf.linalg.matvec(a, w[0] - target)], state, rate, t)
+        return w, state
+
+    w, state = run()
+    gradient = tf.linalg.matvec(a, w[0] - target).numpy()
+    (decay,) = optimizer.decay_curvature(w, state, steps)
+    residual = np.linalg.norm(gradient + decay.numpy() * w[0].numpy()) / np.linalg.norm(gradient)
+    assert residual < tolerance
+    assert SGD(0.1).decay_curvature(w, [], steps) is None  # no weight decay, no curvature

@@ -163,6 +163,54 @@ def test_exact_solver_takes_no_damping_on_a_singular_convex_hessian():
     assert exact.attrs["relative_residual"] < 1e-8
 
 
+@pytest.mark.parametrize(
+    "optimizer",
+    [SGD(1.0, weight_decay=0.05), SGD(0.2, momentum=0.9, nesterov=True, weight_decay=0.05)],
+    ids=["sgd", "nesterov"],
+)
+def test_influence_function_includes_the_curvature_of_weight_decay(optimizer):
+    """A weight-decayed run settles where g + D·w = 0, the minimum of loss + ½ D‖w‖² (D = λ(1−μ)):
+    the influence function at that minimum is then the exact limit of the unrolled effect. With the
+    loss's Hessian alone its effects were 90 % off (SGD) and changed sign."""
+    x, y, xv, yv = _fixture_data()
+    keras.utils.set_random_seed(0)
+    model = inf.as_float64(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")]))
+    traj = inf.fit(model, x, y, loss=LOSS, optimizer=optimizer, batch_size=len(x), epochs=2000, shuffle=False)
+    exact = inf.rank(traj, x, y, xv, yv, method="influence_function", solver="exact", damping=0.0)
+    cg = inf.rank(traj, x, y, xv, yv, method="influence_function", solver="cg", damping=0.0)
+    unrolled = inf.unrolled(traj, x, y, xv, yv).removal_effect
+    scale = np.abs(unrolled).max()
+    for table in (exact, cg):
+        assert table.attrs["decay"] == pytest.approx(0.05 * (1 - optimizer.momentum))
+        effect = table.sort_values("index")["removal_effect"].to_numpy()
+        np.testing.assert_allclose(effect, unrolled, rtol=0, atol=1e-6 * scale)
+
+
+def test_influence_function_under_adaptive_weight_decay_follows_the_unrolled_effects():
+    """Adam's decay balances the gradient per weight, D = λ(√v + ε)·(bias correction), read from the
+    final state and taken as constant (an approximation). On 40 iris samples the largest error
+    against the unrolled effects was 26 % without D, 16 % with it (correlation 0.966 → 0.981)."""
+    from sklearn.datasets import load_iris
+
+    data = load_iris()
+    order = np.random.default_rng(0).permutation(150)
+    x = ((data.data - data.data.mean(0)) / data.data.std(0))[order]
+    y = data.target[order]
+    x, y, xv, yv = x[:40], y[:40], x[40:80], y[40:80]
+    keras.utils.set_random_seed(0)
+    model = inf.as_float64(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")]))
+    optimizer = inf.optimizers.Adam(0.05, weight_decay=0.05, epsilon=1e-5)
+    traj = inf.fit(model, x, y, loss=LOSS, optimizer=optimizer, batch_size=len(x), epochs=3000, shuffle=False)
+    table = inf.rank(traj, x, y, xv, yv, method="influence_function", solver="exact", damping=0.0)
+    second_moments = np.concatenate([np.ravel(v) for v in traj.final_state(x, y)[2:]])  # state: m (2), v (2)
+    correction = (1 - 0.9**3000) / np.sqrt(1 - 0.999**3000)
+    assert table.attrs["decay"] == pytest.approx(0.05 * correction * np.mean(np.sqrt(second_moments) + 1e-5))
+    effect = table.sort_values("index")["removal_effect"].to_numpy()
+    unrolled = inf.unrolled(traj, x, y, xv, yv).removal_effect
+    assert np.abs(effect - unrolled).max() < 0.2 * np.abs(unrolled).max()
+    assert np.corrcoef(effect, unrolled)[0, 1] > 0.975
+
+
 def test_labels_of_shape_n_by_1_are_one_scalar_per_row(run):
     """Keras's usual binary shape (n, 1) gave arrays in the label column: the report then marked every
     prediction wrong."""

@@ -32,6 +32,7 @@ from ..losses import label_margin
 from ..trajectory import Trajectory
 
 DEFAULT_CHUNK = 512
+_NOT_YET = object()  # a cached value not computed yet (None is a value)
 # Per-sample gradients held at once by squared_gradient_norms: chunks shrink to keep
 # chunk × |w| at most this many numbers (256 MiB in float32).
 PER_SAMPLE_GRADIENT_NUMBERS = 2**26
@@ -206,6 +207,8 @@ class SampleOps:
         self.ys = tf.gather(self.y, self.samples)
         self.chunk = chunk
         self._bar: Any = None  # the open progress bar of :meth:`counting`, if any
+        self._run = (trajectory, x, y)  # for the weight-decay curvature, computed on first use
+        self._decay: Any = _NOT_YET
         compiled = _compiled_bodies(program.program)
         self._losses, self._margins, self._dots = compiled.losses, compiled.margins, compiled.dots
         self._sq_norms, self._hvp, self._hessian = compiled.sq_norms, compiled.hvp, compiled.hessian
@@ -266,12 +269,28 @@ class SampleOps:
         chunk = max(1, min(self.chunk, PER_SAMPLE_GRADIENT_NUMBERS // max(1, size)))
         return np.concatenate(self._per_chunk(lambda s: self._sq_norms(w, self.xs[s], self.ys[s]).numpy(), chunk))
 
+    def decay_curvature(self) -> list[tf.Tensor] | None:
+        """D of the L2 penalty the run's weight decay amounts to at its end (None without decay).
+
+        See :meth:`influence.optimizers.Optimizer.decay_curvature`; RMSprop's and Adam's read the
+        final optimizer state, which costs one step (or a replay of the run without stored history).
+        """
+        if self._decay is _NOT_YET:
+            trajectory, x, y = self._run
+            optimizer = trajectory.optimizer
+            state = trajectory.final_state(x, y) if optimizer.weight_decay and optimizer.decay_reads_state else []
+            self._decay = optimizer.decay_curvature(self.weights(trajectory.final_weights), state, trajectory.steps)
+        return self._decay
+
     def hvp(self, w: list[tf.Tensor], v: list[tf.Tensor], indices: np.ndarray | None = None) -> list[tf.Tensor]:
-        """H·v for the weighted mean training loss (over ``indices`` or all samples)."""
-        return self._accumulate(lambda xb, yb, cb: self._hvp(w, v, xb, yb, cb), indices)
+        """H·v, H the Hessian of the training objective at the run's end: the weighted mean training
+        loss (over ``indices`` or all samples) plus weight decay's penalty (:meth:`decay_curvature`)."""
+        hv = self._accumulate(lambda xb, yb, cb: self._hvp(w, v, xb, yb, cb), indices)
+        decay = self.decay_curvature()
+        return hv if decay is None else [h + d * vi for h, d, vi in zip(hv, decay, v)]
 
     def dense_hessian(self, w: list[tf.Tensor]) -> np.ndarray:
-        """Dense Hessian (P, P) of the weighted mean training loss; small models only."""
+        """Dense Hessian (P, P) of the training objective (as in :meth:`hvp`); small models only."""
         total = None
         count = tf.constant(self.n, self.dtype)
         chunks = list(self.chunks(self.n))
@@ -279,6 +298,10 @@ class SampleOps:
             part = self._hessian(w, self.x[s], self.y[s], self.c[s], count).numpy()
             total = part if total is None else total + part
         assert total is not None
+        decay = self.decay_curvature()
+        if decay is not None:
+            total = total if total.flags.writeable else total.copy()
+            total[np.diag_indices_from(total)] += _tree.flatten(decay).numpy()
         return total
 
     def _accumulate(self, body, indices: np.ndarray | None) -> list[tf.Tensor]:
