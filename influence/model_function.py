@@ -9,6 +9,7 @@ never touched. This module also knows which models mix samples within a batch
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 import weakref
@@ -94,6 +95,11 @@ class ModelFunction:
         # stateless_call hands ``training`` to ``call`` as it is; a subclassed ``call(self, x)``
         # without it raised TypeError (``model(x, training=...)`` drops it for such models).
         self._takes_training = bool(getattr(model, "_call_has_training_arg", True))
+
+    @property
+    def draws_random(self) -> bool:
+        """Whether the model has layers drawing random numbers in training mode (Dropout, noise)."""
+        return bool(self._seed_slots)
 
     @property
     def weights(self) -> list[tf.Tensor]:
@@ -350,16 +356,25 @@ _inspections: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _inspected: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _layers_key(model: keras.Model) -> tuple:
-    """Which layers the model holds, and at which precision: part of both inspection caches' keys.
+def layers_key(model: keras.Model) -> tuple:
+    """Which layers the model holds and how each is configured: part of the keys of every cache
+    kept per model (graph inspections, compiled programs).
 
-    A model edited after its inspection (``Sequential.pop``/``add``, a layer's dtype policy
-    changed) is inspected again instead of keeping the first answer.
+    A model edited after a cache entry was made (``Sequential.pop``/``add``, a Dropout's ``rate``
+    or a layer's dtype policy changed) then gets a new entry instead of the stale one: a refit
+    after ``rate`` went from 0.1 to 0.6 trained with 0.1, silently.
     """
     return tuple(
-        (id(layer), getattr(layer.dtype_policy, "name", None))
-        for layer in model._flatten_layers(include_self=False, recursive=True)
+        (id(layer), _config_text(layer)) for layer in model._flatten_layers(include_self=False, recursive=True)
     )
+
+
+def _config_text(layer: keras.layers.Layer) -> str:
+    try:
+        config = layer.get_config()
+    except Exception:  # noqa: BLE001 - a custom layer without get_config: its identity must do
+        return ""
+    return json.dumps(config, sort_keys=True, default=repr)
 
 
 def gradient_overrides(fn: ModelFunction, input_spec: tf.TensorSpec, *, training: bool) -> dict[str, list[str]]:
@@ -377,7 +392,7 @@ def gradient_overrides(fn: ModelFunction, input_spec: tf.TensorSpec, *, training
     which carry a sequence into a loop). Traced once per model, mode and input signature.
     """
     key = (
-        _layers_key(fn.model),
+        layers_key(fn.model),
         bool(training),
         tf.as_dtype(input_spec.dtype).name,
         tuple(input_spec.shape.as_list()),
@@ -547,7 +562,7 @@ def warn_gradient_overrides(
         seen = _inspected.setdefault(model, set())
     except TypeError:  # an unhashable model: inspect every time
         seen = set()
-    key = (_layers_key(model), bool(training))
+    key = (layers_key(model), bool(training))
     if key in seen:
         return
     seen.add(key)

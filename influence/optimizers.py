@@ -11,6 +11,7 @@ Formulas follow Keras 3's optimizers; weight decay is decoupled
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,16 +103,26 @@ class Optimizer(ABC):
 
     def _rate_at(self, step: int) -> float:
         """The schedule's rate at ``step``: a number, or a one-element array or tensor."""
-        rate = np.asarray(self.learning_rate(step))  # type: ignore[operator]
-        if rate.size != 1:
+        name = type(self).__name__
+        try:
+            inspect.signature(self.learning_rate).bind(step)  # type: ignore[arg-type]
+        except TypeError:  # e.g. Keras 3's zero-argument callables, which read the optimizer's own step
             raise ValueError(
                 param_error(
                     "learning_rate",
-                    type(self).__name__,
-                    "a schedule of single numbers (step -> rate)",
-                    f"an array of shape {rate.shape} at step {step}",
+                    name,
+                    "a schedule taking the step index (step -> rate), or a number",
+                    f"a callable of signature {inspect.signature(self.learning_rate)}",  # type: ignore[arg-type]
                 )
-            )
+            ) from None
+        except ValueError:  # no signature to read (some builtins): call it and see
+            pass
+        value = self.learning_rate(step)  # type: ignore[operator]
+        rate = np.asarray(value)
+        if rate.size != 1 or rate.dtype.kind not in "iuf":  # a bool or a string is no rate
+            got = f"an array of shape {rate.shape}" if rate.size != 1 else describe(value)
+            expected = "a schedule of single numbers (step -> rate)"
+            raise ValueError(param_error("learning_rate", name, expected, f"{got} at step {step}"))
         return float(rate.reshape(()))
 
     @abstractmethod

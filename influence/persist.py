@@ -18,17 +18,19 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from ._inputs import model_input_shape
 from ._validation import describe, param_error
 from .losses import BUILT_IN, get_loss
 from .model_function import ModelFunction, seed_state_slots, warn_gradient_overrides
 from .optimizers import SGD, Adam, Optimizer, RecordedRates, RMSprop
-from .trajectory import Trajectory
+from .trajectory import Trajectory, require_recorded_variables
 
 _OPTIMIZERS: dict[str, type[Optimizer]] = {"SGD": SGD, "RMSprop": RMSprop, "Adam": Adam}
 # 2: random layers draw from influence._exact_ops' portable generator (format 1: TensorFlow's).
@@ -40,6 +42,7 @@ def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
     func = "save_trajectory"
     if not isinstance(trajectory, Trajectory):
         raise TypeError(param_error("trajectory", func, "an influence.Trajectory", describe(trajectory)))
+    require_recorded_variables(trajectory, func)  # before Trajectory.final_model, which would name itself
     if trajectory.loss.name not in BUILT_IN:
         raise ValueError(
             param_error(
@@ -49,6 +52,7 @@ def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
                 f"loss {trajectory.loss.name!r}",
             )
         )
+    target = _check_target(path, func)
     optimizer = trajectory.optimizer
     # numpy scalars (SGD(np.float32(0.1))) as Python numbers: json cannot write them.
     config = {f.name: _plain(getattr(optimizer, f.name)) for f in dataclasses.fields(optimizer)}
@@ -67,6 +71,7 @@ def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
         "jit_compile": trajectory.jit_compile,
         "streamed": trajectory.streamed,
         "input_gradient_penalty": trajectory.input_gradient_penalty,
+        "mask_shards": trajectory.mask_shards,  # a distributed run's dropout masks, one per replica slice
         "data_fingerprint": trajectory.data_fingerprint,
         "n_train": trajectory.n_train,
         "input_shape": list(trajectory.input_shape),
@@ -88,21 +93,6 @@ def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
         arrays[f"history_{i}"] = h
     for i, h in enumerate(trajectory.state_history or []):
         arrays[f"state_{i}"] = h
-    target = os.fspath(path)
-    if os.path.exists(target) and not os.path.isdir(target):
-        raise ValueError(
-            param_error("path", func, "a folder to write (created or replaced)", f"{target!r}, an existing file")
-        )
-    if os.path.isdir(target) and os.listdir(target) and not os.path.exists(os.path.join(target, "meta.json")):
-        # Saving replaces the folder: never delete one that holds something other than a saved run.
-        raise ValueError(
-            param_error(
-                "path",
-                func,
-                "a new folder, or one written by save_trajectory (it is replaced)",
-                f"{target!r}, a non-empty folder that is not a saved trajectory",
-            )
-        )
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".trajectory-", dir=parent)
@@ -117,6 +107,30 @@ def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _check_target(path: Any, func: str) -> str:
+    """The folder to write, as a string; refused before any work (an empty path failed on the staging folder)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(param_error("path", func, "a folder path (a str or os.PathLike)", describe(path)))
+    target = os.fspath(path)
+    if not isinstance(target, str) or not target:
+        raise ValueError(param_error("path", func, "a folder to write (created or replaced)", repr(target)))
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ValueError(
+            param_error("path", func, "a folder to write (created or replaced)", f"{target!r}, an existing file")
+        )
+    if os.path.isdir(target) and os.listdir(target) and not os.path.exists(os.path.join(target, "meta.json")):
+        # Saving replaces the folder: never delete one that holds something other than a saved run.
+        raise ValueError(
+            param_error(
+                "path",
+                func,
+                "a new folder, or one written by save_trajectory (it is replaced)",
+                f"{target!r}, a non-empty folder that is not a saved trajectory",
+            )
+        )
+    return target
 
 
 def _save_model_at_final_weights(trajectory: Trajectory, path: str) -> None:
@@ -160,9 +174,16 @@ def load_trajectory(
         raise ValueError(param_error("path", func, f"a trajectory of format {FORMAT_VERSION}", meta.get("format")))
     if meta["optimizer"] not in _OPTIMIZERS:
         raise _damaged(folder, f"meta.json names an unknown optimizer {meta['optimizer']!r}")
+    if meta["loss"] not in BUILT_IN:
+        raise _damaged(folder, f"meta.json names an unknown loss {meta['loss']!r}")
     if not zipfile.is_zipfile(needed[0]):  # Keras would call it "File not found"
         raise _damaged(folder, "model.keras is not a Keras archive (not a zip file)")
-    model = keras.saving.load_model(needed[0], custom_objects=custom_objects, compile=False, safe_mode=safe_mode)
+    try:
+        model = keras.saving.load_model(needed[0], custom_objects=custom_objects, compile=False, safe_mode=safe_mode)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, json.JSONDecodeError) as error:
+        # A damaged archive (bytes flipped: "Bad CRC-32"). Keras's own errors for a Lambda layer or a
+        # missing custom class pass through: they say what to pass (safe_mode, custom_objects).
+        raise _damaged(folder, f"model.keras cannot be read ({type(error).__name__}: {error})") from error
     if meta["format"] == 1 and meta["training"] and seed_state_slots(model):
         # Format 1 drew dropout/noise with TensorFlow's generator, whose numbers this version no longer uses.
         raise ValueError(
@@ -176,16 +197,14 @@ def load_trajectory(
         )
     arrays = _read_arrays(needed[1], folder, meta)
     _check_model_matches(model, arrays, meta, folder)
+    _check_record(model, arrays, meta, folder)
     offsets = arrays["offsets"]
     batches = [arrays["batches"][offsets[t] : offsets[t + 1]] for t in range(len(offsets) - 1)]
     count = meta["weights"]
-    config = dict(meta["optimizer_config"])
     rates = arrays["learning_rates"]
-    # Older saves carry no flag: a schedule shows as rates that are not all the config's one rate.
-    # The recorded rates replace the placeholder before the optimizer checks it (a schedule may start at 0).
-    if meta.get("learning_rate_schedule", bool(np.any(rates != config["learning_rate"]))):
-        config["learning_rate"] = RecordedRates(tuple(float(r) for r in rates))
-    optimizer = _OPTIMIZERS[meta["optimizer"]](**config)
+    optimizer = _read_optimizer(meta, rates, folder)
+    if meta["history"]:
+        _check_state_history(optimizer, arrays, meta, folder)
     _warn_gradient_overrides(model, tuple(meta["input_shape"]), training=meta["training"])
     return Trajectory(
         model=model,
@@ -207,6 +226,7 @@ def load_trajectory(
         streamed=bool(meta.get("streamed", False)),
         data_fingerprint=meta.get("data_fingerprint"),
         input_gradient_penalty=float(meta.get("input_gradient_penalty", 0.0)),
+        mask_shards=meta.get("mask_shards", 1),
     )
 
 
@@ -269,6 +289,90 @@ def _check_model_matches(model: keras.Model, arrays: dict[str, np.ndarray], meta
             f"model.keras holds weights other than the run's final weights ({', '.join(differ[:3])}"
             f"{' …' if len(differ) > 3 else ''}; files from different runs)",
         )
+
+
+def _check_record(model: keras.Model, arrays: dict[str, np.ndarray], meta: dict[str, Any], folder: str) -> None:
+    """The recorded schedule must describe a run of ``n_train`` samples: batch indices past the data were
+    clamped by gather (removal effects off by 2.3), too few rates or seeds read past the schedule."""
+    n_train, input_shape = meta["n_train"], meta["input_shape"]
+    if not _is_count(n_train) or n_train < 1:
+        raise _damaged(folder, f"meta.json gives n_train {n_train!r} (not a positive int)")
+    if not isinstance(input_shape, list) or not all(_is_count(d) for d in input_shape):
+        raise _damaged(folder, f"meta.json gives input_shape {input_shape!r} (not a list of sizes)")
+    declared = model_input_shape(model)
+    if declared is not None and not (
+        len(declared) == len(input_shape) and all(e is None or e == d for e, d in zip(declared, input_shape))
+    ):
+        shown = tuple("any" if e is None else e for e in declared)
+        raise _damaged(folder, f"meta.json gives input_shape {tuple(input_shape)}, not model.keras's input {shown}")
+    shards = meta.get("mask_shards", 1)
+    if not _is_count(shards) or shards < 1:
+        raise _damaged(folder, f"meta.json gives mask_shards {shards!r} (not a positive int)")
+    batches, offsets = arrays["batches"], arrays["offsets"]
+    if batches.ndim != 1 or not np.issubdtype(batches.dtype, np.integer):
+        raise _damaged(folder, f"arrays.npz holds batches of shape {batches.shape} and dtype {batches.dtype}")
+    if batches.size and (batches.min() < 0 or batches.max() >= n_train):
+        raise _damaged(
+            folder, f"arrays.npz's batches hold indices outside [0, {n_train - 1}] (n_train {n_train} in meta.json)"
+        )
+    valid_offsets = offsets.ndim == 1 and offsets.size >= 1 and np.issubdtype(offsets.dtype, np.integer)
+    if not valid_offsets or offsets[0] != 0 or offsets[-1] != len(batches) or np.any(np.diff(offsets) < 0):
+        raise _damaged(folder, f"arrays.npz's offsets do not split its {len(batches)} batch indices into steps")
+    steps = len(offsets) - 1
+    for name in ("learning_rates", "seeds"):
+        if arrays[name].shape != (steps,):
+            raise _damaged(folder, f"arrays.npz holds {name} of shape {arrays[name].shape} for {steps} steps")
+    if arrays["sample_weight"].shape != (n_train,):
+        raise _damaged(
+            folder, f"arrays.npz holds sample_weight of shape {arrays['sample_weight'].shape} for {n_train} samples"
+        )
+    if meta["history"]:
+        for i in range(meta["weights"]):
+            expected = (steps, *arrays[f"initial_{i}"].shape)
+            if arrays[f"history_{i}"].shape != expected:
+                raise _damaged(
+                    folder, f"arrays.npz holds history_{i} of shape {arrays[f'history_{i}'].shape}, not {expected}"
+                )
+
+
+def _read_optimizer(meta: dict[str, Any], rates: np.ndarray, folder: str) -> Optimizer:
+    name, config = meta["optimizer"], meta["optimizer_config"]
+    if not isinstance(config, dict):
+        raise _damaged(folder, f"meta.json gives optimizer_config {config!r} (not a JSON object)")
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(_OPTIMIZERS[name])})
+    if unknown:
+        raise _damaged(folder, f"meta.json gives {name} the unknown setting(s) {', '.join(map(repr, unknown))}")
+    config = dict(config)
+    # Older saves carry no flag: a schedule shows as rates that are not all the config's one rate.
+    # The recorded rates replace the placeholder before the optimizer checks it (a schedule may start at 0).
+    if meta.get("learning_rate_schedule", bool(np.any(rates != config.get("learning_rate")))):
+        config["learning_rate"] = RecordedRates(tuple(float(r) for r in rates))
+    try:
+        return _OPTIMIZERS[name](**config)
+    except (TypeError, ValueError) as error:
+        raise _damaged(folder, f"meta.json's optimizer settings are refused ({error})") from error
+
+
+def _check_state_history(
+    optimizer: Optimizer, arrays: dict[str, np.ndarray], meta: dict[str, Any], folder: str
+) -> None:
+    """The recorded optimizer states must be the ones this optimizer keeps (an Adam run's moments,
+    read as an SGD run's, disagreed with its state only deep in the reverse pass)."""
+    steps = len(arrays["offsets"]) - 1
+    initial = [tf.zeros(arrays[f"initial_{i}"].shape) for i in range(meta["weights"])]
+    expected = [(steps, *s.shape) for s in optimizer.init(initial)]
+    recorded = [arrays[f"state_{i}"].shape for i in range(meta["state"])]
+    if recorded != expected:
+        raise _damaged(
+            folder,
+            f"arrays.npz records {len(recorded)} optimizer state array(s) per step but meta.json's {meta['optimizer']} "
+            f"keeps {len(expected)}{'' if len(recorded) != len(expected) else ' of other shapes'} "
+            "(optimizer or files from another run)",
+        )
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 _META_KEYS = (

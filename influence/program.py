@@ -52,7 +52,7 @@ from . import _tree
 from ._graphs import graph_function
 from .autodiff import dense_gradients
 from .losses import Loss
-from .model_function import ModelFunction
+from .model_function import ModelFunction, layers_key
 from .objective import Objective
 from .optimizers import Optimizer
 
@@ -215,7 +215,7 @@ class Program:
             contiguous shards, one per replica; gradients and H·ḡ are all-reduced
             and per-sample terms gathered in order, so the numbers equal one
             device's up to summation order. (With dropout, masks depend on the
-            shard layout, so a distributed run differs from a single-device one.)
+            shard layout: see ``mask_shards``.)
         stream_shape: per-sample input shape when inputs are streamed from the
             host array in :attr:`source` instead of passed as a tensor; the
             reverse pass then returns per-step input terms for host-side
@@ -224,6 +224,10 @@ class Program:
             streamed and distributed runs).
         input_gradient_penalty: ρ of the training objective ℓ + ρ‖∂ℓ/∂x‖²
             (:mod:`influence.objective`); 0 trains on the loss alone.
+        mask_shards: slices of each batch that draw their own dropout and noise masks (the
+            replica count the run was recorded on; 1 on one device). Without a strategy the
+            forward pass runs slice by slice with the step's seed, as the replicas did, so a
+            distributed run with dropout replays on one device exactly.
     """
 
     def __init__(
@@ -240,6 +244,7 @@ class Program:
         stream_shape: tuple[int, ...] | None = None,
         jit_compile: bool = True,
         input_gradient_penalty: float = 0.0,
+        mask_shards: int = 1,
     ) -> None:
         # The recorded run keeps the non-trainable values (moving statistics) it was trained with.
         self.fn, self.loss, self.optimizer = fn.pin_state(), loss, optimizer
@@ -248,6 +253,7 @@ class Program:
         self.input_grad = input_grad
         self.distribute = distribute
         self.replicas = 1 if distribute is None else int(distribute.num_replicas_in_sync)
+        self.mask_shards = int(mask_shards)
         # Streaming: x stays on the host (e.g. a np.memmap); each step's batch comes through a
         # tf.data pipeline (gather + prefetch) whose iterator the graph loop advances.
         self.stream_shape = stream_shape
@@ -299,7 +305,13 @@ class Program:
 
     def batch_loss(self, schedule: Schedule, w, t, xb, yb, cb) -> tf.Tensor:
         """L_t: weighted mean of the training objective over the real entries of batch t (padding has c = 0)."""
-        losses = self.objective(w, xb, yb, training=self.training, seed=tf.gather(schedule.seeds, t))
+        seed = tf.gather(schedule.seeds, t)
+        if self.distribute is None and self.mask_shards > 1 and self.training:
+            # Masks of a run recorded on k replicas: each replica drew its slice's with this seed.
+            slices = zip(tf.split(xb, self.mask_shards), tf.split(yb, self.mask_shards))
+            losses = tf.concat([self.objective(w, xs, ys, training=True, seed=seed) for xs, ys in slices], 0)
+        else:
+            losses = self.objective(w, xb, yb, training=self.training, seed=seed)
         return tf.reduce_sum(cb * losses) / tf.gather(schedule.counts, t)
 
     def gradient(self, schedule: Schedule, w, t, xb, yb, cb) -> list[tf.Tensor]:
@@ -594,13 +606,14 @@ def shared_program(model: Any, make: Callable[[], Program], key: tuple) -> Progr
 
     Kept in the model's ``__dict__`` (bypassing Keras attribute tracking), so it
     lives and dies with the model. The key also fingerprints the model's
-    non-trainable values, which a :class:`ModelFunction` captures as constants:
-    change them and a new program is built.
+    non-trainable values, which a :class:`ModelFunction` captures as constants,
+    and its layers' configuration (:func:`layers_key`): change either and a new
+    program is built.
     """
     fingerprint = hashlib.blake2b(digest_size=16)
     for variable in model.non_trainable_variables:
         fingerprint.update(np.ascontiguousarray(np.asarray(variable.value)).tobytes())
-    full_key = (*key, fingerprint.hexdigest())
+    full_key = (*key, fingerprint.hexdigest(), layers_key(model))
     programs = model.__dict__.setdefault("_influence_programs", _Programs()).by_key
     try:
         if full_key not in programs:

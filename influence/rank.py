@@ -11,8 +11,8 @@ import pandas as pd
 
 from ._inputs import validate_validation_data
 from ._methods import METHODS, NEEDS_VALIDATION
-from ._validation import as_array, check_choice, check_distinct, describe, index_group, param_error
-from .losses import MARGIN_LOSSES
+from ._validation import as_array, check_choice, check_distinct, describe, index_group, is_real, param_error
+from .losses import MARGIN_LOSSES, Loss
 from .rankers import methods
 from .rankers._samples import SampleOps
 from .rankers.inverse_hvp import InverseHVP, get_solver
@@ -75,28 +75,17 @@ def rank(
         decay; see :mod:`influence.rankers.methods`).
     """
     func = "rank"
-    check_choice(method, METHODS, param="method", func=func)
-    x, y = check_trajectory_data(trajectory, x_train, y_train, func)
-    if method == "margin":
-        _check_margin_loss(trajectory, func)
-    xv = yv = None
-    if method in NEEDS_VALIDATION or x_val is not None:
-        if x_val is None or y_val is None:
-            missing = "x_val" if x_val is None else "y_val"  # the one missing, not always x_val
-            raise ValueError(param_error(missing, func, f"validation data for method '{method}'", "None"))
-        xv, yv = validate_validation_data(func, trajectory.model, trajectory.loss, x, y, x_val, y_val)
-    if damping != "auto" and not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping >= 0):
-        raise ValueError(param_error("damping", func, "'auto' or a non-negative number", describe(damping)))
-    if checkpoint_every is not None:
-        if (
-            isinstance(checkpoint_every, bool)
-            or not isinstance(checkpoint_every, (int, np.integer))
-            or checkpoint_every < 1
-        ):
-            raise ValueError(
-                param_error("checkpoint_every", func, "a positive int or None", describe(checkpoint_every))
-            )
-        checkpoint_every = int(checkpoint_every)  # np.int64 (from an array of settings) too
+    x, y, xv, yv, checkpoint_every = check_rank_arguments(
+        trajectory,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        method=method,
+        solver=solver,
+        damping=damping,
+        checkpoint_every=checkpoint_every,
+    )
 
     chosen = np.arange(len(x))
     if samples is not None:
@@ -150,6 +139,57 @@ def rank(
     return table
 
 
+def check_rank_arguments(
+    trajectory: Trajectory,
+    x_train: Any,
+    y_train: Any,
+    x_val: Any,
+    y_val: Any,
+    *,
+    method: str,
+    solver: str | InverseHVP = "auto",
+    damping: float | str = "auto",
+    checkpoint_every: int | None = None,
+    func: str = "rank",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, int | None]:
+    """What :func:`rank` refuses, checked before any work; returns ``(x, y, x_val, y_val, checkpoint_every)``
+    as rank uses them (validation data None where the method takes none).
+
+    :func:`influence.rank_in_processes` calls it once, under its own name, before starting workers.
+    """
+    check_choice(method, METHODS, param="method", func=func)
+    x, y = check_trajectory_data(trajectory, x_train, y_train, func)
+    if method == "margin":
+        check_margin_loss(trajectory.loss, trajectory.model, func)
+    xv = yv = None
+    if method in NEEDS_VALIDATION or x_val is not None:
+        if x_val is None or y_val is None:
+            missing = "x_val" if x_val is None else "y_val"  # the one missing, not always x_val
+            raise ValueError(param_error(missing, func, f"validation data for method '{method}'", "None"))
+        xv, yv = validate_validation_data(func, trajectory.model, trajectory.loss, x, y, x_val, y_val)
+    auto_damping = isinstance(damping, str) and damping == "auto"
+    if not auto_damping and not (is_real(damping) and 0 <= float(damping) < np.inf):  # NumPy scalars too
+        raise ValueError(param_error("damping", func, "'auto' or a finite number ≥ 0", describe(damping)))
+    if method != "influence_function":  # given for another method, they would be ignored without a word
+        for param, value in (("solver", solver), ("damping", damping)):
+            if not (isinstance(value, str) and value == "auto"):
+                expected = f"left at 'auto' for method '{method}' (it sets influence_function's inverse-Hessian solve)"
+                raise ValueError(param_error(param, func, expected, describe(value)))
+    elif not (isinstance(solver, str) and solver == "auto"):
+        get_solver(solver)  # refuses unknown names
+    if checkpoint_every is not None:
+        if (
+            isinstance(checkpoint_every, bool)
+            or not isinstance(checkpoint_every, (int, np.integer))
+            or checkpoint_every < 1
+        ):
+            raise ValueError(
+                param_error("checkpoint_every", func, "a positive int or None", describe(checkpoint_every))
+            )
+        checkpoint_every = int(checkpoint_every)  # np.int64 (from an array of settings) too
+    return x, y, xv, yv, checkpoint_every
+
+
 def _label_column(labels: np.ndarray) -> Any:
     """One label per row: scalars for (n,) and (n, 1) labels (Keras's usual binary shape), arrays otherwise."""
     if labels.ndim > 1 and int(np.prod(labels.shape[1:])) == 1:
@@ -173,10 +213,12 @@ def order_by_harm(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def _check_margin_loss(trajectory: Trajectory, func: str) -> None:
-    """A margin needs class scores: a cross-entropy loss, and one sigmoid output for binary cross-entropy."""
-    loss = trajectory.loss
-    single_output = int(np.prod(trajectory.model.output_shape[1:])) == 1
+def check_margin_loss(loss: Loss, model: Any, func: str) -> None:
+    """A margin needs class scores: a cross-entropy loss, and one sigmoid output for binary cross-entropy.
+
+    Reads only the loss and the model, so a command can check it before training.
+    """
+    single_output = int(np.prod(model.output_shape[1:])) == 1
     if loss.name not in MARGIN_LOSSES or (loss.name == "binary_crossentropy" and not single_output):
         raise ValueError(
             param_error(

@@ -19,9 +19,11 @@ faster with a plain :func:`influence.rank` (their shared work dominates).
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing
 import os
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -47,6 +49,41 @@ def _score_shard(
     return pd.DataFrame(table), dict(table.attrs)  # a DataFrame's attrs do not survive pickling
 
 
+def _check_rank_arguments(
+    path: str,
+    x_train: Any,
+    y_train: Any,
+    x_val: Any,
+    y_val: Any,
+    method: str,
+    options: dict[str, Any],
+    custom_objects: dict[str, Any] | None,
+    safe_mode: bool,
+) -> None:
+    """What each worker's :func:`influence.rank` would refuse, checked once here and named as this function's."""
+    from .persist import load_trajectory
+    from .rank import check_rank_arguments, rank
+
+    func = "rank_in_processes"
+    if "samples" in options:
+        raise ValueError(param_error("options", func, "no 'samples' (shards are chosen here)", describe(options)))
+    allowed = [
+        name
+        for name, p in inspect.signature(rank).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("method", "samples")
+    ]
+    unknown = [name for name in options if name not in allowed]
+    if unknown:
+        raise TypeError(
+            param_error(
+                "options", func, f"options of influence.rank ({', '.join(allowed)})", ", ".join(map(repr, unknown))
+            )
+        )
+    trajectory = load_trajectory(path, custom_objects=custom_objects, safe_mode=safe_mode)
+    settings = {k: v for k, v in options.items() if k in ("solver", "damping", "checkpoint_every")}
+    check_rank_arguments(trajectory, x_train, y_train, x_val, y_val, method=method, func=func, **settings)
+
+
 def rank_in_processes(
     trajectory_path: str | os.PathLike,
     x_train: Any,
@@ -55,7 +92,7 @@ def rank_in_processes(
     y_val: Any = None,
     *,
     method: str = "influence_function",
-    processes: int = 2,
+    processes: int | None = None,
     threads_per_process: int = 1,
     custom_objects: dict[str, Any] | None = None,
     safe_mode: bool = True,
@@ -66,7 +103,8 @@ def rank_in_processes(
     Args:
         trajectory_path: folder written by :func:`influence.save_trajectory`.
         x_train, y_train, x_val, y_val, method, **options: as for :func:`influence.rank`.
-        processes: number of worker processes (shards).
+        processes: number of worker processes (shards); default ``min(2, os.cpu_count())``. More
+            processes than CPU cores warn: each imports TensorFlow and they take turns on the cores.
         threads_per_process: TensorFlow intra/inter-op threads per worker.
         custom_objects, safe_mode: as for :func:`influence.load_trajectory`, which each worker
             calls: a model with custom layers needs their classes (registered, or given here),
@@ -79,17 +117,29 @@ def rank_in_processes(
     The workers are started with ``spawn``: they import the calling script, so a script
     must call this under ``if __name__ == "__main__":`` (else each worker runs the
     script again and TensorFlow refuses to set its thread counts).
+
+    The run is loaded here once first, to check the arguments before any worker starts
+    (a mistake found by a worker came only after 5–15 s of starting processes).
     """
     func = "rank_in_processes"
+    cpus = os.cpu_count() or 1
+    if processes is None:
+        processes = min(2, cpus)
     check_positive(processes, param="processes", func=func, kind=int)
     check_positive(threads_per_process, param="threads_per_process", func=func, kind=int)
     path = os.fspath(trajectory_path)
     if not os.path.isdir(path):
         raise FileNotFoundError(param_error("trajectory_path", func, "a folder written by save_trajectory", repr(path)))
-    if "samples" in options:
-        raise ValueError(param_error("options", func, "no 'samples' (shards are chosen here)", describe(options)))
+    _check_rank_arguments(path, x_train, y_train, x_val, y_val, method, options, custom_objects, safe_mode)
     n = len(x_train)
     shards = [s for s in np.array_split(np.arange(n), processes) if len(s)]
+    if len(shards) > cpus:
+        warnings.warn(
+            f"rank_in_processes starts {len(shards)} worker processes on {cpus} CPU cores (os.cpu_count()): "
+            f"each imports TensorFlow and they take turns on the cores, which is slower than processes={cpus}.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     data = (
         np.asarray(x_train),
         np.asarray(y_train),

@@ -49,7 +49,9 @@ class Trajectory:
             (else None and the reverse pass recomputes them).
         seconds: wall time of the recorded training.
         distribute: the ``tf.distribute`` strategy its steps run under (None: one device).
-            Set it to another strategy (or None) to replay or unroll the same run elsewhere.
+            Set it to another strategy (or None) to replay or unroll the same run elsewhere
+            (with random layers in training mode: on one device or as many replicas, see
+            ``mask_shards``).
         streamed: inputs stream from a host array (e.g. ``np.memmap``) through ``tf.data``
             instead of living in memory as one tensor.
         jit_compile: its steps are XLA-compiled (see :mod:`influence.program`); replays and
@@ -58,6 +60,11 @@ class Trajectory:
             functions that analyse this run refuse other data (None: not checked).
         input_gradient_penalty: ρ of the training objective ℓ + ρ‖∂ℓ/∂x‖² (0: the loss alone;
             :mod:`influence.objective`).
+        mask_shards: the slices of each batch its dropout and noise masks were drawn for: the
+            replica count of a distributed run whose model draws random numbers in training mode
+            (each replica drew its slice's masks), else 1. Replays on one device draw them slice
+            by slice too, so such a run replays and unrolls exactly without its strategy (after
+            ``load_trajectory``, in ``rank_in_processes``' workers).
     """
 
     model: keras.Model
@@ -80,6 +87,7 @@ class Trajectory:
     jit_compile: bool = True
     data_fingerprint: str | None = None
     input_gradient_penalty: float = 0.0
+    mask_shards: int = 1
     _program_cache: dict = field(default_factory=dict, repr=False, compare=False)
     # Validation losses of replays (influence.verify), by exact hashes of the data: not carried
     # over by dataclasses.replace, whose copies may replay another model or schedule.
@@ -105,6 +113,7 @@ class Trajectory:
         require_recorded_variables(self, "Trajectory.program")
         if key not in self._program_cache:
             replicas = 1 if self.distribute is None else int(self.distribute.num_replicas_in_sync)
+            self._require_mask_layout(replicas)
 
             def make() -> Program:
                 return Program(
@@ -119,14 +128,43 @@ class Trajectory:
                     stream_shape=self.input_shape if self.streamed else None,
                     jit_compile=self.jit_compile,
                     input_gradient_penalty=self.input_gradient_penalty,
+                    mask_shards=self.mask_shards,
                 )
 
-            shared_key = (self.loss, self.optimizer, self.training, self.n_train, self.input_gradient_penalty, *key)
+            shared_key = (
+                self.loss,
+                self.optimizer,
+                self.training,
+                self.n_train,
+                self.input_gradient_penalty,
+                self.mask_shards,
+                *key,
+            )
             program = make() if self.streamed else shared_program(self.model, make, shared_key)
             dtype = tf.as_dtype(self.model.trainable_variables[0].dtype)
-            schedule = Schedule.build(self.batches, self.learning_rates, self.seeds, dtype, replicas)
+            # Padded as when recorded: the mask slices must fall where the replicas' did.
+            width_multiple = max(replicas, self.mask_shards)
+            schedule = Schedule.build(self.batches, self.learning_rates, self.seeds, dtype, width_multiple)
             self._program_cache[key] = program.bind(schedule)
         return self._program_cache[key]
+
+    def _require_mask_layout(self, replicas: int) -> None:
+        """Random layers draw one mask per replica slice: replay on one device or as many replicas as recorded."""
+        if replicas in (1, self.mask_shards) or not self.training:
+            return
+        if self.mask_shards == 1 and not ModelFunction(self.model, func="Trajectory").draws_random:
+            return
+        recorded = "one device" if self.mask_shards == 1 else f"{self.mask_shards} replicas"
+        allowed = "distribute=None" if self.mask_shards == 1 else f"distribute=None or a strategy of {recorded}"
+        raise ValueError(
+            param_error(
+                "distribute",
+                "Trajectory",
+                f"{allowed}: this run was recorded on {recorded} and its model draws dropout or noise masks, "
+                "one per replica's slice of each batch, so another replica count would replay other masks",
+                f"a strategy of {replicas} replicas",
+            )
+        )
 
     def initial_tensors(self) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
         """(w_0, s_0): the trainable weights and the optimizer state before step 0, as tensors."""
@@ -368,6 +406,7 @@ def fit(
         jit_compile=bool(jit_compile),
         data_fingerprint=data_fingerprint(x, y),
         input_gradient_penalty=penalty,
+        mask_shards=(1 if distribute is None else int(distribute.num_replicas_in_sync)) if fn.draws_random else 1,
     )
     start = time.perf_counter()
     program = trajectory.program()

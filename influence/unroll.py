@@ -146,10 +146,20 @@ class Replay(MemoryStrategy):
 
 
 def choose_strategy(steps: int, state_bytes: int, budget: int, step_buffer_bytes: int = 0) -> MemoryStrategy:
-    """The cheapest strategy whose held states and segment buffers fit ``budget`` bytes."""
+    """The cheapest strategy whose held states and segment buffers fit ``budget`` bytes.
+
+    When none fits, :class:`Replay` (the leanest) with a warning: the pass needs more than the budget.
+    """
     for candidate in (StoreAll(), Checkpointed(), Replay()):
         if candidate.held_bytes(steps, state_bytes, step_buffer_bytes) <= budget:
             return candidate
+    needed = Replay().held_bytes(steps, state_bytes, step_buffer_bytes)
+    warnings.warn(
+        f"unrolled: no memory strategy fits memory_budget_bytes={budget}: the leanest, replay, holds about "
+        f"{needed} bytes (one state and one step's buffers); it runs with that",
+        RuntimeWarning,
+        stacklevel=4,  # the caller of unrolled
+    )
     return Replay()
 
 
@@ -171,7 +181,10 @@ class UnrolledResult:
         seconds: wall time of the reverse pass (including recomputation).
         memory_bytes: the strategy's estimate of held states + segment buffers: what the
             memory budget bounds. The results themselves (n·(1 + |x_i| + |y_i|) numbers, and
-            while segments are summed up to three such arrays) come on top.
+            while segments are summed up to three such arrays) come on top, and so does a
+            weights history the trajectory holds already (``fit`` records one when it fits its
+            ``record_budget_bytes``): every strategy then slices it instead of recomputing
+            states, so they differ in segment length, not in what is held.
     """
 
     removal_effect: np.ndarray

@@ -1,5 +1,7 @@
 """The pure optimizers take the steps Keras 3's optimizers take."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -68,6 +70,21 @@ def test_a_schedule_that_turns_negative_or_nan_names_its_first_bad_step(schedule
     with pytest.raises(ValueError, match="must be a schedule of finite rates ≥ 0 for steps 0 … 5") as info:
         SGD(schedule).learning_rates(6)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "schedule, message",
+    [
+        # Keras 3's zero-argument callables read the optimizer's own step: a raw TypeError before
+        (lambda: 0.01, "must be a schedule taking the step index (step -> rate), or a number. Got a callable of"),
+        (lambda t: None, "must be a schedule of single numbers (step -> rate). Got None at step 0"),  # raw TypeError
+        (lambda t: "0.1", "Got '0.1' at step 0"),  # was accepted as 0.1
+        (lambda t: True, "Got True at step 0"),  # was accepted as rate 1
+    ],
+)
+def test_a_schedule_must_take_the_step_and_return_numbers(schedule, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SGD(schedule).learning_rates(3)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """A saved trajectory reloads into the same run: same replay, same hypergradients."""
 
 import json
+import shutil
 
 import keras
 import numpy as np
@@ -143,11 +144,16 @@ def test_warm_up_from_zero_numpy_rates_and_streamed_runs_survive_saving(tmp_path
             np.testing.assert_array_equal(a, b)
 
 
-def test_damaged_or_mixed_folders_are_named_not_raw_errors(tmp_path):
-    """A truncated meta.json gave a raw JSONDecodeError, a broken arrays.npz a BadZipFile, and a folder whose
-    model.keras came from another run loaded and then failed deep in Keras."""
-    import shutil
+def _flip_middle(path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    path.write_bytes(bytes(data))
 
+
+def test_damaged_or_mixed_folders_are_named_not_raw_errors(tmp_path):
+    """A truncated meta.json gave a raw JSONDecodeError, a broken arrays.npz (or model.keras: "Bad CRC-32") a
+    BadZipFile, and a folder whose model.keras came from another run loaded and then failed deep in Keras."""
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(6, 4)), rng.normal(size=(6, 2))
     traj = inf.fit(mlp(4, 2), x, y, loss="mse", optimizer=SGD(0.1), batch_size=3)
@@ -169,6 +175,7 @@ def test_damaged_or_mixed_folders_are_named_not_raw_errors(tmp_path):
             f / "arrays.npz", **{k: v for k, v in np.load(f / "arrays.npz").items() if k != "final_0"}
         ),
         "model.keras is not a Keras archive": lambda f: (f / "model.keras").write_bytes(b"garbage"),
+        r"model.keras cannot be read \(BadZipFile: Bad CRC-32": lambda f: _flip_middle(f / "model.keras"),
         r"model.keras has trainable weights of shapes .* \(files from different runs\)": lambda f: shutil.copy(
             tmp_path / "other" / "model.keras", f / "model.keras"
         ),
@@ -187,6 +194,68 @@ def test_damaged_or_mixed_folders_are_named_not_raw_errors(tmp_path):
             match=f"'path' parameter of load_trajectory must be a folder written by save_trajectory. Got .*{message}",
         ):
             inf.load_trajectory(folder)
+
+
+def test_records_that_contradict_the_run_are_refused_at_load(tmp_path):
+    """An arrays.npz or meta.json at odds with the run loaded: batch indices past n_train were clamped by
+    gather (removal effects 2.3 off), short rates or seeds read past the schedule, an Adam run read as SGD
+    disagreed with its recorded state; a wrong input shape, a short sample_weight or an unknown optimizer
+    setting failed later with raw TensorFlow, numpy or TypeError messages."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 4)), rng.normal(size=(8, 2))
+    traj = inf.fit(mlp(4, 2), x, y, loss="mse", optimizer=Adam(0.02), batch_size=4)  # 2 steps, states recorded
+    inf.save_trajectory(traj, tmp_path / "base")
+
+    def arrays(**changes):
+        def change(folder):
+            stored = dict(np.load(folder / "arrays.npz"))
+            np.savez(folder / "arrays.npz", **{**stored, **changes})
+
+        return change
+
+    def meta(**changes):
+        def change(folder):
+            (folder / "meta.json").write_text(json.dumps({**json.loads((folder / "meta.json").read_text()), **changes}))
+
+        return change
+
+    cases = {
+        r"batches hold indices outside \[0, 7\]": arrays(batches=np.arange(8) + 3),
+        r"offsets do not split its 8 batch indices into steps": arrays(offsets=np.array([0, 4, 20])),
+        r"learning_rates of shape \(1,\) for 2 steps": arrays(learning_rates=np.array([0.02])),
+        r"seeds of shape \(1,\) for 2 steps": arrays(seeds=np.array([1])),
+        r"sample_weight of shape \(3,\) for 8 samples": arrays(sample_weight=np.ones(3)),
+        r"records 8 optimizer state array\(s\) per step but meta.json's SGD keeps 0": meta(
+            optimizer="SGD", optimizer_config={"learning_rate": 0.02}
+        ),
+        r"input_shape \(9,\), not model.keras's input \(4,\)": meta(input_shape=[9]),
+        "gives Adam the unknown setting.s. 'bogus'": meta(optimizer_config={"learning_rate": 0.02, "bogus": 1}),
+    }
+    for i, (message, change) in enumerate(cases.items()):
+        folder = tmp_path / f"run{i}"
+        shutil.copytree(tmp_path / "base", folder)
+        change(folder)
+        with pytest.raises(
+            ValueError, match=f"'path' parameter of load_trajectory must be a folder written by .*{message}"
+        ):
+            inf.load_trajectory(folder)
+    assert inf.load_trajectory(tmp_path / "base").steps == 2
+
+
+def test_saving_checks_the_path_and_the_model_before_any_work(tmp_path, monkeypatch):
+    """An empty path failed moving a staging folder the user never named; a layer frozen after fit was
+    refused in the name of Trajectory.final_model."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 4)), rng.normal(size=(6, 2))
+    model = mlp(4, 2)
+    traj = inf.fit(model, x, y, loss="mse", optimizer=SGD(0.1), batch_size=3)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="'path' parameter of save_trajectory must be a folder to write .* Got ''"):
+        inf.save_trajectory(traj, "")
+    assert list(tmp_path.iterdir()) == []  # no staging folder left behind
+    model.layers[0].trainable = False
+    with pytest.raises(ValueError, match="'trajectory' parameter of save_trajectory must be a run whose model still"):
+        inf.save_trajectory(traj, tmp_path / "run")
 
 
 def test_a_lambda_model_loads_with_safe_mode_off(tmp_path):

@@ -76,6 +76,36 @@ def test_changed_frozen_weights_get_a_new_program(data):
     assert all(np.array_equal(a, b) for a, b in zip(second.final_weights, expected.final_weights))
 
 
+def test_a_changed_layer_setting_gets_a_new_program(data):
+    """A refit after Dropout's rate went from 0.1 to 0.6 reused the program traced with 0.1: its weights
+    equalled the 0.1 run's and missed a fresh 0.6 model's by 0.34."""
+    x, y, _, _ = data
+
+    def model_with_dropout(rate):
+        keras.utils.set_random_seed(0)
+        return inf.as_float64(
+            keras.Sequential(
+                [
+                    keras.Input((4,)),
+                    keras.layers.Dense(6, activation="tanh"),
+                    keras.layers.Dropout(rate),
+                    keras.layers.Dense(3, activation="softmax"),
+                ]
+            )
+        )
+
+    model = model_with_dropout(0.1)
+    initial = model.get_weights()
+    first = inf.fit(model, x, y, optimizer=SGD(0.3), **FIT)
+    model.layers[1].rate = 0.6
+    model.set_weights(initial)
+    second = inf.fit(model, x, y, optimizer=SGD(0.3), **FIT)
+    assert second.program().program is not first.program().program
+    expected = inf.fit(model_with_dropout(0.6), x, y, optimizer=SGD(0.3), **FIT)
+    for a, b in zip(second.final_weights, expected.final_weights):
+        np.testing.assert_array_equal(a, b)
+
+
 class HostIdentity(keras.layers.Layer):
     """Identity plus 0 × a string op's result: differentiable (twice), but XLA has no string kernels."""
 

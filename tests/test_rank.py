@@ -148,6 +148,17 @@ def test_every_solve_is_checked_by_its_residual_and_a_cut_short_one_warns(run):
         inf.rank(traj, x, y, xv, yv, method="influence_function", solver=LiSSA(depth=3), damping=0.5)
 
 
+def test_a_diverged_solve_is_refused_and_numpy_dampings_are_numbers(run):
+    """LiSSA with too small a scale diverged (relative residual inf) and rank returned scores of 1e243
+    with a warning; np.float32 damping was refused as "an array of shape ()"."""
+    traj, x, y, xv, yv = run
+    with pytest.raises(FloatingPointError, match=r"the lissa solve of .* diverged .*raise LiSSA\(depth"):
+        inf.rank(traj, x, y, xv, yv, method="influence_function", solver=LiSSA(depth=100, scale=0.01), damping=1.0)
+    a = inf.rank(traj, x, y, xv, yv, method="influence_function", solver="exact", damping=np.float32(0.5))
+    b = inf.rank(traj, x, y, xv, yv, method="influence_function", solver="exact", damping=0.5)
+    np.testing.assert_array_equal(a["score"], b["score"])
+
+
 def test_exact_solver_takes_no_damping_on_a_singular_convex_hessian():
     """Softmax regression's Hessian is singular (adding one vector to every class's weights changes
     nothing): rounding put its lowest eigenvalue at −7e-17 and damping=0 was refused as indefinite."""
@@ -338,7 +349,15 @@ def test_group_and_verification_inputs_are_checked_before_any_work(call, match, 
         ({"method": "shapley"}, "'method' parameter of rank must be one of 'unrolled', 'influence_function'"),
         ({"x_val": None}, "'x_val' parameter of rank must be validation data for method 'unrolled'"),
         ({"y_val": None}, "'y_val' parameter of rank must be validation data for method 'unrolled'"),
-        ({"damping": -1}, "'damping' parameter of rank must be 'auto' or a non-negative number"),
+        ({"damping": -1}, "'damping' parameter of rank must be 'auto' or a finite number ≥ 0"),
+        # inf gave all-zero scores from the exact solver, without a word
+        ({"method": "influence_function", "damping": np.inf}, "'damping' parameter of rank must be 'auto' or a finite"),
+        # settings of influence_function's solve, given for another method, were ignored without a word
+        ({"method": "unrolled", "solver": "no-such-solver"}, "'solver' parameter of rank must be left at 'auto' for"),
+        (
+            {"method": "tracin", "damping": 0.5},
+            "'damping' parameter of rank must be left at 'auto' for method 'tracin'",
+        ),
         (
             {"y_val": np.zeros((20, 2), int)},
             r"'y_val' parameter of rank must be samples of shape \(\) \(the shape of y_train's",

@@ -71,6 +71,12 @@ def by_influence_function(
     gradient = val_gradient(ops, trajectory, w, x_val, y_val)
     s = solver.solve(ops, w, gradient, lam)
     residual = relative_residual(ops, w, gradient, s, lam)
+    if not residual <= 1:  # worse than s = 0, or not finite: the solve diverged
+        raise FloatingPointError(
+            f"rank: the {solver.name} solve of (H + {lam:.3g}·I) s = ∇E diverged (relative residual "
+            f"‖(H + λI)s − ∇E‖/‖∇E‖ = {residual:.3g}, above that of s = 0): no influence score can be built "
+            f"on it. {_RESIDUAL_HINTS.get(solver.name, _RESIDUAL_HINTS['exact'])}"
+        )
     if residual > RESIDUAL_WARNING:
         warnings.warn(
             f"rank: the {solver.name} solve of (H + {lam:.3g}·I) s = ∇E is off by {residual:.1%} (relative "
