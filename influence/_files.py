@@ -115,6 +115,11 @@ def load_data(args: argparse.Namespace, command: str, *, need_val: bool) -> dict
     Integral float labels become ints for ``--loss sparse_categorical_crossentropy`` only.
     """
     data_path = _existing(args.data, "data", command, (".npz", ".csv"))
+    tables = [p for p in (args.data, getattr(args, "val", None)) if p and Path(p).suffix.lower() == ".csv"]
+    if args.label_column is not None and not tables:  # it was ignored without a word
+        raise _usage(
+            "label-column", command, "given only with CSV data (.npz files name their arrays)", repr(args.label_column)
+        )
     train_label: str | None = None  # the training table's label column (CSV only)
     if data_path.suffix.lower() == ".csv":
         table = read_table_file(str(data_path), "data", command, args.label_column)
@@ -163,9 +168,14 @@ def load_model(path: str, command: str, *, safe_mode: bool = True) -> Any:
 
 
 def describe_model(model: Any) -> str:
-    """One line: model name, layer types and parameter count."""
+    """One line: model name, layer types, parameter count and the weights' dtype.
+
+    The dtype is the trainable weights' (``model.dtype`` is the Keras default policy's: float32 for
+    a model built with ``dtype='float64'`` layers).
+    """
     layers = [type(layer).__name__ for layer in model.layers]
-    return f"{model.name}: {' → '.join(layers)}; {model.count_params():,} parameters, {model.dtype}"
+    dtypes = sorted({str(getattr(v.dtype, "name", v.dtype)) for v in model.trainable_weights}) or [str(model.dtype)]
+    return f"{model.name}: {' → '.join(layers)}; {model.count_params():,} parameters, {' and '.join(dtypes)}"
 
 
 def _image_shape(text: str | None, command: str) -> tuple[int, ...] | None:

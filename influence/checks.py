@@ -441,6 +441,15 @@ def check_input_gradient(
         raise ValueError(
             param_error("jitter", func, "0 when grad is given (grad was taken at x, not at moved inputs)", jitter)
         )
+    # Token ids (an integer keras.Input, e.g. into an Embedding) have no input gradient: tape.gradient is None.
+    try:
+        declared = [keras.backend.standardize_dtype(t.dtype) for t in model.inputs or []]
+    except (AttributeError, ValueError):  # subclassed models declare no inputs
+        declared = []
+    integer = [d for d in declared if not np.issubdtype(np.dtype(d), np.floating)]
+    if integer:
+        got = f"a model with {integer[0]} inputs (token ids, e.g. into an Embedding, have no input gradient)"
+        raise ValueError(param_error("model", func, "a model with floating-point inputs", got))
     # A float64 model is checked as it is (no rebuild: unregistered custom layers cannot be rebuilt).
     variables = list(getattr(model, "trainable_variables", []))
     is_float64 = bool(variables) and all(tf.as_dtype(v.dtype) == tf.float64 for v in variables)
@@ -462,7 +471,11 @@ def check_input_gradient(
         with tf.GradientTape() as tape:
             tape.watch(xt)
             value = mean_loss(xt)
-        grad = tape.gradient(value, xt).numpy()
+        grad = tape.gradient(value, xt)
+        if grad is None:  # e.g. float token ids cast to integers for an Embedding
+            cast = "one whose loss reaches its inputs only through an integer cast (token ids given as floats?)"
+            raise ValueError(param_error("model", func, "a model whose loss is differentiable in its inputs", cast))
+        grad = grad.numpy()
     return check_gradient(
         lambda z: mean_loss(tf.constant(z)), x64, grad, directions=directions, tile=tile, h=h, rtol=rtol, seed=seed
     )

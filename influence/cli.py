@@ -1,8 +1,10 @@
 """The ``influence`` command: ``demo``, ``rank``, ``check`` and ``bench``.
 
 Exit codes: 0 success, 1 a check or a benchmark failed (or training diverged),
-2 a usage or input error, 130 interrupted (rerun the same command to resume).
-Errors go to stderr as one line. The data formats are in ``DATA_FORMATS``.
+2 a usage or input error, 3 an unexpected error (a bug, in influence or in the model's
+own code: its traceback is printed), 130 interrupted (rerun the same command to resume).
+Errors go to stderr as one line; warnings too (``influence rank: warning: …``). The data
+formats are in ``DATA_FORMATS``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import os
 import re
 import subprocess
 import sys
+import traceback
+import warnings
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -22,7 +27,7 @@ from ._files import _image_shape, _usage, describe_model, load_data, load_model
 from ._methods import METHODS, NEEDS_VALIDATION
 from ._validation import describe
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam")
 LOSSES = (
     "sparse_categorical_crossentropy",
@@ -145,7 +150,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise _usage(name.replace("_", "-"), "rank", "a positive int", getattr(args, name))
-    for name in ("verify", "learn_weights"):
+    for name in ("verify", "learn_weights", "seed"):
         if getattr(args, name) < 0:
             raise _usage(name.replace("_", "-"), "rank", "a non-negative int", getattr(args, name))
     holdout = args.learn_weights_holdout
@@ -228,6 +233,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     for name in ("samples", "directions"):
         if getattr(args, name) < 1:
             raise _usage(name, "check", "a positive int", getattr(args, name))
+    if args.seed < 0:
+        raise _usage("seed", "check", "a non-negative int", args.seed)
     if not args.jitter >= 0 or not np.isfinite(args.jitter):
         raise _usage("jitter", "check", "a finite number ≥ 0", args.jitter)
     data = load_data(args, "check", need_val=False)
@@ -256,8 +263,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def benchmark_dir(given: str | None) -> Path:
     """Where benchmark scripts live: ``--dir``, else the repository's ``benchmarks/``, else ./benchmarks."""
-    if given is not None:
-        return Path(given)
+    if given is not None:  # absolute: the scripts run from its parent folder
+        return Path(given).resolve()
     beside = Path(__file__).resolve().parents[1] / "benchmarks"
     return beside if beside.is_dir() else Path.cwd() / "benchmarks"
 
@@ -376,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="influence",
         description="Data debugging by hypergradients through recorded Keras training runs.",
-        epilog="Exit codes: 0 ok, 1 check/benchmark failed, 2 usage or input error, 130 interrupted.",
+        epilog="Exit codes: 0 ok, 1 check/benchmark failed, 2 usage or input error, 3 unexpected error (a traceback), "
+        "130 interrupted.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     fmt = argparse.RawDescriptionHelpFormatter
@@ -504,21 +512,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     prefix = f"influence {args.command}"
-    _quiet_tensorflow()
-    from .runs import RunInterrupted
+    try:  # everything after parsing, imports included: a Ctrl-C at any time is answered in one line
+        with warnings.catch_warnings():  # restores the default display for callers of main (tests)
+            warnings.showwarning = partial(_show_warning, prefix)
+            _quiet_tensorflow()
+            return int(args.handler(args))
+    except KeyboardInterrupt as exc:
+        return _interrupted(prefix, exc)
+    except Exception as exc:
+        from .runs import RunInterrupted
 
-    try:
-        return int(args.handler(args))
-    except (RunInterrupted, KeyboardInterrupt) as exc:
-        reason = f" ({exc})" if str(exc) else ""
-        print(f"{prefix}: interrupted{reason}; rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (FloatingPointError, RuntimeError) as exc:
-        print(f"{prefix}: error: {_one_line(exc)}{_flags_for(exc, args.command)}", file=sys.stderr)
+        if isinstance(exc, RunInterrupted):
+            return _interrupted(prefix, exc)
+        code = _exit_code(exc)
+        if code == EXIT_INTERNAL:  # not an error of the input: a bug (ours or the model's code), traceback kept
+            traceback.print_exc()
+            line = f"{prefix}: unexpected error: {_keras_message(str(exc))} ({type(exc).__name__}; traceback above)"
+            print(line, file=sys.stderr)
+        else:
+            print(f"{prefix}: error: {_one_line(exc)}{_flags_for(exc, args.command)}", file=sys.stderr)
+        return code
+
+
+def _show_warning(prefix: str, message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """A warning as one line in the command's style, its category named unless a plain UserWarning:
+    "influence rank: warning: … (GradientOverrideWarning)" instead of Python's file:line and source line."""
+    kind = "" if category is UserWarning else f" ({category.__name__})"
+    print(f"{prefix}: warning: {' '.join(str(message).split())}{kind}", file=sys.stderr)
+
+
+def _interrupted(prefix: str, exc: BaseException) -> int:
+    reason = f" ({exc})" if str(exc) else ""
+    print(f"{prefix}: interrupted{reason}; rerun the same command to resume", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _exit_code(exc: Exception) -> int:
+    """The exit code of an error: failed runs 1, bad input 2 (TensorFlow's op errors too: they come from the
+    data or the model file, e.g. a token id outside an Embedding's vocabulary), anything else a bug."""
+    if isinstance(exc, (FloatingPointError, RuntimeError)):
         return EXIT_FAILED
-    except (ValueError, TypeError, OSError) as exc:
-        print(f"{prefix}: error: {_one_line(exc)}{_flags_for(exc, args.command)}", file=sys.stderr)
+    if isinstance(exc, (ValueError, TypeError, OSError)):
         return EXIT_USAGE
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        if isinstance(exc, tf.errors.OpError):
+            return EXIT_USAGE
+    return EXIT_INTERNAL
 
 
 def _quiet_tensorflow() -> None:
@@ -532,6 +573,7 @@ def _quiet_tensorflow() -> None:
 _FLAG_FOR = (
     ("training=False", "--inference-mode", ("rank",)),
     ("safe_mode=False", "--no-safe-mode", ("rank", "check")),
+    ("learn_weights_holdout", "--learn-weights-holdout", ("rank",)),
     ("weight_decay", "--weight-decay, with the regularizers removed from the model file,", ("rank",)),
 )
 
@@ -544,7 +586,24 @@ def _flags_for(exc: BaseException, command: str) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        if isinstance(exc, tf.errors.OpError):
+            return _keras_message(exc.message) or type(exc).__name__
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _keras_message(text: str) -> str:
+    """An error message from inside a Keras layer, on one line without its colour codes, TensorFlow's
+    ``{{function_node …}}`` tags and Keras's argument dump: "Embedding.call(): indices[3,2] = 25 is not in
+    [0, 10) [Op:GatherV2]"."""
+    text = re.sub(r"\x1b\[[0-9;]*m|\{\{[^}]*\}\}", "", text).split("Arguments received by")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    layer = re.fullmatch(r"Exception encountered when calling (.+?)\.?", lines[0]) if lines else None
+    if layer and len(lines) > 1:
+        return f"{layer.group(1)}: {' '.join(lines[1:])}"
+    return " ".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -344,3 +344,19 @@ def test_a_function_that_is_nan_at_x_is_named_not_called_random():
         ValueError, match=r"'f' parameter of check_gradient must be a function with a finite value at x"
     ):
         inf.check_gradient(lambda z: float("nan"), np.ones(3), np.ones(3))
+
+
+def test_check_input_gradient_refuses_token_ids_which_have_no_input_gradient():
+    """An Embedding model raised AttributeError: 'NoneType' object has no attribute 'numpy'."""
+    keras.utils.set_random_seed(0)
+    layers = [keras.layers.Embedding(10, 4), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")]
+    ids = np.random.default_rng(0).integers(0, 10, (5, 6))
+    y = np.arange(5) % 3
+    tokens = keras.Sequential([keras.Input((6,), dtype="int32"), *layers])
+    with pytest.raises(
+        ValueError, match="must be a model with floating-point inputs. Got a model with int32 inputs \\(token ids"
+    ):
+        inf.check_input_gradient(tokens, "sparse_categorical_crossentropy", ids, y)
+    floats = keras.Sequential([keras.Input((6,)), *layers])  # float ids, cast to integers inside the Embedding
+    with pytest.raises(ValueError, match="must be a model whose loss is differentiable in its inputs. Got one whose"):
+        inf.check_input_gradient(floats, "sparse_categorical_crossentropy", ids.astype(np.float32), y)

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import keras
@@ -400,6 +401,15 @@ def run_main(args, capsys):
         ),
         (["--data", "{f}/train.csv", "--val", "{f}/val.csv", "--label-column", "y"], "The 'label-column' parameter"),
         (
+            ["--data", "{f}/data.npz", "--label-column", "y"],  # it was ignored without a word
+            "The 'label-column' parameter of influence rank must be given only with CSV data (.npz files name "
+            "their arrays). Got 'y' instead.",
+        ),
+        (
+            ["--data", "{f}/data.npz", "--seed", "-5"],  # "expected non-negative integer", after the model loaded
+            "The 'seed' parameter of influence rank must be a non-negative int. Got -5 instead.",
+        ),
+        (
             ["--data", "{f}/data.npz", "--epochs", "0"],
             "The 'epochs' parameter of influence rank must be a positive int. Got 0",
         ),
@@ -598,6 +608,17 @@ def test_bench_runs_named_script_with_quick(bench_dir, capsys):
     assert (bench_dir.parent / "ran.txt").read_text() == "--quick"
 
 
+def test_bench_runs_scripts_of_a_nested_relative_folder(bench_dir, monkeypatch, capsys):
+    """--dir sub/bdir ran 'sub/bdir/fast.py' from sub/, i.e. sub/sub/bdir/fast.py: no such file."""
+    nested = bench_dir.parent / "sub" / "bdir"
+    nested.mkdir(parents=True)
+    shutil.copy(bench_dir / "fast.py", nested / "fast.py")
+    monkeypatch.chdir(bench_dir.parent)
+    code, captured = run_main(["bench", "--dir", "sub/bdir", "fast"], capsys)
+    assert code == 0, captured.err
+    assert (nested.parent / "ran.txt").read_text() == ""
+
+
 def test_bench_reports_failures_and_unknown_names(bench_dir, capsys):
     code, captured = run_main(["bench", "--dir", bench_dir], capsys)
     assert code == 1 and "failed: broken" in captured.err
@@ -680,6 +701,8 @@ def test_usage_errors_are_answered_before_tensorflow_is_imported(files):
         ["rank", "--model", files / "missing.keras", "--data", files / "data.npz"],
         ["rank", "--model", files / "model.keras", "--data", files / "train.csv", "--method", "unrolled"],
         ["check", "--model", files / "missing.keras", "--data", files / "data.npz"],
+        ["rank", "--model", files / "model.keras", "--data", files / "data.npz", "--seed", "-5"],
+        ["check", "--model", files / "model.keras", "--data", files / "data.npz", "--seed", "-1"],
         # An existing file as --out gave "[Errno 20] Not a directory: '…/shards'" after training.
         ["rank", "--model", files / "model.keras", "--data", files / "data.npz", "--out", files / "data.npz"],
         # An int 'noisy' array was read as truthiness (np.arange(n): all but one sample "noisy").
@@ -785,3 +808,123 @@ def test_data_errors_and_an_unusable_report_folder_come_before_training(files, t
     code, captured = run_main(rank + ["--out", blocker / "report"], capsys)
     assert code == 2 and "'out_dir' parameter of RankingJob must be a folder that can be created" in captured.err
     assert "[train]" not in captured.err
+
+
+def _token_files(folder: Path, bad_id: int) -> tuple[Path, Path]:
+    """An Embedding model (vocabulary 10) and token ids with one id ``bad_id``."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 10, (30, 6)), rng.integers(0, 3, 30)
+    x[3, 2] = bad_id
+    np.savez(folder / "tokens.npz", x_train=x[:20], y_train=y[:20], x_val=x[20:], y_val=y[20:])
+    keras.utils.set_random_seed(0)
+    embed = [keras.layers.Embedding(10, 4), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")]
+    keras.Sequential([keras.Input((6,), dtype="int32"), *embed]).save(folder / "tokens.keras")
+    return folder / "tokens.keras", folder / "tokens.npz"
+
+
+def test_token_id_models_get_one_line_errors_with_exit_2(tmp_path, capsys):
+    """A token id outside the vocabulary raised TensorFlow's InvalidArgumentError as a traceback (exit 1), and
+    check on an Embedding model an AttributeError ('NoneType' object has no attribute 'numpy')."""
+    model, data = _token_files(tmp_path, bad_id=25)
+    code, captured = run_main(
+        ["rank", "--model", model, "--data", data, "--out", tmp_path / "o", "--no-progress"], capsys
+    )
+    assert code == 2 and "Traceback" not in captured.err, captured.err
+    assert error_lines(captured.err)[-1] == (
+        "influence rank: error: Embedding.call(): indices[3,2] = 25 is not in [0, 10) [Op:GatherV2]"
+    )
+    model, data = _token_files(tmp_path, bad_id=5)
+    code, captured = run_main(["check", "--model", model, "--data", data], capsys)
+    assert code == 2 and captured.err.startswith(
+        "influence check: error: The 'model' parameter of check_input_gradient must be a model with floating-point "
+        "inputs. Got a model with int32 inputs (token ids, e.g. into an Embedding, have no input gradient) instead."
+    )
+
+
+def test_unexpected_errors_keep_their_traceback_and_exit_3(files, monkeypatch, capsys):
+    """A bug (here a NameError as a user's Lambda raises it) is neither a failed check (1) nor bad input (2)."""
+
+    def buggy(args):  # as Keras wraps the error of a Lambda layer
+        message = "name 'sclae' is not defined"
+        raise NameError(f"Exception encountered when calling Lambda.call().\n\n\x1b[1m{message}\x1b[0m\n\nArguments "
+                        "received by Lambda.call():\n  • inputs=tf.Tensor(shape=(32, 64), dtype=float32)")  # fmt: skip
+
+    monkeypatch.setattr(cli, "cmd_check", buggy)
+    code, captured = run_main(["check", "--model", files / "model.keras", "--data", files / "data.npz"], capsys)
+    assert code == cli.EXIT_INTERNAL == 3
+    assert "Traceback (most recent call last)" in captured.err
+    assert captured.err.splitlines()[-1] == (
+        "influence check: unexpected error: Lambda.call(): name 'sclae' is not defined (NameError; traceback above)"
+    )
+
+
+def test_an_interrupt_before_the_command_starts_is_one_line_and_exit_130(files, monkeypatch, capsys):
+    """Ctrl-C in the first half second (imports) printed a KeyboardInterrupt traceback."""
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_quiet_tensorflow", interrupted)
+    code, captured = run_main(["check", "--model", files / "model.keras", "--data", files / "data.npz"], capsys)
+    assert code == 130
+    assert captured.err == "influence check: interrupted; rerun the same command to resume\n"
+
+
+def test_margin_on_regression_and_an_empty_holdout_are_refused_before_training(files, tmp_path, capsys):
+    """Both came after training (and the other methods): margin needs class scores; a holdout of 0.01 of 4
+    validation samples holds out none, and the message advised an (x, y) pair, which the command cannot take."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24, 3)).astype(np.float32)
+    np.savez(tmp_path / "reg.npz", x_train=x[:20], y_train=x[:20, :1], x_val=x[20:], y_val=x[20:, :1])
+    keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)]).save(tmp_path / "reg.keras")
+    rank = ["rank", "--model", tmp_path / "reg.keras", "--data", tmp_path / "reg.npz", "--out", tmp_path / "o"]
+    code, captured = run_main(rank + ["--loss", "mse", "--method", "unrolled,margin", "--no-progress"], capsys)
+    assert code == 2 and "[train]" not in captured.err
+    assert "The 'method' parameter of rank must be a method other than 'margin' for loss 'mse'" in captured.err
+    code, captured = run_main(
+        rank + ["--loss", "mse", "--learn-weights", "2", "--learn-weights-holdout", "0.01", "--no-progress"], capsys
+    )
+    assert code == 2 and "[train]" not in captured.err
+    assert error_lines(captured.err) == [
+        "influence rank: error: The 'learn_weights_holdout' parameter of RankingJob must be a fraction that holds "
+        "out at least one of the 4 validation samples and keeps at least one (holdout 0.01 holds out 0); give more "
+        "validation samples or another fraction. Got 0.01 instead. (on the command line: --learn-weights-holdout "
+        "for learn_weights_holdout)"
+    ]
+
+
+def test_a_float64_model_is_described_as_float64():
+    """describe_model read model.dtype, the default policy's float32."""
+    from influence._files import describe_model
+
+    dense = keras.layers.Dense(2, dtype="float64")
+    text = describe_model(keras.Sequential([keras.Input((3,), dtype="float64"), dense], name="m64"))
+    assert text == "m64: Dense; 8 parameters, float64"
+
+
+def test_warnings_are_one_line_on_stderr_and_listed_in_the_report(files, tmp_path, monkeypatch, capsys):
+    """Warnings printed as Python's 'cli.py:238: RuntimeWarning: …' plus the source line, and the report
+    did not mention them."""
+    import importlib
+
+    from influence import GradientOverrideWarning
+
+    rank_module = importlib.import_module("influence.rank")  # run_ranking imports rank from it when it runs
+
+    original = rank_module.rank
+
+    def warning_rank(*args, **kwargs):
+        warnings.warn("the model's forward pass uses\n  tf.stop_gradient", GradientOverrideWarning, stacklevel=2)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rank_module, "rank", warning_rank)
+    args = ["rank", "--model", files / "model.keras", "--data", files / "data.npz", "--method", "loss"]
+    code, captured = run_main(args + ["--no-progress", "--out", tmp_path / "o"], capsys)
+    assert code == 0, captured.err
+    assert (
+        "influence rank: warning: the model's forward pass uses tf.stop_gradient (GradientOverrideWarning)"
+        in error_lines(captured.err)
+    )
+    assert "warnings.warn" not in captured.err
+    summary = re.search(r'<section id="summary">.*?</section>', (tmp_path / "o" / "index.html").read_text())
+    assert "GradientOverrideWarning: the model&#x27;s forward pass uses tf.stop_gradient" in summary.group(0)

@@ -1,5 +1,6 @@
 """The HTML report: sections, valid image references, saved scores, metrics and argument errors."""
 
+import json
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -119,7 +120,7 @@ def test_report_cards_show_labels_scores_effects_and_noise(image_report):
     assert f"score {table['score'].iloc[0]:.3g}" in card and f"Δ val loss {table['removal_effect'].iloc[0]:.3g}" in card
     assert f"flipped; true {index % 4}" in card  # the clean label of a flipped sample
     assert "known-noisy in top 4" in text and "3 of 4 (75%)" in text
-    assert "Pearson r = 1" in text  # actual = 1.1 × predicted
+    assert re.search(r"Pearson r = 1(\.00)?,", text)  # actual = 1.1 × predicted (1 up to round-off)
 
 
 def test_scores_saved_as_csv_and_parquet(image_report):
@@ -163,6 +164,100 @@ def test_regression_table_has_no_per_class_table(tmp_path):
     path = render_report(tmp_path, table, summary={})
     per_class = re.search(r'<section id="per-class">.*?</section>', path.read_text()).group(0)
     assert "continuous targets" in per_class and "<table" not in per_class
+
+
+def test_images_with_two_channels_are_shown_by_their_first_channel(tmp_path):
+    """(n, H, W, 2) images crashed the report after ranking: matplotlib has no 2-channel colour model."""
+    images = np.random.default_rng(0).random((40, 4, 4, 2))
+    path = render_report(tmp_path, fake_table(), summary={}, images=images, top=3)
+    assert "Images have 2 channels: the tiles show channel 0 in grey." in path.read_text()
+    assert_valid_references(path, parse(path))
+
+
+def test_few_samples_split_between_disjoint_grids_with_unique_ids(tmp_path):
+    """With 5 samples both grids showed all 5 (helpful ones as "most harmful") and repeated ids sample-2…"""
+    table = fake_table(n=5)
+    path = render_report(tmp_path, table, summary={}, images=np.random.default_rng(0).random((5, 3, 3)))
+    refs = parse(path)
+    assert len(refs.ids) == len(set(refs.ids))
+    cards = {sid: re.findall(r'id="sample-(\d+)"', re.search(rf'<section id="{sid}">.*?</section>', path.read_text())
+             .group(0)) for sid in ("harmful", "helpful")}  # fmt: skip
+    assert cards["harmful"] == [str(i) for i in table["index"][:3]]
+    assert cards["helpful"] == [str(i) for i in table["index"][:2:-1]]
+    assert "Most harmful 3 training samples" in path.read_text()
+
+
+def test_top_ranked_samples_with_a_positive_effect_are_not_called_most_harmful():
+    """verification.csv marked every top-ranked row "most harmful", even samples whose removal raises the loss."""
+    from influence.report.job import verification_indices
+
+    table = pd.DataFrame(
+        {"index": [4, 3, 2, 0, 1], "rank": np.arange(5), "removal_effect": [-0.01, 0.0004, 0.001, 0.006, 0.04]}
+    )
+    indices, kinds = verification_indices(table, top=4, random=1, seed=0)
+    assert list(indices) == [4, 3, 2, 0, 1]
+    assert list(kinds) == ["most harmful"] + ["top-ranked (helpful)"] * 3 + ["random"]
+
+
+def test_the_loss_not_integral_values_decides_whether_labels_are_classes(tmp_path):
+    """Integral regression targets (counts, scores) got a "Per class" table."""
+    table = fake_table()
+    table["label"] = table["label"].astype(np.float64)  # 0., 1., 2., 3.: integral targets of an mse run
+    table["predicted_label"] = np.nan
+    path = render_report(tmp_path, table, summary={}, loss="mse")
+    per_class = re.search(r'<section id="per-class">.*?</section>', path.read_text()).group(0)
+    assert "continuous targets" in per_class and "<table" not in per_class
+    assert class_labels(table["label"], "sparse_categorical_crossentropy") is not None
+    soft = pd.Series([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])  # the class of the largest entry
+    np.testing.assert_array_equal(class_labels(soft, "categorical_crossentropy"), [2, 0])
+    assert class_labels(soft) is None and class_labels(soft, "mse") is None
+
+
+def test_numbers_that_are_not_whole_never_read_as_whole():
+    """A Pearson r of 0.99996 was printed as "r = 1" (the figure's title said 1.000)."""
+    from influence.report.html import fmt
+
+    assert [fmt(0.99996, 3), fmt(-0.99996, 3), fmt(2.99996), fmt(123.96)] == ["1.00", "-1.00", "3.000", "124.0"]
+    assert [fmt(1.0, 3), fmt(0.976, 3), fmt(0.5), fmt(1e-5, 3), fmt(12345.7)] == [
+        "1",
+        "0.976",
+        "0.5",
+        "1e-05",
+        "1.235e+04",
+    ]
+
+
+def test_soft_labels_are_json_lists_in_the_csv_and_their_class_in_the_page(tmp_path):
+    """scores.csv held numpy's multi-line repr of each label; the page showed a soft label's first 6 entries."""
+    table = fake_table(n=6, n_classes=8)
+    soft = np.full((6, 8), 0.02)
+    soft[np.arange(6), 7 - np.arange(6)] = 0.86  # the largest entry among the last ones
+    table["label"] = list(soft[table["index"]])
+    path = render_report(tmp_path, table, summary={}, images=np.zeros((6, 2, 2)), loss="categorical_crossentropy")
+    saved = pd.read_csv(tmp_path / "scores.csv")
+    assert len(saved) == 6
+    np.testing.assert_allclose([json.loads(v) for v in saved["label"]], soft[saved["index"]])
+    first = int(table["index"][0])
+    card = re.search(rf'id="sample-{first}">.*?</figure>', path.read_text(), re.S).group(0)
+    assert f"label {7 - first} → pred" in card
+
+
+@pytest.mark.parametrize(
+    ("method", "note"),
+    [
+        ("unrolled", "Δ val loss = predicted change of validation loss if the sample were removed"),
+        ("tracin", "uncalibrated, use it as a score, not as a prediction of removal."),
+        ("loss", "Score = the training loss at the final weights; loss predicts no removal effect"),
+    ],
+)
+def test_the_column_note_says_what_each_methods_effect_is(tmp_path, method, note):
+    """Every method's note said "predicted change of validation loss if the sample were removed"."""
+    table = fake_table(method=method)
+    if method == "loss":
+        table["removal_effect"] = np.nan
+    harmful = re.search(r'<section id="harmful">.*?</section>', render_report(tmp_path, table, summary={}).read_text())
+    assert note in harmful.group(0)
+    assert ("if the sample were removed" in harmful.group(0)) == (method == "unrolled")
 
 
 @pytest.fixture(scope="module")

@@ -36,11 +36,12 @@ def _figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, Axes]:
 def sample_tile(image: np.ndarray, size: int = 96, value_range: tuple[float, float] | None = None) -> bytes:
     """One sample as a PNG: (H, W) grey or (H, W, 1|3|4) colour, scaled up by whole pixels to about ``size``.
 
+    Other channel counts (2, 5, …: no colour model) are shown as their first channel in grey.
     ``value_range`` (low, high) maps pixel values to black..white (grey) or 0..1 (colour);
     default: the image's own range. Pass the data set's range so tiles are comparable.
     """
     array = np.asarray(image, dtype=np.float64)
-    if array.ndim == 3 and array.shape[-1] == 1:
+    if array.ndim == 3 and array.shape[-1] not in (3, 4):
         array = array[..., 0]
     low, high = value_range if value_range is not None else (float(np.min(array)), float(np.max(array)))
     scale = max(1, size // max(array.shape[:2]))

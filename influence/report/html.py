@@ -44,7 +44,11 @@ def esc(value: Any) -> str:
 
 
 def fmt(value: Any, digits: int = 4) -> str:
-    """Short text for a table cell: ints as is, floats with ``digits`` significant digits, NaN as a dash."""
+    """Short text for a table cell: ints as is, floats with ``digits`` significant digits, NaN as a dash.
+
+    A float that is not a whole number never reads as one: 0.99996 at 3 digits is "1.00", not "1"
+    (a correlation of 1 would claim a perfect fit).
+    """
     if value is None:
         return "—"
     if isinstance(value, (bool, np.bool_)):
@@ -57,7 +61,10 @@ def fmt(value: Any, digits: int = 4) -> str:
             return "—"
         if math.isfinite(number) and number == round(number) and abs(number) < 1e6:
             return str(int(number))
-        return f"{number:.{digits}g}"
+        text = f"{number:.{digits}g}"
+        if text.lstrip("-").isdigit():  # rounded to a whole number: keep the digits asked for
+            text = f"{number:.{max(1, digits - len(text.lstrip('-')))}f}"
+        return text
     if isinstance(value, (list, tuple, np.ndarray)):
         return "[" + ", ".join(fmt(v, 3) for v in np.ravel(value)[:6]) + (", …]" if np.size(value) > 6 else "]")
     return str(value)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -204,12 +205,19 @@ class LazyTraining:
 
 
 def verification_indices(table: pd.DataFrame, top: int, random: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``top`` most harmful sample indices, then ``random`` others drawn with ``seed``; and their kinds."""
-    order = table.sort_values("rank", kind="stable")["index"].to_numpy()
+    """The ``top`` most harmful sample indices, then ``random`` others drawn with ``seed``; and their kinds.
+
+    A top-ranked sample whose predicted removal effect is positive (removing it would raise the
+    validation loss: on small data sets the top k reach the helpful samples) is of kind "top-ranked (helpful)".
+    """
+    ranked = table.sort_values("rank", kind="stable")
+    order = ranked["index"].to_numpy()
     top = min(top, len(order))
     rest = order[top:]
     drawn = np.sort(np.random.default_rng(seed).choice(rest, size=min(random, len(rest)), replace=False))
-    kinds = np.array(["most harmful"] * top + ["random"] * len(drawn))
+    effect = ranked["removal_effect"].to_numpy()[:top] if "removal_effect" in ranked else np.zeros(top)
+    helpful = effect > 0
+    kinds = np.concatenate([np.where(helpful, "top-ranked (helpful)", "most harmful"), ["random"] * len(drawn)])
     return np.concatenate([order[:top], drawn]).astype(np.int64), kinds
 
 
@@ -329,17 +337,41 @@ def _check_before_training(job: RankingJob) -> None:
     """What would fail only after training (minutes on real data) is checked first: the data, as
     :func:`influence.rank` will check it, and a report folder that can be created."""
     from .._inputs import prepare, validate_data
+    from ..rank import check_margin_loss
 
     _check_validation_data(job)
+    _, loss = prepare("rank", job.model, job.loss, job.from_logits)
+    if "margin" in job.methods:
+        check_margin_loss(loss, job.model, "rank")
     if job.x_val is not None and job.y_val is not None:
-        _, loss = prepare("rank", job.model, job.loss, job.from_logits)
         validate_data("rank", job.model, loss, job.x_train, job.y_train, job.x_val, job.y_val)
+        _check_holdout(job)
     try:
         Path(job.out_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OSError(
             param_error("out_dir", "RankingJob", "a folder that can be created", f"{str(job.out_dir)!r} ({exc})")
         ) from exc
+
+
+def _check_holdout(job: RankingJob) -> None:
+    """A holdout fraction must leave validation samples on both sides (learn_sample_weights refuses it after
+    training, with advice for the Python API)."""
+    n_val = len(job.x_val) if job.x_val is not None else 0
+    fraction = job.learn_weights_holdout
+    if not (job.learn_weights_steps and fraction):
+        return
+    held = int(round(float(fraction) * n_val))  # as learn_sample_weights splits
+    if not 1 <= held < n_val:
+        raise ValueError(
+            param_error(
+                "learn_weights_holdout",
+                "RankingJob",
+                f"a fraction that holds out at least one of the {n_val} validation samples and keeps at least one "
+                f"(holdout {fraction:g} holds out {held}); give more validation samples or another fraction",
+                fraction,
+            )
+        )
 
 
 def _check_validation_data(job: RankingJob) -> None:
@@ -358,7 +390,27 @@ def _check_validation_data(job: RankingJob) -> None:
 
 
 def run_ranking(job: RankingJob) -> RankingOutcome:
-    """Train, rank with each method, verify by retraining and write the report; resumes from ``out_dir/shards``."""
+    """Train, rank with each method, verify by retraining and write the report; resumes from ``out_dir/shards``.
+
+    Warnings raised on the way (e.g. :class:`influence.GradientOverrideWarning`) are shown as usual and
+    listed in the report's summary.
+    """
+    notes: list[str] = []
+    with warnings.catch_warnings():  # restores the display below on the way out
+        shown = warnings.showwarning
+
+        def note(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            text = f"{category.__name__}: {' '.join(str(message).split())}"
+            if text not in notes:
+                notes.append(text)
+            shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = note
+        return _run_ranking(job, notes)
+
+
+def _run_ranking(job: RankingJob, warned: list[str]) -> RankingOutcome:
+    from ..losses import get_loss
     from ..rank import rank
 
     _check_before_training(job)
@@ -446,6 +498,8 @@ def run_ranking(job: RankingJob) -> RankingOutcome:
     stage_times = ", ".join(f"{k} {v}" for k, v in times.items())
     summary["time"] = f"{time.perf_counter() - start:.1f} s before the report ({stage_times})"
     summary["shards"] = f"{store.summary()} in {store.directory}"
+    if warned:
+        summary["warnings"] = " · ".join(warned)
     report = publish_report(
         Path(job.out_dir),
         lambda folder: render_report(
@@ -461,6 +515,7 @@ def run_ranking(job: RankingJob) -> RankingOutcome:
             comparison=tables,
             convergence=convergence,
             learned_weights=learned,
+            loss=get_loss(job.loss, func="RankingJob", from_logits=job.from_logits).name,
         ),
         previous,
     )

@@ -18,6 +18,8 @@ from scipy import stats
 from .._validation import describe, param_error
 
 TABLE_COLUMNS = ("index", "rank", "score", "removal_effect", "label", "predicted_label", "train_loss")
+# Losses whose labels name classes (influence.losses.MARGIN_LOSSES, named here without importing TensorFlow).
+CLASSIFICATION_LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy")
 
 
 def check_table(table: Any, func: str = "render_report") -> pd.DataFrame:
@@ -109,12 +111,20 @@ def found_at_k(table: pd.DataFrame, noise_mask: np.ndarray) -> np.ndarray:
     return np.cumsum(mask[ordered]) / total
 
 
-def class_labels(values: pd.Series) -> np.ndarray | None:
-    """Integer class labels from a label column: ints, integral floats or one-hot rows; None for real targets."""
+def class_labels(values: pd.Series, loss: str | None = None) -> np.ndarray | None:
+    """Integer class labels from a label column: ints, integral floats or one-hot rows; None for real targets.
+
+    ``loss`` (the training loss's name) decides: a regression loss has no classes however integral
+    its targets, and for ``categorical_crossentropy`` soft labels name the class of their largest
+    entry. Without it the labels' values decide (soft labels: None).
+    """
+    if loss is not None and loss not in CLASSIFICATION_LOSSES:
+        return None
     first = values.iloc[0]
     if isinstance(first, (list, tuple, np.ndarray)):
         rows = np.stack([np.asarray(v, dtype=np.float64) for v in values])
-        if rows.ndim == 2 and rows.shape[1] > 1 and np.all((rows == 0) | (rows == 1)) and np.all(rows.sum(1) == 1):
+        one_hot = np.all((rows == 0) | (rows == 1)) and np.all(rows.sum(-1) == 1)
+        if rows.ndim == 2 and rows.shape[1] > 1 and (one_hot or loss == "categorical_crossentropy"):
             return rows.argmax(axis=1)
         return None
     array = np.asarray(values)
@@ -132,13 +142,16 @@ def top_count(n: int, noise_mask: np.ndarray | None) -> int:
     return max(1, int(round(0.1 * n)))
 
 
-def per_class_table(table: pd.DataFrame, noise_mask: np.ndarray | None = None) -> pd.DataFrame | None:
+def per_class_table(
+    table: pd.DataFrame, noise_mask: np.ndarray | None = None, loss: str | None = None
+) -> pd.DataFrame | None:
     """Per given label: samples, accuracy, mean and summed removal effect (or score), count in the top k.
 
-    Returns None when the labels are real-valued targets. With ``noise_mask``,
-    also the known-noisy count and how many of them are in the top k.
+    Returns None when the labels are real-valued targets (``loss``, the training loss's name, decides;
+    see :func:`class_labels`). With ``noise_mask``, also the known-noisy count and how many of them are
+    in the top k.
     """
-    labels = class_labels(table["label"])
+    labels = class_labels(table["label"], loss)
     if labels is None:
         return None
     k = top_count(len(table), noise_mask)

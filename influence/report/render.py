@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,21 @@ from .metrics import Verification, check_table, class_labels, found_at_k, per_cl
 
 FUNC = "render_report"
 IMAGE_DIR = "images"
+# What the "Δ val loss" of each method's table is (influence.rankers.methods).
+EFFECT_NOTES = {
+    "unrolled": "Δ val loss = predicted change of validation loss if the sample were removed (negative = harmful), "
+    "differentiated through every recorded training step.",
+    "influence_function": "Δ val loss = predicted change of validation loss if the sample were removed (negative "
+    "= harmful), by an influence function at the final weights.",
+    "tracin": "Δ val loss = TracIn's effect of the sample's training steps on the validation loss at the time of "
+    "each step (negative = harmful), not carried through the later steps: uncalibrated, use it as a score, not as "
+    "a prediction of removal.",
+    "loss": "Score = the training loss at the final weights; loss predicts no removal effect (Δ val loss —).",
+    "margin": "Score = minus the given label's mean margin over the checkpoints; margin predicts no removal "
+    "effect (Δ val loss —).",
+    "self_influence": "Score = the sample's self-influence over the checkpoints; self_influence predicts no "
+    "removal effect (Δ val loss —).",
+}
 
 
 def save_scores(
@@ -28,8 +44,10 @@ def save_scores(
 ) -> list[Path]:
     """Write ``<name>.csv`` and ``<name>.parquet`` (atomically); returns the paths written.
 
-    Columns are the rank table's, plus ``noisy`` when a noise mask is given. The
-    Parquet file needs pyarrow (or fastparquet); without one only the CSV is written.
+    Columns are the rank table's, plus ``noisy`` when a noise mask is given. Array cells (one-hot
+    or soft labels, vector targets) are JSON lists in the CSV (``json.loads`` reads them back) and
+    lists in the Parquet file. The Parquet file needs pyarrow (or fastparquet); without one only the
+    CSV is written.
     """
     out = Path(out_dir)
     frame = table.copy()
@@ -37,7 +55,12 @@ def save_scores(
     if noise_mask is not None:
         frame["noisy"] = np.asarray(noise_mask, dtype=bool)[frame["index"].to_numpy()]
     paths = [out / f"{name}.csv"]
-    atomic_write_text(paths[0], frame.to_csv(index=False))
+    csv = frame.copy()
+    for column in csv.columns:  # numpy's repr of an array spans lines: one JSON list
+        csv[column] = [
+            json.dumps(np.asarray(v).tolist()) if isinstance(v, (list, np.ndarray)) else v for v in csv[column]
+        ]
+    atomic_write_text(paths[0], csv.to_csv(index=False))
     buffer = io.BytesIO()
     try:
         frame.to_parquet(buffer, index=False)
@@ -210,8 +233,8 @@ def _found_at_k_section(tables: Mapping[str, pd.DataFrame], noise, n_top: int, o
     return Section("found-at-k", "found@k: known-noisy samples among the top k", body)
 
 
-def _per_class_section(ranked: pd.DataFrame, noise, n_top: int) -> Section:
-    per_class = per_class_table(ranked, noise)
+def _per_class_section(ranked: pd.DataFrame, noise, n_top: int, loss: str | None) -> Section:
+    per_class = per_class_table(ranked, noise, loss)
     if per_class is None:
         return Section("per-class", "Per class", "", "Labels are continuous targets: no classes to tabulate.")
     return Section("per-class", "Per class", html_table(per_class), f"Counted over the {n_top} most harmful samples.")
@@ -342,6 +365,7 @@ def render_report(
     learned_weights: pd.DataFrame | None = None,
     top: int = 24,
     title: str = "influence: data-debugging report",
+    loss: str | None = None,
 ) -> Path:
     """Write ``index.html`` (plus PNGs under ``images/`` and scores as CSV/Parquet) into ``out_dir``.
 
@@ -365,17 +389,25 @@ def render_report(
             outer step, ``attrs["best_step"]`` (the step the weights are) and ``attrs["holdout"]``
             (the fraction held out); saved as ``learned_weights.csv``.
         top: samples per grid.
+        loss: name of the training loss: only a cross-entropy's labels are classes (a per-class
+            table; soft labels of ``categorical_crossentropy`` shown as the class of their largest
+            entry); None: decided from the labels (integral values and one-hot rows are classes).
 
     Returns the path of ``index.html``. Every file is written atomically.
     """
     ranked = check_table(table, FUNC)
     ranked.attrs = dict(table.attrs)
     shown = ranked.copy()
-    labels = class_labels(ranked["label"])
-    if labels is not None:  # one-hot rows and integral floats shown as class numbers
+    labels = class_labels(ranked["label"], loss)
+    if labels is not None:  # one-hot rows, soft labels and integral floats shown as class numbers
         shown["label"] = labels
     n = len(ranked)
     images = _check_per_sample(images, "images", n, 3, 4)
+    channels_note = ""
+    if images is not None and images.ndim == 4 and images.shape[-1] not in (1, 3, 4):
+        # No colour model for 2 or 5+ channels: grey tiles of the first, on its own value range.
+        channels_note = f" Images have {images.shape[-1]} channels: the tiles show channel 0 in grey."
+        images = images[..., 0]
     features = _check_per_sample(features, "features", n, 1, 8)
     noise = _check_per_sample(noise_mask, "noise_mask", n, 1, 1, dtype=bool)
     clean = _check_per_sample(clean_labels, "clean_labels", n, 1, 2)
@@ -389,6 +421,9 @@ def render_report(
     method = str(ranked.attrs.get("method", "score"))
     n_top = top_count(n, noise)
     top = min(top, n)
+    # Disjoint grids: with fewer than 2·top samples each gets its half (the harmful one the middle sample).
+    n_harmful = min(top, (n + 1) // 2)
+    n_helpful = min(top, n - n_harmful)
 
     files = save_scores(out, ranked, noise_mask=noise)
     others = {name: check_table(t, FUNC) for name, t in (comparison or {}).items() if name != method}
@@ -407,30 +442,32 @@ def render_report(
 
     samples = {"images": images, "features": features, "feature_names": feature_names, "noise": noise, "clean": clean}
     has_effect = not ranked["removal_effect"].isna().all()
-    effect_note = "Δ val loss = predicted change of validation loss if the sample were removed (negative = harmful)."
+    generic = "Δ val loss = predicted change of validation loss if the sample were removed (negative = harmful)."
+    effect_note = EFFECT_NOTES.get(method, generic if has_effect else "")
+    predicts_removal = has_effect and method != "tracin"
     sections = [
         Section("summary", "Summary", key_value(_summary(summary, ranked, verification, noise, n_top))),
         _samples_section(
             "harmful",
-            f"Most harmful {top} training samples",
-            shown.head(top),
+            f"Most harmful {n_harmful} training samples",
+            shown.head(n_harmful),
             out,
-            note=f"Highest {esc(method)} scores first. {effect_note}",
+            note=f"Highest {esc(method)} scores first. {effect_note}{channels_note}",
             **samples,
         ),
         _samples_section(
             "helpful",
-            f"Most helpful {top} training samples",
-            shown.tail(top).iloc[::-1],
+            f"Most helpful {n_helpful} training samples",
+            shown.tail(n_helpful).iloc[::-1],
             out,
             note=f"Lowest {esc(method)} scores first"
-            + (": removing these would raise the validation loss most." if has_effect else "."),
+            + (": removing these would raise the validation loss most." if predicts_removal else "."),
             **samples,
         ),
         _distribution_section(ranked, noise, method, out),
         _verification_section(verification, out, method, has_effect),
         _found_at_k_section({method: ranked} | others, noise, n_top, out),
-        _per_class_section(ranked, noise, n_top),
+        _per_class_section(ranked, noise, n_top, loss),
         *[s for s in [_convergence_section(convergence, out)] if s is not None],
         *[s for s in [_learned_weights_section(learned, shown, out, top, samples)] if s is not None],
         Section(
