@@ -114,14 +114,19 @@ def as_model_inputs(model: keras.Model, x: np.ndarray) -> np.ndarray:
     """
     if not (np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_) or isinstance(x, np.memmap):
         return x
+    declared = declared_input_dtypes(model)
+    if len(declared) != 1:
+        return x
+    return x.astype(declared[0]) if np.issubdtype(declared[0], np.floating) else x
+
+
+def declared_input_dtypes(model: keras.Model) -> list[np.dtype]:
+    """The dtypes of the model's ``keras.Input``s (none for subclassed models, which declare no inputs)."""
     try:
-        inputs = list(model.inputs)
-    except (AttributeError, ValueError):  # subclassed models declare no inputs
-        return x
-    if len(inputs) != 1:
-        return x
-    dtype = np.dtype(keras.backend.standardize_dtype(inputs[0].dtype))
-    return x.astype(dtype) if np.issubdtype(dtype, np.floating) else x
+        inputs = list(model.inputs or [])
+    except (AttributeError, ValueError):
+        return []
+    return [np.dtype(keras.backend.standardize_dtype(t.dtype)) for t in inputs]
 
 
 def check_model_input(func: str, model: keras.Model, x: np.ndarray, param: str = "x_train") -> None:

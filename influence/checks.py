@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ._inputs import check_samples, prepare
+from ._inputs import check_samples, declared_input_dtypes, prepare
 from ._validation import as_array, check_non_negative, check_positive, describe, param_error
 from .model_function import warn_reduced_precision
 
@@ -442,11 +442,7 @@ def check_input_gradient(
             param_error("jitter", func, "0 when grad is given (grad was taken at x, not at moved inputs)", jitter)
         )
     # Token ids (an integer keras.Input, e.g. into an Embedding) have no input gradient: tape.gradient is None.
-    try:
-        declared = [keras.backend.standardize_dtype(t.dtype) for t in model.inputs or []]
-    except (AttributeError, ValueError):  # subclassed models declare no inputs
-        declared = []
-    integer = [d for d in declared if not np.issubdtype(np.dtype(d), np.floating)]
+    integer = [d.name for d in declared_input_dtypes(model) if not np.issubdtype(d, np.floating)]
     if integer:
         got = f"a model with {integer[0]} inputs (token ids, e.g. into an Embedding, have no input gradient)"
         raise ValueError(param_error("model", func, "a model with floating-point inputs", got))

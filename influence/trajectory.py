@@ -15,7 +15,7 @@ from ._inputs import as_model_inputs, check_labels_for_loss, check_model_input, 
 from ._summary import compact_repr
 from ._validation import as_array, check_positive, check_same_length, describe, param_error
 from .losses import Loss
-from .model_function import ModelFunction, require_independent_samples, warn_gradient_overrides
+from .model_function import ModelFunction, require_independent_samples, seed_state_slots, warn_gradient_overrides
 from .objective import check_input_gradient_penalty
 from .optimizers import Optimizer, get_optimizer
 from .program import BoundProgram, Program, Schedule, shared_program
@@ -152,7 +152,7 @@ class Trajectory:
         """Random layers draw one mask per replica slice: replay on one device or as many replicas as recorded."""
         if replicas in (1, self.mask_shards) or not self.training:
             return
-        if self.mask_shards == 1 and not ModelFunction(self.model, func="Trajectory").draws_random:
+        if self.mask_shards == 1 and not seed_state_slots(self.model):  # no dropout or noise layer
             return
         recorded = "one device" if self.mask_shards == 1 else f"{self.mask_shards} replicas"
         allowed = "distribute=None" if self.mask_shards == 1 else f"distribute=None or a strategy of {recorded}"
@@ -182,6 +182,10 @@ class Trajectory:
         ``x_train``, ``y_train``: the data the run was recorded on (the state is not stored).
         """
         x, y = check_trajectory_data(self, x_train, y_train, "Trajectory.final_state")
+        return self._final_state(x, y)
+
+    def _final_state(self, x: np.ndarray, y: np.ndarray) -> list[tf.Tensor]:
+        """:meth:`final_state` for data already checked (the rankers': no second fingerprint of every row)."""
         program = self.program()
         x_t, y_t, c_t = _data_tensors(program, x, y, self.sample_weight)
         last = self.steps - 1

@@ -278,7 +278,8 @@ class SampleOps:
         if self._decay is _NOT_YET:
             trajectory, x, y = self._run
             optimizer = trajectory.optimizer
-            state = trajectory.final_state(x, y) if optimizer.weight_decay and optimizer.decay_reads_state else []
+            reads_state = optimizer.weight_decay and optimizer.decay_reads_state
+            state = trajectory._final_state(x, y) if reads_state else []  # x, y: checked by rank
             self._decay = optimizer.decay_curvature(self.weights(trajectory.final_weights), state, trajectory.steps)
         return self._decay
 

@@ -56,7 +56,7 @@ def save_scores(
         frame["noisy"] = np.asarray(noise_mask, dtype=bool)[frame["index"].to_numpy()]
     paths = [out / f"{name}.csv"]
     csv = frame.copy()
-    for column in csv.columns[csv.dtypes == object]:  # numpy's repr of an array spans lines: one JSON list
+    for column in csv.select_dtypes(include="object").columns:  # numpy's repr of an array spans lines: one JSON list
         csv[column] = [
             json.dumps(np.asarray(v).tolist()) if isinstance(v, (list, np.ndarray)) else v for v in csv[column]
         ]
