@@ -104,7 +104,8 @@ def rank_in_processes(
         trajectory_path: folder written by :func:`influence.save_trajectory`.
         x_train, y_train, x_val, y_val, method, **options: as for :func:`influence.rank`.
         processes: number of worker processes (shards); default ``min(2, os.cpu_count())``. More
-            processes than CPU cores warn: each imports TensorFlow and they take turns on the cores.
+            threads in all (processes × threads_per_process) than CPU cores warn: each worker imports
+            TensorFlow and they take turns on the cores.
         threads_per_process: TensorFlow intra/inter-op threads per worker.
         custom_objects, safe_mode: as for :func:`influence.load_trajectory`, which each worker
             calls: a model with custom layers needs their classes (registered, or given here),
@@ -133,10 +134,13 @@ def rank_in_processes(
     _check_rank_arguments(path, x_train, y_train, x_val, y_val, method, options, custom_objects, safe_mode)
     n = len(x_train)
     shards = [s for s in np.array_split(np.arange(n), processes) if len(s)]
-    if len(shards) > cpus:
+    threads = len(shards) * threads_per_process
+    if threads > cpus:
+        suggested = max(1, cpus // threads_per_process)
         warnings.warn(
-            f"rank_in_processes starts {len(shards)} worker processes on {cpus} CPU cores (os.cpu_count()): "
-            f"each imports TensorFlow and they take turns on the cores, which is slower than processes={cpus}.",
+            f"rank_in_processes starts {len(shards)} worker processes × {threads_per_process} threads on {cpus} "
+            f"CPU cores (os.cpu_count()): each imports TensorFlow and they take turns on the cores, which is "
+            f"slower than processes={suggested} with threads_per_process={min(threads_per_process, cpus)}.",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import influence as inf
-from influence.report import Verification, correlations, found_at_k, per_class_table, render_report
+from influence.report import Verification, correlations, found_at_k, per_class_table, render_report, save_scores
 from influence.report.metrics import class_labels
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -240,6 +240,18 @@ def test_soft_labels_are_json_lists_in_the_csv_and_their_class_in_the_page(tmp_p
     first = int(table["index"][0])
     card = re.search(rf'id="sample-{first}">.*?</figure>', path.read_text(), re.S).group(0)
     assert f"label {7 - first} → pred" in card
+
+
+def test_float32_labels_keep_their_precision_in_the_csv(tmp_path):
+    """float32 soft labels were written with float64 digits: 0.1 became 0.10000000149011612."""
+    table = fake_table(n=3, n_classes=3)
+    soft = np.array([[0.1, 0.2, 0.7]] * 3, dtype=np.float32)
+    table["label"] = list(soft)
+    save_scores(tmp_path, table)
+    text = (tmp_path / "scores.csv").read_text()
+    assert '"[0.1, 0.2, 0.7]"' in text
+    saved = pd.read_csv(tmp_path / "scores.csv")
+    assert (np.array([json.loads(v) for v in saved["label"]], dtype=np.float32) == soft).all()
 
 
 @pytest.mark.parametrize(

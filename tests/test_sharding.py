@@ -47,7 +47,9 @@ def test_two_processes_give_the_same_table_as_one(saved, monkeypatch):
     single = inf.rank(traj, *data, method="influence_function", damping=0.5)
     # More processes than cores are slow (12 on 2 cores: 48.7 s instead of 8.8 s), said here, but not overridden.
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
-    with pytest.warns(RuntimeWarning, match=r"starts 2 worker processes on 1 CPU cores \(os.cpu_count\(\)\)"):
+    with pytest.warns(
+        RuntimeWarning, match=r"starts 2 worker processes × 1 threads on 1 CPU cores \(os.cpu_count\(\)\)"
+    ):
         sharded = inf.rank_in_processes(path, *data, method="influence_function", processes=2, damping=0.5)
     assert sharded.attrs["processes"] == 2
     # rank's attrs came back without val_loss, damping and solver (a DataFrame's attrs do not pickle).
@@ -93,6 +95,20 @@ def test_arguments_are_checked_before_any_worker_starts(saved, monkeypatch):
     for message, case in cases.items():
         with pytest.raises((ValueError, TypeError), match=message):
             inf.rank_in_processes(path, *case.pop("args"), **case)
+
+
+def test_threads_per_process_count_towards_the_cores(saved, monkeypatch):
+    """Two processes of 2 threads on 2 cores are 4 threads on 2 cores: the warning counted processes only."""
+    traj, path, data = saved
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(sharding, "ProcessPoolExecutor", no_workers)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    expected = r"starts 2 worker processes × 2 threads on 2 CPU cores .* processes=1 with threads_per_process=2"
+    with pytest.warns(RuntimeWarning, match=expected), pytest.raises(AssertionError, match="a worker was started"):
+        inf.rank_in_processes(path, *data, method="loss", processes=2, threads_per_process=2)
 
 
 def test_workers_load_a_lambda_model_with_safe_mode_off(tmp_path, monkeypatch):

@@ -57,9 +57,7 @@ def save_scores(
     paths = [out / f"{name}.csv"]
     csv = frame.copy()
     for column in csv.select_dtypes(include="object").columns:  # numpy's repr of an array spans lines: one JSON list
-        csv[column] = [
-            json.dumps(np.asarray(v).tolist()) if isinstance(v, (list, np.ndarray)) else v for v in csv[column]
-        ]
+        csv[column] = [_json_list(v) if isinstance(v, (list, np.ndarray)) else v for v in csv[column]]
     atomic_write_text(paths[0], csv.to_csv(index=False))
     buffer = io.BytesIO()
     try:
@@ -70,6 +68,14 @@ def save_scores(
     paths.append(out / f"{name}.parquet")
     atomic_write_bytes(paths[1], buffer.getvalue())
     return paths
+
+
+def _json_list(value: Any) -> str:
+    """One array cell as a JSON list, float32 entries at their own precision (0.1, not 0.10000000149011612)."""
+    array = np.asarray(value)
+    if array.dtype.kind == "f" and array.dtype.itemsize < 8:
+        array = array.astype(str).astype(np.float64)  # numpy's shortest text that reads back to the same float32
+    return json.dumps(array.tolist())
 
 
 def _check_per_sample(value: Any, param: str, n: int, min_ndim: int, max_ndim: int, dtype: Any = None):
