@@ -22,7 +22,8 @@ samples, 10 % of the training labels flipped to another class (fixed seed). An M
   with the learned weights has a lower validation loss.
 
 The command line does the same with an HTML report (image grid, scores, predicted vs
-actual plot): ``influence demo`` writes ``reports/demo/index.html`` on this very setting,
+actual plot): ``influence demo`` writes ``reports/demo/index.html`` on the same kind of setting
+(1000 training / 400 validation samples, 8 epochs of 50),
 and ``influence rank --model model.keras --data data.npz --method unrolled,margin,loss
 --verify 15 --out reports/mine`` on your own model and data.
 

@@ -48,6 +48,8 @@ class GradientCheck:
         explanation: why the check failed (or a note), empty when clean.
         at_kink: the check failed only along directions that cross a kink at x (ReLU at
             exactly 0, a max-pool tie): finite differences cannot judge grad there.
+        notes: warnings about the check itself that did not fail it (e.g. f's round-off
+            limits the achievable error), one sentence each.
     """
 
     ok: bool
@@ -426,6 +428,8 @@ def check_input_gradient(
     autodiff; pass your own ``grad`` (e.g. from a float32 tape) to check it.
     ``x`` and ``y`` are checked as :func:`influence.fit` checks its data (shapes,
     label range, probabilities for a cross-entropy without ``from_logits``).
+    ``directions``, ``tile``, ``h`` and ``rtol`` are :func:`check_gradient`'s, over the entries
+    of ``x``; ``from_logits`` as for :func:`influence.fit`.
 
     ``jitter`` > 0 checks at ``x + jitter·z`` (z standard normal, drawn from ``seed``)
     instead of at ``x``: images with exactly-zero pixels put ReLUs and max-pool windows on

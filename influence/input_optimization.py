@@ -381,6 +381,7 @@ def adversarial_examples(
     Same outer optimizers (default ``Adam(0.1)``, names at the same rate), box and L∞
     budget as :func:`optimize_training_inputs`; ``x`` must lie inside ``bounds``.
     ``val_loss`` holds the mean loss on the attacked inputs per step; ``progress`` as there.
+    ``from_logits``: for loss names, whether the model outputs logits rather than probabilities.
     """
     func = "adversarial_examples"
     fn, per_sample = prepare(func, model, loss, from_logits)

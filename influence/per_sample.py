@@ -38,6 +38,8 @@ def per_sample_gradient_dots(
         x, y: a batch, (B, ...) and (B, ...).
         vector: v, a list shaped like ``model.trainable_variables``.
         training: training-mode forward pass (dropout masks fixed by ``seed``).
+        seed: the dropout seed when ``training`` is True.
+        from_logits: for loss names, whether the model outputs logits rather than probabilities.
     """
     func = "per_sample_gradient_dots"
     fn, per_sample = prepare(func, model, loss, from_logits)

@@ -102,7 +102,10 @@ def rank_in_processes(
 
     Args:
         trajectory_path: folder written by :func:`influence.save_trajectory`.
-        x_train, y_train, x_val, y_val, method, **options: as for :func:`influence.rank`.
+        x_train, y_train, x_val, y_val, **options: as for :func:`influence.rank`.
+        method: as for :func:`influence.rank`, but the default is ``"influence_function"``, not
+            rank's ``"unrolled"``: unrolled's whole reverse pass is shared work that every process
+            would repeat. Pass ``method="unrolled"`` for rank's default ranking.
         processes: number of worker processes (shards); default ``min(2, os.cpu_count())``. More
             threads in all (processes × threads_per_process) than CPU cores warn: each worker imports
             TensorFlow and they take turns on the cores.

@@ -336,6 +336,8 @@ def fit(
             from recorded seeds). Default: True. Models that mix samples in
             training mode (BatchNorm) are refused; pass ``training=False`` to
             use their moving statistics instead.
+        from_logits: for loss names, whether the model outputs logits (unnormalised scores)
+            rather than probabilities; a probability loss on outputs outside [0, 1] is refused.
         record_budget_bytes: keep every step's weights in the trajectory when
             they fit (so the reverse pass need not recompute them).
         distribute: optional ``tf.distribute`` strategy (e.g. ``MirroredStrategy``):

@@ -290,7 +290,8 @@ def check_unrolled(
     the issue that specified this check, not :func:`check_gradient`'s 1e-6 (DESIGN §2): each
     evaluation here is a whole retraining, whose round-off enters every difference; pass
     ``rtol=1e-6`` for the stricter test. Integer inputs (token ids) have no input gradient:
-    check them with ``wrt="sample_weights"``.
+    check them with ``wrt="sample_weights"``. ``h`` is the finite-difference step along a unit
+    direction (as in :func:`check_gradient`), ``seed`` draws the random directions.
     """
     from .unroll import unrolled
 
