@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -358,6 +359,7 @@ def fit(
     func = "fit"
     fn, per_sample = prepare(func, model, loss, from_logits)
     opt = get_optimizer(optimizer, func=func)
+    _check_epsilon(opt, fn.dtype, func)
     x = as_model_inputs(model, as_array(x_train, param="x_train", func=func))
     y = as_array(y_train, param="y_train", func=func)
     check_same_length(func, x_train=x, y_train=y)
@@ -425,6 +427,7 @@ def fit(
     # XLA refused the model: replays must use plain graphs too, to reproduce these numbers.
     trajectory.jit_compile = trajectory.jit_compile and program.jit_compile
     _check_finite_weights(final, func)
+    _warn_if_diverged(fn, per_sample, x, y, c, trajectory.initial_weights, final, func)
     if record:
         trajectory.weights_history = [np.asarray(h) for h in outputs[2]]
         trajectory.state_history = [np.asarray(h) for h in outputs[3]]
@@ -438,6 +441,67 @@ def _check_finite_weights(weights: list[np.ndarray], func: str) -> None:
     if not all(np.all(np.isfinite(w)) for w in weights):
         raise FloatingPointError(
             f"{func}: training diverged (NaN/Inf weights); lower the learning rate or check the data."
+        )
+
+
+# Training loss growth, from before training to after, that fit calls divergence.
+DIVERGED_GROWTH = 10.0
+DIVERGENCE_PROBE = 4096  # samples on which the training loss is compared
+
+
+def _warn_if_diverged(
+    fn: Any,
+    loss: Loss,
+    x: np.ndarray,
+    y: np.ndarray,
+    c: np.ndarray,
+    initial: list[np.ndarray],
+    final: list[np.ndarray],
+    func: str,
+) -> None:
+    """Warn when the mean training loss ended ≥ 10× where it started: a diverged run stays finite for
+    a while (MSE 8 → 2e14 in 15 steps), and its hypergradients then predict impossible changes
+    (a removal taking the MSE to −1e15). Evaluated without dropout on at most 4096 trained samples.
+    """
+    trained = np.flatnonzero(c != 0)
+    if len(trained) == 0:
+        return
+    probe = trained[np.linspace(0, len(trained) - 1, min(len(trained), DIVERGENCE_PROBE)).astype(int)]
+    floating = np.issubdtype(x.dtype, np.floating)
+    means = []
+    for weights in (initial, final):
+        w = [tf.constant(wi, dtype=fn.dtype) for wi in weights]
+        total = 0.0
+        for batch in np.array_split(probe, max(1, len(probe) // 512)):
+            xb = tf.constant(np.asarray(x[batch]), dtype=fn.dtype if floating else None)
+            yb = tf.constant(y[batch], dtype=fn.dtype if loss.continuous_labels else tf.int32)
+            total += float(tf.reduce_sum(tf.cast(loss(yb, fn(w, xb, training=False)), tf.float64)))
+        means.append(total / len(probe))
+    before, after = means
+    if not np.isfinite(after) or (after > DIVERGED_GROWTH * before and after - before > 1e-3 * max(1.0, before)):
+        warnings.warn(
+            f"{func}: the training loss grew from {before:.4g} before training to {after:.4g} after "
+            f"(mean over {len(probe)} samples, dropout off): the run diverged. Hypergradients of a diverged "
+            "run describe its blow-up, not learning; lower the learning rate.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _check_epsilon(opt: Optimizer, dtype: tf.DType, func: str) -> None:
+    """Refuse an ε that the model's float type flushes to 0: m/(√v + ε) is then 0/0 for a weight
+    that has had no gradient yet (a dead input feature), and the run ends in NaN."""
+    epsilon = getattr(opt, "epsilon", None)
+    tiny = float(np.finfo(dtype.as_numpy_dtype).tiny)
+    if epsilon is not None and epsilon < tiny:
+        raise ValueError(
+            param_error(
+                "optimizer",
+                func,
+                f"an epsilon ≥ {tiny:.3g}, the smallest normal {dtype.name} (smaller ones are flushed to 0, and "
+                "a weight without gradient divides 0 by 0)",
+                f"{type(opt).__name__}(epsilon={epsilon:g})",
+            )
         )
 
 

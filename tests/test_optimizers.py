@@ -1,6 +1,7 @@
 """The pure optimizers take the steps Keras 3's optimizers take."""
 
 import re
+import warnings
 
 import keras
 import numpy as np
@@ -126,3 +127,29 @@ def test_decay_curvature_balances_the_gradient_where_a_run_comes_to_rest(optimiz
     residual = np.linalg.norm(gradient + decay.numpy() * w[0].numpy()) / np.linalg.norm(gradient)
     assert residual < tolerance
     assert SGD(0.1).decay_curvature(w, [], steps) is None  # no weight decay, no curvature
+
+
+def test_a_diverged_but_finite_run_is_warned_about():
+    """Full-batch SGD(1.5) on a linear regression: the MSE went 2.3 → 1e13 in 15 steps without a word,
+    and unrolled then predicted removals taking the MSE to −1e15."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 3)), rng.normal(size=(20, 1))
+    with pytest.warns(RuntimeWarning, match=r"fit: the training loss grew from .* to 1.054e\+13 after .* diverged"):
+        inf.fit(mlp(3, 1, hidden=()), x, y, loss="mse", optimizer=SGD(1.5), batch_size=20, epochs=15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a converging run of the same model is not warned about
+        inf.fit(mlp(3, 1, hidden=()), x, y, loss="mse", optimizer=SGD(0.1), batch_size=20, epochs=15)
+
+
+@pytest.mark.parametrize("optimizer", [Adam(0.01, epsilon=1e-40), RMSprop(0.01, epsilon=1e-46)])
+def test_an_epsilon_the_float_type_flushes_to_zero_is_refused(optimizer):
+    """Adam(epsilon=1e-40) on a float32 model with a dead input feature ended in NaN ("lower the
+    learning rate"); the same ε trains in float64."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 3)), rng.integers(0, 3, 20)
+    x[:, 0] = 0.0  # its weights never get a gradient: m = v = 0
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match=r"an epsilon ≥ 1.18e-38, the smallest normal float32"):
+        inf.fit(model, x.astype("float32"), y, from_logits=True, optimizer=optimizer, batch_size=10)
+    traj = inf.fit(mlp(3, 3), x, y, from_logits=True, optimizer=optimizer, batch_size=10)
+    assert all(np.isfinite(w).all() for w in traj.final_weights)
