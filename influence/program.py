@@ -129,7 +129,7 @@ class _GraphFunction:
                 # Only a refusal if plain graphs run it: an error of the arguments themselves (labels of
                 # another shape given to retrain) fails there too, is raised as it is, and leaves XLA on.
                 try:
-                    result = self.plain(*args)
+                    result = self._plain(*args)
                 except Exception as plain_error:
                     raise plain_error from None
                 reason = str(error).splitlines()[0][:300]
@@ -148,7 +148,33 @@ class _GraphFunction:
                 if self.group == "forward":
                     self.program.jit_compile = False
                 return result
-        return self.plain(*args)
+        return self._plain(*args)
+
+    def _plain(self, *args: Any) -> Any:
+        with _without_add_rewrite():
+            return self.plain(*args)
+
+
+@contextlib.contextmanager
+def _without_add_rewrite() -> Iterator[None]:
+    """Grappler's arithmetic optimizer off while a plain graph is instantiated and run.
+
+    Its AddOpsRewrite turns the reverse pass's sums inside the step loop into accumulations through
+    temporary variables named by loop frame and iteration; with a few hundred steps the second call of
+    the same graph found the first call's variables still there and failed (AlreadyExistsError,
+    85k-weight MLP, 235+ steps). XLA-compiled functions are not affected. The process's own setting is
+    restored afterwards.
+    """
+    before = tf.config.optimizer.get_experimental_options()
+    if before.get("arithmetic_optimization") is False:
+        yield
+        return
+    tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
+    try:
+        yield
+    finally:
+        restored = {key: value for key, value in before.items() if key != "arithmetic_optimization"}
+        tf.config.optimizer.set_experimental_options({**restored, "arithmetic_optimization": True})
 
 
 # absl's INFO prefix, e.g. "I0000 00:00:1795503993.007541   26574 service.cc:153] "
