@@ -37,11 +37,20 @@ _OPTIMIZERS: dict[str, type[Optimizer]] = {"SGD": SGD, "RMSprop": RMSprop, "Adam
 FORMAT_VERSION = 2
 
 
-def save_trajectory(trajectory: Trajectory, path: str | os.PathLike) -> None:
-    """Write ``trajectory`` to the folder ``path`` (replaced atomically if it exists)."""
+def save_trajectory(trajectory: Trajectory, path: str | os.PathLike, *, history: bool = True) -> None:
+    """Write ``trajectory`` to the folder ``path`` (replaced atomically if it exists).
+
+    ``history=False`` leaves out the per-step weights and optimizer states that ``fit`` kept
+    under its ``record_budget_bytes`` (up to 256 MiB by default; T·|w| numbers): the loaded run
+    recomputes them from the initial weights when the reverse pass needs them (same numbers).
+    """
     func = "save_trajectory"
     if not isinstance(trajectory, Trajectory):
         raise TypeError(param_error("trajectory", func, "an influence.Trajectory", describe(trajectory)))
+    if not isinstance(history, (bool, np.bool_)):
+        raise TypeError(param_error("history", func, "True or False", describe(history)))
+    if not history:
+        trajectory = dataclasses.replace(trajectory, weights_history=None, state_history=None)
     require_recorded_variables(trajectory, func)  # before Trajectory.final_model, which would name itself
     if trajectory.loss.name not in BUILT_IN:
         raise ValueError(

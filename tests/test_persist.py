@@ -43,6 +43,25 @@ def test_saved_trajectory_reloads_with_identical_results(tmp_path, record):
         loaded.optimizer.learning_rates(7)
 
 
+def test_a_run_saved_without_its_history_recomputes_it(tmp_path):
+    """The command line saved fit's whole weights history with each job (230 MB for a 0.5 MB data set)."""
+    rng = np.random.default_rng(0)
+    x, y, xv, yv = rng.normal(size=(11, 5)), rng.integers(0, 3, 11), rng.normal(size=(5, 5)), rng.integers(0, 3, 5)
+    traj = inf.fit(mlp(5, 3), x, y, from_logits=True, optimizer=Adam(0.02), batch_size=4, epochs=2)
+    assert traj.weights_history is not None
+    inf.save_trajectory(traj, tmp_path / "full")
+    inf.save_trajectory(traj, tmp_path / "short", history=False)
+    assert traj.weights_history is not None  # the run in memory keeps it
+    full, short = ((tmp_path / name / "arrays.npz").stat().st_size for name in ("full", "short"))
+    assert short < full / 2
+    loaded = inf.load_trajectory(tmp_path / "short")
+    assert loaded.weights_history is None and loaded.state_history is None
+    before, after = inf.unrolled(traj, x, y, xv, yv), inf.unrolled(loaded, x, y, xv, yv)
+    np.testing.assert_allclose(after.removal_effect, before.removal_effect, rtol=1e-12, atol=1e-15)
+    with pytest.raises(TypeError, match="'history' parameter of save_trajectory must be True or False"):
+        inf.save_trajectory(traj, tmp_path / "bad", history="no")
+
+
 def test_models_with_non_trainable_weights_reload(tmp_path):
     """BatchNorm statistics (training=False), a frozen layer and an adapted Normalization live in model.keras."""
     rng = np.random.default_rng(0)

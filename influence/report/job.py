@@ -196,7 +196,8 @@ class LazyTraining:
                     "training gave other final weights than the interrupted run whose results are on record "
                     f"in {self.store.directory}; rerun with --restart"
                 )
-            save_trajectory(trajectory, self.path)
+            # Without the weights history (up to 256 MiB): a resumed job recomputes it when needed.
+            save_trajectory(trajectory, self.path, history=False)
             if weights is None:
                 self.store.arrays(self.key, lambda: {"weights": np.array(trained)})
         self.seconds = time.perf_counter() - start
