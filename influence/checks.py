@@ -31,6 +31,14 @@ KINK_RATIO = 0.75
 # A float32 gradient's round-off (≈1e-7 per element, more after a deep backward pass) explains
 # relative errors up to about this; a larger error is diagnosed as if grad were float64.
 GRAD_ROUNDING_LIMIT = 1e-3
+# A derivative is resolved when the difference quotients stand this far above f's round-off:
+# below it a zero, negated or 10×-wrong gradient agrees with them as well as the right one.
+RESOLUTION_FACTOR = 10.0
+# At a kink the central quotients at s and s/2 stay within J·δ/(2s) of each other (J the slope
+# jump, δ < s/5 its distance from x), at most a sixth of the one-sided gap; noise keeps no such order.
+KINK_CENTRAL_AGREEMENT = 0.25
+# The default step of the data checks: 1e-3 for inputs of unit scale or larger, 1e-3 of their scale below it.
+DEFAULT_STEP = 1e-3
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,10 @@ class GradientCheck:
         explanation: why the check failed (or a note), empty when clean.
         at_kink: the check failed only along directions that cross a kink at x (ReLU at
             exactly 0, a max-pool tie): finite differences cannot judge grad there.
+        inconclusive: ``ok`` is False only because the finite differences cannot resolve
+            the derivatives: the change of f along some direction is below about
+            RESOLUTION_FACTOR (10) times the round-off of f, so a zero, negated or far too
+            large gradient would agree with them as well. grad was not found wrong.
         notes: warnings about the check itself that did not fail it (e.g. f's round-off
             limits the achievable error), one sentence each.
     """
@@ -62,9 +74,10 @@ class GradientCheck:
     explanation: str = ""
     notes: list[str] = field(default_factory=list)
     at_kink: bool = False
+    inconclusive: bool = False
 
     def __str__(self) -> str:
-        verdict = "passed" if self.ok else "FAILED"
+        verdict = "passed" if self.ok else "INCONCLUSIVE" if self.inconclusive else "FAILED"
         text = (
             f"gradient check {verdict}: max relative error {self.max_rel_error:.3e} "
             f"over {len(self.rel_errors)} direction(s) (tolerance {self.rtol:.0e})"
@@ -111,16 +124,39 @@ def _one_sided_gap(plus: float, minus: float, base: float, step: float) -> float
     return (plus - 2 * base + minus) / step
 
 
-def _is_kink(gaps: list[tuple[float, float]], scale: float, base: float, step: float, rtol: float) -> bool:
+def _is_kink(gaps: list[tuple[float, float, float]], scale: float, base: float, step: float, rtol: float) -> bool:
     """Whether the one-sided gaps (at s and s/2, per refinement) show a kink at or right next to x.
 
-    For smooth f the gap halves with the step; at a kink (slope jump J) it stays ≈ J. The gap
+    ``gaps`` holds (one-sided gap at s, at s/2, |D(s) − D(s/2)|) per refinement. For smooth f
+    the gap halves with the step; at a kink (slope jump J) it stays ≈ J while the central
+    quotients agree (KINK_CENTRAL_AGREEMENT); a noisy or chaotic f keeps neither order. The gap
     must also stand above the tolerance and the round-off of f (≈ 1e-13·|f| / step).
     """
     noise = 1e-13 * max(abs(base), 1e-300) / step
     return any(
-        abs(half) >= KINK_RATIO * abs(full) and abs(half) > max(10 * rtol * scale, 100 * noise) for full, half in gaps
+        abs(half) >= KINK_RATIO * abs(full)
+        and abs(half) > max(10 * rtol * scale, 100 * noise)
+        and central <= KINK_CENTRAL_AGREEMENT * abs(half)
+        for full, half, central in gaps
     )
+
+
+def _quotient_roundoff(base: float, step: float | np.ndarray) -> Any:
+    """Round-off of a difference quotient of f at ``step``: 3·ε₆₄·|f(x)| / step (module docstring)."""
+    return 3 * np.finfo(np.float64).eps * abs(base) / step
+
+
+def default_step(values: np.ndarray) -> float:
+    """The finite-difference step for data of this scale: 1e-3·min(1, max |value|).
+
+    A step of 1e-3 on inputs of scale 1e-6 probes f a thousand times beyond the data (a
+    Normalization layer makes that a step of 1000 units), so below unit scale the step
+    shrinks with the data; inputs of unit scale or larger (standardized features, pixels
+    in [0, 1]) keep 1e-3. Zero or non-finite data give no scale and keep 1e-3.
+    """
+    finite = np.abs(values[np.isfinite(values)]) if np.size(values) else np.zeros(0)
+    scale = float(np.max(finite)) if finite.size else 0.0
+    return DEFAULT_STEP * min(1.0, scale) if scale > 0 else DEFAULT_STEP
 
 
 def check_gradient(
@@ -158,13 +194,26 @@ def check_gradient(
     relative error divides by max(|fd|, |analytic|, 1e-8·‖grad‖, r/rtol), where
     r = 3·ε₆₄·|f(x)|/s is the round-off of that estimate at the step s used: a
     directional derivative that is tiny next to |f| cannot be judged below the
-    round-off of f, and is not blamed for it.
+    round-off of f, and is not blamed for it. D(s) and D(s/2) count as consistent
+    (refinement stops) when they agree within rtol of themselves or within r,
+    whatever the size of grad.
+
+    The check needs derivatives that f resolves: along a direction where neither
+    the finite differences (largest over all directions) nor ⟨grad, d⟩ reach 10·r,
+    the change of f is below its round-off and any small gradient, zero or
+    negated, would agree. Such a check is *inconclusive*: ``ok`` is False,
+    ``inconclusive`` True, and the explanation gives the numbers and the remedies
+    (a larger h, f without its large constant part, f in float64).
 
     A failure is explained. When the forward and backward quotients along a failing
     direction disagree by about as much at s/2 as at s (a smooth f's disagreement
     halves with s), f is not differentiable at x along it (a ReLU kink or max-pool
     tie, e.g. at inputs that are exactly 0), and the explanation says so instead of
-    blaming the gradient; the verdict is unchanged.
+    blaming the gradient; the verdict is unchanged. When even the smallest step tried
+    is not below the scale of x (its largest |entry|), no kink is claimed: the step
+    probes f beyond the point's own scale, and the explanation says to shrink h.
+    When D(s) and D(s/2) still disagree after refining, f is noisy or unstable at
+    that scale (randomness, a chaotic training run) and the explanation says so.
     """
     func = "check_gradient"
     if not callable(f):
@@ -198,12 +247,13 @@ def check_gradient(
         return np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), least)
 
     fd, spread, steps_used = np.empty(len(dirs)), np.empty(len(dirs)), np.empty(len(dirs))
+    quotient_pairs, smallest_steps = np.empty((len(dirs), 2)), np.empty(len(dirs))
     kinked = np.zeros(len(dirs), dtype=bool)
     for i, d in enumerate(dirs):
         # Adaptive step: when a direction fails, shrink the step while the truncation
         # estimate |D(s) - D(s/2)| says curvature, not round-off, dominates.
         candidates = []
-        one_sided: list[tuple[float, float]] = []
+        one_sided: list[tuple[float, float, float]] = []
         for level in range(refinements + 1):
             step = h / 10**level
             quotients, sides = [], []
@@ -212,22 +262,35 @@ def check_gradient(
                 minus, _ = _scalar(f, x64 - s_ * d)
                 quotients.append((plus - minus) / (2 * s_))
                 sides.append(_one_sided_gap(plus, minus, base, s_))
-            one_sided.append((sides[0], sides[1]))
+            one_sided.append((sides[0], sides[1], abs(quotients[0] - quotients[1])))
             estimate = (4 * quotients[1] - quotients[0]) / 3
-            gap = float(relative(quotients[0], quotients[1]))
-            candidates.append((gap, estimate, step))
+            # Relative to the quotients themselves, not to grad: a huge (wrong, or chaotic) grad
+            # must not make scattered quotients look consistent; below f's round-off they agree.
+            least = max(float(_quotient_roundoff(base, step)) / rtol, 1e-300)
+            gap = float(relative(quotients[0], quotients[1], least))
+            candidates.append((gap, estimate, step, quotients[0], quotients[1]))
             if float(relative(estimate, analytic[i])) <= rtol or gap <= rtol:
                 break
-        gap, estimate, step = candidates[-1] if len(candidates) == 1 else min(candidates)
+        gap, estimate, step, coarse_quotient, fine_quotient = (
+            candidates[-1] if len(candidates) == 1 else min(candidates)
+        )
         fd[i], spread[i], steps_used[i] = estimate, gap, step
+        quotient_pairs[i] = coarse_quotient, fine_quotient
+        smallest_steps[i] = h / 10 ** (len(one_sided) - 1)
         scale = max(abs(estimate), abs(float(analytic[i])), floor)
-        kinked[i] = _is_kink(one_sided, scale, base, h / 10 ** (len(one_sided) - 1), rtol)
+        kinked[i] = _is_kink(one_sided, scale, base, smallest_steps[i], rtol)
     # Round-off of the Richardson estimate at the step each direction used (module docstring).
-    roundoff = 3 * np.finfo(np.float64).eps * abs(base) / steps_used
+    roundoff = _quotient_roundoff(base, steps_used)
     rel = relative(fd, analytic, np.maximum(floor, roundoff / rtol))
     max_rel = float(np.max(rel))
-    ok = bool(max_rel <= rtol)
-    failing = rel > rtol
+    # The largest measured derivative sets the scale a direction is judged at, so a coordinate
+    # with an exactly zero derivative is resolved when the others are; grad's own size counts
+    # only along its direction (a too-large grad must not make the noise look resolved).
+    measured = float(np.max(np.abs(fd)))
+    unresolved = np.maximum(measured, np.abs(analytic)) < RESOLUTION_FACTOR * roundoff
+    failing = (rel > rtol) & ~unresolved
+    inconclusive = bool(np.any(unresolved) and not np.any(failing))
+    ok = bool(max_rel <= rtol and not np.any(unresolved))
 
     notes = []
     if again != base:
@@ -244,7 +307,18 @@ def check_gradient(
     # A nondeterministic or low-precision f spoils the finite differences themselves: nothing
     # below can be judged. A low-precision grad does not; it explains small errors only.
     f_unreliable = bool(notes)
-    grad_rounding = not ok and grad_low_precision and max_rel <= GRAD_ROUNDING_LIMIT
+    if inconclusive and not f_unreliable:
+        worst = int(np.argmax(np.where(unresolved, roundoff, -np.inf)))
+        notes.append(
+            "inconclusive: the finite differences cannot resolve the derivatives here, as the change of f along "
+            f"the directions is below its round-off: the largest directional derivative they measure is "
+            f"{measured:.2e} and grad gives up to {float(np.max(np.abs(analytic[unresolved]))):.2e} along the "
+            f"unresolved direction(s), while a difference quotient at step {steps_used[worst]:g} carries a "
+            f"round-off of {roundoff[worst]:.2e} (3·ε·|f(x)|/step with f(x) = {base:.6g}), so a zero, negated or "
+            "far too large gradient would agree as well. Use a larger h, remove the large constant part of f "
+            "inside f (before its value is rounded), or compute f in float64."
+        )
+    grad_rounding = not ok and not inconclusive and grad_low_precision and max_rel <= GRAD_ROUNDING_LIMIT
     if grad_rounding:
         notes.append(
             f"grad is {g_given.dtype} (e.g. from a float32 tape): its own round-off, about 1e-7 relative per "
@@ -252,12 +326,27 @@ def check_gradient(
             f"{rtol:g}; compute it in float64 (as_float64) or compare with rtol≈1e-3 (max relative error "
             f"here {max_rel:.1e})."
         )
-    diagnose = not ok and not f_unreliable and not grad_rounding
+    diagnose = not ok and not f_unreliable and not grad_rounding and not inconclusive
     if diagnose and grad_low_precision:
         notes.append(f"grad is {g_given.dtype}, but its round-off cannot explain a relative error of {max_rel:.1e}:")
     # Every failing direction crosses a kink at x: the finite differences cannot judge grad there.
-    at_kink = bool(diagnose and np.all(kinked[failing]))
-    if at_kink:
+    kink_pattern = bool(diagnose and np.all(kinked[failing]))
+    # A step beyond the point's own scale (inputs of scale 1e-6 with h = 1e-3) crosses the region
+    # where f varies: its quotients scatter, or its one-sided slopes differ as at a kink, although
+    # f is smooth there. Consistent quotients still judge grad (their truncation error is small).
+    x_scale = float(np.max(np.abs(x64))) if x64.size else 0.0
+    smallest_failing_step = float(np.min(smallest_steps[failing], initial=np.inf))
+    scattered = diagnose and float(np.max(spread[failing], initial=0.0)) > 10 * rtol
+    beyond_scale = x_scale > 0 and smallest_failing_step >= x_scale and (kink_pattern or scattered)
+    at_kink = kink_pattern and not beyond_scale
+    if beyond_scale:
+        notes.append(
+            f"the finite-difference step (down to {smallest_failing_step:g} after refining) is not smaller than "
+            f"the scale of x (largest |entry| {x_scale:.2e}): f is probed beyond the point's own scale, where its "
+            "difference quotients can scatter or look kinked although f is smooth, so this is no evidence "
+            f"against grad or of a kink; re-check with h ≈ {DEFAULT_STEP * x_scale:.1e} (1e-3 of the scale of x)."
+        )
+    elif at_kink:
         worst = int(np.argmax(np.where(failing, rel, -np.inf)))
         notes.append(
             f"the function is not smooth at this point: along {int(np.sum(failing))} failing direction(s) the "
@@ -269,11 +358,15 @@ def check_gradient(
         )
     # A large gap between the quotients at s and s/2 after refinement points at
     # round-off or non-smoothness rather than at the gradient.
-    elif diagnose and float(np.max(spread)) > 10 * rtol:
+    elif scattered:
+        worst = int(np.argmax(np.where(failing, spread, -np.inf)))
+        coarse_quotient, fine_quotient = quotient_pairs[worst]
         notes.append(
             "finite differences at step s and s/2 disagree even after refining s (relative spread "
-            f"{float(np.max(spread)):.1e}): f may be noisy or not smooth near x (ReLU kinks, max-pooling ties); "
-            "try another h or check for randomness."
+            f"{spread[worst]:.1e}; direction {worst}: {coarse_quotient:.6e} at s = {steps_used[worst]:g}, "
+            f"{fine_quotient:.6e} at s/2, grad {analytic[worst]:.6e}): f is noisy or unstable at this scale "
+            "(randomness, a chaotic or diverging training run) or not smooth near x (ReLU kinks, max-pooling "
+            "ties), so the finite differences cannot judge grad; try another h or check for randomness."
         )
     elif diagnose:
         smooth_failing = failing & ~kinked
@@ -294,6 +387,7 @@ def check_gradient(
         explanation=" ".join(notes),
         notes=notes,
         at_kink=at_kink,
+        inconclusive=inconclusive,
     )
 
 
@@ -414,7 +508,7 @@ def check_input_gradient(
     seed: int = 0,
     directions: int = 4,
     tile: Any = None,
-    h: float = 1e-3,
+    h: float | None = None,
     rtol: float = DEFAULT_RTOL,
     from_logits: bool = False,
     jitter: float = 0.0,
@@ -429,7 +523,9 @@ def check_input_gradient(
     ``x`` and ``y`` are checked as :func:`influence.fit` checks its data (shapes,
     label range, probabilities for a cross-entropy without ``from_logits``).
     ``directions``, ``tile``, ``h`` and ``rtol`` are :func:`check_gradient`'s, over the entries
-    of ``x``; ``from_logits`` as for :func:`influence.fit`.
+    of ``x``; ``from_logits`` as for :func:`influence.fit`. ``h=None`` scales the step to the
+    data: 1e-3·min(1, max |x|), so 1e-3 for inputs of unit scale or larger and 1e-3 of their
+    scale below it (a fixed 1e-3 on inputs of scale 1e-6 measures f far outside the data).
 
     ``jitter`` > 0 checks at ``x + jitter·z`` (z standard normal, drawn from ``seed``)
     instead of at ``x``: images with exactly-zero pixels put ReLUs and max-pool windows on
@@ -456,6 +552,8 @@ def check_input_gradient(
     fn, per_sample = prepare(func, model if is_float64 else as_float64(model), loss, from_logits)
     # Not cast to the model's input dtype: x64 keeps every digit.
     x64 = as_array(x, param="x", func=func).astype(np.float64)
+    if h is None:  # before the jitter: the step follows the data, not the noise added to it
+        h = default_step(x64)
     if jitter:  # off the kinks (docstring)
         x64 = x64 + jitter * np.random.default_rng(seed).standard_normal(x64.shape)
     y_arr = as_array(y, param="y", func=func)

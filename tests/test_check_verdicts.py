@@ -1,0 +1,90 @@
+"""check_gradient's verdicts where finite differences cannot judge a gradient: unresolved derivatives,
+steps beyond the scale of the data, and quotients that scatter at the step used."""
+
+import keras
+import numpy as np
+import pytest
+
+import influence as inf
+
+X0 = np.array([0.3, -0.2, 0.5])
+
+
+@pytest.mark.parametrize("factor", [1.0, 50.0, -1.0, 0.0])
+def test_a_derivative_below_the_round_off_of_f_is_inconclusive_not_passed(factor):
+    """f ≈ 1 with derivatives of 1e-13: the right, a 50× too large, the negated and a zero gradient all 'passed'."""
+    chk = inf.check_gradient(lambda z: 1.0 + 1e-13 * np.sum(np.sin(z)), X0, factor * 1e-13 * np.cos(X0))
+    assert not chk.ok and chk.inconclusive
+    assert "cannot resolve the derivatives" in chk.explanation and "below its round-off" in chk.explanation
+    assert "larger h" in chk.explanation and "float64" in chk.explanation
+    assert "f(x) = 1" in chk.explanation and "6.66e-13" in chk.explanation  # the numbers: f and its round-off
+    assert "INCONCLUSIVE" in str(chk) and "likely wrong" not in chk.explanation
+
+
+def test_a_large_constant_in_f_makes_a_zero_gradient_inconclusive():
+    chk = inf.check_gradient(lambda z: 1e13 + np.sum(np.sin(z)), X0, np.zeros(3))
+    assert not chk.ok and chk.inconclusive and "f(x) = 1e+13" in chk.explanation
+
+
+def test_resolved_checks_still_pass_next_to_a_large_value_and_at_exactly_zero_derivatives():
+    # A validation-loss-like f: |f| = 230, derivatives of moderate size; coordinate 2 does not enter f at all.
+    def f(z):
+        return 230.3 + 1e-2 * np.sum(np.sin(z[:2]))
+
+    exact = np.r_[1e-2 * np.cos(X0[:2]), 0.0]
+    chk = inf.check_gradient(f, X0, exact, tile=np.s_[0:3])
+    assert chk.ok and not chk.inconclusive, chk
+    # The same f refutes a wrong gradient: resolved derivatives are judged, not called inconclusive.
+    wrong = inf.check_gradient(f, X0, exact * 2, tile=np.s_[0:3])
+    assert not wrong.ok and not wrong.inconclusive and "likely wrong" in wrong.explanation
+
+
+def test_default_step_follows_the_data_below_unit_scale_only():
+    from influence.checks import default_step
+
+    assert default_step(np.array([0.0, 0.5, -1.0])) == 1e-3  # pixels in [0, 1], standardized data
+    assert default_step(np.array([3.0, -40.0])) == 1e-3
+    assert default_step(np.array([2e-6, -1e-6])) == pytest.approx(2e-9)
+    assert default_step(np.zeros(4)) == 1e-3  # no scale to follow
+
+
+def _tiny_input_case():
+    """A smooth tanh classifier of inputs of scale 1e-6, normalized inside the model."""
+    rng = np.random.default_rng(0)
+    x, y = (rng.normal(size=(40, 4)) * 1e-6).astype("float32"), rng.integers(0, 3, size=40)
+    keras.utils.set_random_seed(0)
+    norm = keras.layers.Normalization()
+    norm.adapt(x)
+    model = keras.Sequential([keras.Input((4,)), norm, keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3)])
+    return model, keras.losses.SparseCategoricalCrossentropy(from_logits=True), x, y
+
+
+def test_inputs_of_scale_1e6_are_checked_with_a_step_of_their_scale_and_no_kink_is_claimed():
+    model, loss, x, y = _tiny_input_case()
+    # h = 1e-3 failed a right gradient (error 0.996) and blamed a ReLU kink in this tanh model.
+    chk = inf.check_input_gradient(model, loss, x[:8], y[:8])
+    assert chk.ok and chk.max_rel_error < 1e-9, chk
+    assert np.all(chk.steps < 1e-8)  # 1e-3 of the largest |x|, not 1e-3
+    coarse = inf.check_input_gradient(model, loss, x[:8], y[:8], h=1e-3)  # an explicit h is kept
+    assert not coarse.ok and not coarse.at_kink
+    assert "not smaller than the scale of x" in coarse.explanation and "ReLU kink" not in coarse.explanation
+
+
+def test_check_unrolled_scales_its_step_to_tiny_training_inputs():
+    model, _, x, y = _tiny_input_case()
+    traj = inf.fit(model, x[:30], y[:30], loss="sparse_categorical_crossentropy", from_logits=True,
+                   optimizer=inf.optimizers.SGD(0.5), batch_size=10, epochs=1)  # fmt: skip
+    chk = inf.check_unrolled(traj, x[:30], y[:30], x[30:], y[30:], index=0, wrt="inputs", directions=1)
+    assert chk.ok and not chk.at_kink, chk
+
+
+def test_scattered_quotients_are_called_noise_even_next_to_a_huge_gradient():
+    """A chaotic run's dE/dc was 5e25: quotients 3202, 5638, −64926 counted as consistent, relative to 1e-8·‖grad‖,
+    and the gradient was blamed. Here f wiggles (amplitude 1e-6, period 6e-7) below every step tried."""
+
+    def f(z):
+        return np.sum(np.sin(z)) + 1e-6 * np.sum(np.sin(1e7 * z))
+
+    chk = inf.check_gradient(f, X0, np.full(3, 5e25))
+    assert not chk.ok and "noisy or unstable at this scale" in chk.explanation
+    assert "likely wrong" not in chk.explanation and not chk.at_kink and not chk.inconclusive
