@@ -10,6 +10,7 @@ from conftest import mlp
 
 import influence as inf
 from influence.optimizers import SGD, Adam, RMSprop
+from influence.unroll import choose_strategy
 
 LOSS = "sparse_categorical_crossentropy"
 
@@ -180,7 +181,14 @@ def test_auto_strategy_follows_the_memory_budget(data):
     assert (
         inf.unrolled(traj, x, y, xv, yv, memory_budget_bytes=20 * per_state).strategy == "checkpointed(every=4)"
     )  # divides 52
+    # Under the divisor's 17 states, ⌈52/6⌉ + 6 = 15 still fit: not replay's 52·53/2 recomputed steps.
+    assert inf.unrolled(traj, x, y, xv, yv, memory_budget_bytes=int(16.5 * per_state)).strategy == (
+        "checkpointed(every=6)"
+    )
     assert inf.unrolled(traj, x, y, xv, yv, memory_budget_bytes=2 * per_state).strategy == "replay"
+    # A long run left with replay is warned about (85k-weight MLP, 705 steps: 40–53 s against 3.7 s).
+    with pytest.warns(RuntimeWarning, match=r"leaves only replay, which recomputes 248865 steps .* checkpointed"):
+        assert choose_strategy(705, 340_000, 5_000_000, 8320).name == "replay"
     # Under what even replay needs: replay, with a warning instead of silently over budget.
     with pytest.warns(RuntimeWarning, match="no memory strategy fits memory_budget_bytes=100: the leanest") as caught:
         assert inf.unrolled(traj, x, y, xv, yv, memory_budget_bytes=100).strategy == "replay"
@@ -281,6 +289,27 @@ def test_removal_effect_of_a_weighted_sample_removes_its_whole_weight(data):
     assert np.allclose(table.sort_values("index")["removal_effect"], res.removal_effect)
     curve = inf.removal_curve(traj, x, y, xv, yv, 0, scales=(0.0,), removal_effect=res.removal_effect)
     assert curve["predicted_change"][0] == pytest.approx(res.removal_effect[0], rel=1e-12)
+
+
+def test_a_float32_retraining_is_not_rounded_to_the_spacing_of_its_validation_loss():
+    """SGD(1e-6): removal changes of ~1e-6 against E ≈ 2.3 (float32 spacing 2.4e-7). The float32 mean
+    of the validation losses rounded every change to whole spacings (all five top samples read
+    +1.192e-6, 15–17 % off the float64 replay); E is now summed in float64, and the changes that
+    stay unresolved are warned about."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = (digits.data[:300] / 16).astype(np.float32), digits.target[:300]
+    xv, yv = (digits.data[1000:1200] / 16).astype(np.float32), digits.target[1000:1200]
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, activation="tanh"), keras.layers.Dense(10)])
+    traj = inf.fit(model, x, y, loss=LOSS, from_logits=True, optimizer=SGD(1e-6), batch_size=30, epochs=20)
+    chosen = [251, 32, 149]
+    with pytest.warns(RuntimeWarning, match=r"3 of 3 retrained change\(s\) are below 16 float32 spacings"):
+        actual32 = inf.actual_removal_effect(traj, x, y, xv, yv, chosen, progress=False)
+    actual64 = inf.actual_removal_effect(inf.as_float64_trajectory(traj, x, y), x.astype(np.float64), y, xv, yv, chosen)
+    np.testing.assert_allclose(actual32, actual64, rtol=0.05)
+    assert len(set(actual32.tolist())) == 3  # not tied at one rounded value
 
 
 def test_removal_curve_ends_at_the_actual_removal_effect_and_follows_the_slope_near_one(data):
