@@ -299,7 +299,7 @@ def optimize_training_inputs(
         )
     sign = 1.0 if goal == "repair" else -1.0  # the outer optimizer minimises sign·E
 
-    dtype = tf.as_dtype(trajectory.model.trainable_variables[0].dtype)
+    dtype = trajectory.dtype
     x_cur, y_cur = x.astype(dtype.as_numpy_dtype), y.astype(dtype.as_numpy_dtype) if wants_labels else y
     original = tf.constant(x_cur[idx])
     params: list[tf.Tensor] = []

@@ -175,8 +175,7 @@ def _without_add_rewrite() -> Iterator[None]:
     try:
         yield
     finally:
-        restored = {key: value for key, value in before.items() if key != "arithmetic_optimization"}
-        tf.config.optimizer.set_experimental_options({**restored, "arithmetic_optimization": True})
+        tf.config.optimizer.set_experimental_options({"arithmetic_optimization": True})
 
 
 # absl's INFO prefix, e.g. "I0000 00:00:1795503993.007541   26574 service.cc:153] "

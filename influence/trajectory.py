@@ -102,6 +102,11 @@ class Trajectory:
         """Number of recorded steps T."""
         return len(self.batches)
 
+    @property
+    def dtype(self) -> tf.DType:
+        """The float type the run computes in: its model's trainable weights'."""
+        return tf.as_dtype(self.model.trainable_variables[0].dtype)
+
     def program(self, *, label_grad: bool = False, input_grad: bool = True) -> BoundProgram:
         """The compiled forward/reverse program of this run, with its schedule bound.
 
@@ -142,10 +147,9 @@ class Trajectory:
                 *key,
             )
             program = make() if self.streamed else shared_program(self.model, make, shared_key)
-            dtype = tf.as_dtype(self.model.trainable_variables[0].dtype)
             # Padded as when recorded: the mask slices must fall where the replicas' did.
             width_multiple = max(replicas, self.mask_shards)
-            schedule = Schedule.build(self.batches, self.learning_rates, self.seeds, dtype, width_multiple)
+            schedule = Schedule.build(self.batches, self.learning_rates, self.seeds, self.dtype, width_multiple)
             self._program_cache[key] = program.bind(schedule)
         return self._program_cache[key]
 
@@ -169,8 +173,7 @@ class Trajectory:
 
     def initial_tensors(self) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
         """(w_0, s_0): the trainable weights and the optimizer state before step 0, as tensors."""
-        dtype = tf.as_dtype(self.model.trainable_variables[0].dtype)
-        w0 = [tf.constant(w, dtype=dtype) for w in self.initial_weights]
+        w0 = [tf.constant(w, dtype=self.dtype) for w in self.initial_weights]
         return w0, self.optimizer.init(w0)
 
     def initial_state(self) -> list[tf.Tensor]:
@@ -445,6 +448,25 @@ def _check_finite_weights(weights: list[np.ndarray], func: str) -> None:
         )
 
 
+def mean_loss(
+    fn: ModelFunction, loss: Loss, weights: Any, x: np.ndarray, y: np.ndarray, *, batch: int | None = None
+) -> float:
+    """Mean per-sample loss of the model at ``weights`` on (x, y), dropout off, summed in float64.
+
+    A float32 mean rounds the result to its float32 spacing, and verification takes differences
+    of such means that are often only a few spacings. ``batch``: rows per model call (None: one).
+    """
+    w = [tf.constant(wi, dtype=fn.dtype) for wi in weights]
+    floating = np.issubdtype(x.dtype, np.floating)
+    rows = np.array_split(np.arange(len(x)), max(1, len(x) // batch)) if batch else [slice(None)]
+    total = 0.0
+    for part in rows:
+        xb = tf.constant(x[part], dtype=fn.dtype if floating else None)
+        yb = tf.constant(y[part], dtype=fn.dtype if loss.continuous_labels else tf.int32)
+        total += float(np.sum(np.asarray(loss(yb, fn(w, xb, training=False)), dtype=np.float64)))
+    return total / len(x)
+
+
 # Training loss growth, from before training to after, that fit calls divergence.
 DIVERGED_GROWTH = 10.0
 DIVERGENCE_PROBE = 4096  # samples on which the training loss is compared
@@ -468,17 +490,8 @@ def _warn_if_diverged(
     if len(trained) == 0:
         return
     probe = trained[np.linspace(0, len(trained) - 1, min(len(trained), DIVERGENCE_PROBE)).astype(int)]
-    floating = np.issubdtype(x.dtype, np.floating)
-    means = []
-    for weights in (initial, final):
-        w = [tf.constant(wi, dtype=fn.dtype) for wi in weights]
-        total = 0.0
-        for batch in np.array_split(probe, max(1, len(probe) // 512)):
-            xb = tf.constant(np.asarray(x[batch]), dtype=fn.dtype if floating else None)
-            yb = tf.constant(y[batch], dtype=fn.dtype if loss.continuous_labels else tf.int32)
-            total += float(tf.reduce_sum(tf.cast(loss(yb, fn(w, xb, training=False)), tf.float64)))
-        means.append(total / len(probe))
-    before, after = means
+    xp, yp = np.asarray(x[probe]), y[probe]
+    before, after = (mean_loss(fn, loss, weights, xp, yp, batch=512) for weights in (initial, final))
     if not np.isfinite(after) or (after > DIVERGED_GROWTH * before and after - before > 1e-3 * max(1.0, before)):
         warnings.warn(
             f"{func}: the training loss grew from {before:.4g} before training to {after:.4g} after "

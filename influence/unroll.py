@@ -119,6 +119,9 @@ class Checkpointed(MemoryStrategy):
         k = self.interval(steps)
         return [(a, min(a + k, steps)) for a in range(0, steps, k)]
 
+    def longest_segment(self, steps: int) -> int:
+        return self.interval(steps)  # the first segment's length, without listing them all
+
     def states_held(self, steps: int) -> int:
         k = self.interval(steps)
         if k >= steps:  # one segment from w_0: what store_all holds
@@ -157,15 +160,9 @@ def choose_strategy(steps: int, state_bytes: int, budget: int, step_buffer_bytes
     for candidate in (StoreAll(), Checkpointed()):
         if candidate.held_bytes(steps, state_bytes, step_buffer_bytes) <= budget:
             return candidate
-    # Checkpointed(every=k) holds ⌈T/k⌉ + k states and 2·k steps' buffers (held_bytes), for 1 < k < T.
-    intervals = range(2, steps)
-    leanest = (
-        Checkpointed(
-            every=min(intervals, key=lambda k: (math.ceil(steps / k) + k) * state_bytes + 2 * k * step_buffer_bytes)
-        )
-        if intervals
-        else None
-    )
+    # ⌈T/k⌉ + k states exceed those at k ≈ √T once k > 2√T + 2, and the segment buffers grow with k.
+    intervals = [Checkpointed(every=k) for k in range(2, min(steps, 2 * math.isqrt(steps) + 3))]
+    leanest = min(intervals, key=lambda c: c.held_bytes(steps, state_bytes, step_buffer_bytes), default=None)
     if leanest is not None and leanest.held_bytes(steps, state_bytes, step_buffer_bytes) <= budget:
         return leanest
     replay = Replay()

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
 from ._inputs import check_validation_arrays, validate_validation_data
 from ._progress import progress_bar
@@ -37,7 +36,7 @@ from .model_function import (
     warn_reduced_precision,
 )
 from .rank import effects_by_sample
-from .trajectory import Trajectory, check_trajectory_data, is_recorded_data, retrain
+from .trajectory import Trajectory, check_trajectory_data, is_recorded_data, mean_loss, retrain
 
 
 def validation_loss(trajectory: Trajectory, weights: Sequence[Any], x_val: Any, y_val: Any) -> float:
@@ -52,13 +51,7 @@ def validation_loss(trajectory: Trajectory, weights: Sequence[Any], x_val: Any, 
         y_val,
         sample_shape=(trajectory.input_shape, "the shape of the run's training samples"),
     )
-    xv = tf.constant(xv_array, dtype=fn.dtype)
-    yv_t = tf.constant(yv, dtype=fn.dtype if trajectory.loss.continuous_labels else tf.int32)
-    w = [tf.constant(wi, dtype=fn.dtype) for wi in weights]
-    # Summed in float64: a float32 mean rounds E to its float32 spacing, and the changes that
-    # verification takes differences of are often only a few such spacings.
-    losses = trajectory.loss(yv_t, fn(w, xv, training=False))
-    return float(np.mean(np.asarray(losses, dtype=np.float64)))
+    return mean_loss(fn, trajectory.loss, weights, xv_array, yv)
 
 
 def retrained_val_loss(
@@ -217,7 +210,7 @@ class _RetrainedChange:
         replay), and a removal effect of a tiny learning rate is often that small. Groups of
         samples the run did not train on (weight 0) change nothing and are not counted.
         """
-        dtype = np.dtype(tf.as_dtype(self.trajectory.model.trainable_variables[0].dtype).as_numpy_dtype)
+        dtype = np.dtype(self.trajectory.dtype.as_numpy_dtype)
         if dtype.itemsize >= 8:
             return
         spacing = float(np.spacing(dtype.type(abs(self.baseline))))
