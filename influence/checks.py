@@ -34,6 +34,8 @@ GRAD_ROUNDING_LIMIT = 1e-3
 # A derivative is resolved when the difference quotients stand this far above f's round-off:
 # below it a zero, negated or 10×-wrong gradient agrees with them as well as the right one.
 RESOLUTION_FACTOR = 10.0
+# A pass whose resolution is this many times coarser than rtol gets a note saying so.
+COARSE_RESOLUTION = 10.0
 # At a kink the central quotients at s and s/2 stay within J·δ/(2s) of each other (J the slope
 # jump, δ < s/5 its distance from x), at most a sixth of the one-sided gap; noise keeps no such order.
 KINK_CENTRAL_AGREEMENT = 0.25
@@ -62,6 +64,10 @@ class GradientCheck:
             large gradient would agree with them as well. grad was not found wrong.
         notes: warnings about the check itself that did not fail it (e.g. f's round-off
             limits the achievable error), one sentence each.
+        resolution: the smallest error the check could detect, relative to the largest
+            directional derivative it measured: ``rtol`` when f's round-off is negligible,
+            larger where a quotient's round-off exceeds ``rtol`` times that derivative (an
+            error below this passes unseen). NaN when nothing was resolved.
     """
 
     ok: bool
@@ -75,6 +81,7 @@ class GradientCheck:
     notes: list[str] = field(default_factory=list)
     at_kink: bool = False
     inconclusive: bool = False
+    resolution: float = float("nan")
 
     def __str__(self) -> str:
         verdict = "passed" if self.ok else "INCONCLUSIVE" if self.inconclusive else "FAILED"
@@ -291,6 +298,9 @@ def check_gradient(
     failing = (rel > rtol) & ~unresolved
     inconclusive = bool(np.any(unresolved) and not np.any(failing))
     ok = bool(max_rel <= rtol and not np.any(unresolved))
+    # An error passes along direction i when below max(rtol·|derivative|, round-off): near f's
+    # round-off floor a pass says less than rtol, which the verdict alone would hide.
+    resolution = max(float(rtol), float(np.max(roundoff)) / measured) if measured > 0 else float("nan")
 
     notes = []
     if again != base:
@@ -317,6 +327,14 @@ def check_gradient(
             f"round-off of {roundoff[worst]:.2e} (3·ε·|f(x)|/step with f(x) = {base:.6g}), so a zero, negated or "
             "far too large gradient would agree as well. Use a larger h, remove the large constant part of f "
             "inside f (before its value is rounded), or compute f in float64."
+        )
+    if ok and resolution > COARSE_RESOLUTION * rtol:
+        worst = int(np.argmax(roundoff))
+        notes.append(
+            f"passed only to a relative accuracy of {resolution:.1e}, not rtol={rtol:g}: the largest directional "
+            f"derivative measured is {measured:.2e}, while a difference quotient at step {steps_used[worst]:g} "
+            f"carries a round-off of {roundoff[worst]:.2e} (f(x) = {base:.6g}), so a gradient off by less than "
+            "that passes as well. Use a larger h or remove the large constant part of f for a sharper check."
         )
     grad_rounding = not ok and not inconclusive and grad_low_precision and max_rel <= GRAD_ROUNDING_LIMIT
     if grad_rounding:
@@ -388,6 +406,7 @@ def check_gradient(
         notes=notes,
         at_kink=at_kink,
         inconclusive=inconclusive,
+        resolution=resolution,
     )
 
 

@@ -88,3 +88,19 @@ def test_scattered_quotients_are_called_noise_even_next_to_a_huge_gradient():
     chk = inf.check_gradient(f, X0, np.full(3, 5e25))
     assert not chk.ok and "noisy or unstable at this scale" in chk.explanation
     assert "likely wrong" not in chk.explanation and not chk.at_kink and not chk.inconclusive
+
+
+def test_a_pass_near_the_round_off_of_f_states_its_coarser_resolution():
+    """f ≈ 1 with derivatives of 1e-11: resolved (above 10× round-off), so a 5 % wrong gradient passes: say so."""
+
+    def f(z):
+        return 1.0 + 1e-11 * np.sum(np.sin(z))
+
+    wrong = inf.check_gradient(f, X0, 1.05e-11 * np.cos(X0))
+    assert wrong.ok and not wrong.inconclusive  # the rules pass it: the error is below f's round-off
+    assert wrong.resolution > 0.05 > 100 * wrong.rtol
+    assert "passed only to a relative accuracy of 5.3e-02" in wrong.explanation and "larger h" in wrong.explanation
+    # The same gradient against a derivative of unit scale: full resolution, no note, and the error is caught.
+    sharp = inf.check_gradient(lambda z: 1.0 + np.sum(np.sin(z)), X0, np.cos(X0))
+    assert sharp.ok and sharp.resolution == sharp.rtol and sharp.explanation == ""
+    assert not inf.check_gradient(lambda z: 1.0 + np.sum(np.sin(z)), X0, 1.05 * np.cos(X0)).ok
