@@ -14,6 +14,13 @@ strategy objects; add a class to add a strategy):
 A weights history that :func:`influence.fit` recorded is already in memory:
 every strategy then slices it instead of recomputing steps.
 
+Whatever the strategy, the reverse pass takes a segment's states in chunks of at
+most :data:`CHUNK_BYTES` and :data:`CHUNK_STEPS` (:func:`chunk_limit`), one
+compiled call each, newest first, and lets each chunk go once it is reversed: a
+slice of a history is copied one chunk at a time, plain graphs' recording loop
+holds its per-step states twice for one chunk only, and the progress bar moves
+after every chunk.
+
 ``strategy="auto"`` picks the cheapest one that fits ``memory_budget_bytes``.
 """
 
@@ -31,13 +38,46 @@ import numpy as np
 import tensorflow as tf
 
 from ._inputs import check_model_input, validate_validation_data
-from ._progress import progress_bar
+from ._progress import progress_counter
 from ._summary import compact_repr
 from ._validation import check_positive, describe, param_error
 from .model_function import discretized_note, integer_casts
 from .trajectory import Trajectory, _data_tensors, check_trajectory_data
 
-DEFAULT_MEMORY_BUDGET = 1 << 30  # 1 GiB for stored weights/state
+DEFAULT_MEMORY_BUDGET = 1 << 30  # 1 GiB for what the reverse pass holds beyond the trajectory
+
+#: Most bytes of states (weights + optimizer state) one reverse call takes. With a history of an
+#: 85k-weight MLP (T = 1410, 457 MB), reversing it in one call grew the process by 925–999 MB
+#: (its copy into TensorFlow, and a process's first conversion of that size leaves as much again
+#: behind); in chunks of 47 steps (16 MB) by 67–83 MB, nearly all of it the first call's tracing
+#: and compiling, and as fast warm (0.66 s against 0.63 s, one process). 16 MiB of states is at
+#: least ~10^8 multiply-adds of reverse work, beside which the ~1.5 ms a call costs is small.
+CHUNK_BYTES = 16 * 2**20
+
+#: Most steps one reverse call takes, so that a long pass reports progress (a CNN's 470 steps ran
+#: 43 s as one call, its bar silent until the end). A run of up to this many steps (the digits
+#: benchmark's 160) stays one call: its pass takes milliseconds, and a 2560-step pass of that
+#: MLP took 11 % longer in 10 calls than in one.
+CHUNK_STEPS = 256
+
+
+def chunk_limit(state_bytes: int) -> int:
+    """Most steps one reverse call takes for states of ``state_bytes``: :data:`CHUNK_BYTES` and :data:`CHUNK_STEPS`."""
+    return max(1, min(CHUNK_STEPS, CHUNK_BYTES // max(1, state_bytes)))
+
+
+def chunks(start: int, stop: int, limit: int) -> list[tuple[int, int]]:
+    """Steps [start, stop) in chunks of at most ``limit`` steps, in forward order.
+
+    Of one length when a divisor of the segment lies in (limit/2, limit]: XLA compiles the
+    recording and reverse functions once per chunk length. Else ``limit`` steps and a
+    shorter last chunk (two lengths).
+    """
+    length = stop - start
+    if length <= limit:
+        return [(start, stop)]
+    size = next((d for d in range(limit, limit // 2, -1) if length % d == 0), limit)
+    return [(a, min(a + size, stop)) for a in range(start, stop, size)]
 
 
 class MemoryStrategy(ABC):
@@ -63,15 +103,31 @@ class MemoryStrategy(ABC):
     def longest_segment(self, steps: int) -> int:
         return max(b - a for a, b in self.segments(steps))
 
-    def held_bytes(self, steps: int, state_bytes: int, step_buffer_bytes: int) -> int:
-        """Peak bytes: held weight/optimizer states plus the per-step buffers of the longest segment.
+    def longest_chunk(self, steps: int, state_bytes: int) -> int:
+        """Most steps one reverse call takes: a segment, or a chunk of it (:func:`chunks`)."""
+        return min(self.longest_segment(steps), chunk_limit(state_bytes))
 
-        ``step_buffer_bytes`` is what one reverse step keeps until its segment ends: the
-        per-sample dE/dc, dE/dx (and dE/dy) of its batch, B·(1 + |x_i| + |y_i|) numbers.
-        They are counted twice: the per-step buffers and their stacked copy coexist at the
-        end of a segment (measured in reports/benchmarks/scaling.md).
+    def held_bytes(
+        self, steps: int, state_bytes: int, step_buffer_bytes: int, *, history: bool = False, jit_compile: bool = True
+    ) -> int:
+        """Peak bytes the reverse pass holds beyond the trajectory: states, a chunk's copy, buffers.
+
+        - The held states (:meth:`states_held`); none with a ``history``: the trajectory holds
+          every state already, and the pass copies one chunk's slice of it at a time.
+        - Without ``jit_compile`` (plain graphs: streamed and distributed runs too) one chunk's
+          states more: the recording loop's per-step states and their stacked copy coexist
+          until the chunk is recorded (XLA writes into the stacked buffer).
+        - ``step_buffer_bytes`` is what one reverse step keeps until its call ends: the
+          per-sample dE/dc, dE/dx (and dE/dy) of its batch, B·(1 + |x_i| + |y_i|) numbers.
+          They are counted twice for the longest chunk: the per-step buffers and their
+          stacked copy coexist at the end of a call (measured in reports/benchmarks/scaling.md).
         """
-        return self.states_held(steps) * state_bytes + 2 * self.longest_segment(steps) * step_buffer_bytes
+        chunk = self.longest_chunk(steps, state_bytes)
+        if history:
+            states = chunk
+        else:
+            states = self.states_held(steps) + (0 if jit_compile else chunk)
+        return states * state_bytes + 2 * chunk * step_buffer_bytes
 
 
 @dataclass(frozen=True)
@@ -148,25 +204,46 @@ class Replay(MemoryStrategy):
         return False
 
 
-def choose_strategy(steps: int, state_bytes: int, budget: int, step_buffer_bytes: int = 0) -> MemoryStrategy:
-    """The cheapest strategy whose held states and segment buffers fit ``budget`` bytes.
+def choose_strategy(
+    steps: int,
+    state_bytes: int,
+    budget: int,
+    step_buffer_bytes: int = 0,
+    *,
+    history: bool = False,
+    jit_compile: bool = True,
+) -> MemoryStrategy:
+    """The cheapest strategy whose held states and buffers (:meth:`MemoryStrategy.held_bytes`) fit ``budget`` bytes.
 
     In order: store all; checkpoints every ≈√T steps (a divisor of T when one is near); the
     checkpoint interval that holds the least; replay. Replay recomputes O(T²) steps: a budget just
     under the first checkpointed estimate went straight to it (T = 705: 40–53 s instead of 3.7 s
     with a slightly longer interval), so the leanest interval is tried first, and a long replay is
     warned about. When nothing fits, :class:`Replay` (the leanest) with a warning.
+
+    With a ``history`` in the trajectory no strategy recomputes a step: each slices the history,
+    and they differ only in how many steps one call copies out of it. Store all (in chunks of
+    :func:`chunk_limit`) when that fits, else segments as long as the budget allows.
     """
-    for candidate in (StoreAll(), Checkpointed()):
-        if candidate.held_bytes(steps, state_bytes, step_buffer_bytes) <= budget:
-            return candidate
+
+    def held(strategy: MemoryStrategy) -> int:
+        return strategy.held_bytes(steps, state_bytes, step_buffer_bytes, history=history, jit_compile=jit_compile)
+
+    if held(StoreAll()) <= budget:
+        return StoreAll()
+    if history:
+        longest = budget // (state_bytes + 2 * step_buffer_bytes)  # a segment's copy and buffers, step by step
+        if longest >= 1:
+            return Checkpointed(every=longest)
+    elif held(Checkpointed()) <= budget:
+        return Checkpointed()
     # ⌈T/k⌉ + k states exceed those at k ≈ √T once k > 2√T + 2, and the segment buffers grow with k.
-    intervals = [Checkpointed(every=k) for k in range(2, min(steps, 2 * math.isqrt(steps) + 3))]
-    leanest = min(intervals, key=lambda c: c.held_bytes(steps, state_bytes, step_buffer_bytes), default=None)
-    if leanest is not None and leanest.held_bytes(steps, state_bytes, step_buffer_bytes) <= budget:
+    intervals = [] if history else [Checkpointed(every=k) for k in range(2, min(steps, 2 * math.isqrt(steps) + 3))]
+    leanest = min(intervals, key=held, default=None)
+    if leanest is not None and held(leanest) <= budget:
         return leanest
     replay = Replay()
-    needed = replay.held_bytes(steps, state_bytes, step_buffer_bytes)
+    needed = held(replay)
     if needed > budget:
         warnings.warn(
             f"unrolled: no memory strategy fits memory_budget_bytes={budget}: the leanest, replay, holds about "
@@ -179,7 +256,7 @@ def choose_strategy(steps: int, state_bytes: int, budget: int, step_buffer_bytes
             f"unrolled: memory_budget_bytes={budget} ({budget / 2**20:.1f} MiB) leaves only replay, which recomputes "
             f"{steps * (steps + 1) // 2} "
             f"steps for a run of {steps}; {leanest.describe(steps)} would need about "
-            f"{leanest.held_bytes(steps, state_bytes, step_buffer_bytes) / 2**20:.1f} MiB and recompute {steps}",
+            f"{held(leanest) / 2**20:.1f} MiB and recompute {steps}",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -206,12 +283,15 @@ class UnrolledResult:
         val_loss: E at the end of the recorded run.
         strategy: the memory strategy used (e.g. ``"checkpointed(every=13)"``).
         seconds: wall time of the reverse pass (including recomputation).
-        memory_bytes: the strategy's estimate of held states + segment buffers: what the
-            memory budget bounds. The results themselves (n·(1 + |x_i| + |y_i|) numbers, and
-            while segments are summed up to three such arrays) come on top, and so does a
-            weights history the trajectory holds already (``fit`` records one when it fits its
-            ``record_budget_bytes``): every strategy then slices it instead of recomputing
-            states, so they differ in segment length, not in what is held.
+        memory_bytes: what the pass holds beyond the trajectory, as
+            :meth:`MemoryStrategy.held_bytes` counts it: held states, one chunk's states more,
+            and the longest call's per-step buffers; what the memory budget bounds. A weights
+            history the trajectory holds already (``fit`` records one when it fits its
+            ``record_budget_bytes``) is not counted: every strategy then slices it one chunk at
+            a time instead of recomputing states, and only that chunk's copy is. The results
+            themselves (n·(1 + |x_i| + |y_i|) numbers, and while chunks are summed up to three
+            such arrays) come on top, and so does a process's first call's tracing and
+            compiling (60–90 MB measured on CPU for MLPs of 2k to 1.1M weights).
     """
 
     removal_effect: np.ndarray
@@ -248,8 +328,10 @@ def unrolled(
         x_val, y_val: validation data; E = mean loss of the final model on it.
         strategy: ``"auto"``, ``"store_all"``, ``"checkpointed"``, ``"replay"``
             or a :class:`MemoryStrategy` instance.
-        memory_budget_bytes: budget for held weights/state under ``"auto"``.
-        progress: a progress bar over segments: ``None`` (default) once the pass has run 2 s,
+        memory_budget_bytes: budget under ``"auto"`` for what the pass holds beyond the
+            trajectory (``UnrolledResult.memory_bytes``).
+        progress: a progress bar over the reverse steps, moving after each chunk of
+            them (at most :data:`CHUNK_STEPS`): ``None`` (default) once the pass has run 2 s,
             ``True`` at once, ``False`` never.
         input_grad_path: write ``input_grad`` to this ``.npy`` file as a memory map
             instead of holding it in memory (for streamed, larger-than-memory data).
@@ -281,7 +363,10 @@ def unrolled(
     )
     per_sample = 1 + (int(np.prod(x.shape[1:])) if input_grad else 0) + (int(np.prod(y.shape[1:])) if label_grad else 0)
     step_buffer_bytes = int(program.schedule.batches.shape[1]) * per_sample * dtype.size
-    plan = _resolve_strategy(strategy, steps, state_bytes, step_buffer_bytes, memory_budget_bytes, func)
+    history, jit_compile = trajectory.weights_history is not None, program.jit_compile
+    plan = _resolve_strategy(
+        strategy, steps, state_bytes, step_buffer_bytes, memory_budget_bytes, func, history, jit_compile
+    )
     x_t, y_t, c_t = _data_tensors(program, x, y, trajectory.sample_weight)
 
     # Adjoint at the end of the run: λ_w = ∇E(w_T), λ_s = 0.
@@ -294,30 +379,38 @@ def unrolled(
 
     segments = plan.segments(steps)
     starts = _segment_starts(program, plan, segments, trajectory, initial, x_t, y_t, c_t)
-    dc: Any = None  # per-segment sums; the first segment's are taken as they are
+    limit = chunk_limit(state_bytes)
+    dc: Any = None  # per-chunk sums; the first chunk's are taken as they are
     host_dx = input_grad and (program.stream_shape is not None or input_grad_path is not None)
     dx: Any = _input_grad_array(input_grad_path, (trajectory.n_train, *x.shape[1:]), dtype) if host_dx else None
     dy: Any = None
-    order = range(len(segments) - 1, -1, -1)
-    for index in progress_bar(order, progress=progress, desc="reverse pass", unit="segment"):
-        a, b = segments[index]
-        w_hist, s_hist = _segment_states(program, plan, trajectory, starts, index, a, b, initial, x_t, y_t, c_t)
-        args = (w_hist, s_hist, tf.constant(a), lam_w, lam_s, x_t, y_t, c_t)
-        lam_w, lam_s, seg_dc, seg_dx, seg_dy, finite = program.reverse(*args)
-        if not bool(finite):  # rerun the segment with per-step flags to name the step
-            _check_adjoint(np.asarray(program.reverse_with_flags(*args)[-1]), a, trajectory.learning_rates)
-        dc = seg_dc if dc is None else dc + seg_dc
-        if not input_grad:
-            pass
-        elif not host_dx:
-            dx = seg_dx if dx is None else dx + seg_dx
-        elif program.stream_shape is not None:  # per-step terms of this segment, added on the host
-            rows = np.asarray(program.schedule.batches[a:b]).reshape(-1)
-            np.add.at(dx, rows, np.asarray(seg_dx).reshape(len(rows), *x.shape[1:]))
-        else:
-            dx += np.asarray(seg_dx)
-        if label_grad:
-            dy = seg_dy if dy is None else dy + seg_dy
+    bar = progress_counter(steps, progress=progress, desc="reverse pass", unit="step")
+    try:
+        for index in range(len(segments) - 1, -1, -1):
+            for a, b, w_hist, s_hist in _segment_chunks(
+                program, trajectory, starts, index, segments[index], limit, initial, x_t, y_t, c_t
+            ):
+                args = (w_hist, s_hist, tf.constant(a), lam_w, lam_s, x_t, y_t, c_t)
+                lam_w, lam_s, seg_dc, seg_dx, seg_dy, finite = program.reverse(*args)
+                if not bool(finite):  # rerun the chunk with per-step flags to name the step
+                    _check_adjoint(np.asarray(program.reverse_with_flags(*args)[-1]), a, trajectory.learning_rates)
+                # This chunk's states go before the next chunk is sliced or the next segment recorded.
+                del w_hist, s_hist, args
+                dc = seg_dc if dc is None else dc + seg_dc
+                if not input_grad:
+                    pass
+                elif not host_dx:
+                    dx = seg_dx if dx is None else dx + seg_dx
+                elif program.stream_shape is not None:  # per-step terms of this chunk, added on the host
+                    rows = np.asarray(program.schedule.batches[a:b]).reshape(-1)
+                    np.add.at(dx, rows, np.asarray(seg_dx).reshape(len(rows), *x.shape[1:]))
+                else:
+                    dx += np.asarray(seg_dx)
+                if label_grad:
+                    dy = seg_dy if dy is None else dy + seg_dy
+                bar.update(b - a)
+    finally:
+        bar.close()
     sample_weight_grad = np.asarray(dc)
     return UnrolledResult(
         removal_effect=-trajectory.sample_weight.astype(sample_weight_grad.dtype) * sample_weight_grad,
@@ -327,7 +420,7 @@ def unrolled(
         val_loss=val,
         strategy=plan.describe(steps),
         seconds=time.perf_counter() - start_time,
-        memory_bytes=plan.held_bytes(steps, state_bytes, step_buffer_bytes),
+        memory_bytes=plan.held_bytes(steps, state_bytes, step_buffer_bytes, history=history, jit_compile=jit_compile),
     )
 
 
@@ -355,14 +448,21 @@ def _input_grad_array(path: str | None, shape: tuple[int, ...], dtype: tf.DType)
 
 
 def _resolve_strategy(
-    strategy: Any, steps: int, state_bytes: int, step_buffer_bytes: int, budget: int, func: str
+    strategy: Any,
+    steps: int,
+    state_bytes: int,
+    step_buffer_bytes: int,
+    budget: int,
+    func: str,
+    history: bool,
+    jit_compile: bool,
 ) -> MemoryStrategy:
     if isinstance(strategy, MemoryStrategy):
         return strategy
     check_positive(budget, param="memory_budget_bytes", func=func, kind=int)
     named = {"store_all": StoreAll(), "checkpointed": Checkpointed(), "replay": Replay()}
     if strategy == "auto":
-        return choose_strategy(steps, state_bytes, budget, step_buffer_bytes)
+        return choose_strategy(steps, state_bytes, budget, step_buffer_bytes, history=history, jit_compile=jit_compile)
     if isinstance(strategy, str) and strategy in named:
         return named[strategy]
     raise ValueError(
@@ -379,24 +479,39 @@ def _segment_starts(program, plan, segments, trajectory, initial, x_t, y_t, c_t)
     return program.states_at(*initial.tensors, [a for a, _ in segments], x_t, y_t, c_t)
 
 
-def _segment_states(program, plan, trajectory, starts, index, a, b, initial, x_t, y_t, c_t):
-    """Stacked states before steps a … b−1: sliced from the stored history or recomputed.
+def _segment_chunks(program, trajectory, starts, index, segment, limit, initial, x_t, y_t, c_t):
+    """(a, b, states before steps a … b−1) for each chunk of a segment (:func:`chunks`), last chunk first.
 
     A history recorded by :func:`influence.fit` is already in memory, so every strategy
-    (Replay included) slices it rather than recomputing steps it holds.
+    (Replay included) slices it rather than recomputing steps it holds, one chunk at a time:
+    a slice is copied into TensorFlow, and the whole history at once would be a second copy
+    of it. Otherwise the segment is recorded forward chunk by chunk, each chunk's recording
+    starting where the previous one ended, and each chunk is let go once yielded (the caller
+    drops it after its reverse call).
     """
+    parts = chunks(*segment, limit)
     if trajectory.weights_history is not None:
         dtype = program.fn.dtype
-        w_hist = [tf.constant(h[a:b], dtype=dtype) for h in trajectory.weights_history]
-        s_hist = [tf.constant(h[a:b], dtype=dtype) for h in trajectory.state_history or []]
-        return w_hist, s_hist
+        for a, b in reversed(parts):
+            w_hist = [tf.constant(h[a:b], dtype=dtype) for h in trajectory.weights_history]
+            s_hist = [tf.constant(h[a:b], dtype=dtype) for h in trajectory.state_history or []]
+            yield a, b, w_hist, s_hist
+            del w_hist, s_hist
+        return
+    a = segment[0]
     if starts is not None:
         w, s = starts[index]
+        starts[index] = None  # no other segment needs it: let it go with this one's chunks
     else:  # Replay: from w_0 every time.
         w0, s0 = initial.tensors
         w, s = program.run(w0, s0, 0, a, x_t, y_t, c_t) if a > 0 else (w0, s0)
-    _, _, w_hist, s_hist = program.run(w, s, a, b, x_t, y_t, c_t, record=True)
-    return w_hist, s_hist
+    recorded = []
+    for a, b in parts:
+        w, s, w_hist, s_hist = program.run(w, s, a, b, x_t, y_t, c_t, record=True)
+        recorded.append((a, b, w_hist, s_hist))
+    del w, s, w_hist, s_hist
+    while recorded:
+        yield recorded.pop()
 
 
 def _check_adjoint(finite: np.ndarray, start: int, learning_rates: np.ndarray) -> None:
