@@ -33,7 +33,8 @@ Setup
     float noise of the replay cancels), for the 25 samples with the most negative removal effect
     plus 25 others drawn at random (seed 0). Pearson, Spearman and Kendall τ (scipy.stats).
     Models: (a) the main MLP with SGD 0.5, (b) the same MLP with Adam 0.01, (c) a CNN on the
-    digits as 8×8×1 images, Conv2D(8, 3, tanh) → Flatten → Dense(10, softmax), SGD 0.3.
+    digits as 8×8×1 images, Conv2D(8, 3, tanh) → Flatten → Dense(10, softmax), SGD 0.3 (under
+    fit's default ``jit_compile="auto"``: plain graphs on a CPU, XLA on a GPU; the same figures).
     Diagnostic rows: each model in float64 (``influence.as_float64``), with a derivative check
     (central difference ``(E(c_i = 1 − ε) − E(c_i = 1 + ε)) / 2ε``, ε = 1e-5, for the same samples:
     tests the hypergradient itself rather than its first-order extrapolation to a whole removal;

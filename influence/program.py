@@ -23,9 +23,11 @@ and optimizer; the recorded schedule (batches, learning rates, seeds) is an
 argument, so every run of the same set-up (a refit, the runs of an outer
 optimisation loop) reuses one trace (:func:`shared_program`). The functions are
 XLA-compiled (``jit_compile``) when the run allows it: XLA fuses the many small
-ops of a step, which is where time goes for small models (on the digits MLP of
-``benchmarks/unrolled.py`` the training and reverse loops run 1.6–2.5× faster
-than plain graphs, depending on the run; the first call compiles). A model
+ops of a step, which is where time goes for small dense models (on 2 CPU cores the
+digits MLPs' warm training and reverse loops ran 1.6–6× faster than plain graphs;
+the first call compiles). Its CPU convolutions are slow (a small CNN 4.5–25×
+slower), so :func:`influence.fit`'s ``jit_compile="auto"`` runs models with
+convolution layers as plain graphs when no GPU is visible. A model
 with an op XLA cannot compile falls back to plain graphs, with a one-line warning
 (XLA's native log of the refusal, dozens of lines of C++ logging, is held back).
 Streamed and distributed runs use plain graphs (``tf.data`` iterators and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -12,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from . import _progress
 from ._inputs import as_model_inputs, check_labels_for_loss, check_model_input, check_probability_outputs, prepare
 from ._summary import compact_repr
 from ._validation import as_array, check_positive, check_same_length, describe, param_error
@@ -23,6 +25,28 @@ from .program import BoundProgram, Program, Schedule, shared_program
 
 # Keep every step's weights when they fit in this many bytes (DESIGN §1 "keep all").
 DEFAULT_RECORD_BUDGET = 256 * 2**20
+
+# The layers that make XLA slow on CPU (fit's jit_compile="auto"): on 2 CPU cores a Conv16-Conv32 CNN on
+# 28×28 inputs trained 4.5–25× and unrolled 8–24× slower XLA-compiled than in plain graphs.
+_CONVOLUTIONS: tuple[type[keras.layers.Layer], ...] = tuple(
+    getattr(keras.layers, name)
+    for name in (
+        "Conv1D",
+        "Conv2D",
+        "Conv3D",
+        "Conv1DTranspose",
+        "Conv2DTranspose",
+        "Conv3DTranspose",
+        "DepthwiseConv1D",
+        "DepthwiseConv2D",
+        "SeparableConv1D",
+        "SeparableConv2D",
+        "ConvLSTM1D",
+        "ConvLSTM2D",
+        "ConvLSTM3D",
+    )
+    if hasattr(keras.layers, name)
+)
 
 
 @dataclass
@@ -316,8 +340,9 @@ def fit(
     record_budget_bytes: int = DEFAULT_RECORD_BUDGET,
     distribute: tf.distribute.Strategy | None = None,
     stream: bool | None = None,
-    jit_compile: bool = True,
+    jit_compile: bool | str = "auto",
     input_gradient_penalty: float = 0.0,
+    progress: bool | None = None,
 ) -> Trajectory:
     """Train ``model`` with explicit recorded steps and return the :class:`Trajectory`.
 
@@ -350,14 +375,27 @@ def fit(
             instead of holding x_train as one tensor (default: when x_train is a
             ``np.memmap``, e.g. ``np.load(path, mmap_mode="r")``). Memory then stays
             bounded by the batch and the reverse pass's segment length.
-        jit_compile: XLA-compile the training and reverse steps (default): loops
-            1.6–2.5× faster on the digits MLP, while the first call compiles
-            (about a second). Models with an op XLA cannot compile fall back to
-            plain graphs with a warning. Ignored (off) for streamed and distributed runs.
+        jit_compile: XLA-compile the training and reverse steps (True) or run them as
+            plain TensorFlow graphs (False). ``"auto"`` (default): plain graphs for models
+            with a convolution layer (nested ones included) when TensorFlow sees no GPU,
+            XLA otherwise (:func:`resolve_jit_compile`); the trajectory stores the choice
+            as a bool. Measured on 2 CPU cores, ratios within one process: XLA ran the
+            warm loops of the digits MLPs (64-32-10, 64-256-256-10) 1.8–4× faster in
+            training and 1.6–6× faster in reverse (first calls compile: ``fit`` about even,
+            ``unrolled`` 2.5–3.7× slower), but a Conv16-Conv32-Dense64 CNN on 28×28 inputs
+            trained 4.5–25× and unrolled 8–24× slower, first calls and warm ones alike
+            (the 1-channel Conv8 of ``benchmarks/unrolled.py`` on 8×8 digits: 2–2.5×
+            faster warm, 2.5× slower in its first ``unrolled``). Models with an op XLA
+            cannot compile fall back to plain graphs with a warning. Ignored (off) for
+            streamed and distributed runs.
         input_gradient_penalty: ρ ≥ 0: train on ℓ_j + ρ‖∂ℓ_j/∂x_j‖² per sample (double
             backpropagation, S4) instead of ℓ_j; unrolled hypergradients, retraining and
             the rankers then follow that objective (:mod:`influence.objective`).
             Floating-point inputs only.
+        progress: a bar over the training steps: ``None`` (default) for runs of more than
+            256 steps, shown once training has run 2 s; ``True`` at once; ``False`` never.
+            With a bar the compiled loop runs in equal chunks of steps (about 20), the bar
+            moving after each; the numbers are bit-identical to one call's.
     """
     func = "fit"
     fn, per_sample = prepare(func, model, loss, from_logits)
@@ -380,6 +418,9 @@ def fit(
         raise ValueError(param_error("shuffle", func, "True or False", describe(shuffle)))
     if not (training is None or isinstance(training, (bool, np.bool_))):  # bool("False") would turn dropout on
         raise ValueError(param_error("training", func, "True, False or None", describe(training)))
+    if not (progress is None or isinstance(progress, (bool, np.bool_))):
+        raise ValueError(param_error("progress", func, "True, False or None", describe(progress)))
+    jit = resolve_jit_compile(model, jit_compile, func=func)
     _check_no_regularization(model, func)
     _check_no_constraints(model, func)
     check_model_input(func, model, x)
@@ -414,7 +455,7 @@ def fit(
         input_shape=tuple(x.shape[1:]),
         distribute=distribute,
         streamed=isinstance(x_train, np.memmap) if stream is None else bool(stream),
-        jit_compile=bool(jit_compile),
+        jit_compile=jit,
         data_fingerprint=data_fingerprint(x, y),
         input_gradient_penalty=penalty,
         mask_shards=(1 if distribute is None else int(distribute.num_replicas_in_sync)) if fn.draws_random else 1,
@@ -425,20 +466,110 @@ def fit(
     per_step_bytes = sum(int(np.prod(t.shape)) * t.dtype.size for t in w0 + s0)
     record = steps * per_step_bytes <= record_budget_bytes
     x_t, y_t, c_t = _data_tensors(program, x, y, c)
-    outputs = program.run(w0, s0, 0, steps, x_t, y_t, c_t, record=record)
-    final = [np.asarray(w) for w in outputs[0]]
+    w_final, w_hist, s_hist = _training_loop(program, w0, s0, steps, x_t, y_t, c_t, record=record, progress=progress)
+    final = [np.asarray(w) for w in w_final]
     # XLA refused the model: replays must use plain graphs too, to reproduce these numbers.
     trajectory.jit_compile = trajectory.jit_compile and program.jit_compile
     _check_finite_weights(final, func)
     if record:
-        trajectory.weights_history = [np.asarray(h) for h in outputs[2]]
-        trajectory.state_history = [np.asarray(h) for h in outputs[3]]
+        trajectory.weights_history, trajectory.state_history = w_hist, s_hist
     trajectory.final_weights = final
     trajectory.seconds = time.perf_counter() - start
     # After the timing: Trajectory.seconds is the training loop's (the benchmarks' denominator).
     _warn_if_diverged(fn, per_sample, x, y, c, trajectory.initial_weights, final, func)
     trajectory.final_model()
     return trajectory
+
+
+def resolve_jit_compile(model: keras.Model, jit_compile: Any, *, func: str = "fit") -> bool:
+    """:func:`fit`'s ``jit_compile`` as a bool: True and False as given, ``"auto"`` by the rule below.
+
+    ``"auto"``: plain TensorFlow graphs (False) when the model has a convolution layer
+    (:func:`convolution_layers`) and TensorFlow sees no GPU, XLA (True) otherwise. On 2 CPU
+    cores XLA's convolutions made a small CNN's training 4.5–25× and its reverse pass
+    8–24× slower (and compiled for 2–11 s), while XLA runs dense models' warm loops
+    1.6–6× faster (see :func:`fit`). Small convolutions that XLA runs faster warm lose
+    little (milliseconds per call) and compile less; large ones lose minutes. Streamed and
+    distributed runs use plain graphs whatever this says.
+    """
+    if isinstance(jit_compile, (bool, np.bool_)):
+        return bool(jit_compile)
+    if isinstance(jit_compile, str) and jit_compile == "auto":
+        return not (convolution_layers(model) and not tf.config.list_physical_devices("GPU"))
+    raise ValueError(param_error("jit_compile", func, "'auto', True or False", describe(jit_compile)))
+
+
+def convolution_layers(model: keras.Model) -> list[str]:
+    """Names of the model's convolution layers (Keras's Conv*, DepthwiseConv*, SeparableConv*, ConvLSTM*;
+    subclasses and layers of nested models included)."""
+    layers: list[keras.layers.Layer] = list(model._flatten_layers(include_self=False, recursive=True))
+    return [layer.name for layer in layers if isinstance(layer, _CONVOLUTIONS)]
+
+
+# fit's progress: a long run goes through the compiled loop in about _CHUNKS equal chunks of steps, one
+# bar update after each. A call costs ~0.1 ms beside the steps, and a recording call compiles once per
+# chunk length under XLA, so chunks are equal (a divisor of the run when one is near; else a recording
+# run's last chunk starts early, see _training_loop). The rule depends on the run alone, not on timings:
+# a refit takes the calls, and so the compiled functions, of the fit before it. Runs of up to
+# _LONG_RUN_STEPS steps (the digits benchmark's 160) stay one call unless progress=True.
+_CHUNKS = 20
+_MIN_CHUNK = 8
+_LONG_RUN_STEPS = 256
+
+
+def _chunk_length(steps: int) -> int:
+    """Steps per call for a chunked run: about steps / _CHUNKS, a divisor of ``steps`` if one is near."""
+    target = max(_MIN_CHUNK, math.ceil(steps / _CHUNKS))
+    near = sorted(range(max(_MIN_CHUNK, target // 2), min(steps, 2 * target) + 1), key=lambda n: (abs(n - target), n))
+    return next((n for n in near if steps % n == 0), target)
+
+
+def _training_loop(
+    program: BoundProgram,
+    w: list[tf.Tensor],
+    s: list[tf.Tensor],
+    steps: int,
+    x: Any,
+    y: Any,
+    c: Any,
+    *,
+    record: bool,
+    progress: bool | None,
+) -> tuple[list[tf.Tensor], list[np.ndarray] | None, list[np.ndarray] | None]:
+    """Steps 0 … steps−1 from (w, s): the final weights and, when ``record``, the weights and state
+    histories (numpy, (steps, *shape)). Chunked as the comment above says; bit-identical to one call."""
+    long_run = steps > _LONG_RUN_STEPS if progress is None else bool(progress)
+    chunk = _chunk_length(steps) if long_run and steps >= 2 * _MIN_CHUNK else steps
+    bar = _progress.progress_counter(steps, progress=progress, desc="training", unit="step") if long_run else None
+    w_hist: list[np.ndarray] | None = None
+    s_hist: list[np.ndarray] | None = None
+    try:
+        for done in range(0, steps, chunk):
+            start, stop = done, min(done + chunk, steps)
+            if record and stop - start < chunk and w_hist is not None and s_hist is not None:
+                # The remainder: a recording call of another length would compile once more, so the last
+                # chunk is a whole one, from the recorded state `chunk` steps before the end (those steps
+                # come out the same as recorded: the same compiled call on the same numbers).
+                start = steps - chunk
+                w = [tf.constant(h[start], dtype=v.dtype) for h, v in zip(w_hist, w)]
+                s = [tf.constant(h[start], dtype=v.dtype) for h, v in zip(s_hist, s)]
+            outputs = program.run(w, s, start, stop, x, y, c, record=record)
+            w, s = list(outputs[0]), list(outputs[1])
+            if record and chunk == steps:
+                w_hist, s_hist = [np.asarray(h) for h in outputs[2]], [np.asarray(h) for h in outputs[3]]
+            elif record:  # into one array per variable: the chunk's tensors go as soon as they are copied
+                if w_hist is None or s_hist is None:
+                    w_hist = [np.empty((steps, *h.shape[1:]), h.dtype.as_numpy_dtype) for h in outputs[2]]
+                    s_hist = [np.empty((steps, *h.shape[1:]), h.dtype.as_numpy_dtype) for h in outputs[3]]
+                for held, h in zip(w_hist + s_hist, list(outputs[2]) + list(outputs[3])):
+                    held[start:stop] = h
+            del outputs
+            if bar is not None:
+                bar.update(stop - done)
+    finally:
+        if bar is not None:
+            bar.close()
+    return w, w_hist, s_hist
 
 
 def _check_finite_weights(weights: list[np.ndarray], func: str) -> None:

@@ -928,3 +928,39 @@ def test_warnings_are_one_line_on_stderr_and_listed_in_the_report(files, tmp_pat
     assert "warnings.warn" not in captured.err
     summary = re.search(r'<section id="summary">.*?</section>', (tmp_path / "o" / "index.html").read_text())
     assert "GradientOverrideWarning: the model&#x27;s forward pass uses tf.stop_gradient" in summary.group(0)
+
+
+def test_jit_flag_chooses_xla_or_plain_graphs_and_training_shows_progress(files, tmp_path, capsys):
+    """A CNN trained 5-25x slower under XLA on CPU, and the command line could not turn XLA off; fit printed
+    nothing while it trained."""
+    from influence import load_trajectory
+
+    out = tmp_path / "plain"
+    args = ["rank", "--model", files / "model.keras", "--data", files / "data.npz", "--method", "loss", "--out", out]
+    code, captured = run_main(args + ["--jit", "off", "--epochs", "3", "--batch-size", "5"], capsys)
+    assert code == 0, captured.err
+    assert "plain graphs (--jit off)" in (out / "index.html").read_text()
+    assert load_trajectory(next((out / "shards").glob("trajectory-*"))).jit_compile is False
+    assert "36/36" in captured.err and "training: 100%" in captured.err  # fit's bar: 3 epochs of 12 steps
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([str(a) for a in args] + ["--jit", "yes"])
+    assert exit_.value.code == 2 and "invalid choice: 'yes'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["rank", "--help"])
+    assert "--jit {auto,on,off}" in capsys.readouterr().out
+
+
+def test_jit_choice_is_part_of_the_run_fingerprint_where_it_changes_the_run(files):
+    """Resuming with another --jit must not reuse shards computed from other numbers; "auto" on a dense model
+    is XLA, as every earlier run was, so their shards still match."""
+    from influence.report.job import RankingJob
+
+    def job(model, jit):
+        x = np.zeros((4, *model.input_shape[1:]), np.float32)
+        return RankingJob(files, model, x, np.zeros(4, int), None, None, SGD(0.1), jit_compile=jit)
+
+    dense = keras.models.load_model(files / "model.keras")
+    assert job(dense, "auto").fingerprint() == job(dense, True).fingerprint() != job(dense, False).fingerprint()
+    keras.utils.set_random_seed(0)
+    conv = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten()])
+    assert job(conv, "auto").fingerprint() == job(conv, False).fingerprint() != job(conv, True).fingerprint()

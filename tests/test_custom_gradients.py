@@ -285,7 +285,7 @@ def test_a_float32_op_in_the_float64_check_is_named_and_xla_falls_back():
     """TensorFlow's bilinear resize returns float32 for float64 images: the float64 copy was quantised without a word
     (relative error 2e-2), and under XLA its gradient raised 'floating point types of different precisions'."""
     x, y = _images()
-    traj = inf.fit(_image_model(keras.layers.Resizing(4, 4)), x, y, optimizer=SGD(0.2), batch_size=8)
+    traj = inf.fit(_image_model(keras.layers.Resizing(4, 4)), x, y, optimizer=SGD(0.2), batch_size=8, jit_compile=True)
     with (
         pytest.warns(
             RuntimeWarning, match=r"computes in a narrower float type at: .*ResizeBilinear \(returns float32\)"

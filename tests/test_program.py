@@ -154,13 +154,13 @@ def test_when_xla_refuses_only_the_reverse_pass_replays_stay_exact():
         return inf.fit(model, x, y, loss="sparse_categorical_crossentropy", optimizer=Adam(0.02), batch_size=5,
                        epochs=4, **kwargs)  # fmt: skip
 
-    traj = fit()
+    traj = fit(jit_compile=True)  # "auto" runs convolutions as plain graphs on CPU
     with pytest.warns(RuntimeWarning, match="XLA cannot compile this model's reverse steps"):
         res = inf.unrolled(traj, x, y, xv, yv)
     assert traj.jit_compile and traj.program().xla_refused == {"reverse"}
     with warnings.catch_warnings():  # the same refusal by another model's program: said once per process
         warnings.simplefilter("error", RuntimeWarning)
-        inf.unrolled(fit(), x, y, xv, yv)
+        inf.unrolled(fit(jit_compile=True), x, y, xv, yv)
     # The forward steps stayed compiled: retraining reproduces the recorded run bit for bit.
     assert all(np.array_equal(a, b) for a, b in zip(inf.retrain(traj, x, y), traj.final_weights))
     plain = fit(jit_compile=False)
@@ -180,7 +180,7 @@ def test_xlas_native_log_of_a_refusal_is_held_back_for_the_one_line_warning(tmp_
         "m = inf.as_float64(keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3),\n"
         "    keras.layers.MaxPooling2D(2), keras.layers.Flatten(), keras.layers.Dense(3, activation='softmax')]))\n"
         "rng = np.random.default_rng(0); x, y = rng.normal(size=(8, 6, 6, 1)), rng.integers(0, 3, 8)\n"
-        "t = inf.fit(m, x, y, optimizer=inf.optimizers.SGD(0.1), batch_size=4)\n"
+        "t = inf.fit(m, x, y, optimizer=inf.optimizers.SGD(0.1), batch_size=4, jit_compile=True)\n"
         "inf.unrolled(t, x, y, x, y)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}

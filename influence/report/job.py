@@ -55,7 +55,8 @@ class RankingJob:
     the validation samples out of the learning, returns the weights of the step with the lowest
     loss on them and stops after ``LEARN_WEIGHTS_PATIENCE`` steps without improvement (0: off);
     ``learn_weights_penalty`` is its ``penalty`` (None: its default). ``training`` is
-    :func:`influence.fit`'s (False: dropout off, BatchNormalization on its moving statistics).
+    :func:`influence.fit`'s (False: dropout off, BatchNormalization on its moving statistics),
+    and so is ``jit_compile`` (``"auto"``, True: XLA, False: plain TensorFlow graphs).
     The remaining fields go to :func:`render_report`.
     """
 
@@ -73,6 +74,7 @@ class RankingJob:
     seed: int = 0
     input_gradient_penalty: float = 0.0
     training: bool = True
+    jit_compile: bool | str = "auto"
     methods: Sequence[str] = ("unrolled",)
     verify_top: int = 0
     verify_random: int = 0
@@ -108,8 +110,16 @@ class RankingJob:
             settings["input_gradient_penalty"] = float(self.input_gradient_penalty)
         if not self.training:  # likewise absent in the default training mode
             settings["training"] = False
+        if not self.resolved_jit_compile():  # absent for XLA, with which every earlier job trained
+            settings["jit_compile"] = False
         data = [self.x_train, self.y_train, self.x_val, self.y_val]
         return fingerprint(data, model_fingerprint(self.model), settings)
+
+    def resolved_jit_compile(self) -> bool:
+        """``jit_compile`` as :func:`influence.fit` resolves it for this model on this machine."""
+        from ..trajectory import resolve_jit_compile
+
+        return resolve_jit_compile(self.model, self.jit_compile, func="RankingJob")
 
 
 class TrainingNotReproducible(RuntimeError):
@@ -172,7 +182,8 @@ class LazyTraining:
             job.log(f"[train] loaded the recorded run from {self.path}")
             self.loaded = True
         else:
-            job.log(f"[train] {job.epochs} epoch(s), batch {job.batch_size}, {len(job.x_train)} samples")
+            steps = "XLA-compiled" if job.resolved_jit_compile() else "plain TensorFlow graphs"
+            job.log(f"[train] {job.epochs} epoch(s), batch {job.batch_size}, {len(job.x_train)} samples, {steps}")
             trajectory = fit(
                 job.model,
                 job.x_train,
@@ -185,6 +196,8 @@ class LazyTraining:
                 from_logits=job.from_logits,
                 input_gradient_penalty=job.input_gradient_penalty,
                 training=job.training,
+                jit_compile=job.jit_compile,
+                progress=job.progress,
             )
             # fit leaves the final weights in the model; the job's model stays at the initial weights
             # it documents, so running the same job again finds its shards (and trains the same run).
