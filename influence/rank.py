@@ -74,6 +74,38 @@ def rank(
         (the mean of D, the curvature the optimizer's weight decay adds to H; 0 without
         decay; see :mod:`influence.rankers.methods`).
     """
+    return rank_shard(
+        trajectory,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        method=method,
+        solver=solver,
+        damping=damping,
+        checkpoint_every=checkpoint_every,
+        progress=progress,
+        samples=samples,
+    )
+
+
+def rank_shard(
+    trajectory: Trajectory,
+    x_train: Any,
+    y_train: Any,
+    x_val: Any = None,
+    y_val: Any = None,
+    *,
+    method: str = "unrolled",
+    solver: str | InverseHVP = "auto",
+    damping: float | str = "auto",
+    checkpoint_every: int | None = None,
+    progress: bool | None = None,
+    samples: Any = None,
+    shared: methods.Shared | None = None,
+) -> pd.DataFrame:
+    """:func:`rank`, with the method's shared part given (``shared``, from :func:`shared_part` on the same
+    run, data and settings) rather than computed: the worker side of :func:`influence.rank_in_processes`."""
     func = "rank"
     x, y, xv, yv, checkpoint_every = check_rank_arguments(
         trajectory,
@@ -97,8 +129,6 @@ def rank(
 
     start = time.perf_counter()
     ops = SampleOps(trajectory, x, y, progress=progress, samples=chosen)
-    if solver == "auto":
-        solver = "exact" if sum(w.size for w in trajectory.final_weights) <= 1000 else "cg"
     compute: Any = {
         "unrolled": methods.by_unrolled,
         "influence_function": methods.by_influence_function,
@@ -109,7 +139,9 @@ def rank(
     }[method]
     kwargs: dict[str, Any] = {"ops": ops, "checkpoint_every": checkpoint_every, "progress": progress}
     if method == "influence_function":
-        kwargs.update(solver=get_solver(solver), damping=damping)
+        kwargs.update(solver=_solver(trajectory, solver), damping=damping)
+    if shared is not None:
+        kwargs.update(shared=shared)
     args = (trajectory, x, y, xv, yv) if method in NEEDS_VALIDATION else (trajectory, x, y)
     score, effect, extra = compute(*args, **kwargs)
     if not np.all(np.isfinite(score)):
@@ -137,6 +169,58 @@ def rank(
         val_loss = validation_loss(trajectory, trajectory.final_weights, xv, yv)
     table.attrs.update(method=method, seconds=seconds, val_loss=val_loss, **extra)
     return table
+
+
+def shared_part(
+    trajectory: Trajectory,
+    x_train: Any,
+    y_train: Any,
+    x_val: Any = None,
+    y_val: Any = None,
+    *,
+    method: str,
+    solver: str | InverseHVP = "auto",
+    damping: float | str = "auto",
+    checkpoint_every: int | None = None,
+    progress: bool | None = None,
+) -> methods.Shared | None:
+    """The part of ``method``'s scores that every sample shares (:class:`~influence.rankers.methods.Shared`),
+    computed once for :func:`rank_shard`; None where the method has none worth shipping.
+
+    influence_function: the damping and s = (H + λI)⁻¹∇E; tracin: ∇E at each checkpoint (and the
+    checkpoint weights where the run has no stored history); self_influence and margin: the
+    checkpoint weights where the run has no stored history.
+    """
+    x, y, xv, yv, checkpoint_every = check_rank_arguments(
+        trajectory,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        method=method,
+        solver=solver,
+        damping=damping,
+        checkpoint_every=checkpoint_every,
+    )
+    ops = SampleOps(trajectory, x, y, progress=progress, samples=np.arange(0))  # no per-sample work here
+    return methods.share(
+        method,
+        trajectory,
+        x,
+        y,
+        xv,
+        yv,
+        ops=ops,
+        solver=_solver(trajectory, solver),
+        damping=damping,
+        checkpoint_every=checkpoint_every,
+    )
+
+
+def _solver(trajectory: Trajectory, solver: str | InverseHVP) -> InverseHVP:
+    if isinstance(solver, str) and solver == "auto":
+        solver = "exact" if sum(w.size for w in trajectory.final_weights) <= 1000 else "cg"
+    return get_solver(solver)
 
 
 def check_rank_arguments(

@@ -1,5 +1,7 @@
 """rank: every method, cross-method agreement, solvers, group effects and errors."""
 
+import logging
+
 import keras
 import numpy as np
 import pandas as pd
@@ -138,9 +140,12 @@ def test_every_solve_is_checked_by_its_residual_and_a_cut_short_one_warns(run):
         warnings.simplefilter("error", RuntimeWarning)
         converged = inf.rank(traj, x, y, xv, yv, method="influence_function", solver=ConjugateGradient(), damping=0.5)
     assert exact.attrs["relative_residual"] < 1e-10 and converged.attrs["relative_residual"] < 1e-5
-    with pytest.warns(RuntimeWarning, match=r"the cg solve of .* is off by .*raise ConjugateGradient\(max_iter"):
+    with pytest.warns(
+        RuntimeWarning, match=r"the cg solve of .* is off by .*raise ConjugateGradient\(max_iter"
+    ) as said:
         short = inf.rank(traj, x, y, xv, yv, method="influence_function", solver=ConjugateGradient(max_iterations=2),
                          damping=0.5)  # fmt: skip
+    assert said[0].filename == __file__  # told at the call of rank, not inside the package
     # The residual measures the scores' real error: cut short, both are far above the 1 % line.
     a, b = (t.sort_values("index")["removal_effect"].to_numpy() for t in (exact, short))
     assert short.attrs["relative_residual"] > 0.01 and np.linalg.norm(b - a) / np.linalg.norm(a) > 0.01
@@ -664,3 +669,45 @@ def test_a_body_that_cannot_be_traced_gives_way_to_its_general_form_for_good():
         body(-1)
     with pytest.raises(TypeError, match="forward mode"):
         _FirstThatTraces(fast)(1)  # the last candidate's error is raised as it is
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_pfor_loop_notices_of_conv_layers_are_dropped_and_other_tensorflow_warnings_kept():
+    """A CNN's self-influence logged "Conv2DBackpropFilter uses a while_loop. Fix that!" (pfor's own TODO,
+    once per conv layer traced) on the tensorflow logger; only that message is dropped, only while tracing."""
+    import tensorflow as tf
+
+    from influence.rankers._samples import quiet_pfor_loop_notices
+
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(size=(8, 6, 6, 1)), rng.integers(0, 2, 8)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(),
+                              keras.layers.Dense(2, activation="softmax")])  # fmt: skip
+    traj = inf.fit(model, x, y, loss=LOSS, optimizer=SGD(0.1), batch_size=4, epochs=1)
+    logger = tf.get_logger()
+    records = _Records()
+    logger.addHandler(records)
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # importing a benchmark module (another test) sets it to ERROR
+    try:
+        inf.rank(traj, x, y, method="self_influence", progress=False)
+        assert not [m for m in records.messages if "Fix that" in m]
+        notice = "Conv2DBackpropFilter uses a while_loop. Fix that!"
+        with quiet_pfor_loop_notices():
+            logger.warning(notice)
+            logger.warning("another tensorflow warning")
+        logger.warning(notice)  # outside the vectorized calls: kept
+        assert records.messages[-2:] == ["another tensorflow warning", notice]
+        assert not logger.filters
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(level)

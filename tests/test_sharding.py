@@ -1,6 +1,8 @@
 """Scoring in shards (in one process and across processes) gives the single-run numbers."""
 
 import os
+import pickle
+from concurrent.futures import Future
 
 import keras
 import numpy as np
@@ -10,6 +12,9 @@ from conftest import mlp
 import influence as inf
 from influence import sharding
 from influence.optimizers import SGD
+from influence.program import BoundProgram
+from influence.rankers import Exact
+from influence.rankers import methods as ranker_methods
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +34,15 @@ def saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("runs") / "run"
     inf.save_trajectory(traj, path)
     return traj, path, (x, y, xv, yv)
+
+
+@pytest.fixture(scope="module")
+def saved_without_history(saved, tmp_path_factory):
+    """The same run saved without its weights history: checkpoint weights come from a replay of the run."""
+    traj, _, data = saved
+    path = tmp_path_factory.mktemp("runs") / "run"
+    inf.save_trajectory(traj, path, history=False)
+    return traj, path, data
 
 
 @pytest.mark.parametrize("method", ["influence_function", "tracin", "self_influence", "loss", "unrolled"])
@@ -122,3 +136,85 @@ def test_workers_load_a_lambda_model_with_safe_mode_off(tmp_path, monkeypatch):
     sharded = inf.rank_in_processes(tmp_path / "run", x, y, x, y, method="loss", safe_mode=False)
     assert sharded.attrs["processes"] == 1
     assert list(sharded["index"]) == list(inf.rank(traj, x, y, x, y, method="loss")["index"])
+
+
+class _InProcess:
+    """Stands in for the process pool: runs each shard here, at once, on pickled arguments (as a worker gets them)."""
+
+    def __init__(self, max_workers, mp_context):
+        self.shards = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args):
+        future = Future()
+        future.set_result(fn(*pickle.loads(pickle.dumps(args))))
+        return future
+
+
+def _count_calls(monkeypatch, owner, name, counts):
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        counts[name] = counts.get(name, 0) + 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+
+
+@pytest.mark.parametrize(
+    ("method", "history"),
+    [("influence_function", True), ("tracin", False), ("tracin", True), ("self_influence", False), ("margin", False)],
+)
+def test_the_shared_part_is_computed_once_not_once_per_worker(
+    saved, saved_without_history, monkeypatch, method, history
+):
+    """Each worker ran the whole rank on its shard: the damping estimate and inverse-Hessian solve, TracIn's ∇E at
+    every checkpoint, the replay to the checkpoints: 3-20x slower than rank. Now the workers get it from here."""
+    import tensorflow as tf
+
+    traj, path, data = saved if history else saved_without_history
+    options = {"damping": "auto"} if method == "influence_function" else {}
+    single = inf.rank(traj, *data, method=method, **options)
+    counts: dict[str, int] = {}
+    _count_calls(monkeypatch, Exact, "solve", counts)
+    _count_calls(monkeypatch, Exact, "auto_damping", counts)
+    _count_calls(monkeypatch, ranker_methods, "val_gradient", counts)
+    _count_calls(monkeypatch, BoundProgram, "iter_states_at", counts)  # a replay of the run to the checkpoints
+    monkeypatch.setattr(sharding, "ProcessPoolExecutor", _InProcess)
+    for setter in ("set_intra_op_parallelism_threads", "set_inter_op_parallelism_threads"):
+        monkeypatch.setattr(tf.config.threading, setter, lambda threads: None)  # this process's TF has started
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    sharded = inf.rank_in_processes(path, *data, method=method, processes=2, **options)
+    expected = {
+        "influence_function": {"solve": 1, "auto_damping": 1, "val_gradient": 1},
+        "tracin": {"val_gradient": single.attrs.get("checkpoints"), **({} if history else {"iter_states_at": 1})},
+        "self_influence": {"iter_states_at": 1},
+        "margin": {"iter_states_at": 1},
+    }[method]
+    assert counts == expected
+    assert sharded.attrs["processes"] == 2 and sharded.attrs["shared_seconds"] <= sharded.attrs["seconds"]
+    for key in set(single.attrs) - {"seconds"}:
+        assert sharded.attrs[key] == single.attrs[key], key
+    assert list(sharded["index"]) == list(single["index"])
+    np.testing.assert_allclose(sharded["score"], single["score"], rtol=1e-10, atol=1e-15)
+
+
+def test_unrolled_is_ranked_once_here_without_workers(saved, monkeypatch):
+    """One reverse pass gives every sample's effect; each worker repeated the whole pass for its shard."""
+    traj, path, data = saved
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(sharding, "ProcessPoolExecutor", no_workers)
+    single = inf.rank(traj, *data, method="unrolled")
+    with pytest.warns(RuntimeWarning, match="'unrolled' has no per-sample part to split over 2 processes"):
+        sharded = inf.rank_in_processes(path, *data, method="unrolled", processes=2)
+    assert sharded.attrs["processes"] == 1 and sharded.attrs["strategy"] == single.attrs["strategy"]
+    assert list(sharded["index"]) == list(single["index"])
+    np.testing.assert_allclose(sharded["score"], single["score"], rtol=1e-10, atol=1e-15)

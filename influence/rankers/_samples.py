@@ -16,6 +16,7 @@ margins are the plain loss's.
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -36,6 +37,31 @@ _NOT_YET = object()  # a cached value not computed yet (None is a value)
 # Per-sample gradients held at once by squared_gradient_norms: chunks shrink to keep
 # chunk × |w| at most this many numbers (256 MiB in float32).
 PER_SAMPLE_GRADIENT_NUMBERS = 2**26
+# What pfor logs (once per traced conv layer, at WARNING) where it vectorizes a convolution's weight
+# gradient with a loop: a TODO of TensorFlow's, not something a user can act on.
+PFOR_LOOP_NOTICE = "uses a while_loop. Fix that!"
+
+
+class _DropPforLoopNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return PFOR_LOOP_NOTICE not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_pfor_loop_notices() -> Iterator[None]:
+    """Drops pfor's "Conv2DBackpropFilter uses a while_loop. Fix that!" from the ``tensorflow``
+    logger while vectorizing (tracing) per-sample gradients; every other message still goes through.
+
+    A CNN's self-influence printed it four times (once per conv layer and traced chunk shape),
+    even with ``TF_CPP_MIN_LOG_LEVEL=3`` (it is a Python log record, not C++ output).
+    """
+    logger = tf.get_logger()
+    quiet = _DropPforLoopNotices()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 class _Bodies:
@@ -92,7 +118,8 @@ class _Bodies:
         # over the chunk (pfor): work linear in the chunk, memory chunk × |w|. (tape.jacobian of
         # the chunk's loss vector back-propagated every output through the whole chunk: work
         # and memory grew with the chunk squared, 481 s and 17 GiB for a 4000-sample CNN.)
-        return tf.vectorized_map(lambda sample: self._sq_norm(w, *sample), (xb, yb))
+        with quiet_pfor_loop_notices():  # pfor's own TODO note on conv layers, logged while tracing
+            return tf.vectorized_map(lambda sample: self._sq_norm(w, *sample), (xb, yb))
 
     def _sq_norms_loop_impl(self, w, xb, yb):
         # The same one-sample passes in a loop, where pfor cannot vectorize them (recurrent layers).
@@ -116,7 +143,8 @@ class _Bodies:
         def chunk_loss(weights):
             return tf.reduce_sum(cb * self.objective(weights, xb, yb, training=False)) / count
 
-        return hessian(chunk_loss, w, vectorized=vectorized)
+        with quiet_pfor_loop_notices():
+            return hessian(chunk_loss, w, vectorized=vectorized)
 
     def _hvp_impl(self, w, v, xb, yb, cb):
         with tf.autodiff.ForwardAccumulator(w, v) as acc:

@@ -28,17 +28,30 @@
   or negative margin through training while the network learns their true class. No validation
   data; classification losses only.
 - loss: per-sample training loss at the final weights (baseline).
+
+Each method's work is in two parts: what every sample's score shares (the damping estimate and
+the solve s = (H + λI)⁻¹∇E; the weights at the checkpoints, which a run without stored history
+replays, and TracIn's ∇E(w_k) there) and the per-sample part (one forward-mode pass or one
+per-sample gradient per sample and checkpoint). :func:`share` computes the shared part once as
+a :class:`Shared` of NumPy arrays, which pickles; the ``by_*`` functions take it as ``shared=``
+and then do only the per-sample part. :func:`influence.rank_in_processes` computes it in the
+calling process and ships it to the processes that score the shards. Without it (``rank``),
+each ``by_*`` function computes its shared part itself, one checkpoint at a time.
+``unrolled`` has no per-sample part: one reverse pass yields every sample's effect.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 from .. import _tree
+from .._progress import progress_bar
 from ..trajectory import Trajectory, _data_tensors
 from ..unroll import unrolled
 from ._samples import SampleOps
@@ -46,6 +59,31 @@ from .inverse_hvp import InverseHVP, relative_residual
 
 # (score: higher = more harmful, removal_effect or None, extra facts for the table's attrs)
 Scores = tuple[np.ndarray, np.ndarray | None, dict]
+
+
+@dataclass(frozen=True)
+class Shared:
+    """The part of a method's scores that every sample shares, computed once (:func:`share`).
+
+    NumPy arrays and plain values only, so it pickles to the worker processes of
+    :func:`influence.rank_in_processes`, which then score their shards without repeating it.
+
+    Attributes:
+        directions: the vectors each sample's gradient is dotted with, shaped like the weights:
+            influence_function's s = (H + λI)⁻¹∇E (one), TracIn's ∇E(w_k) (one per checkpoint).
+        weights: the weights at each checkpoint (TracIn, self-influence, margin) where the run
+            has no stored history (a worker would replay the run to find them); None where the
+            history holds them or the method reads only the final weights.
+        extra: facts for the table's attrs (damping, solver, relative_residual, decay, checkpoints).
+    """
+
+    directions: list[list[np.ndarray]] = field(default_factory=list)
+    weights: list[list[np.ndarray]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _numpy(tensors: list[tf.Tensor]) -> list[np.ndarray]:
+    return [t.numpy() for t in tensors]
 
 
 def val_gradient(ops: SampleOps, trajectory: Trajectory, w: list[tf.Tensor], x_val: np.ndarray, y_val: np.ndarray):
@@ -64,8 +102,30 @@ def by_unrolled(trajectory, x, y, x_val, y_val, *, ops: SampleOps, progress: boo
 
 
 def by_influence_function(
-    trajectory, x, y, x_val, y_val, *, ops: SampleOps, solver: InverseHVP, damping: float | str, **_
+    trajectory,
+    x,
+    y,
+    x_val,
+    y_val,
+    *,
+    ops: SampleOps,
+    solver: InverseHVP,
+    damping: float | str,
+    shared: Shared | None = None,
+    **_,
 ) -> Scores:
+    if shared is None:
+        shared = share_influence_function(trajectory, x, y, x_val, y_val, ops=ops, solver=solver, damping=damping)
+    w = ops.weights(trajectory.final_weights)
+    (s,) = shared.directions
+    effect = trajectory.sample_weight[ops.samples] * ops.gradient_dots(w, ops.weights(s)) / ops.n
+    return -effect, effect, dict(shared.extra)
+
+
+def share_influence_function(
+    trajectory, x, y, x_val, y_val, *, ops: SampleOps, solver: InverseHVP, damping: float | str, **_
+) -> Shared:
+    """The damping, s = (H + λI)⁻¹∇E at the final weights and the facts about the solve."""
     w = ops.weights(trajectory.final_weights)
     lam = solver.auto_damping(ops, w) if damping == "auto" else float(damping)
     gradient = val_gradient(ops, trajectory, w, x_val, y_val)
@@ -85,12 +145,12 @@ def by_influence_function(
             f"error lies). "
             f"{_RESIDUAL_HINTS.get(solver.name, _RESIDUAL_HINTS['exact'])}",
             RuntimeWarning,
-            stacklevel=3,  # the caller of rank
+            stacklevel=5,  # the caller of rank (rank, rank_shard, by_influence_function, here) or of rank_in_processes
         )
-    effect = trajectory.sample_weight[ops.samples] * ops.gradient_dots(w, s) / ops.n
     decay = ops.decay_curvature()
     mean_decay = 0.0 if decay is None else float(tf.reduce_mean(_tree.flatten(decay)))
-    return -effect, effect, {"damping": lam, "solver": solver.name, "relative_residual": residual, "decay": mean_decay}
+    extra = {"damping": lam, "solver": solver.name, "relative_residual": residual, "decay": mean_decay}
+    return Shared(directions=[_numpy(s)], extra=extra)
 
 
 # A solve whose residual is above this gets a warning (CG's own tolerance is 1e-6, an exact solve's ~1e-12).
@@ -152,32 +212,83 @@ def visit_weights(trajectory: Trajectory, steps: list[int]) -> Iterator[np.ndarr
         yield weights
 
 
-def by_tracin(trajectory, x, y, x_val, y_val, *, ops: SampleOps, checkpoint_every: int | None, **_) -> Scores:
+def _checkpoint_weights(trajectory, x, y, steps: list[int], ops: SampleOps, shared: Shared | None):
+    """:func:`weights_at`, or the shared part's weights where it carries them."""
+    if shared is None or shared.weights is None:
+        return weights_at(trajectory, x, y, steps)
+    return (ops.weights(w) for w in shared.weights)
+
+
+def share_checkpoints(
+    trajectory, x, y, x_val=None, y_val=None, *, ops: SampleOps, steps: list[int], gradients: bool = False
+) -> Shared:
+    """The weights at ``steps`` where the run has no stored history (else None), with ∇E there if ``gradients``.
+
+    Held all at once: (checkpoints × |w|) numbers, twice that for TracIn without history.
+    """
+    replayed = trajectory.weights_history is None and any(t < trajectory.steps for t in steps)
+    weights, directions = [], []
+    for w in progress_bar(
+        weights_at(trajectory, x, y, steps),
+        progress=ops.progress,
+        desc="checkpoints",
+        unit="checkpoint",
+        total=len(steps),
+        leave=False,
+    ):
+        if replayed:
+            weights.append(_numpy(w))
+        if gradients:
+            directions.append(_numpy(val_gradient(ops, trajectory, w, x_val, y_val)))
+    return Shared(directions=directions, weights=weights if replayed else None, extra={"checkpoints": len(steps)})
+
+
+def by_tracin(
+    trajectory,
+    x,
+    y,
+    x_val,
+    y_val,
+    *,
+    ops: SampleOps,
+    checkpoint_every: int | None,
+    shared: Shared | None = None,
+    **_,
+) -> Scores:
     steps = checkpoint_steps(trajectory, checkpoint_every)
+    weights = _checkpoint_weights(trajectory, x, y, steps, ops, shared)
+    if shared is None:
+        checkpoints: Any = ((w, val_gradient(ops, trajectory, w, x_val, y_val)) for w in weights)
+    else:
+        checkpoints = ((w, ops.weights(g)) for w, g in zip(weights, shared.directions))
     effect = np.zeros(len(ops.samples))
     with ops.counting(len(steps), "TracIn"):
-        for visits, w in zip(visit_weights(trajectory, steps), weights_at(trajectory, x, y, steps)):
-            effect += visits[ops.samples] * ops.gradient_dots(w, val_gradient(ops, trajectory, w, x_val, y_val))
+        for visits, (w, gradient) in zip(visit_weights(trajectory, steps), checkpoints):
+            effect += visits[ops.samples] * ops.gradient_dots(w, gradient)
     weighted = effect * trajectory.sample_weight[ops.samples]
     return -weighted, weighted, {"checkpoints": len(steps)}
 
 
-def by_self_influence(trajectory, x, y, *, ops: SampleOps, checkpoint_every: int | None, **_) -> Scores:
+def by_self_influence(
+    trajectory, x, y, *, ops: SampleOps, checkpoint_every: int | None, shared: Shared | None = None, **_
+) -> Scores:
     steps = checkpoint_steps(trajectory, checkpoint_every)
     bounds = [*steps, trajectory.steps]
     score = np.zeros(len(ops.samples))
     with ops.counting(len(steps), "self-influence"):
-        for k, w in enumerate(weights_at(trajectory, x, y, steps)):
+        for k, w in enumerate(_checkpoint_weights(trajectory, x, y, steps, ops, shared)):
             rate = float(np.mean(trajectory.learning_rates[bounds[k] : bounds[k + 1]]))
             score += rate * ops.squared_gradient_norms(w)
     return score, None, {"checkpoints": len(steps)}
 
 
-def by_margin(trajectory, x, y, *, ops: SampleOps, checkpoint_every: int | None, **_) -> Scores:
+def by_margin(
+    trajectory, x, y, *, ops: SampleOps, checkpoint_every: int | None, shared: Shared | None = None, **_
+) -> Scores:
     steps = margin_steps(trajectory, checkpoint_every)
     total = np.zeros(len(ops.samples))
     with ops.counting(len(steps), "margin"):
-        for w in weights_at(trajectory, x, y, steps):
+        for w in _checkpoint_weights(trajectory, x, y, steps, ops, shared):
             total += ops.margins(w)
     return -total / len(steps), None, {"checkpoints": len(steps)}
 
@@ -185,3 +296,30 @@ def by_margin(trajectory, x, y, *, ops: SampleOps, checkpoint_every: int | None,
 def by_loss(trajectory, x, y, *, ops: SampleOps, **_) -> Scores:
     losses, _outputs = ops.losses_and_outputs(ops.weights(trajectory.final_weights))
     return losses, None, {}
+
+
+def share(
+    method: str,
+    trajectory: Trajectory,
+    x: np.ndarray,
+    y: np.ndarray,
+    x_val: np.ndarray | None,
+    y_val: np.ndarray | None,
+    *,
+    ops: SampleOps,
+    solver: InverseHVP,
+    damping: float | str,
+    checkpoint_every: int | None,
+) -> Shared | None:
+    """The shared part of ``method`` (see the module docstring); None where there is none worth shipping
+    (``loss``: final weights only) or nothing per sample to split (``unrolled``)."""
+    if method == "influence_function":
+        return share_influence_function(trajectory, x, y, x_val, y_val, ops=ops, solver=solver, damping=damping)
+    if method == "tracin":
+        steps = checkpoint_steps(trajectory, checkpoint_every)
+        return share_checkpoints(trajectory, x, y, x_val, y_val, ops=ops, steps=steps, gradients=True)
+    if method in ("self_influence", "margin"):
+        steps = (checkpoint_steps if method == "self_influence" else margin_steps)(trajectory, checkpoint_every)
+        shared = share_checkpoints(trajectory, x, y, ops=ops, steps=steps)
+        return None if shared.weights is None else shared  # the run's own history holds them
+    return None
