@@ -41,7 +41,7 @@ from ._inputs import check_model_input, validate_validation_data
 from ._progress import progress_counter
 from ._summary import compact_repr
 from ._validation import check_positive, describe, param_error
-from .model_function import discretized_note, integer_casts
+from .model_function import discretized_note
 from .trajectory import Trajectory, _data_tensors, check_trajectory_data
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # 1 GiB for what the reverse pass holds beyond the trajectory
@@ -352,7 +352,7 @@ def unrolled(
     start_time = time.perf_counter()
     label_grad = trajectory.loss.has_label_grad(y)
     program = trajectory.program(label_grad=label_grad, input_grad=input_grad)
-    if input_grad and (casts := integer_casts(program.fn, x[:1], training=trajectory.training)):
+    if input_grad and (casts := program.integer_casts(x)):
         warnings.warn(f"{func}: {discretized_note(casts)}.", RuntimeWarning, stacklevel=2)
     dtype = program.fn.dtype
     steps = trajectory.steps

@@ -9,6 +9,7 @@ import tensorflow as tf
 from conftest import mlp
 
 import influence as inf
+from influence import program
 from influence.optimizers import SGD
 
 
@@ -396,7 +397,7 @@ def test_complex_dict_and_dataset_inputs_are_named_as_given():
         inf.fit(model, dataset, y)
 
 
-def test_token_ids_given_as_floats_are_named_where_input_gradients_are_zero():
+def test_token_ids_given_as_floats_are_named_where_input_gradients_are_zero(monkeypatch):
     """An Embedding behind a float keras.Input casts the ids: input_grad was 0 without a word, and
     check_unrolled compared that 0 with finite differences that jump between ids."""
     rng = np.random.default_rng(0)
@@ -409,6 +410,13 @@ def test_token_ids_given_as_floats_are_named_where_input_gradients_are_zero():
     traj = inf.fit(model, x, y, from_logits=True, batch_size=4)
     with pytest.warns(RuntimeWarning, match=r"unrolled: the model casts floats to integers at 'tokens/Cast'"):
         assert not np.any(inf.unrolled(traj, x, y, x, y).input_grad)
+    # Inspected once per program and input signature (it serialized every layer's config on every call),
+    # and said again on every call.
+    inspections = []
+    monkeypatch.setattr(program, "integer_casts", lambda *a, **k: inspections.append(1) or ["tokens/Cast"])
+    with pytest.warns(RuntimeWarning, match=r"casts floats to integers at 'tokens/Cast'"):
+        inf.unrolled(traj, x, y, x, y)
+    assert inspections == []
     with pytest.raises(ValueError, match=r"'wrt' parameter of check_unrolled .* Got 'inputs', but the model casts"):
         inf.check_unrolled(traj, x, y, x, y, index=1)
     with warnings.catch_warnings():
