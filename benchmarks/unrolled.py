@@ -50,7 +50,8 @@ Setup
 
     * analytical: ``strategy.states_held(T)`` × bytes per state (weights + optimizer state);
     * per-step reverse buffers (read off the code, not part of ``states_held``): each reverse
-      segment of length L stacks dE/dx and dE/dc per batch entry, L·B·(d + 1) values;
+      call of L steps (a segment, or a chunk of at most 256 steps / 16 MiB of states) stacks
+      dE/dx and dE/dc per batch entry, L·B·(d + 1) values;
     * measured: in a fresh subprocess, RSS peak (VmHWM, reset through ``/proc/self/clear_refs``)
       minus RSS just before the call, for the first call (includes tracing) and for warm calls
       on the same trajectory (program cached; 3 calls, 1 for replay; time = the fastest, as the
@@ -625,7 +626,8 @@ def memory_section(
             steps = epochs * n_batches
             for name in STRATEGIES:
                 held = strategies[name].states_held(steps)
-                longest = max(b - a for a, b in strategies[name].segments(steps))
+                # One reverse call stacks its steps' buffers: a segment, or a chunk of it (unroll.chunk_limit).
+                longest = strategies[name].longest_chunk(steps, bytes_per_state)
                 buffer_bytes = longest * BATCH * (input_size + 1) * 4
                 row: dict[str, Any] = {
                     "strategy": name,
@@ -634,7 +636,7 @@ def memory_section(
                     "states_held": held,
                     "held_bytes": held * bytes_per_state,
                     "held_mb": held * bytes_per_state / MB,
-                    "longest_segment": longest,
+                    "longest_call": longest,
                     "reverse_buffer_mb": buffer_bytes / MB,
                 }
                 print(f"  memory: {name:<12} T={steps:<5}", end=" ", flush=True)
@@ -856,7 +858,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"## 3. Memory vs T (fit with record_budget_bytes=0; {memory['bytes_per_state']} bytes per state)",
         "",
         "Held = `states_held(T)` × bytes per state. Buffers = the reverse pass's per-step dE/dx and dE/dc "
-        "stacks for its longest segment, L·B·(d+1)·4 bytes (not counted by `states_held`). Peak growth = "
+        "stacks for its longest call (a segment, or a chunk of ≤ 256 steps), L·B·(d+1)·4 bytes (not counted "
+        "by `states_held`). Peak growth = "
         "VmHWM − RSS before the call(s), in a fresh process: 1st call traces; warm calls reuse the program "
         "(time: fastest warm call). MB = MiB.",
         "",
@@ -1021,8 +1024,7 @@ def speed_memory_notes(speed: dict, memory: dict) -> list[str]:
             f"store_all at T = {r['steps']}: measured warm peak growth {r['warm_peak_growth_mb']:.1f} MB vs held "
             f"states {r['held_mb']:.1f} MB + 2 × reverse buffers {r['reverse_buffer_mb']:.1f} MB = {model:.1f} MB, "
             "the accounting of `UnrolledResult.memory_bytes` and of `auto`'s budget (the per-step dE/dx, dE/dc "
-            "buffers and their stacked copy coexist at the end of a segment). At this T the buffers outweigh "
-            "the held weights."
+            "buffers and their stacked copy coexist at the end of a reverse call)."
         )
     return out
 
