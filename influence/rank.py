@@ -32,6 +32,7 @@ def rank(
     checkpoint_every: int | None = None,
     progress: bool | None = None,
     samples: Any = None,
+    shared: methods.Shared | None = None,
 ) -> pd.DataFrame:
     """Rank training samples, most harmful first.
 
@@ -56,6 +57,9 @@ def rank(
             ``True`` at once, ``False`` never.
         samples: score only these training indices (a shard; see
             :func:`influence.rank_in_processes`). Default: all.
+        shared: the method's shared part, from :func:`shared_part` on the same run, data
+            and settings, used rather than computed (the workers of
+            :func:`influence.rank_in_processes`). Default: computed here.
 
     Returns:
         DataFrame, one row per training sample, most harmful first, with columns
@@ -74,38 +78,6 @@ def rank(
         (the mean of D, the curvature the optimizer's weight decay adds to H; 0 without
         decay; see :mod:`influence.rankers.methods`).
     """
-    return rank_shard(
-        trajectory,
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        method=method,
-        solver=solver,
-        damping=damping,
-        checkpoint_every=checkpoint_every,
-        progress=progress,
-        samples=samples,
-    )
-
-
-def rank_shard(
-    trajectory: Trajectory,
-    x_train: Any,
-    y_train: Any,
-    x_val: Any = None,
-    y_val: Any = None,
-    *,
-    method: str = "unrolled",
-    solver: str | InverseHVP = "auto",
-    damping: float | str = "auto",
-    checkpoint_every: int | None = None,
-    progress: bool | None = None,
-    samples: Any = None,
-    shared: methods.Shared | None = None,
-) -> pd.DataFrame:
-    """:func:`rank`, with the method's shared part given (``shared``, from :func:`shared_part` on the same
-    run, data and settings) rather than computed: the worker side of :func:`influence.rank_in_processes`."""
     func = "rank"
     x, y, xv, yv, checkpoint_every = check_rank_arguments(
         trajectory,
@@ -185,7 +157,7 @@ def shared_part(
     progress: bool | None = None,
 ) -> methods.Shared | None:
     """The part of ``method``'s scores that every sample shares (:class:`~influence.rankers.methods.Shared`),
-    computed once for :func:`rank_shard`; None where the method has none worth shipping.
+    computed once for :func:`rank`'s ``shared``; None where the method has none worth shipping.
 
     influence_function: the damping and s = (H + λI)⁻¹∇E; tracin: ∇E at each checkpoint (and the
     checkpoint weights where the run has no stored history); self_influence and margin: the
@@ -203,18 +175,20 @@ def shared_part(
         checkpoint_every=checkpoint_every,
     )
     ops = SampleOps(trajectory, x, y, progress=progress, samples=np.arange(0))  # no per-sample work here
-    return methods.share(
-        method,
-        trajectory,
-        x,
-        y,
-        xv,
-        yv,
-        ops=ops,
-        solver=_solver(trajectory, solver),
-        damping=damping,
-        checkpoint_every=checkpoint_every,
-    )
+    # Called here, not through a dispatcher: the solve's residual warning names the caller of
+    # rank_in_processes from the same depth as the caller of rank.
+    if method == "influence_function":
+        return methods.share_influence_function(
+            trajectory, x, y, xv, yv, ops=ops, solver=_solver(trajectory, solver), damping=damping
+        )
+    if method == "tracin":
+        steps = methods.checkpoint_steps(trajectory, checkpoint_every)
+        return methods.share_checkpoints(trajectory, x, y, xv, yv, ops=ops, steps=steps, gradients=True)
+    if method in ("self_influence", "margin"):
+        steps_of = methods.checkpoint_steps if method == "self_influence" else methods.margin_steps
+        shared = methods.share_checkpoints(trajectory, x, y, ops=ops, steps=steps_of(trajectory, checkpoint_every))
+        return None if shared.weights is None else shared  # the run's own history holds them
+    return None  # loss: final weights only; unrolled: nothing per sample to split
 
 
 def _solver(trajectory: Trajectory, solver: str | InverseHVP) -> InverseHVP:

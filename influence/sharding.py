@@ -55,10 +55,10 @@ def _score_shard(
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     from .persist import load_trajectory
-    from .rank import rank_shard
+    from .rank import rank
 
     trajectory = load_trajectory(path, **loading)
-    table = rank_shard(trajectory, *data, method=method, samples=shard, shared=shared, **options)
+    table = rank(trajectory, *data, method=method, samples=shard, shared=shared, **options)
     return pd.DataFrame(table), dict(table.attrs)  # a DataFrame's attrs do not survive pickling
 
 

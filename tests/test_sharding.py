@@ -218,3 +218,21 @@ def test_unrolled_is_ranked_once_here_without_workers(saved, monkeypatch):
     assert sharded.attrs["processes"] == 1 and sharded.attrs["strategy"] == single.attrs["strategy"]
     assert list(sharded["index"]) == list(single["index"])
     np.testing.assert_allclose(sharded["score"], single["score"], rtol=1e-10, atol=1e-15)
+
+
+def test_a_cut_short_solve_is_told_once_at_the_call_of_rank_in_processes(saved, monkeypatch):
+    """The shared solve runs here, once: its residual warning names this file, as rank's names its caller."""
+    import tensorflow as tf
+
+    from influence.rankers.inverse_hvp import ConjugateGradient
+
+    _, path, data = saved
+    monkeypatch.setattr(sharding, "ProcessPoolExecutor", _InProcess)
+    for setter in ("set_intra_op_parallelism_threads", "set_inter_op_parallelism_threads"):
+        monkeypatch.setattr(tf.config.threading, setter, lambda threads: None)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with pytest.warns(RuntimeWarning, match=r"the cg solve of .* is off by") as said:
+        inf.rank_in_processes(
+            path, *data, method="influence_function", solver=ConjugateGradient(max_iterations=1), damping=0.5
+        )
+    assert len(said) == 1 and said[0].filename == __file__

@@ -32,9 +32,9 @@
 Each method's work is in two parts: what every sample's score shares (the damping estimate and
 the solve s = (H + λI)⁻¹∇E; the weights at the checkpoints, which a run without stored history
 replays, and TracIn's ∇E(w_k) there) and the per-sample part (one forward-mode pass or one
-per-sample gradient per sample and checkpoint). :func:`share` computes the shared part once as
-a :class:`Shared` of NumPy arrays, which pickles; the ``by_*`` functions take it as ``shared=``
-and then do only the per-sample part. :func:`influence.rank_in_processes` computes it in the
+per-sample gradient per sample and checkpoint). :func:`influence.rank.shared_part` computes the
+shared part once as a :class:`Shared` of NumPy arrays, which pickles; the ``by_*`` functions take
+it as ``shared=`` and then do only the per-sample part. :func:`influence.rank_in_processes` computes it in the
 calling process and ships it to the processes that score the shards. Without it (``rank``),
 each ``by_*`` function computes its shared part itself, one checkpoint at a time.
 ``unrolled`` has no per-sample part: one reverse pass yields every sample's effect.
@@ -63,7 +63,7 @@ Scores = tuple[np.ndarray, np.ndarray | None, dict]
 
 @dataclass(frozen=True)
 class Shared:
-    """The part of a method's scores that every sample shares, computed once (:func:`share`).
+    """The part of a method's scores that every sample shares, computed once (:func:`influence.rank.shared_part`).
 
     NumPy arrays and plain values only, so it pickles to the worker processes of
     :func:`influence.rank_in_processes`, which then score their shards without repeating it.
@@ -145,7 +145,7 @@ def share_influence_function(
             f"error lies). "
             f"{_RESIDUAL_HINTS.get(solver.name, _RESIDUAL_HINTS['exact'])}",
             RuntimeWarning,
-            stacklevel=5,  # the caller of rank (rank, rank_shard, by_influence_function, here) or of rank_in_processes
+            stacklevel=4,  # the caller of rank (rank, by_influence_function, here) or of rank_in_processes
         )
     decay = ops.decay_curvature()
     mean_decay = 0.0 if decay is None else float(tf.reduce_mean(_tree.flatten(decay)))
@@ -296,30 +296,3 @@ def by_margin(
 def by_loss(trajectory, x, y, *, ops: SampleOps, **_) -> Scores:
     losses, _outputs = ops.losses_and_outputs(ops.weights(trajectory.final_weights))
     return losses, None, {}
-
-
-def share(
-    method: str,
-    trajectory: Trajectory,
-    x: np.ndarray,
-    y: np.ndarray,
-    x_val: np.ndarray | None,
-    y_val: np.ndarray | None,
-    *,
-    ops: SampleOps,
-    solver: InverseHVP,
-    damping: float | str,
-    checkpoint_every: int | None,
-) -> Shared | None:
-    """The shared part of ``method`` (see the module docstring); None where there is none worth shipping
-    (``loss``: final weights only) or nothing per sample to split (``unrolled``)."""
-    if method == "influence_function":
-        return share_influence_function(trajectory, x, y, x_val, y_val, ops=ops, solver=solver, damping=damping)
-    if method == "tracin":
-        steps = checkpoint_steps(trajectory, checkpoint_every)
-        return share_checkpoints(trajectory, x, y, x_val, y_val, ops=ops, steps=steps, gradients=True)
-    if method in ("self_influence", "margin"):
-        steps = (checkpoint_steps if method == "self_influence" else margin_steps)(trajectory, checkpoint_every)
-        shared = share_checkpoints(trajectory, x, y, ops=ops, steps=steps)
-        return None if shared.weights is None else shared  # the run's own history holds them
-    return None
