@@ -95,6 +95,21 @@ class Schedule(NamedTuple):
 _XLA_REFUSALS_SAID: set[tuple[str, str]] = set()
 
 
+def chunks(start: int, stop: int, limit: int) -> list[tuple[int, int]]:
+    """Steps [start, stop) in chunks of at most ``limit`` steps, in forward order: the calls of a
+    training loop or reverse pass run in pieces (for progress, or to bound what one call holds).
+
+    Of one length when a divisor of the range lies in (limit/2, limit]: XLA compiles the
+    recording and reverse functions once per chunk length. Else ``limit`` steps and a
+    shorter last chunk (two lengths).
+    """
+    length = stop - start
+    if length <= limit:
+        return [(start, stop)]
+    size = next((d for d in range(limit, limit // 2, -1) if length % d == 0), limit)
+    return [(a, min(a + size, stop)) for a in range(start, stop, size)]
+
+
 class _GraphFunction:
     """A traced function, XLA-compiled while its program allows it.
 

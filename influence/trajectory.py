@@ -21,7 +21,7 @@ from .losses import Loss
 from .model_function import ModelFunction, require_independent_samples, seed_state_slots, warn_gradient_overrides
 from .objective import check_input_gradient_penalty
 from .optimizers import Optimizer, get_optimizer
-from .program import BoundProgram, Program, Schedule, shared_program
+from .program import BoundProgram, Program, Schedule, chunks, shared_program
 
 # Keep every step's weights when they fit in this many bytes (DESIGN §1 "keep all").
 DEFAULT_RECORD_BUDGET = 256 * 2**20
@@ -508,20 +508,13 @@ def convolution_layers(model: keras.Model) -> list[str]:
 
 # fit's progress: a long run goes through the compiled loop in about _CHUNKS equal chunks of steps, one
 # bar update after each. A call costs ~0.1 ms beside the steps, and a recording call compiles once per
-# chunk length under XLA, so chunks are equal (a divisor of the run when one is near; else a recording
+# chunk length under XLA, so chunks are equal (program.chunks: a divisor of the run when one is near; else a recording
 # run's last chunk starts early, see _training_loop). The rule depends on the run alone, not on timings:
 # a refit takes the calls, and so the compiled functions, of the fit before it. Runs of up to
 # _LONG_RUN_STEPS steps (the digits benchmark's 160) stay one call unless progress=True.
 _CHUNKS = 20
 _MIN_CHUNK = 8
 _LONG_RUN_STEPS = 256
-
-
-def _chunk_length(steps: int) -> int:
-    """Steps per call for a chunked run: about steps / _CHUNKS, a divisor of ``steps`` if one is near."""
-    target = max(_MIN_CHUNK, math.ceil(steps / _CHUNKS))
-    near = sorted(range(max(_MIN_CHUNK, target // 2), min(steps, 2 * target) + 1), key=lambda n: (abs(n - target), n))
-    return next((n for n in near if steps % n == 0), target)
 
 
 def _training_loop(
@@ -539,13 +532,15 @@ def _training_loop(
     """Steps 0 … steps−1 from (w, s): the final weights and, when ``record``, the weights and state
     histories (numpy, (steps, *shape)). Chunked as the comment above says; bit-identical to one call."""
     long_run = steps > _LONG_RUN_STEPS if progress is None else bool(progress)
-    chunk = _chunk_length(steps) if long_run and steps >= 2 * _MIN_CHUNK else steps
+    chunked = long_run and steps >= 2 * _MIN_CHUNK
+    parts = chunks(0, steps, max(_MIN_CHUNK, math.ceil(steps / _CHUNKS))) if chunked else [(0, steps)]
+    chunk = parts[0][1]  # the length of every part but perhaps the last
     bar = _progress.progress_counter(steps, progress=progress, desc="training", unit="step") if long_run else None
     w_hist: list[np.ndarray] | None = None
     s_hist: list[np.ndarray] | None = None
     try:
-        for done in range(0, steps, chunk):
-            start, stop = done, min(done + chunk, steps)
+        for done, stop in parts:
+            start = done
             if record and stop - start < chunk and w_hist is not None and s_hist is not None:
                 # The remainder: a recording call of another length would compile once more, so the last
                 # chunk is a whole one, from the recorded state `chunk` steps before the end (those steps

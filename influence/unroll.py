@@ -42,6 +42,7 @@ from ._progress import progress_counter
 from ._summary import compact_repr
 from ._validation import check_positive, describe, param_error
 from .model_function import discretized_note
+from .program import chunks
 from .trajectory import Trajectory, _data_tensors, check_trajectory_data
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # 1 GiB for what the reverse pass holds beyond the trajectory
@@ -64,20 +65,6 @@ CHUNK_STEPS = 256
 def chunk_limit(state_bytes: int) -> int:
     """Most steps one reverse call takes for states of ``state_bytes``: :data:`CHUNK_BYTES` and :data:`CHUNK_STEPS`."""
     return max(1, min(CHUNK_STEPS, CHUNK_BYTES // max(1, state_bytes)))
-
-
-def chunks(start: int, stop: int, limit: int) -> list[tuple[int, int]]:
-    """Steps [start, stop) in chunks of at most ``limit`` steps, in forward order.
-
-    Of one length when a divisor of the segment lies in (limit/2, limit]: XLA compiles the
-    recording and reverse functions once per chunk length. Else ``limit`` steps and a
-    shorter last chunk (two lengths).
-    """
-    length = stop - start
-    if length <= limit:
-        return [(start, stop)]
-    size = next((d for d in range(limit, limit // 2, -1) if length % d == 0), limit)
-    return [(a, min(a + size, stop)) for a in range(start, stop, size)]
 
 
 class MemoryStrategy(ABC):
