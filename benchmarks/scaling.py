@@ -751,28 +751,26 @@ def interpretation(report: dict[str, Any]) -> list[str]:
         "What the package code says about the O(n) terms (read from `influence/_validation.py`, "
         "`trajectory.py`, `unroll.py`, `program.py`; described, not changed):",
         "",
-        "* `fit` and `unrolled` both call `as_array(x_train)`, whose finiteness check `np.all(np.isfinite(x))` "
-        "runs over the whole memmap: it reads every page (so RssFile and VmHWM grow by the file size at once) "
-        "and allocates an n × d **boolean temporary in RAM** (¼ of the float32 data), once in each call. At "
-        "these sizes that is ≤ 3 MB, but it is the one anonymous O(n·d) allocation left on the streamed path: for "
-        "inputs larger than memory (the point of streaming) the check alone needs n·d bytes of RAM (e.g. 25 GB for "
-        "a 100 GB float32 file). A chunked check would remove it.",
+        "* `fit` and `unrolled` both call `as_array(x_train)`, whose finiteness check reads the memmap in blocks "
+        "of rows of at most 16 MiB (`_validation.row_blocks`; `unrolled`'s check of the recorded data's "
+        "fingerprint reads it the same way): every page is read in each call, so RssFile and VmHWM grow by the "
+        "file size, but the check's boolean temporary is one block's (4 MiB for float32 rows), not n × d.",
         "* `input_grad_path` makes dE/dx an `np.lib.format.open_memmap` file; `np.add.at` writes into it per "
-        "segment, so its dirty pages also show up as RssFile (n × d × 4 bytes) until written back. Without a path, "
-        "a streamed run keeps dE/dx in `np.zeros((n, d))` (anonymous, same size).",
+        "chunk of steps, so its dirty pages also show up as RssFile (n × d × 4 bytes) until written back. Without "
+        "a path, a streamed run keeps dE/dx in `np.zeros((n, d))` (anonymous, same size).",
         "* O(n) (or O(n·epochs)) per-sample vectors left in every variant: `y`, `c` (float64 by default) and "
         "dE/dc, the removal effect, `Trajectory.batches` (int64, n·epochs) and the `Schedule`'s padded index / mask "
         "arrays (T × B) — tens of bytes per sample, well under 1 MB/10k.",
-        "* In-memory `unrolled` returns, per reverse segment, a dense n × d `unsorted_segment_sum` of dE/dx and "
-        "adds it to the running total: O(n·d) memory and O(n·d) work per segment, O(√T · n·d) work for "
-        "`checkpointed`. The streamed path returns the segment's (k, B, d) per-step terms and adds them on the host.",
-        "* `strategy='auto'` chooses `store_all` whenever T·|w| plus the per-step buffers fit the 1 GiB default "
-        "budget — at these sizes always. `store_all` is one segment of length T, so its reverse buffer of "
-        "T·B·(1 + d) values is as large as the whole input times the epochs: streaming then does not bound memory "
-        "below the budget; `strategy='checkpointed'` or a smaller `memory_budget_bytes` does. Its actual use is "
-        "about twice `memory_bytes` (above), consistent with the graph's `TensorArray.stack()` copies: the "
-        "per-step elements and their stacked copy coexist, both for the segment's recorded states and for the "
-        "per-step dE/dx terms.",
+        "* In-memory `unrolled` returns, per reverse call, a dense n × d `unsorted_segment_sum` of dE/dx and "
+        "adds it to the running total: O(n·d) memory and O(n·d) work per call. The streamed path returns the "
+        "call's (L, B, d) per-step terms and adds them on the host.",
+        "* The reverse pass runs in calls of at most 256 steps and 16 MiB of recorded states "
+        "(`unroll.CHUNK_STEPS`, `CHUNK_BYTES`), for every strategy: `store_all` is one segment of length T, "
+        "recorded and reversed chunk by chunk, so its per-call buffers of L·B·(1 + d) values are bounded by the "
+        "chunk length, not T. `strategy='auto'` chooses `store_all` whenever what it holds, T·|w| of states "
+        "plus one chunk's buffers (`memory_bytes`, which also counts a plain-graph chunk's recording copy), fits "
+        "the 1 GiB default budget — at these sizes always; `strategy='checkpointed'` or a smaller "
+        "`memory_budget_bytes` holds O(√T) states instead.",
     ]
     dev = report["devices"]
     if dev.get("status") == "ok":

@@ -6,10 +6,15 @@ Every message reads like scikit-learn's:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+# Whole-array passes over the data (finiteness, fingerprints) read it in blocks of rows this large:
+# a memory-mapped input larger than memory is then read once, page by page, and each pass's
+# temporaries are one block's, not n·d values.
+ROW_BLOCK_BYTES = 1 << 24
 
 
 def param_error(param: str, func: str, expected: str, got: Any) -> str:
@@ -56,10 +61,25 @@ def as_array(
         raise ValueError(param_error(param, func, f"an array with at least {min_ndim} dimension(s)", describe(array)))
     if array.size == 0:
         raise ValueError(param_error(param, func, "a non-empty array", describe(array)))
-    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+    if bad := non_finite_count(array):
         raise ValueError(param_error(param, func, "finite (no NaN or Inf)", f"{bad} non-finite value(s)"))
     return array
+
+
+def row_blocks(array: np.ndarray, value_bytes: int | None = None) -> Iterator[np.ndarray]:
+    """``array`` in blocks of whole rows (along axis 0), each at most :data:`ROW_BLOCK_BYTES`
+    (counting ``value_bytes`` per value, default the array's own) and at least one row."""
+    row_values = max(1, int(np.prod(array.shape[1:])))
+    step = max(1, ROW_BLOCK_BYTES // (row_values * (value_bytes or array.dtype.itemsize)))
+    for start in range(0, len(array), step):
+        yield np.asarray(array[start : start + step])
+
+
+def non_finite_count(array: np.ndarray) -> int:
+    """How many NaN/Inf values a floating-point array holds (0 for other dtypes), block by block."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return 0
+    return sum(int(block.size - np.count_nonzero(np.isfinite(block))) for block in row_blocks(array))
 
 
 def index_group(indices: Any) -> np.ndarray | None:

@@ -16,7 +16,7 @@ import tensorflow as tf
 from . import _progress
 from ._inputs import as_model_inputs, check_labels_for_loss, check_model_input, check_probability_outputs, prepare
 from ._summary import compact_repr
-from ._validation import as_array, check_positive, check_same_length, describe, param_error
+from ._validation import as_array, check_positive, check_same_length, describe, param_error, row_blocks
 from .losses import Loss
 from .model_function import ModelFunction, require_independent_samples, seed_state_slots, warn_gradient_overrides
 from .objective import check_input_gradient_penalty
@@ -272,7 +272,6 @@ def _data_tensors(program: BoundProgram, x: np.ndarray, y: np.ndarray, c: np.nda
 
 
 # Rows converted to float32 at a time: memory stays bounded for memory-mapped data sets.
-_FINGERPRINT_CHUNK_BYTES = 1 << 24
 # Fingerprints written before every row counted hashed 256 evenly spaced rows and have no prefix.
 _ALL_ROWS = "rows:"
 _SAMPLED_ROWS = 256
@@ -283,15 +282,12 @@ def data_fingerprint(x: np.ndarray, y: np.ndarray) -> str:
 
     float32 so that the same data in another precision or container (float64 copies, pandas,
     integer pixels, boolean one-hot labels) has the same fingerprint, while shuffled rows or
-    a changed value anywhere get another one. Read in chunks of 16 MiB.
+    a changed value anywhere get another one. Read in blocks of 16 MiB (:func:`row_blocks`).
     """
     digest = hashlib.sha256()
     for array in (x, y):
-        row_bytes = 4 * max(1, int(np.prod(array.shape[1:])))
-        step = max(1, _FINGERPRINT_CHUNK_BYTES // row_bytes)
-        for start in range(0, len(array), step):
-            part = np.asarray(array[start : start + step]).astype(np.float32).reshape(-1)
-            digest.update(part.tobytes())
+        for block in row_blocks(array, value_bytes=4):
+            digest.update(block.astype(np.float32).reshape(-1).tobytes())
     return _ALL_ROWS + digest.hexdigest()[:16]
 
 

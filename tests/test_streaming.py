@@ -59,3 +59,25 @@ def test_streamed_retrain_and_a_nan_on_disk_is_reported(on_disk, tmp_path):
             y,
             loss="sparse_categorical_crossentropy",
         )
+
+
+def test_the_finiteness_check_reads_a_large_input_in_blocks(tmp_path):
+    """Checking a memory-mapped input for NaN/Inf must not allocate an n × d temporary: for data
+    larger than memory (the reason to stream) that alone would not fit. The check reads blocks
+    of rows, so its peak allocation stays at one block's booleans, whatever n is."""
+    import tracemalloc
+
+    from influence._validation import ROW_BLOCK_BYTES, as_array
+
+    n, d = 1 << 17, 256  # 128 MiB of float32: the unchunked check allocated 32 MiB of booleans
+    x = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=(n, d))
+    x[-1, -1] = np.inf  # in the last block: every block is read
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="Got 1 non-finite"):
+            as_array(x, param="x_train", func="fit")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # One block of float32 rows has ROW_BLOCK_BYTES / 4 values, so as many bytes of booleans.
+    assert peak <= ROW_BLOCK_BYTES // 4 + (1 << 20), f"peak {peak / 2**20:.1f} MiB"
