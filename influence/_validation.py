@@ -68,7 +68,11 @@ def as_array(
 
 def row_blocks(array: np.ndarray, value_bytes: int | None = None) -> Iterator[np.ndarray]:
     """``array`` in blocks of whole rows (along axis 0), each at most :data:`ROW_BLOCK_BYTES`
-    (counting ``value_bytes`` per value, default the array's own) and at least one row."""
+    (counting ``value_bytes`` per value, default the array's own) and at least one row; a 0-d
+    array is its own one block."""
+    if array.ndim == 0:
+        yield np.asarray(array)
+        return
     row_values = max(1, int(np.prod(array.shape[1:])))
     step = max(1, ROW_BLOCK_BYTES // (row_values * (value_bytes or array.dtype.itemsize)))
     for start in range(0, len(array), step):

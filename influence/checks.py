@@ -12,7 +12,8 @@ gradient.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -447,7 +448,12 @@ def as_float64(model: keras.Model) -> keras.Model:
         config = keras.saving.serialize_keras_object(model)
         # Not Keras's safe mode: the model is already in this process (its Lambda code included), and
         # only its own config is rebuilt; safe mode would refuse every model with a Lambda layer.
-        clone = keras.saving.deserialize_keras_object(_float64_config(config), safe_mode=False)
+        # Under a float64 dtype policy too: a subclassed model's sublayers made in __init__ (the Keras
+        # guides' pattern) take their dtype from the policy, not from the rewritten config.
+        with _float64_policy():
+            clone = keras.saving.deserialize_keras_object(_float64_config(config), safe_mode=False)
+            if not clone.built and model.built:
+                clone.build(model.input_shape)
     except Exception as exc:
         raise ValueError(
             param_error(
@@ -457,8 +463,6 @@ def as_float64(model: keras.Model) -> keras.Model:
                 f"{type(model).__name__} ({exc})",
             )
         ) from exc
-    if not clone.built and model.built:
-        clone.build(model.input_shape)
     clone.set_weights(
         [
             np.asarray(w, dtype=np.float64) if np.issubdtype(np.asarray(w).dtype, np.floating) else w
@@ -478,6 +482,17 @@ def as_float64(model: keras.Model) -> keras.Model:
         )
     _check_same_function(model, clone)
     return clone
+
+
+@contextlib.contextmanager
+def _float64_policy() -> Iterator[None]:
+    """Keras's global dtype policy set to float64 for the block, then restored."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float64")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 # float32 round-off moves a model's outputs by ~1e-7 relative; a lost state (statistics, a constant)
@@ -500,7 +515,23 @@ def _check_same_function(model: keras.Model, clone: keras.Model) -> None:
     probe = np.random.default_rng(0).normal(size=(4, *shape))
 
     def outputs(m: keras.Model, x: np.ndarray) -> np.ndarray:  # every output, flattened (a dict of one, too)
-        return np.concatenate([np.ravel(np.asarray(o, np.float64)) for o in tf.nest.flatten(m(x, training=False))])
+        try:
+            out = m(x, training=False)
+        except tf.errors.UnimplementedError as exc:
+            if "NHWC" not in str(exc):
+                raise
+            # Keras runs a CPU's channels_first convolutions under XLA; the float64 checks call the model
+            # outside XLA too (replays, eager probes), where TensorFlow's CPU kernels refuse that layout.
+            raise ValueError(
+                param_error(
+                    "model",
+                    "as_float64",
+                    "a model whose layers TensorFlow's kernels run on this device outside XLA",
+                    "a channels_first convolution, which TensorFlow's CPU kernels run only in NHWC "
+                    "(data_format='channels_last'; transpose the inputs) or on a GPU",
+                )
+            ) from None
+        return np.concatenate([np.ravel(np.asarray(o, np.float64)) for o in tf.nest.flatten(out)])
 
     expected, got = outputs(model, probe.astype(inputs[0].dtype)), outputs(clone, probe)
     gap = float(np.max(np.abs(got - expected))) / max(1.0, float(np.max(np.abs(expected))))

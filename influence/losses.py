@@ -38,6 +38,7 @@ def _as_predictions(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
     Any other layout is refused where the shapes are known: a reshape by element count alone
     scrambled (3, 4) targets into (4, 3) predictions without a word.
     """
+    y_true, y_pred = tf.convert_to_tensor(y_true), tf.convert_to_tensor(y_pred)  # numpy labels too
     got, want = y_true.shape, y_pred.shape
     if got.rank is not None and want.rank is not None:
         a, b = _without_trailing_one(got.as_list()), _without_trailing_one(want.as_list())
@@ -50,7 +51,9 @@ def _as_predictions(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
 
 
 def _without_trailing_one(dims: list[int | None]) -> list[int | None]:
-    return dims[:-1] if dims and dims[-1] == 1 else dims
+    """The shape without a last axis of 1, unless that axis is the batch's: (1,) targets of one
+    sample match (1, 1) predictions as (B,) targets match (B, 1)."""
+    return dims[:-1] if len(dims) > 1 and dims[-1] == 1 else dims
 
 
 def _residual(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
@@ -374,6 +377,8 @@ def _checked(per_sample: Callable[..., object]) -> PerSampleLoss:
     return loss
 
 
+#: The built-in losses of real-valued targets (their names as :class:`Loss` keeps them).
+REGRESSION_LOSSES = ("mse", "mae", "huber", "log_cosh")
 # Losses whose outputs are class scores, so that a sample has a margin (:func:`label_margin`).
 MARGIN_LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy")
 

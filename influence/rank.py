@@ -12,7 +12,7 @@ import pandas as pd
 from ._inputs import validate_validation_data
 from ._methods import METHODS, NEEDS_VALIDATION
 from ._validation import as_array, check_choice, check_distinct, describe, index_group, is_real, param_error
-from .losses import MARGIN_LOSSES, Loss
+from .losses import MARGIN_LOSSES, REGRESSION_LOSSES, Loss
 from .rankers import methods
 from .rankers._samples import SampleOps
 from .rankers.inverse_hvp import InverseHVP, get_solver
@@ -67,10 +67,10 @@ def rank(
         (higher = more harmful), ``removal_effect`` (predicted change of
         validation loss if the sample is removed; negative = harmful; NaN for
         methods without one; TracIn's is the uncalibrated at-visit effect, see
-        :mod:`influence.rankers.methods`), ``label``, ``predicted_label`` (NaN for
-        regression), ``train_loss`` (at the final weights) and ``in_run`` (False
-        for samples of weight c_i = 0, which the run did not train on: they are
-        listed after all others, see :func:`order_by_harm`). ``attrs`` holds
+        :mod:`influence.rankers.methods`), ``label``, ``predicted_label`` (the model's
+        output for regression losses, NaN for callable losses), ``train_loss`` (at the
+        final weights) and ``in_run`` (False for samples of weight c_i = 0, which the run
+        did not train on: they are listed after all others, see :func:`order_by_harm`). ``attrs`` holds
         ``method``, ``seconds``, ``val_loss`` and ``outside_run`` (how many
         samples have ``in_run`` False); for ``influence_function`` also ``damping``,
         ``solver``, ``relative_residual`` (‖(H + λI)s − ∇E‖/‖∇E‖ of the solve,
@@ -296,6 +296,8 @@ def _predicted_labels(trajectory: Trajectory, outputs: np.ndarray) -> np.ndarray
     if trajectory.loss.name == "binary_crossentropy" and outputs.ndim == 2 and outputs.shape[1] == 1:
         # A logit of 0 is a probability of 0.5: logits are cut at 0, probabilities at 0.5.
         return (outputs[:, 0] > (0.0 if trajectory.loss.from_logits else 0.5)).astype(int)
+    if trajectory.loss.name in REGRESSION_LOSSES:  # the prediction itself, laid out as the label column
+        return _label_column(outputs.astype(np.float64))
     return np.full(len(outputs), np.nan)
 
 

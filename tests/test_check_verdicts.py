@@ -104,3 +104,12 @@ def test_a_pass_near_the_round_off_of_f_states_its_coarser_resolution():
     sharp = inf.check_gradient(lambda z: 1.0 + np.sum(np.sin(z)), X0, np.cos(X0))
     assert sharp.ok and sharp.resolution == sharp.rtol and sharp.explanation == ""
     assert not inf.check_gradient(lambda z: 1.0 + np.sum(np.sin(z)), X0, 1.05 * np.cos(X0)).ok
+
+
+def test_a_scalar_point_is_checked_and_its_nan_refused():
+    """check_unrolled checks one label of (n,) regression targets at a 0-d point: the data checks
+    read arrays in blocks of rows, and a 0-d array has none."""
+    check = inf.check_gradient(lambda v: float(np.sum(v) ** 2), np.float64(1.5), np.float64(3.0))
+    assert check.ok, check
+    with pytest.raises(ValueError, match="finite"):
+        inf.check_gradient(lambda v: float(np.sum(v)), np.float64(np.nan), np.float64(1.0))

@@ -163,6 +163,39 @@ def test_as_float64_keeps_adapted_preprocessing_statistics(monkeypatch):
         inf.as_float64(model)
 
 
+@keras.saving.register_keras_serializable(package="tests")
+class _GuideStyleModel(keras.Model):
+    """Sublayers made in __init__, as in the Keras guides: their dtype is not in the model's config."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden, self.out = keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)
+
+    def call(self, inputs):
+        return self.out(self.hidden(inputs))
+
+
+def test_as_float64_rebuilds_a_subclassed_model_whose_sublayers_are_made_in_init():
+    x = np.random.default_rng(0).normal(size=(3, 5))
+    model = _GuideStyleModel()
+    model(x.astype("float32"))
+    model64 = inf.as_float64(model)
+    assert {v.dtype for v in model64.weights} == {"float64"}
+    assert np.allclose(model64(x).numpy(), model(x.astype("float32")).numpy(), atol=1e-6)
+    assert keras.config.dtype_policy().name == "float32"  # the rebuild's policy does not leak
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="a GPU runs channels_first convolutions")
+def test_a_channels_first_convolution_on_a_cpu_is_refused_by_name():
+    """Keras runs it under XLA on a CPU; TensorFlow's CPU kernels, which the float64 checks reach
+    outside XLA, refuse the layout with an UnimplementedError about NHWC."""
+    model = keras.Sequential(
+        [keras.Input((2, 6, 6)), keras.layers.Conv2D(3, 3, data_format="channels_first"), keras.layers.Flatten()]
+    )
+    with pytest.raises(ValueError, match=r"channels_first convolution.*data_format='channels_last'"):
+        inf.as_float64(model)
+
+
 def test_keras_loss_objects_are_translated_to_float64_losses():
     y = tf.constant([0, 1])
     p = tf.constant([[0.7, 0.3], [0.2, 0.8]], tf.float64)

@@ -195,3 +195,37 @@ def test_keras_loss_subclasses_and_other_keras_losses_are_their_per_sample_call(
     hinge = get_loss(keras.losses.Hinge())  # a built-in Keras class without a translation
     expected = np.mean(np.maximum(1 - (2 * labels.numpy() - 1) * outputs.numpy(), 0), axis=-1)
     np.testing.assert_allclose(hinge.per_sample(labels, outputs), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["mse", "binary_crossentropy"])
+def test_one_sample_with_targets_of_shape_n_for_one_output(loss):
+    """(n,) targets of a one-output model work on batches of one sample too: the trailing axis
+    of 1 that may be left out is never the batch axis. Self-influence runs per sample, so it
+    failed for every such regression or binary run."""
+    rng = np.random.default_rng(0)
+    x, xv = rng.normal(size=(8, 3)), rng.normal(size=(1, 3))
+    y, yv = (rng.normal(size=8), rng.normal(size=1)) if loss == "mse" else (np.arange(8) % 2, np.array([1]))
+    one = get_loss(loss)(tf.constant(y[:1], tf.float64), tf.constant([[0.3]], tf.float64))
+    assert one.shape == (1,)
+    model = mlp(3, 1, out_activation=None if loss == "mse" else "sigmoid")
+    traj = inf.fit(model, x, y, loss=loss, batch_size=1, epochs=1, seed=0)
+    assert inf.unrolled(traj, x, y, xv, yv).removal_effect.shape == (8,)
+    table = inf.rank(traj, x, y, xv, yv, method="self_influence")
+    assert len(table) == 8 and np.isfinite(table["score"]).all()
+    column = y.reshape(-1, 1)
+    assert np.allclose(
+        inf.unrolled(traj, x, column, xv, yv.reshape(-1, 1)).removal_effect,
+        inf.unrolled(traj, x, y, xv, yv).removal_effect,
+    )
+
+
+@pytest.mark.parametrize("name", [*REGRESSION, "binary_crossentropy", "sparse_categorical_crossentropy"])
+def test_every_loss_takes_numpy_labels(name):
+    """The README's building-block recipe, get_loss("mse").mean(y, fn(w, x)), with the numpy labels
+    a user has: the regression losses read the labels' shape as a tensor's and failed."""
+    rng = np.random.default_rng(0)
+    outputs = 3 if name == "sparse_categorical_crossentropy" else 1
+    y_pred = tf.constant(rng.uniform(0.1, 0.9, size=(4, outputs)))
+    y = rng.integers(0, outputs + 1, size=4) if name != "mse" else rng.normal(size=4)
+    loss = get_loss(name)
+    assert float(loss.mean(y, y_pred)) == pytest.approx(float(loss.mean(tf.constant(y), y_pred)), rel=1e-12)

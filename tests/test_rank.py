@@ -711,3 +711,18 @@ def test_pfor_loop_notices_of_conv_layers_are_dropped_and_other_tensorflow_warni
     finally:
         logger.removeHandler(records)
         logger.setLevel(level)
+
+
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_a_regression_table_shows_the_prediction_next_to_the_target(outputs):
+    """A bad target shows as a target far from the model's prediction: the predicted column held
+    NaN for every regression run, and the report's cards said "pred —"."""
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(6, 4)), rng.normal(size=(6, outputs))
+    model = mlp(4, outputs)
+    traj = inf.fit(model, x, y, loss="huber", optimizer=SGD(0.1), batch_size=3, epochs=1)
+    table = inf.rank(traj, x, y, method="loss").sort_values("index")
+    predicted = np.stack(table["predicted_label"]).reshape(6, outputs)
+    np.testing.assert_allclose(predicted, model(x).numpy(), rtol=1e-12)
+    if outputs == 1:  # scalars, as the label column holds for (n, 1) targets
+        assert table["predicted_label"].dtype == np.float64

@@ -489,3 +489,18 @@ def test_learned_weights_must_be_one_weight_per_sample_with_a_curve(tmp_path, le
     with pytest.raises(ValueError, match=r"'learned_weights' parameter of render_report must be a DataFrame"):
         render_report(tmp_path, fake_table(), summary={}, learned_weights=learned)
     assert not (tmp_path / "scores.csv").exists()  # refused before anything is written
+
+
+def test_a_report_of_image_shaped_targets_is_written(tmp_path):
+    """Image-to-image regression: each label cell is an (h, w, 1) array. Parquet took only 1-D list
+    cells, so the report of a run that had worked throughout failed at its last file."""
+    table = fake_table(n=4, n_classes=3)
+    targets = np.random.default_rng(0).normal(size=(4, 3, 3, 1)).astype(np.float32)
+    table["label"] = list(targets[table["index"]])
+    render_report(tmp_path, table, summary={}, loss="mse")
+    csv = pd.read_csv(tmp_path / "scores.csv")
+    np.testing.assert_array_equal(np.array([json.loads(v) for v in csv["label"]], np.float32), targets[csv["index"]])
+    parquet = pd.read_parquet(tmp_path / "scores.parquet")
+    cells = [np.array(v.tolist() if hasattr(v, "tolist") else v) for v in parquet["label"]]
+    rebuilt = np.array([np.stack([np.stack(list(row)) for row in cell]) for cell in cells], np.float32)
+    np.testing.assert_array_equal(rebuilt, targets[parquet["index"]])

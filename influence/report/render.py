@@ -45,8 +45,8 @@ def save_scores(
     """Write ``<name>.csv`` and ``<name>.parquet`` (atomically); returns the paths written.
 
     Columns are the rank table's, plus ``noisy`` when a noise mask is given. Array cells (one-hot
-    or soft labels, vector targets) are JSON lists in the CSV (``json.loads`` reads them back) and
-    lists in the Parquet file. The Parquet file needs pyarrow (or fastparquet); without one only the
+    or soft labels, vector or image targets) are JSON lists in the CSV (``json.loads`` reads them
+    back) and (nested) lists in the Parquet file. The Parquet file needs pyarrow (or fastparquet); without one only the
     CSV is written.
     """
     out = Path(out_dir)
@@ -59,6 +59,8 @@ def save_scores(
     for column in csv.select_dtypes(include="object").columns:  # numpy's repr of an array spans lines: one JSON list
         csv[column] = [_json_list(v) if isinstance(v, (list, np.ndarray)) else v for v in csv[column]]
     atomic_write_text(paths[0], csv.to_csv(index=False))
+    for column in frame.select_dtypes(include="object").columns:  # Parquet takes nested lists, not n-D arrays
+        frame[column] = [v.tolist() if isinstance(v, np.ndarray) and v.ndim > 1 else v for v in frame[column]]
     buffer = io.BytesIO()
     try:
         frame.to_parquet(buffer, index=False)
@@ -118,7 +120,8 @@ def _cards(rows: pd.DataFrame, images: np.ndarray, out: Path, prefix: str, noise
         name = f"{IMAGE_DIR}/{prefix}_{pos:02d}.png"
         atomic_write_bytes(out / name, figures.sample_tile(images[i], value_range=value_range))
         given, predicted = _label_text(row.label), _label_text(row.predicted_label)
-        wrong = predicted not in ("—", given)
+        # Only a class can be wrong: a regression's prediction is shown next to its target.
+        wrong = isinstance(row.predicted_label, (int, np.integer)) and predicted != given
         lines = [
             f'label {esc(given)} → pred <span class="{"harm" if wrong else ""}">{esc(predicted)}</span>',
             f"score {esc(fmt(row.score, 3))}",
