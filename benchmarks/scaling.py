@@ -24,8 +24,8 @@ Setup
     (e) ``stream+disk, auto``: as (c) but ``strategy="auto"`` (default 1 GiB budget) instead of
         ``"checkpointed"``, to show what the automatic choice does to memory.
 
-    (a)-(d) use ``strategy="checkpointed"`` (k = ⌈√T⌉): held states ≈ (T/k + k)·|w| and per-step
-    reverse buffers of one segment, k·B·(1 + d) values, both O(√T).
+    (a)-(d) use ``strategy="checkpointed"`` (k ≈ √T, a divisor of T near it): held states ≈ (T/k + k)·|w|
+    and per-step reverse buffers of one segment, k·B·(1 + d) values, both O(√T).
 
     Each point runs in its own fresh subprocess (``MALLOC_MMAP_THRESHOLD_=131072`` so large freed
     buffers go back to the kernel). After TensorFlow, the package, the model and the validation set
@@ -562,8 +562,8 @@ def markdown(report: dict[str, Any]) -> str:
         "Variants: **memory** = x and dE/dx in RAM; **memory, no dx** = x in RAM, `input_grad=False`; "
         "**stream+disk** = x from `np.load(..., mmap_mode='r')`, "
         "`input_grad_path` on disk; **stream, no dx** = streamed, `input_grad=False`; all four with "
-        "`strategy='checkpointed'` (k = ⌈√T⌉). **stream+disk, auto** = stream+disk with `strategy='auto'` "
-        "(default 1 GiB budget).",
+        "`strategy='checkpointed'` (k ≈ √T, a divisor of T near it). **stream+disk, auto** = stream+disk with "
+        "`strategy='auto'` (default 1 GiB budget).",
         "",
         "Columns: fit / unrolled = `Trajectory.seconds` / `UnrolledResult.seconds` of the first calls (tracing "
         "included); warm = `retrain` and `unrolled` again on the cached program (faster of 2 calls each); "

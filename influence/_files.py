@@ -156,6 +156,9 @@ def load_model(path: str, command: str, *, safe_mode: bool = True) -> Any:
     layers): only for files one trusts.
     """
     model_path = _existing(path, "model", command, (".keras", ".h5"))
+    with open(model_path, "rb") as handle:  # Keras calls a file that is not a zip archive "not found"
+        if str(model_path).endswith(".keras") and handle.read(2) != b"PK":
+            raise _usage("model", command, "a .keras file (Keras saves a zip archive)", f"{path!r} (not a zip archive)")
     import keras
 
     try:

@@ -373,7 +373,10 @@ def check_gradient(
             f"(direction {worst}: finite differences {fd[worst]:.6e}, grad {analytic[worst]:.6e}); a ReLU kink "
             "or max-pool tie is likely (e.g. inputs exactly 0), where the gradient is one of several valid "
             "one-sided slopes; check at a point with a little noise added "
-            "(x + 1e-2·noise; check_input_gradient's jitter)."
+            "(x + 1e-2·noise; check_input_gradient's jitter). Without such a layer, f bends within less than "
+            f"the smallest step tried ({float(np.min(smallest_steps[failing])):g}): a steep feature, e.g. a "
+            "Normalization of a (near-)constant input, which Keras divides by a standard deviation clamped to "
+            "1e-7; re-check with a smaller h."
         )
     # A large gap between the quotients at s and s/2 after refinement points at
     # round-off or non-smoothness rather than at the gradient.

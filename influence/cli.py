@@ -71,8 +71,8 @@ def _learning_rate(args: argparse.Namespace) -> float:
     """--lr (or the optimizer's default), with --epsilon and --momentum checked: usage errors before TensorFlow
     is imported."""
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
-    if not lr > 0:
-        raise _usage("lr", "rank", "a positive number", lr)
+    if not lr > 0 or not np.isfinite(lr):
+        raise _usage("lr", "rank", "a finite positive number", lr)
     if args.epsilon is not None and args.optimizer not in ("rmsprop", "adam"):
         raise _usage(
             "epsilon", "rank", "given only with --optimizer rmsprop or adam", f"{args.epsilon} with {args.optimizer}"
@@ -296,6 +296,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     failed = []
     for name in args.names or benchmarks:
         command = [sys.executable, str(scripts[name])] + (["--quick"] if args.quick else [])
+        command += ["--out-dir", os.path.abspath(args.out_dir)] if args.out_dir else []
         print(f"[bench] {' '.join(command)}", flush=True)
         if subprocess.run(command, cwd=folder.parent).returncode != 0:
             failed.append(name)
@@ -508,12 +509,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="run the benchmark scripts under benchmarks/",
-        description="Run benchmark scripts (each in its own Python process); exit 1 if any fails.",
+        description="Run benchmark scripts (each in its own Python process); exit 1 if any fails. Without "
+        "--quick or --out-dir they write the repository's committed reports (reports/benchmarks/); a full run takes "
+        "minutes to an hour and, for one_step's Jacobian reference, up to ~12 GB of memory.",
     )
     bench.add_argument("names", nargs="*", metavar="NAME", help="scripts to run, without .py (default: all)")
     bench.add_argument("--quick", action="store_true", help="pass --quick (smoke-test sizes)")
     bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     bench.add_argument("--dir", help="folder of the scripts (default: the repository's benchmarks/)")
+    bench.add_argument(
+        "--out-dir", help="pass --out-dir: write the reports there (default: reports/benchmarks/, the committed ones)"
+    )
     bench.set_defaults(handler=cmd_bench)
     return parser
 

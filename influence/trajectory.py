@@ -375,9 +375,10 @@ def fit(
             plain TensorFlow graphs (False). ``"auto"`` (default): plain graphs for models
             with a convolution layer (nested ones included) when TensorFlow sees no GPU,
             XLA otherwise (:func:`resolve_jit_compile`); the trajectory stores the choice
-            as a bool. Measured on 2 CPU cores, ratios within one process: XLA ran the
-            warm loops of the digits MLPs (64-32-10, 64-256-256-10) 1.8–4× faster in
-            training and 1.6–6× faster in reverse (first calls compile: ``fit`` about even,
+            as a bool. Measured on 2 CPU cores, ratios within one process: XLA ran
+            warm calls of the digits MLPs (64-32-10, 64-256-256-10) 1.8–4× faster in
+            training and 1.6–6× faster in reverse (the compiled loops alone of the
+            64-32-10: 6.5× and 4.3×, ``benchmarks/unrolled.py``; first calls compile: ``fit`` about even,
             ``unrolled`` 2.5–3.7× slower), but a Conv16-Conv32-Dense64 CNN on 28×28 inputs
             trained 4.5–25× and unrolled 8–24× slower, first calls and warm ones alike
             (the 1-channel Conv8 of ``benchmarks/unrolled.py`` on 8×8 digits: 2–2.5×

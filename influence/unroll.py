@@ -271,8 +271,9 @@ class UnrolledResult:
         strategy: the memory strategy used (e.g. ``"checkpointed(every=13)"``).
         seconds: wall time of the reverse pass (including recomputation).
         memory_bytes: what the pass holds beyond the trajectory, as
-            :meth:`MemoryStrategy.held_bytes` counts it: held states, one chunk's states more,
-            and the longest call's per-step buffers; what the memory budget bounds. A weights
+            :meth:`MemoryStrategy.held_bytes` counts it: held states (one chunk's more on
+            plain graphs) and the longest call's per-step buffers, twice (they and their
+            stacked copy coexist); what the memory budget bounds. A weights
             history the trajectory holds already (``fit`` records one when it fits its
             ``record_budget_bytes``) is not counted: every strategy then slices it one chunk at
             a time instead of recomputing states, and only that chunk's copy is. The results

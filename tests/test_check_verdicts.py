@@ -113,3 +113,20 @@ def test_a_scalar_point_is_checked_and_its_nan_refused():
     assert check.ok, check
     with pytest.raises(ValueError, match="finite"):
         inf.check_gradient(lambda v: float(np.sum(v)), np.float64(np.nan), np.float64(1.0))
+
+
+def test_a_bend_below_the_smallest_step_is_told_apart_from_a_kink_by_a_smaller_h():
+    """A smooth f that bends within 1e-6 (a Normalization of a constant pixel divides by a std
+    clamped to 1e-7) looks kinked at every default step: the note names a smaller h as the
+    remedy next to jitter, and a smaller h passes."""
+    width, corner = 1e-6, 0.3
+
+    def f(v):
+        return float(np.logaddexp(0.0, (v[0] - corner) / width) * width + 0.1 * v[1])
+
+    x = np.array([corner + 2e-7, 0.5])
+    grad = np.array([1 / (1 + np.exp(-0.2)), 0.1])
+    check = inf.check_gradient(f, x, grad, directions=2)
+    assert not check.ok and check.at_kink, check
+    assert "re-check with a smaller h" in check.explanation
+    assert inf.check_gradient(f, x, grad, directions=2, h=1e-10).ok

@@ -415,7 +415,11 @@ def run_main(args, capsys):
         ),
         (
             ["--data", "{f}/data.npz", "--lr", "-1"],
-            "The 'lr' parameter of influence rank must be a positive number. Got -1.0 instead.",
+            "The 'lr' parameter of influence rank must be a finite positive number. Got -1.0 instead.",
+        ),
+        (
+            ["--data", "{f}/data.npz", "--lr", "inf"],  # was reported as SGD's learning_rate, not as the flag
+            "The 'lr' parameter of influence rank must be a finite positive number. Got inf instead.",
         ),
         (
             ["--data", "{f}/data.npz", "--input-gradient-penalty", "-0.5"],
@@ -436,7 +440,8 @@ def test_unreadable_model_file_exits_2(files, tmp_path, capsys):
     broken.write_bytes(b"not a zip")
     code, captured = run_main(["check", "--model", broken, "--data", files / "data.npz"], capsys)
     assert code == 2
-    assert captured.err.startswith("influence check: error: The 'model' parameter of influence check must be a Keras")
+    assert captured.err.startswith("influence check: error: The 'model' parameter of influence check must be a")
+    assert "(not a zip archive)" in captured.err  # Keras said "File not found" of a file that exists
 
 
 def test_check_rejects_zero_samples(files, capsys):
@@ -606,6 +611,10 @@ def test_bench_runs_named_script_with_quick(bench_dir, capsys):
     code, captured = run_main(["bench", "--dir", bench_dir, "--quick", "fast"], capsys)
     assert code == 0
     assert (bench_dir.parent / "ran.txt").read_text() == "--quick"
+    # --out-dir reaches the script (as an absolute path: scripts run from the folder above theirs)
+    code, captured = run_main(["bench", "--dir", bench_dir, "--out-dir", "elsewhere", "fast"], capsys)
+    assert code == 0
+    assert (bench_dir.parent / "ran.txt").read_text() == f"--out-dir {os.path.abspath('elsewhere')}"
 
 
 def test_bench_runs_scripts_of_a_nested_relative_folder(bench_dir, monkeypatch, capsys):
