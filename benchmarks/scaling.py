@@ -673,7 +673,7 @@ def interpretation(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"* **Verdict on streaming**: streamed runs keep anonymous memory at {min(s_anon):.2f}–{max(s_anon):.2f} "
             f"MB per 10k samples ({min(s_anon) / DATA_MIB_PER_10K:.2f}–{max(s_anon) / DATA_MIB_PER_10K:.2f}× the "
-            "data: per-sample vectors and the n × d boolean temporary of the finiteness check, see below), against "
+            "data: per-sample vectors and one block of the finiteness check's booleans, see below), against "
             f"{slope['memory']['anon_peak_growth_mb_per_10k']:.2f} MB/10k in RAM. VmHWM still grows with n for "
             f"streamed runs, through file-backed pages: {file_x:.1f}× the data for the memory-mapped input (stream, "
             f"no dx) and {file_dx:.1f}× more with the on-disk dE/dx (stream+disk). Those pages are page cache "
@@ -684,7 +684,7 @@ def interpretation(report: dict[str, Any]) -> list[str]:
         d = slope["memory"]["peak_growth_mb_per_10k"] - slope["memory, no dx"]["peak_growth_mb_per_10k"]
         lines.append(
             f"* In RAM, dE/dx accounts for {d:.2f} MB/10k ({d / DATA_MIB_PER_10K:.1f}× its own size): the "
-            "non-streamed reverse pass returns a dense n × d `unsorted_segment_sum` per segment and adds it to a "
+            "non-streamed reverse pass returns a dense n × d `unsorted_segment_sum` per call and adds it to a "
             "running n × d tensor (input, summand and sum alive together), then converts the total to numpy. "
             "The rest of the in-memory slope is the input itself (numpy array + a `tf.constant` copy per call)."
         )
