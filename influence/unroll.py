@@ -262,6 +262,10 @@ class UnrolledResult:
         removal_effect: (n,) predicted change of validation loss if sample i
             were removed, i.e. its weight taken from c_i to 0: first order,
             −c_i·dE/dc_i (−dE/dc_i for the default c_i = 1). Negative = harmful.
+            Less accurate where one removal moves the run more: a sample of a short
+            batch (the last of an epoch when n is not a multiple of batch_size) weighs
+            c_i/|B_t| in its step (one of 4 samples: 8× one of 32);
+            :func:`influence.removal_curve` measures such a sample's actual response.
         sample_weight_grad: (n,) dE/dc_i.
         input_grad: (n, ...) dE/dx_i through the whole run (None when not requested).
         label_grad: dE/dy_i (shaped like y_train) where the loss reads labels as numbers
