@@ -311,7 +311,8 @@ def _stratified_choice(classes: np.ndarray, count: int) -> np.ndarray:
 
 def _check_bounds(bounds: Any, func: str) -> tuple[float, float]:
     """(low, high) with 0 ≤ low < high: a negative weight would ascend its sample's loss."""
-    ok = isinstance(bounds, (tuple, list)) and len(bounds) == 2 and all(is_real(b) and np.isfinite(b) for b in bounds)
+    pair = isinstance(bounds, (tuple, list)) or (isinstance(bounds, np.ndarray) and bounds.ndim == 1)
+    ok = pair and len(bounds) == 2 and all(is_real(b) and np.isfinite(b) for b in bounds)
     if not ok or not 0 <= bounds[0] < bounds[1]:
         raise ValueError(param_error("bounds", func, "a (low, high) pair with 0 ≤ low < high", describe(bounds)))
     return float(bounds[0]), float(bounds[1])

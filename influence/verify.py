@@ -346,6 +346,17 @@ def check_unrolled(
         raise ValueError(
             param_error("wrt", func, "'sample_weights' (or 'labels')", f"'inputs', but {discretized_note(casts)}")
         )
+    if wrt != "sample_weights" and trajectory.sample_weight[index] == 0:
+        # dE/dx_i and dE/dy_i are exactly 0 and so is every finite difference: nothing to judge.
+        raise ValueError(
+            param_error(
+                "index",
+                func,
+                f"a sample the run trained on for wrt={wrt!r} (its {wrt[:-1]} gradient is exactly 0 where the "
+                "sample's weight is 0; wrt='sample_weights' checks such a sample)",
+                f"{index}, of weight 0",
+            )
+        )
     traj64 = as_float64_trajectory(trajectory, x, y)
     x64 = x if integer_inputs else x.astype(np.float64)
     y64 = y.astype(np.float64) if trajectory.loss.has_label_grad(y) else y

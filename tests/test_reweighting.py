@@ -195,8 +195,8 @@ def test_holdout_strata_follow_the_loss():
 def test_upper_bound_above_one_lets_helpful_samples_gain_weight(noisy_blobs, noisy_run):
     x, y, xv, yv, _ = noisy_blobs
     res = inf.learn_sample_weights(
-        noisy_run, x, y, xv, yv, outer_optimizer=Adam(0.1), steps=2, bounds=(0.0, 2.0), progress=False
-    )
+        noisy_run, x, y, xv, yv, outer_optimizer=Adam(0.1), steps=2, bounds=np.array([0.0, 2.0]), progress=False
+    )  # bounds as a numpy pair too, as optimize_training_inputs takes them (it was refused as not a pair)
     assert res.sample_weight.max() > 1.0 and res.sample_weight.max() <= 2.0
 
 

@@ -289,6 +289,11 @@ def test_removal_effect_of_a_weighted_sample_removes_its_whole_weight(data):
     assert np.allclose(table.sort_values("index")["removal_effect"], res.removal_effect)
     curve = inf.removal_curve(traj, x, y, xv, yv, 0, scales=(0.0,), removal_effect=res.removal_effect)
     assert curve["predicted_change"][0] == pytest.approx(res.removal_effect[0], rel=1e-12)
+    # A sample outside the run has input gradient exactly 0, so has every finite difference: refused by name
+    # (the check said "inconclusive, try a larger h"); its weight's gradient is checked as any other.
+    with pytest.raises(ValueError, match=r"'index' parameter of check_unrolled .* Got 4, of weight 0"):
+        inf.check_unrolled(traj, x, y, xv, yv, 4, wrt="inputs")
+    assert inf.check_unrolled(traj, x, y, xv, yv, 4, wrt="sample_weights").ok
 
 
 def test_a_float32_retraining_is_not_rounded_to_the_spacing_of_its_validation_loss():
