@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from ._tensors import exact_tensor
+
 _state = threading.local()
 _install_lock = threading.Lock()
 _ORIGINALS: dict[str, Callable[..., Any]] = {}
@@ -92,8 +94,7 @@ def portable_dropout(x, rate, seed, rng_alg=None, noise_shape=None, name=None):
     with tf.name_scope(name or "portable_dropout"):
         x = tf.convert_to_tensor(x)
         shape = tf.shape(x) if noise_shape is None else tf.convert_to_tensor(noise_shape, tf.int32)
-        # A Python rate must not pass through float32 on its way to a float64 scale.
-        rate = tf.cast(rate, x.dtype) if tf.is_tensor(rate) else tf.constant(rate, x.dtype)
+        rate = exact_tensor(rate, x.dtype)  # a Python rate must not pass through float32
         keep = portable_uniform(shape, seed) >= tf.cast(rate, tf.float32)  # float32: one mask for every dtype
         scale = 1.0 / (1.0 - rate)
         return x * scale * tf.cast(keep, x.dtype)
@@ -106,7 +107,7 @@ def portable_stateless_uniform(shape, seed, minval=0, maxval=None, dtype=tf.floa
         return _ORIGINALS["stateless_uniform"](shape, seed, minval, maxval, dtype, name, alg or "auto_select")
     with tf.name_scope(name or "portable_uniform"):
         high = 1 if maxval is None else maxval
-        low, high = tf.cast(minval, dtype), tf.cast(high, dtype)
+        low, high = exact_tensor(minval, dtype), exact_tensor(high, dtype)
         return low + (high - low) * tf.cast(portable_uniform(shape, seed), dtype)
 
 
@@ -122,7 +123,7 @@ def portable_stateless_normal(shape, seed, mean=0.0, stddev=1.0, dtype=tf.float3
         pair = tf.cast(portable_uniform(tf.concat([[2], shape], 0), seed), tf.float64)
         radius = tf.sqrt(-2.0 * tf.math.log(pair[0] + 0.5 / (1 << 24)))  # uniform in (0, 1): log is finite
         normal = tf.cast(radius * tf.cos(2.0 * np.pi * pair[1]), dtype)
-        return tf.cast(mean, dtype) + tf.cast(stddev, dtype) * normal
+        return exact_tensor(mean, dtype) + exact_tensor(stddev, dtype) * normal
 
 
 _REPLACEMENTS: dict[str, tuple[Any, str, Callable[..., Any]]] = {

@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from . import _tree
 from ._exact_ops import exact_ops
+from ._tensors import exact_tensor
 from ._validation import check_non_negative, describe, param_error
 
 ScalarFn = Callable[[list[tf.Tensor]], tf.Tensor]
@@ -76,12 +77,12 @@ def check_vector(vector: Any, weights: list[tf.Tensor], func: str) -> list[tf.Te
         raise ValueError(param_error("vector", func, f"a list of {len(weights)} tensors shaped like the weights", got))
     checked = []
     for i, (v, w) in enumerate(zip(vector, weights)):
-        v = tf.convert_to_tensor(v)
+        v = exact_tensor(v, w.dtype)  # a list of floats, too, keeps its float64 value
         if v.shape != w.shape:
             raise ValueError(
                 param_error("vector", func, f"entry {i} of shape {tuple(w.shape)}", f"shape {tuple(v.shape)}")
             )
-        checked.append(tf.cast(v, w.dtype))
+        checked.append(v)
     return checked
 
 
@@ -273,7 +274,7 @@ def vjp_chain(
             cotangent = tf.zeros_like(h)
     else:
         # A float32 gradient for a float64 chain (or the reverse) is cast, as numpy arrays and lists are.
-        cotangent = tf.cast(tf.convert_to_tensor(upstream), h.dtype)
+        cotangent = exact_tensor(upstream, h.dtype)
         if cotangent.shape != h.shape:
             raise ValueError(
                 param_error("upstream", "vjp_chain", f"a gradient of shape {tuple(h.shape)}", describe(cotangent))

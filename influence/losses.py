@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ._tensors import exact_tensor
 from ._validation import describe, param_error
 
 # Same floor Keras uses when taking the log of probabilities.
@@ -99,7 +100,7 @@ def _sparse_ce(from_logits: bool) -> PerSampleLoss:
         if from_logits:
             return tf.reduce_logsumexp(y_pred, axis=-1) - tf.reduce_sum(y_pred * one_hot, axis=-1)
         p = tf.reduce_sum(y_pred * one_hot, axis=-1) / tf.reduce_sum(y_pred, axis=-1)
-        return -tf.math.log(tf.maximum(p, tf.cast(_PROBABILITY_FLOOR, y_pred.dtype)))
+        return -tf.math.log(tf.maximum(p, exact_tensor(_PROBABILITY_FLOOR, y_pred.dtype)))
 
     return loss
 
@@ -112,7 +113,7 @@ def _categorical_ce(from_logits: bool) -> PerSampleLoss:
             log_p = tf.nn.log_softmax(y_pred, axis=-1)
         else:
             p = y_pred / tf.reduce_sum(y_pred, axis=-1, keepdims=True)
-            log_p = tf.math.log(tf.maximum(p, tf.cast(_PROBABILITY_FLOOR, y_pred.dtype)))
+            log_p = tf.math.log(tf.maximum(p, exact_tensor(_PROBABILITY_FLOOR, y_pred.dtype)))
         return -tf.reduce_sum(target * log_p, axis=-1)
 
     return loss
@@ -125,7 +126,7 @@ def _binary_ce(from_logits: bool) -> PerSampleLoss:
         if from_logits:
             per_output = tf.nn.sigmoid_cross_entropy_with_logits(labels=target, logits=y_pred)
         else:
-            floor = tf.cast(_PROBABILITY_FLOOR, y_pred.dtype)
+            floor = exact_tensor(_PROBABILITY_FLOOR, y_pred.dtype)
             p = tf.clip_by_value(y_pred, floor, 1 - floor)
             per_output = -(target * tf.math.log(p) + (1 - target) * tf.math.log(1 - p))
         return _per_sample_mean(per_output)
@@ -393,7 +394,7 @@ def label_margin(loss: Loss, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
     ``y ≥ 0.5`` for one sigmoid output of shape (B,) or (B, 1) (binary cross-entropy, where the
     other class's logit is 0). ``loss.name`` must be one of :data:`MARGIN_LOSSES`.
     """
-    floor = tf.cast(_PROBABILITY_FLOOR, y_pred.dtype)
+    floor = exact_tensor(_PROBABILITY_FLOOR, y_pred.dtype)
     if loss.name == "binary_crossentropy":
         score = tf.reshape(y_pred, [-1])
         if not loss.from_logits:

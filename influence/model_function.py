@@ -274,26 +274,34 @@ def coupling_layers(model: keras.Model) -> list[str]:
 
 
 def couples_samples(fn: ModelFunction, x: tf.Tensor, *, training: bool, outputs: np.ndarray | None = None) -> bool:
-    """Numerical probe: does changing sample 0 change the outputs of the others?
+    """Numerical probe: does changing some samples change the outputs of the others?
 
-    Catches coupling from layers we do not know by name. Both calls share one
-    seed so dropout masks are identical. Real-valued inputs are bumped by 1; integer
-    inputs (token ids) take another sample's row instead, which stays a valid id.
-    ``outputs``: the model's outputs at ``x`` with seed 0, when the caller has them.
+    Catches coupling from layers we do not know by name. Two probes: the first half of the
+    batch changed, then the second, each time with the other half's outputs compared bit for
+    bit, so any two samples in different halves are probed both ways (a probe of sample 0
+    alone missed a layer that mixes in the batch's largest row). All calls share one seed so
+    dropout masks are identical. Real-valued inputs are bumped by 1; integer inputs (token
+    ids) take the next sample's row instead, which stays a valid id. ``outputs``: the
+    model's outputs at ``x`` with seed 0, when the caller has them.
     """
-    if int(x.shape[0]) < 2:
+    n = int(x.shape[0])
+    if n < 2:
         return False
-    if x.dtype.is_floating:
-        bumped = tf.concat([x[:1] + tf.ones_like(x[:1]), x[1:]], axis=0)
-    else:
-        rows = np.asarray(x)
-        other = next((i for i in range(1, len(rows)) if not np.array_equal(rows[i], rows[0])), None)
-        if other is None:  # every row alike: nothing to swap in
-            return False
-        bumped = tf.concat([x[other : other + 1], x[1:]], axis=0)
     out_a = np.asarray(fn(fn.weights, x, training=training, seed=0)) if outputs is None else outputs
-    out_b = np.asarray(fn(fn.weights, bumped, training=training, seed=0))
-    return not np.allclose(out_a[1:], out_b[1:], rtol=0, atol=0)
+    first = np.arange(n) < n // 2
+    for changed in (first, ~first):
+        if x.dtype.is_floating:
+            bumped = x + tf.cast(changed, x.dtype)[(slice(None),) + (None,) * (x.shape.rank - 1)]
+        else:
+            rows = np.asarray(x)
+            bumped_rows = np.where(changed.reshape((n,) + (1,) * (rows.ndim - 1)), np.roll(rows, -1, axis=0), rows)
+            if np.array_equal(bumped_rows, rows):  # every row alike: nothing to swap in
+                continue
+            bumped = tf.constant(bumped_rows)
+        out_b = np.asarray(fn(fn.weights, bumped, training=training, seed=0))
+        if not np.array_equal(out_a[~changed], out_b[~changed]):
+            return True
+    return False
 
 
 def require_seeded_randomness(fn: ModelFunction, x: tf.Tensor, *, training: bool, func: str) -> np.ndarray:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from ._tensors import exact_tensor
 from ._validation import check_non_negative, param_error
 from .losses import Loss
 from .model_function import ModelFunction
@@ -52,7 +53,7 @@ class Objective:
             losses = self.loss(y, self.fn(w, x, training=training, seed=seed))
         input_grads = tape.gradient(losses, x)  # row j: ∂ℓ_j/∂x_j (samples do not interact)
         squared = tf.reduce_sum(tf.reshape(tf.square(input_grads), [tf.shape(x)[0], -1]), axis=1)
-        return losses + tf.cast(self.input_gradient_penalty, losses.dtype) * squared
+        return losses + exact_tensor(self.input_gradient_penalty, losses.dtype) * squared
 
 
 def check_input_gradient_penalty(value: Any, x: np.ndarray, func: str) -> float:

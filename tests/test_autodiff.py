@@ -413,3 +413,24 @@ def test_building_blocks_refuse_per_sample_losses_short_vectors_and_bad_damping(
     with pytest.raises(ValueError, match=r"targets of shape \(3, 4\) do not match predictions of shape \(4, 3\)"):
         mse(tf.zeros((3, 4), tf.float64), outputs)
     assert mse(tf.zeros((4,), tf.float64), tf.zeros((4, 1), tf.float64)).shape == (4,)  # (B,) for (B, 1): as ever
+
+
+def test_python_lists_keep_their_float64_values(regressor, reg_data):
+    """hvp's vector and vjp_chain's upstream as Python lists went through float32 (0.6 → 0.60000001)."""
+    x, y, _, _ = reg_data
+    fn = inf.ModelFunction(regressor)
+    weights = [tf.constant(w) for w in regressor.get_weights()]
+
+    def loss_fn(w):
+        return inf.losses.get_loss("mse").mean(y, fn(w, x))
+
+    as_lists = [np.full(w.shape, 0.6).tolist() for w in weights]
+    as_arrays = [np.full(w.shape, 0.6) for w in weights]
+    for got, expected in zip(inf.hvp(loss_fn, weights, as_lists), inf.hvp(loss_fn, weights, as_arrays)):
+        np.testing.assert_array_equal(got.numpy(), expected.numpy())
+    upstream = np.full((len(x), 2), 0.1)
+    by_list = inf.vjp_chain([regressor], x, upstream.tolist())
+    by_array = inf.vjp_chain([regressor], x, upstream)
+    np.testing.assert_array_equal(by_list.input_grad.numpy(), by_array.input_grad.numpy())
+    for got, expected in zip(by_list.stage_grads[0], by_array.stage_grads[0]):
+        np.testing.assert_array_equal(got.numpy(), expected.numpy())

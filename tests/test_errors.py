@@ -175,6 +175,29 @@ def test_per_sample_trick_finds_unknown_coupling_numerically():
         inf.per_sample_gradient_dots(coupled, "mse", x, y, v, training=True)
 
 
+def test_coupling_through_a_sample_other_than_the_first_is_found():
+    """A layer that mixes in the batch's largest row: changing sample 0 (the only sample probed
+    before) moved no other output, so one_step's input-gradient penalty, a per-sample quantity,
+    was taken on a coupled model and came out 1.5 % off."""
+
+    class LargestRowShift(keras.layers.Layer):
+        def call(self, inputs, training=False):
+            if not training:
+                return inputs
+            largest = keras.ops.argmax(keras.ops.sum(inputs * inputs, axis=1))
+            return inputs - 0.5 * keras.ops.take(inputs, largest[None], axis=0)
+
+    keras.utils.set_random_seed(0)
+    coupled = keras.Sequential(
+        [keras.Input((3,), dtype="float64"), LargestRowShift(dtype="float64"), keras.layers.Dense(2, dtype="float64")]
+    )
+    x = np.random.default_rng(0).normal(size=(6, 3))
+    x[4] *= 10  # the largest row is not sample 0
+    y, v = np.zeros((6, 2)), [np.ones(w.shape) for w in coupled.trainable_variables]
+    with pytest.raises(ValueError, match="found numerically"):
+        inf.per_sample_gradient_dots(coupled, "mse", x, y, v, training=True)
+
+
 def test_a_frozen_batchnorm_runs_on_moving_statistics_and_is_not_refused():
     """A frozen backbone with BatchNorm and a Dropout head: Keras 3 runs a non-trainable BatchNorm in
     inference mode, so its samples do not interact and training mode (the head's dropout) stays valid."""

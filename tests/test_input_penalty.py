@@ -198,3 +198,14 @@ def test_one_step_refuses_the_penalty_where_samples_interact():
     with pytest.raises(ValueError, match="input-gradient penalty"):
         inf.one_step(model, "mse", x, y, x, y, training=True, input_gradient_penalty=0.1)
     assert inf.one_step(model, "mse", x, y, x, y, training=False, input_gradient_penalty=0.1).shape == x.shape
+
+
+def test_a_penalty_float32_cannot_hold_is_exact_in_float64(data):
+    """ρ = 0.3 was cast from a Python float through float32 (0.30000001192…): float64 runs were
+    1.5e-8 off their own references. ρ = 0.5 (above) is exact in float32 and could not show it."""
+    x, y, xv, yv = data
+    model = mlp(5, 3, out_activation="softmax")
+    traj = inf.fit(model, x, y, loss=LOSS, optimizer=SGD(0.1), epochs=1, input_gradient_penalty=0.3)
+    weights = [tf.constant(w) for w in traj.final_weights]
+    got = traj.program().objective(weights, tf.constant(x), tf.constant(y), training=False)
+    np.testing.assert_allclose(got.numpy(), penalized_losses(model, x, y, rho=0.3).numpy(), rtol=1e-14)
