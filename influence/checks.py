@@ -257,6 +257,8 @@ def check_gradient(
     fd, spread, steps_used = np.empty(len(dirs)), np.empty(len(dirs)), np.empty(len(dirs))
     quotient_pairs, smallest_steps = np.empty((len(dirs), 2)), np.empty(len(dirs))
     kinked = np.zeros(len(dirs), dtype=bool)
+    values = [base]  # every value f returned: float32 values hide behind Python floats
+    outside = np.zeros(len(dirs), dtype=bool)  # directions along which f was NaN/Inf at a step
     for i, d in enumerate(dirs):
         # Adaptive step: when a direction fails, shrink the step while the truncation
         # estimate |D(s) - D(s/2)| says curvature, not round-off, dominates.
@@ -268,6 +270,8 @@ def check_gradient(
             for s_ in (step, step / 2):
                 plus, _ = _scalar(f, x64 + s_ * d)
                 minus, _ = _scalar(f, x64 - s_ * d)
+                values += [plus, minus]
+                outside[i] |= not (np.isfinite(plus) and np.isfinite(minus))
                 quotients.append((plus - minus) / (2 * s_))
                 sides.append(_one_sided_gap(plus, minus, base, s_))
             one_sided.append((sides[0], sides[1], abs(quotients[0] - quotients[1])))
@@ -309,7 +313,26 @@ def check_gradient(
             f"f is not deterministic: two calls at the same x gave {base!r} and {again!r} "
             "(dropout in training mode? fix the seed or use training=False)."
         )
-    if low_precision:
+    if outside.any():
+        notes.append(
+            f"f is NaN or Inf a step away from x along {int(outside.sum())} direction(s) ({np.flatnonzero(outside)}"
+            f"; steps down to {h / 10**refinements:g}): the steps leave f's domain (a log or sqrt near its edge?), "
+            "so the finite differences there mean nothing; re-check with a smaller h."
+        )
+    # float(loss) of a float32 computation: every value is a float32 number (not only whole ones).
+    hidden_float32 = (
+        not ok
+        and not low_precision
+        and len(set(values)) > 2
+        and all(np.isfinite(v) and float(np.float32(v)) == v for v in values)
+        and any(v != round(v) for v in values)
+    )
+    if hidden_float32:
+        notes.append(
+            "every value f returned is exactly a float32 number: f computes in float32 and returns it as a "
+            "Python float (or float64)."
+        )
+    if low_precision or hidden_float32:
         notes.append(
             "f returned a float32 (or lower) value: float32 round-off (~1e-7 relative) divided by a "
             f"step of {h:g} swamps the difference quotient; rebuild the model with as_float64() "

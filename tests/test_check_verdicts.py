@@ -130,3 +130,37 @@ def test_a_bend_below_the_smallest_step_is_told_apart_from_a_kink_by_a_smaller_h
     assert not check.ok and check.at_kink, check
     assert "re-check with a smaller h" in check.explanation
     assert inf.check_gradient(f, x, grad, directions=2, h=1e-10).ok
+
+
+def test_a_float32_value_returned_as_a_python_float_is_told_as_float32_round_off():
+    """S1's user returns float(loss) of a float32 model: the quotients are float32 quantised
+    (exactly 0 along one direction), and the check blamed a kink or the gradient."""
+    weights = np.random.default_rng(0).normal(size=(20, 8))
+
+    def f(v):
+        z = np.tanh(v.astype(np.float32) @ weights.astype(np.float32))
+        return float(np.mean(z) ** 2 + np.float32(2.0))
+
+    def grad(v):
+        z = np.tanh(v @ weights)
+        return 2 * np.mean(z) * (weights @ (1 - z**2)) / z.size
+
+    x = np.random.default_rng(1).normal(size=20) * 0.1
+    check = inf.check_gradient(f, x, grad(x))
+    assert not check.ok and not check.at_kink
+    assert "float32" in check.explanation and "kink" not in check.explanation
+    assert "gradient itself is likely wrong" not in check.explanation
+
+
+def test_a_step_that_leaves_the_domain_of_f_is_named():
+    """f finite at x but NaN a step away: the error was NaN and the note recommended a larger step."""
+    x = np.array([5e-4, 1.0])
+
+    def f(v):
+        with np.errstate(invalid="ignore"):
+            return float(np.log(v[0]) + v[1] ** 2) if v[0] > 0 else float("nan")
+
+    check = inf.check_gradient(f, x, np.array([1 / x[0], 2.0]), h=1e-3, refinements=0)
+    assert not check.ok
+    assert "NaN or Inf" in check.explanation and "smaller h" in check.explanation
+    assert "larger" not in check.explanation
