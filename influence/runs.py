@@ -314,13 +314,27 @@ class ShardStore:
             (self.directory / self._entries.pop(key)["file"]).unlink(missing_ok=True)
         if stale:
             self._write_manifest()
-        kept = set(keep_folders)
+        self._remove_own_leftovers(set(keep_folders))
+        return len(stale)
+
+    def clear(self) -> int:
+        """Delete every shard on record, the manifest and this package's leftovers and saved runs
+        (``--restart``); return how many shards went. Files this package did not write stay."""
+        for entry in self._entries.values():
+            (self.directory / entry["file"]).unlink(missing_ok=True)
+        count = len(self._entries)
+        self._entries.clear()
+        (self.directory / MANIFEST).unlink(missing_ok=True)
+        self._remove_own_leftovers(set())
+        return count
+
+    def _remove_own_leftovers(self, kept: set[str]) -> None:
+        """Temporary files (``.*.tmp``) and saved runs (``trajectory-*``, ``.trajectory-*``) not in ``kept``."""
         for path in self.directory.iterdir() if self.directory.is_dir() else ():
             name = path.name
             leftover = name.startswith(".") and (name.endswith(".tmp") or name.startswith(".trajectory-"))
             if leftover or (name.startswith("trajectory-") and name not in kept):
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        return len(stale)
 
     def summary(self) -> str:
         """One line: how many shards were reused, computed and found corrupted."""

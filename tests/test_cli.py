@@ -125,6 +125,8 @@ def cli_runs(files):
     results.update(interrupted=finish(interrupted), check=finish(check))
     results["shards after interruption"] = runs.ShardStore(files / "resumed" / "shards").entry_count
     results["resumed"] = in_process(rank + ["--out", files / "resumed"])
+    (files / "resumed" / "shards" / "notes.txt").write_text("mine")
+    results["restarted"] = in_process(rank + ["--out", files / "resumed", "--restart"])
     return results
 
 
@@ -136,6 +138,14 @@ def test_interrupted_run_exits_130_and_keeps_its_shards(cli_runs):
         "rerun the same command to resume"
     )
     assert cli_runs["shards after interruption"] == 2  # the training fingerprint and the unrolled ranking
+
+
+def test_restart_recomputes_every_shard_and_keeps_files_it_did_not_write(cli_runs, files):
+    """--restart removed the whole shards/ folder, a user's notes in it too."""
+    code, _, err = cli_runs["restarted"]
+    assert code == 0, err
+    assert "resuming" not in err and "0 reused, 7 computed" in err
+    assert (files / "resumed" / "shards" / "notes.txt").read_text() == "mine"
 
 
 def test_resumed_run_equals_an_uninterrupted_run(cli_runs, files):

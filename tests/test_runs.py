@@ -112,6 +112,20 @@ def test_store_reuses_shards_across_instances(tmp_path):
     assert manifest["shards"]["stage-a"]["file"] == "stage-a.npz"
 
 
+def test_clearing_the_store_leaves_files_it_did_not_write(tmp_path):
+    """--restart removed the whole shards/ folder, a user's own files in it too."""
+    compute, calls = _counting([1.5])
+    ShardStore(tmp_path).arrays("stage-a", compute)
+    (tmp_path / "trajectory-abc").mkdir()
+    (tmp_path / ".x.tmp").write_text("")
+    (tmp_path / "notes.txt").write_text("mine")
+    store = ShardStore(tmp_path)
+    assert store.clear() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    ShardStore(tmp_path).arrays("stage-a", compute)  # nothing on record: computed again
+    assert len(calls) == 2
+
+
 def test_store_recomputes_corrupted_shard(tmp_path):
     compute, calls = _counting([1.0, 2.0, 3.0])
     ShardStore(tmp_path).arrays("k", compute)

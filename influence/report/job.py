@@ -18,7 +18,6 @@ settings replaces the previous report's files without touching anything else.
 
 from __future__ import annotations
 
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -431,10 +430,10 @@ def _run_ranking(job: RankingJob, warned: list[str]) -> RankingOutcome:
     start = time.perf_counter()
     previous = previous_report_files(Path(job.out_dir))
     shards = Path(job.out_dir) / "shards"
-    if job.restart and shards.exists():
-        shutil.rmtree(shards)
     run = job.fingerprint()
     store = ShardStore(shards, log=job.log, run=run)
+    if job.restart:  # only what this package wrote: a user's file in the folder stays
+        store.clear()
     if store.entry_count:
         job.log(f"resuming: {store.entry_count} shard(s) on record in {shards}; those matching this run are reused")
     verify = bool(job.verify_top or job.verify_random)
