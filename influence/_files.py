@@ -33,8 +33,14 @@ def _existing(path: str, param: str, command: str, suffixes: Sequence[str]) -> P
     return p
 
 
-def read_table_file(path: str, param: str, command: str, label_column: str | None) -> dict[str, Any]:
-    """A CSV file as ``{"x": (n, d) float32, "y": (n,)}``: numeric columns, label last or ``label_column``."""
+def read_table_file(
+    path: str, param: str, command: str, label_column: str | None, *, label_of: str | None = None
+) -> dict[str, Any]:
+    """A CSV file as ``{"x": (n, d) float32, "y": (n,)}``: numeric columns, label last or ``label_column``.
+
+    ``label_of``: the training file whose label column ``label_column`` is (a validation CSV), so
+    that a missing column is blamed on this file, not on the --label-column flag.
+    """
     import pandas as pd
 
     try:
@@ -44,12 +50,26 @@ def read_table_file(path: str, param: str, command: str, label_column: str | Non
     if frame.shape[1] < 2 or len(frame) == 0:
         raise _usage(param, command, "a CSV with a header, rows and at least 2 columns", f"shape {frame.shape}")
     label = label_column if label_column is not None else str(frame.columns[-1])
+    columns = ", ".join(map(str, frame.columns))
+    if label not in frame.columns and label_of is not None:
+        raise _usage(param, command, f"a CSV with the label column of {label_of} ({label!r})", f"{path!r} ({columns})")
     if label not in frame.columns:
-        raise _usage("label-column", command, f"a column of {path} ({', '.join(map(str, frame.columns))})", repr(label))
+        raise _usage("label-column", command, f"a column of {path} ({columns})", repr(label))
     features = frame.drop(columns=[label])
     bad = [str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
     if bad:
         raise _usage(param, command, "a CSV with numeric columns only", f"non-numeric column(s) {', '.join(bad)}")
+    missing = ~np.isfinite(frame.to_numpy(np.float64))
+    if missing.any():  # named by line and column here: the array checks later know neither
+        lines = [str(i + 2) for i in np.flatnonzero(missing.any(axis=1))[:5]]  # line 1 is the header
+        named = ", ".join(str(c) for c, bad_column in zip(frame.columns, missing.any(axis=0)) if bad_column)
+        raise _usage(
+            param,
+            command,
+            "a CSV without missing or infinite values (fill or drop them first)",
+            f"{path!r} with {int(missing.sum())} in column(s) {named}, line(s) {', '.join(lines)}"
+            + (" …" if missing.any(axis=1).sum() > 5 else ""),
+        )
     return {
         "x": features.to_numpy(np.float32),
         "y": frame[label].to_numpy(),
@@ -125,6 +145,14 @@ def load_data(args: argparse.Namespace, command: str, *, need_val: bool) -> dict
         table = read_table_file(str(data_path), "data", command, args.label_column)
         arrays = {"x_train": table["x"], "y_train": table["y"], "columns": table["columns"]}
         train_label = table["label"]
+        class_indices = getattr(args, "loss", None) == "sparse_categorical_crossentropy"
+        if class_indices and args.label_column is None and not np.all(table["y"] == np.round(table["y"])):
+            raise _usage(  # the default, the last column, is a feature: say which column was read
+                "data",
+                command,
+                "a CSV whose last column holds the class labels (or --label-column NAME)",
+                f"{args.data!r}, whose last column {train_label!r} holds non-integer values",
+            )
     else:
         arrays = read_npz(data_path, "data", command)
     for key in ("x_train", "y_train"):
@@ -134,7 +162,7 @@ def load_data(args: argparse.Namespace, command: str, *, need_val: bool) -> dict
         val_path = _existing(args.val, "val", command, (".npz", ".csv"))
         if val_path.suffix.lower() == ".csv":
             if train_label is not None:  # both tables: the training file's label column and feature order
-                table = read_table_file(str(val_path), "val", command, train_label)
+                table = read_table_file(str(val_path), "val", command, train_label, label_of=args.data)
                 arrays.update(x_val=_in_order(table, arrays["columns"], command), y_val=table["y"])
             else:
                 table = read_table_file(str(val_path), "val", command, args.label_column)

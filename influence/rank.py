@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,6 +119,14 @@ def rank(
     score, effect, extra = compute(*args, **kwargs)
     if not np.all(np.isfinite(score)):
         raise FloatingPointError(f"rank: method '{method}' produced non-finite scores; check damping and the run.")
+    if len(score) > 1 and np.all(score == score[0]):
+        warnings.warn(
+            f"rank: all {len(score)} '{method}' scores are equal ({float(score[0]):g}): the order is the sample "
+            "index and ranks nothing. A run whose outputs saturate (probabilities clipped at 0 or 1, so every "
+            "gradient is 0: lower the learning rate) or that did not train gives this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     seconds = time.perf_counter() - start
 
     losses, outputs = ops.losses_and_outputs(ops.weights(trajectory.final_weights))

@@ -983,3 +983,21 @@ def test_jit_choice_is_part_of_the_run_fingerprint_where_it_changes_the_run(file
     keras.utils.set_random_seed(0)
     conv = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten()])
     assert job(conv, "auto").fingerprint() == job(conv, False).fingerprint() != job(conv, True).fingerprint()
+
+
+def test_csv_errors_name_the_file_line_column_or_flag_at_fault(files, tmp_path, capsys):
+    """A missing value was reported as the API's 'x_train' not being finite; a label column read
+    from the wrong place blamed 'y_train', or --label-column when that flag was not given."""
+    train, val = pd.read_csv(files / "train.csv"), pd.read_csv(files / "val.csv")
+    rank = ["rank", "--model", files / "model.keras", "--out", tmp_path / "out"]
+    train.assign(f2=train["f2"].mask(train.index == 3)).to_csv(tmp_path / "missing.csv", index=False)
+    code, captured = run_main(rank + ["--data", tmp_path / "missing.csv", "--val", files / "val.csv"], capsys)
+    assert code == 2 and "without missing or infinite values" in captured.err
+    assert "with 1 in column(s) f2, line(s) 5" in captured.err  # line 1 is the header
+    train[["label", *train.columns[:-1]]].to_csv(tmp_path / "label_first.csv", index=False)
+    code, captured = run_main(rank + ["--data", tmp_path / "label_first.csv", "--val", files / "val.csv"], capsys)
+    assert code == 2 and "whose last column 'f15' holds non-integer values" in captured.err
+    assert "--label-column NAME" in captured.err
+    val.rename(columns={"label": "target"}).to_csv(tmp_path / "val_target.csv", index=False)
+    code, captured = run_main(rank + ["--data", files / "train.csv", "--val", tmp_path / "val_target.csv"], capsys)
+    assert code == 2 and "The 'val' parameter of influence rank must be a CSV with the label column of" in captured.err

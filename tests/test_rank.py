@@ -726,3 +726,14 @@ def test_a_regression_table_shows_the_prediction_next_to_the_target(outputs):
     np.testing.assert_allclose(predicted, model(x).numpy(), rtol=1e-12)
     if outputs == 1:  # scalars, as the label column holds for (n, 1) targets
         assert table["predicted_label"].dtype == np.float64
+
+
+def test_rank_warns_when_every_score_is_equal(run, monkeypatch):
+    """Equal scores (a saturated run: every gradient through clipped probabilities is 0) order the
+    samples by index: a ranking that ranks nothing must say so."""
+    from influence.rankers import methods
+
+    traj, x, y, xv, yv = run
+    monkeypatch.setattr(methods, "by_loss", lambda trajectory, x, y, **_: (np.zeros(len(x)), None, {}))
+    with pytest.warns(RuntimeWarning, match=r"rank: all \d+ 'loss' scores are equal \(0\)"):
+        inf.rank(traj, x, y, method="loss")

@@ -120,7 +120,7 @@ def test_report_cards_show_labels_scores_effects_and_noise(image_report):
     assert f"score {table['score'].iloc[0]:.3g}" in card and f"Δ val loss {table['removal_effect'].iloc[0]:.3g}" in card
     assert f"flipped; true {index % 4}" in card  # the clean label of a flipped sample
     assert "known-noisy in top 4" in text and "3 of 4 (75%)" in text
-    assert re.search(r"Pearson r = 1(\.00)?,", text)  # actual = 1.1 × predicted (1 up to round-off)
+    assert "Pearson r = 1.000," in text  # actual = 1.1 × predicted; one format, 1.000 (was "1" or "1.00")
 
 
 def test_scores_saved_as_csv_and_parquet(image_report):
@@ -504,3 +504,12 @@ def test_a_report_of_image_shaped_targets_is_written(tmp_path):
     cells = [np.array(v.tolist() if hasattr(v, "tolist") else v) for v in parquet["label"]]
     rebuilt = np.array([np.stack([np.stack(list(row)) for row in cell]) for cell in cells], np.float32)
     np.testing.assert_array_equal(rebuilt, targets[parquet["index"]])
+
+
+def test_a_ranking_of_equal_scores_says_it_ranks_nothing(tmp_path):
+    """A saturated run (softmax outputs clipped) scores every sample 0: the report showed samples
+    0–23 in index order as the "most harmful", without a word."""
+    table = fake_table()
+    table["score"], table["removal_effect"] = 0.0, 0.0
+    harmful = re.search(r'<section id="harmful">.*?</section>', render_report(tmp_path, table, summary={}).read_text())
+    assert "All 40 scores are equal (0)" in harmful.group(0)

@@ -107,6 +107,18 @@ def _side_by_side(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     return frame
 
 
+def _ties_note(ranked: pd.DataFrame) -> str:
+    """A warning when every score is equal: the grid is then the samples in index order."""
+    scores = ranked["score"].to_numpy()
+    if len(scores) < 2 or not np.all(scores == scores[0]):
+        return ""
+    return (
+        f" <strong>All {len(scores)} scores are equal ({fmt(scores[0], 3)}): this order is the sample index and "
+        "ranks nothing</strong> (outputs that saturate, with probabilities clipped at 0 or 1, give every sample a "
+        "zero gradient: lower the learning rate)."
+    )
+
+
 def _label_text(label: Any) -> str:
     return fmt(label, 3)
 
@@ -177,8 +189,8 @@ def _summary(summary: Mapping[str, Any], table_: pd.DataFrame, verification, noi
         items[f"known-noisy in top {n_top}"] = f"{found} of {int(np.sum(noise))} ({found / np.sum(noise):.0%})"
     if verification is not None:
         items["verified by retraining"] = (
-            f"{len(verification.indices)} samples: Pearson r = {fmt(verification.pearson, 3)}, "
-            f"Spearman ρ = {fmt(verification.spearman, 3)} (predicted vs actual removal effect)"
+            f"{len(verification.indices)} samples: Pearson r = {verification.pearson:.3f}, "
+            f"Spearman ρ = {verification.spearman:.3f} (predicted vs actual removal effect)"
         )
     for key in ("time", "shards"):
         if key in items:
@@ -211,8 +223,8 @@ def _verification_section(verification: Verification | None, out: Path, method: 
     atomic_write_bytes(out / name, figures.removal_scatter(verification))
     note = (
         "Each point: the model retrained from the same initial weights, batches and learning rates with "
-        f"one sample's weight set to 0. Pearson r = {fmt(verification.pearson, 3)}, Spearman ρ = "
-        f"{fmt(verification.spearman, 3)} over {len(verification.indices)} retrainings."
+        f"one sample's weight set to 0. Pearson r = {verification.pearson:.3f}, Spearman ρ = "
+        f"{verification.spearman:.3f} over {len(verification.indices)} retrainings."
     )
     body = f'<div class="figs">{image(name, "predicted vs actual removal effect")}</div>'
     return Section("verification", title, body, note, half=True)
@@ -220,12 +232,13 @@ def _verification_section(verification: Verification | None, out: Path, method: 
 
 def _found_at_k_section(tables: Mapping[str, pd.DataFrame], noise, n_top: int, out: Path) -> Section:
     if noise is None or not np.any(noise):
+        given = "The known-noisy mask marks no sample" if noise is not None else "No known-noisy samples were given"
         return Section(
             "found-at-k",
             "found@k",
             "",
-            "No known-noisy samples were given (a boolean 'noisy' array in the .npz "
-            "data, or noise_mask in RankingJob / render_report).",
+            f"{given} (a boolean 'noisy' array in the .npz data, or noise_mask in RankingJob / render_report): "
+            "there is nothing to find.",
         )
     curves = {name: found_at_k(t, noise) for name, t in tables.items()}
     n = len(noise)
@@ -461,7 +474,7 @@ def render_report(
             f"Most harmful {n_harmful} training samples",
             shown.head(n_harmful),
             out,
-            note=f"Highest {esc(method)} scores first. {effect_note}{channels_note}",
+            note=f"Highest {esc(method)} scores first. {effect_note}{channels_note}{_ties_note(ranked)}",
             **samples,
         ),
         _samples_section(
