@@ -247,13 +247,25 @@ def vjp_chain(
         raise ValueError(param_error("stages", "vjp_chain", "a non-empty list of models or callables", "[]"))
     tapes, stage_inputs, stage_outputs = [], [], []
     h = tf.convert_to_tensor(x)
-    for stage in stages:
+    for position, stage in enumerate(stages):
         if not callable(stage):
             raise TypeError(param_error("stages", "vjp_chain", "models or callables", describe(stage)))
         tape = tf.GradientTape()
         with tape:
             tape.watch(h)
             out = stage(h)
+        outputs = tf.nest.flatten(out)
+        if len(outputs) != 1:  # tf.identity below would stack a list of outputs into one tensor
+            raise ValueError(
+                param_error(
+                    "stages",
+                    "vjp_chain",
+                    "stages that each return one tensor (chain a multi-output model's outputs in a callable "
+                    "stage that combines them, or put the loss in upstream)",
+                    f"stage {position} returning {len(outputs)} outputs",
+                )
+            )
+        out = outputs[0]
         tapes.append(tape)
         stage_inputs.append(h)
         stage_outputs.append(out)
@@ -298,6 +310,8 @@ def jacobian_vjp(jacobian: tf.Tensor, cotangent: tf.Tensor, *, out_ndim: int) ->
     ``out_shape`` has ``out_ndim`` axes. ``cotangent`` has shape ``out_shape``.
     Returns shape ``in_shape``: Σ_o u[o] J[o, i].
     """
+    jacobian = tf.convert_to_tensor(jacobian)
+    cotangent = exact_tensor(cotangent, jacobian.dtype)  # a float32 cotangent of a float64 Jacobian, too
     _check_leading(jacobian, cotangent, out_ndim, "cotangent", "jacobian_vjp")
     return tf.tensordot(cotangent, jacobian, axes=out_ndim)
 
@@ -307,6 +321,8 @@ def jacobian_jvp(jacobian: tf.Tensor, tangent: tf.Tensor, *, in_ndim: int) -> tf
 
     Returns shape ``out_shape``: Σ_i J[o, i] v[i].
     """
+    jacobian = tf.convert_to_tensor(jacobian)
+    tangent = exact_tensor(tangent, jacobian.dtype)
     trailing = tuple(jacobian.shape[len(jacobian.shape) - in_ndim :])
     if tuple(tangent.shape) != trailing:
         raise ValueError(
@@ -321,6 +337,8 @@ def batch_jacobian_vjp(jacobian: tf.Tensor, cotangent: tf.Tensor, *, out_ndim: i
     ``cotangent`` has shape (B, *out). Returns (B, *in). Only meaningful when
     samples do not interact (otherwise the batch Jacobian drops cross terms).
     """
+    jacobian = tf.convert_to_tensor(jacobian)
+    cotangent = exact_tensor(cotangent, jacobian.dtype)
     _check_leading(jacobian, cotangent, out_ndim + 1, "cotangent", "batch_jacobian_vjp")
     b = tf.shape(jacobian)[0]
     in_shape = jacobian.shape[1 + out_ndim :]

@@ -320,6 +320,20 @@ def test_jacobian_contraction_helpers_have_the_documented_axes():
         autodiff.jacobian_vjp(jac, t, out_ndim=3)
     with pytest.raises(ValueError, match="'tangent' parameter of jacobian_jvp must be shape"):
         autodiff.jacobian_jvp(jac, u, in_ndim=2)
+    # A float32 cotangent of a float64 Jacobian is cast (it failed inside MatMul), and a numpy one works too.
+    np.testing.assert_allclose(
+        autodiff.jacobian_vjp(jac, u.numpy().astype(np.float32), out_ndim=3).numpy(),
+        autodiff.jacobian_vjp(jac, u.numpy().astype(np.float32).astype(np.float64), out_ndim=3).numpy(),
+        rtol=1e-14,
+    )
+
+
+def test_vjp_chain_refuses_a_stage_with_several_outputs_by_name():
+    """A list of outputs was stacked into one tensor, and the backward pass failed inside MatMul."""
+    inputs = keras.Input((3,), dtype="float64")
+    two_heads = keras.Model(inputs, [keras.layers.Dense(2, dtype="float64")(inputs)] * 2)
+    with pytest.raises(ValueError, match=r"'stages' parameter of vjp_chain .* Got stage 0 returning 2 outputs"):
+        inf.vjp_chain([two_heads], np.ones((4, 3)), lambda out: tf.reduce_sum(out))
 
 
 def test_batch_jacobian_vjp_matches_per_sample_gradients():
