@@ -78,13 +78,17 @@ def read_table_file(
     }
 
 
+def _require_zip(path: Path, param: str, command: str, expected: str) -> None:
+    """Refuse a file that is not a zip archive by saying so: numpy would read it as a pickle and blame
+    pickling, Keras would call it "not found"."""
+    with open(path, "rb") as handle:
+        if handle.read(2) != b"PK":
+            raise _usage(param, command, expected, f"{str(path)!r} (not a zip archive)")
+
+
 def read_npz(path: Path, param: str, command: str) -> dict[str, np.ndarray]:
     """All arrays of an ``.npz`` file (no pickles)."""
-    with open(path, "rb") as handle:
-        if handle.read(2) != b"PK":  # numpy would read anything else as a pickle and blame pickling
-            raise _usage(
-                param, command, "a .npz file (numpy.savez writes a zip archive)", f"{str(path)!r} (not a zip archive)"
-            )
+    _require_zip(path, param, command, "a .npz file (numpy.savez writes a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
@@ -184,9 +188,8 @@ def load_model(path: str, command: str, *, safe_mode: bool = True) -> Any:
     layers): only for files one trusts.
     """
     model_path = _existing(path, "model", command, (".keras", ".h5"))
-    with open(model_path, "rb") as handle:  # Keras calls a file that is not a zip archive "not found"
-        if str(model_path).endswith(".keras") and handle.read(2) != b"PK":
-            raise _usage("model", command, "a .keras file (Keras saves a zip archive)", f"{path!r} (not a zip archive)")
+    if model_path.suffix.lower() == ".keras":
+        _require_zip(model_path, "model", command, "a .keras file (Keras saves a zip archive)")
     import keras
 
     try:

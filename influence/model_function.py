@@ -289,12 +289,13 @@ def couples_samples(fn: ModelFunction, x: tf.Tensor, *, training: bool, outputs:
         return False
     out_a = np.asarray(fn(fn.weights, x, training=training, seed=0)) if outputs is None else outputs
     first = np.arange(n) < n // 2
+    rows = None if x.dtype.is_floating else np.asarray(x)
     for changed in (first, ~first):
-        if x.dtype.is_floating:
-            bumped = x + tf.cast(changed, x.dtype)[(slice(None),) + (None,) * (x.shape.rank - 1)]
+        per_row = changed.reshape((n,) + (1,) * (x.shape.rank - 1))  # broadcasts over each sample's axes
+        if rows is None:
+            bumped = x + tf.constant(per_row, x.dtype)
         else:
-            rows = np.asarray(x)
-            bumped_rows = np.where(changed.reshape((n,) + (1,) * (rows.ndim - 1)), np.roll(rows, -1, axis=0), rows)
+            bumped_rows = np.where(per_row, np.roll(rows, -1, axis=0), rows)
             if np.array_equal(bumped_rows, rows):  # every row alike: nothing to swap in
                 continue
             bumped = tf.constant(bumped_rows)

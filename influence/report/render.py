@@ -46,8 +46,8 @@ def save_scores(
 
     Columns are the rank table's, plus ``noisy`` when a noise mask is given. Array cells (one-hot
     or soft labels, vector or image targets) are JSON lists in the CSV (``json.loads`` reads them
-    back) and (nested) lists in the Parquet file. The Parquet file needs pyarrow (or fastparquet); without one only the
-    CSV is written.
+    back) and (nested) lists in the Parquet file. The Parquet file needs pyarrow (or fastparquet);
+    without one only the CSV is written.
     """
     out = Path(out_dir)
     frame = table.copy()
